@@ -1,0 +1,130 @@
+"""The one interface every distillation method implements, and the registry that names them.
+
+A :class:`KnowledgeTerm` receives the student's and the teacher's outputs (logits plus the feature
+points it asked for) and the targets, and returns a dict of *named, already weighted* loss tensors.
+It owns its learnable connectors (regressors, embeddings, memory banks), so the trainer is the same
+for every method (the mdistiller shape), and any term works in any scheme.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+KINDS = ("response", "feature", "relation")
+
+
+@dataclass
+class ModelOutput:
+    """What one model produced for a batch: logits and the features at the requested points."""
+
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    indices: torch.Tensor
+
+
+class KnowledgeTerm(nn.Module):
+    """Base class of a method. Subclasses set the class attributes and implement :meth:`forward`.
+
+    ``student_points`` / ``teacher_points`` are module paths; ``None`` means "no features",
+    ``"stages"`` / ``"embedding"`` mean the model's declared defaults (``kd_stages`` / ``kd_embedding``).
+    Terms that need shapes to build connectors implement :meth:`build` which the distiller calls
+    once with example features, before the optimizer is created.
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    default_student_points: ClassVar[str | list[str] | None] = None
+    default_teacher_points: ClassVar[str | list[str] | None] = None
+    provides_ce: ClassVar[bool] = False  # True when the term already includes the hard-label CE
+
+    def __init__(self):
+        super().__init__()
+        self.student_points: list[str] = []
+        self.teacher_points: list[str] = []
+
+    def build(self, student: ModelOutput, teacher: ModelOutput) -> None:
+        """Create connectors from example outputs (shapes). Default: nothing to build."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at the start of each epoch; terms with warm-up schedules override it."""
+
+    def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+_METHODS: dict[str, type[KnowledgeTerm]] = {}
+
+
+class UnknownMethodError(ValueError):
+    pass
+
+
+def register_method(cls: type[KnowledgeTerm]) -> type[KnowledgeTerm]:
+    """Class decorator: register a term under its ``name``."""
+    if not cls.name or cls.kind not in KINDS:
+        raise ValueError(f"{cls.__name__} needs a name and a kind in {KINDS}")
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _load_builtin_methods():
+    import importlib
+    import pkgutil
+
+    import kdray.algorithms as pkg
+
+    for kind in KINDS:
+        sub = importlib.import_module(f"{pkg.__name__}.{kind}")
+        for info in pkgutil.iter_modules(sub.__path__):
+            importlib.import_module(f"{sub.__name__}.{info.name}")
+
+
+def list_methods() -> dict[str, type[KnowledgeTerm]]:
+    _load_builtin_methods()
+    return dict(sorted(_METHODS.items()))
+
+
+def method_params(name: str) -> dict[str, inspect.Parameter]:
+    cls = get_method(name)
+    return {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+
+
+def get_method(name: str) -> type[KnowledgeTerm]:
+    _load_builtin_methods()
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, list(_METHODS), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownMethodError(f"unknown method {name!r}{hint} (see `kdray list methods`)")
+    return _METHODS[name]
+
+
+def create_method(name: str, student_points=None, teacher_points=None, **params) -> KnowledgeTerm:
+    """Build a registered term; unknown parameters fail naming the allowed ones.
+
+    ``student_points`` / ``teacher_points`` override the method's default feature points
+    (module paths, or ``"stages"`` / ``"embedding"``).
+    """
+    allowed = method_params(name)
+    unknown = set(params) - set(allowed)
+    if unknown:
+        raise ValueError(f"method {name!r} has no parameter(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    term = get_method(name)(**params)
+    if student_points is not None:
+        term.student_points = student_points
+    if teacher_points is not None:
+        term.teacher_points = teacher_points
+    return term

@@ -1,0 +1,186 @@
+"""The training loop: pure PyTorch, the same in a unit test, in-process and inside a Ray Train worker.
+
+It runs epochs of distillation steps and an evaluation per epoch, and hands each epoch's metrics to
+callbacks. Checkpointing, reporting to Ray and logging to MLflow are callbacks the orchestrator
+supplies; the loop knows nothing of them.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdray.algorithms.base import Batch
+from kdray.algorithms.distiller import Distiller, Teacher
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; training stops instead of writing garbage checkpoints."""
+
+
+class Callback(Protocol):
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], loop: "TrainLoop") -> None: ...
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """RNG states as tensors, so checkpoints load with ``torch.load(weights_only=True)``."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
+        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss = state["numpy_pos"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(state["numpy_gauss"].item())))
+    random.setstate((3, tuple(state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def _to_batch(raw, device) -> Batch:
+    x, y, idx = raw
+    return Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx.to(device))
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device, num_classes: int) -> dict[str, float]:
+    """Top-1 (and top-5 when there are more than 5 classes) accuracy and CE loss; sums across ranks."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # n, correct1, correct5, loss_sum
+    for raw in loader:
+        batch = _to_batch(raw, device)
+        logits = model(batch.inputs)
+        totals[0] += batch.targets.numel()
+        totals[3] += F.cross_entropy(logits, batch.targets, reduction="sum").double()
+        topk = logits.topk(min(5, num_classes), dim=1).indices
+        hit = topk == batch.targets[:, None]
+        totals[1] += hit[:, 0].sum()
+        totals[2] += hit.any(dim=1).sum()
+    model.train(was_training)
+    n, c1, c5, loss = _all_reduce_sum(totals).tolist()
+    n = max(n, 1.0)
+    out = {"top1": c1 / n, "loss": loss / n}
+    if num_classes > 5:
+        out["top5"] = c5 / n
+    return out
+
+
+class TrainLoop:
+    """Owns one training stage: the trainable distiller (maybe DDP-wrapped), the teacher, optimizer and schedule."""
+
+    def __init__(self, distiller: nn.Module, teacher: Teacher | None, optimizer, scheduler, train_loader,
+                 val_loader, num_classes: int, epochs: int, device, callbacks: list[Callback] | None = None,
+                 eval_model: nn.Module | None = None):
+        self.distiller = distiller
+        self.teacher = teacher
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.num_classes = num_classes
+        self.epochs = epochs
+        self.device = device
+        self.callbacks = list(callbacks or [])
+        self.eval_model = eval_model if eval_model is not None else _inner(distiller).student
+        self.epoch = 0  # next epoch to run
+        self.history: list[dict[str, float]] = []
+
+    # --- checkpoint state -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "distiller": _inner(self.distiller).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": torch.tensor(self.epoch),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        _inner(self.distiller).load_state_dict(state["distiller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        set_rng_state(state["rng"])
+
+    # --- the loop ---------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.distiller.train()
+        _inner(self.distiller).set_epoch(epoch)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        steps = 0
+        for step, raw in enumerate(self.train_loader):
+            batch = _to_batch(raw, self.device)
+            teacher_out = self.teacher(batch.inputs) if self.teacher is not None else None
+            _logits, losses = self.distiller(batch, teacher_out)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+                raise NonFiniteLossError(
+                    f"non-finite loss at epoch {epoch} step {step}: term(s) {bad} = "
+                    f"{[float(losses[k]) for k in bad]}; lower the lr or the term's weight"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            steps += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        return {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
+
+    def run(self) -> list[dict[str, float]]:
+        """Train from ``self.epoch`` to ``self.epochs``, evaluating and calling back after each epoch."""
+        while self.epoch < self.epochs:
+            epoch = self.epoch
+            start = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            metrics = self.train_epoch(epoch)
+            self.scheduler.step()
+            metrics.update({f"val_{k}": v for k, v in evaluate(self.eval_model, self.val_loader, self.device,
+                                                                self.num_classes).items()})
+            metrics["lr"] = lr
+            metrics["epoch_time_s"] = time.perf_counter() - start
+            metrics["epoch"] = epoch
+            self.epoch = epoch + 1
+            self.history.append(metrics)
+            for cb in self.callbacks:
+                cb.on_epoch_end(epoch, metrics, self)
+        return self.history
+
+
+def _inner(module: nn.Module) -> Distiller:
+    while not isinstance(module, Distiller) and hasattr(module, "module"):
+        module = module.module
+    return module

@@ -1,0 +1,1 @@
+"""Feature-based knowledge: matching intermediate activations (hints)."""

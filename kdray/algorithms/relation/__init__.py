@@ -1,0 +1,1 @@
+"""Relation-based knowledge: relations between layers or between samples."""

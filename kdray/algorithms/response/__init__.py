@@ -1,0 +1,1 @@
+"""Response-based knowledge: what the teacher's final outputs (logits) say."""

@@ -1,0 +1,235 @@
+"""The job configuration: YAML (or a dict) validated by pydantic into one typed :class:`Config`.
+
+Validation does every check that needs no data or model weights (names exist, ranges hold, method
+parameters are known), so a bad config fails in a line before Ray starts. :func:`format_error` turns
+a pydantic error into that line: the key, the bad value, what is allowed.
+"""
+from __future__ import annotations
+
+import os
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMES = ("offline",)
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message is one line naming the key and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    """A model by registered name (``kdray list models``) with its keyword knobs."""
+
+    model: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from kdray.models import is_known_model, list_models
+
+        if not is_known_model(name):
+            import difflib
+
+            close = difflib.get_close_matches(name, list_models(), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"unknown model {name!r}{hint}; see `kdray list models`")
+        return name
+
+    @model_validator(mode="after")
+    def _knobs(self):
+        from kdray.models import model_knobs
+
+        if "num_classes" in self.args:
+            raise ValueError("num_classes comes from the dataset; remove it from args")
+        knobs = model_knobs(self.model)
+        unknown = sorted(set(self.args) - set(knobs)) if not self.model.startswith("torchvision.") else []
+        if unknown:
+            raise ValueError(f"model {self.model!r} has no knob(s) {unknown}; allowed: {knobs}")
+        return self
+
+
+class OptimSpec(_Strict):
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(64, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["constant", "step", "cosine"] = "cosine"
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class TeacherSpec(ModelSpec):
+    """Where the teacher comes from: a training stage (``train``), a state_dict file, or an MLflow model URI."""
+
+    train: OptimSpec | None = None
+    checkpoint: str | None = None
+    mlflow_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        sources = [s for s in ("train", "checkpoint", "mlflow_uri") if getattr(self, s) is not None]
+        if len(sources) != 1:
+            raise ValueError(f"give exactly one of train, checkpoint, mlflow_uri (got {sources or 'none'})")
+        if self.checkpoint is not None:
+            path = os.path.abspath(os.path.expanduser(self.checkpoint))
+            if not os.path.isfile(path):
+                raise ValueError(f"checkpoint file {path} does not exist")
+            self.__dict__["checkpoint"] = path
+        return self
+
+
+class MethodSpec(BaseModel):
+    """One knowledge term: ``name`` plus the method's own parameters (checked against its signature)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @model_validator(mode="after")
+    def _params(self):
+        from kdray.algorithms.base import create_method
+
+        create_method(self.name, **self.params())  # raises with the allowed names / ranges
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataSpec(_Strict):
+    name: str = "digits"
+    root: str | None = None
+    download: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+    loader_workers: int = Field(0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from kdray.data import list_datasets
+
+        if name not in list_datasets():
+            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(list_datasets())}")
+        return name
+
+
+class RaySpec(_Strict):
+    """Placement on Ray Train. ``num_workers: 0`` runs the job in this process, without Ray."""
+
+    num_workers: int = Field(1, ge=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1, gt=0)
+    address: str | None = None
+    max_failures: int = Field(0, ge=-1)
+
+
+class MLflowSpec(_Strict):
+    tracking_uri: str | None = None
+    experiment: str = "kdray"
+    enabled: bool = True
+
+
+class Config(_Strict):
+    name: str = Field("kdray-job", pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "kdray-runs"
+    scheme: Literal[SCHEMES] = "offline"
+    data: DataSpec = Field(default_factory=DataSpec)
+    teacher: TeacherSpec
+    student: ModelSpec
+    methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])
+    ce_weight: float = Field(1.0, ge=0)
+    train: OptimSpec = Field(default_factory=OptimSpec)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    baseline: bool = True
+    ray: RaySpec = Field(default_factory=RaySpec)
+    mlflow: MLflowSpec = Field(default_factory=MLflowSpec)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
+
+    def run_dir(self) -> str:
+        return os.path.join(os.path.abspath(os.path.expanduser(self.output_dir)), self.name)
+
+
+def format_error(err: ValidationError) -> str:
+    """One line: ``key.path: message (got VALUE)`` for the first problem, and how many more there are."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) or first["type"] == "missing" else f" (got {got!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{loc}: {msg}{shown}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """CLI ``a.b=value`` overrides; values are YAML (``seeds=[0,1]``, ``ray.num_workers=2``)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def packaged_examples() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("kdray.examples").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def read_yaml(source: str) -> dict:
+    """A YAML file path, or the name of an example shipped in the package (``digits``)."""
+    if os.path.isfile(source):
+        with open(source) as fh:
+            text = fh.read()
+    elif source in packaged_examples():
+        text = resources.files("kdray.examples").joinpath(f"{source}.yaml").read_text()
+    else:
+        raise ConfigError(
+            f"config {source!r} is neither a file nor a packaged example ({', '.join(packaged_examples())})"
+        )
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of config keys")
+    return raw
+
+
+def load_config(source: str | dict | Config, overrides: list[str] | None = None) -> Config:
+    """Validate a YAML path / example name / dict into a :class:`Config`; raise :class:`ConfigError`."""
+    if isinstance(source, Config):
+        if not overrides:
+            return source
+        source = source.model_dump()
+    raw = read_yaml(source) if isinstance(source, str) else dict(source)
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_error(err)) from None

@@ -1,0 +1,120 @@
+"""Built-in datasets: digits (embedded default), CIFAR-10/100, ImageFolder, FakeData."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from kdray.data.registry import (
+    DatasetFilesMissingError,
+    DatasetSplits,
+    IndexedDataset,
+    register_dataset,
+    split_indices,
+    subsample,
+)
+
+CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
+CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _splits(train, val, test, num_classes, shape, fingerprint) -> DatasetSplits:
+    return DatasetSplits(
+        IndexedDataset(train), IndexedDataset(val), IndexedDataset(test), num_classes, shape, fingerprint
+    )
+
+
+@register_dataset("digits", "scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes); no download")
+def digits(root=None, seed: int = 0, train_fraction: float = 1.0, val_fraction: float = 0.2,
+           test_fraction: float = 0.2) -> DatasetSplits:
+    """Deterministic split (fixed by ``seed``, default 0) of the 1797 images, scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    full = TensorDataset(x, y)
+    tr, va, te = split_indices(len(full), (val_fraction, test_fraction), seed)
+    train = subsample(Subset(full, tr), train_fraction, seed)
+    fp = _fingerprint("digits", seed, train_fraction, val_fraction, test_fraction)
+    return _splits(train, Subset(full, va), Subset(full, te), 10, (1, 8, 8), fp)
+
+
+def _cifar(name: str, root, seed: int, download: bool, augment: bool, train_fraction: float,
+           val_fraction: float):
+    from torchvision import datasets, transforms
+
+    if root is None:
+        raise DatasetFilesMissingError(f"dataset {name!r} needs data.root (a folder holding or receiving its files)")
+    norm = transforms.Normalize(CIFAR_MEAN[name], CIFAR_STD[name])
+    plain = transforms.Compose([transforms.ToTensor(), norm])
+    train_tf = (
+        transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                            transforms.ToTensor(), norm])
+        if augment else plain
+    )
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        train_full = cls(root, train=True, transform=train_tf, download=download)
+        eval_full = cls(root, train=True, transform=plain, download=False)
+        test = cls(root, train=False, transform=plain, download=False)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise DatasetFilesMissingError(
+            f"{name} files not found under {root} ({err}); set data.download: true or point data.root at them"
+        ) from None
+    n = len(train_full)
+    tr, va, _ = split_indices(n, (val_fraction, 0.0), seed)
+    train = subsample(Subset(train_full, tr), train_fraction, seed)
+    val = Subset(eval_full, va) if va else Subset(test, range(0))
+    classes = 10 if name == "cifar10" else 100
+    fp = _fingerprint(name, seed, augment, train_fraction, val_fraction, n)
+    return _splits(train, val, test, classes, (3, 32, 32), fp)
+
+
+@register_dataset("cifar10", "torchvision CIFAR-10 (data.root; downloads only with data.download: true)")
+def cifar10(root=None, seed: int = 0, download: bool = False, augment: bool = True, train_fraction: float = 1.0,
+            val_fraction: float = 0.0):
+    return _cifar("cifar10", root, seed, download, augment, train_fraction, val_fraction)
+
+
+@register_dataset("cifar100", "torchvision CIFAR-100 (data.root; downloads only with data.download: true)")
+def cifar100(root=None, seed: int = 0, download: bool = False, augment: bool = True, train_fraction: float = 1.0,
+             val_fraction: float = 0.0):
+    return _cifar("cifar100", root, seed, download, augment, train_fraction, val_fraction)
+
+
+@register_dataset("imagefolder", "torchvision ImageFolder: data.root/{train,val[,test]}/<class>/<image>")
+def imagefolder(root=None, seed: int = 0, image_size: int = 224, train_fraction: float = 1.0):
+    from torchvision import datasets, transforms
+
+    if root is None or not os.path.isdir(os.path.join(root, "train")):
+        raise DatasetFilesMissingError(f"imagefolder needs data.root with a train/ folder; got {root!r}")
+    tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor()])
+    train = datasets.ImageFolder(os.path.join(root, "train"), transform=tf)
+    val_dir = os.path.join(root, "val")
+    val = datasets.ImageFolder(val_dir, transform=tf) if os.path.isdir(val_dir) else Subset(train, range(0))
+    test_dir = os.path.join(root, "test")
+    test = datasets.ImageFolder(test_dir, transform=tf) if os.path.isdir(test_dir) else val
+    fp = _fingerprint("imagefolder", root, image_size, seed, train_fraction, len(train))
+    return _splits(subsample(train, train_fraction, seed), val, test, len(train.classes),
+                   (3, image_size, image_size), fp)
+
+
+@register_dataset("fake", "torchvision FakeData (random images; benchmarks and tests)")
+def fake(root=None, seed: int = 0, size: int = 512, num_classes: int = 10, image_size: int = 32):
+    from torchvision import datasets, transforms
+
+    shape = (3, image_size, image_size)
+
+    def make(n, offset):
+        return datasets.FakeData(n, shape, num_classes, transform=transforms.ToTensor(), random_offset=offset)
+
+    fp = _fingerprint("fake", seed, size, num_classes, image_size)
+    return _splits(make(size, seed), make(max(size // 4, 1), seed + 10_000), make(max(size // 4, 1), seed + 20_000),
+                   num_classes, shape, fp)

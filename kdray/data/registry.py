@@ -1,0 +1,92 @@
+"""Dataset registry: ``build_datasets(name, ...)`` returns train/val/test splits of ``(x, y, index)``."""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+_DATASETS: dict[str, Callable[..., "DatasetSplits"]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+class UnknownDatasetError(ValueError):
+    pass
+
+
+class DatasetFilesMissingError(FileNotFoundError):
+    pass
+
+
+class IndexedDataset(Dataset):
+    """Wraps a ``(x, y)`` dataset so items are ``(x, y, index)``, the index into this split."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i][:2]
+        return x, int(y), i
+
+
+@dataclass
+class DatasetSplits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+    # Identifies the data and its transforms, so a teacher-output cache can refuse a mismatch.
+    fingerprint: str
+
+
+def register_dataset(name: str, description: str):
+    def wrap(fn):
+        _DATASETS[name] = fn
+        _DESCRIPTIONS[name] = description
+        return fn
+
+    return wrap
+
+
+def list_datasets() -> dict[str, str]:
+    _ensure_builtin()
+    return dict(sorted(_DESCRIPTIONS.items()))
+
+
+def _ensure_builtin():
+    from kdray.data import builtin  # noqa: F401  (registers the built-in datasets)
+
+
+def build_datasets(name: str, *, root: str | None = None, seed: int = 0, **options) -> DatasetSplits:
+    _ensure_builtin()
+    if name not in _DATASETS:
+        close = difflib.get_close_matches(name, list(_DATASETS), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownDatasetError(f"unknown dataset {name!r}{hint}; allowed: {', '.join(sorted(_DATASETS))}")
+    if root is not None:
+        root = os.path.abspath(os.path.expanduser(root))
+    return _DATASETS[name](root=root, seed=seed, **options)
+
+
+def split_indices(n: int, fractions: tuple[float, float], seed: int) -> tuple[list[int], list[int], list[int]]:
+    """Deterministic shuffled split of ``range(n)`` into train/val/test by (val, test) fractions."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val, n_test = int(round(n * fractions[0])), int(round(n * fractions[1]))
+    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+
+
+def subsample(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """A fixed random ``fraction`` of ``dataset`` (reduced-data regimes, where KD matters most)."""
+    if fraction >= 1.0:
+        return dataset
+    n = len(dataset)
+    keep = max(1, int(round(n * fraction)))
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1)).tolist()[:keep]
+    return Subset(dataset, sorted(idx))

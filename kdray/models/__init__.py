@@ -1,0 +1,27 @@
+"""Models by name: the CIFAR KD zoo, small digits networks, and any torchvision classifier.
+
+Every model exposes two attributes the knowledge terms use as defaults:
+``kd_stages`` (module paths of the output of each stage, shallow to deep) and
+``kd_embedding`` (module path whose output is the penultimate, pre-classifier feature).
+"""
+from kdray.models.registry import (
+    UnknownModelError,
+    create_model,
+    is_known_model,
+    list_models,
+    model_family,
+    model_knobs,
+    register_model,
+)
+from kdray.models import digits as _digits  # noqa: F401  (registers digits models)
+from kdray.models import cifar as _cifar  # noqa: F401  (registers the CIFAR zoo)
+
+__all__ = [
+    "UnknownModelError",
+    "create_model",
+    "is_known_model",
+    "list_models",
+    "model_family",
+    "model_knobs",
+    "register_model",
+]

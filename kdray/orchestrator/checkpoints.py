@@ -1,0 +1,74 @@
+"""Where a job's checkpoints go: a local directory (in-process runs) or Ray Train's storage.
+
+Both write atomically: locally a temp file is renamed over the old one; on Ray the checkpoint is
+registered only after Ray has persisted the whole directory. A checkpoint is one file, ``state.pt``,
+that ``torch.load(weights_only=True)`` reads (tensors, numbers, strings, dicts only).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+STATE_FILE = "state.pt"
+
+
+def save_atomic(payload: dict, path: str) -> None:
+    """Write ``payload`` to ``path`` so a crash leaves either the old or the new file, never half of one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_state(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class LocalCheckpoints:
+    """In-process runs: ``<run_dir>/checkpoint/state.pt``."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, "checkpoint", STATE_FILE)
+
+    def latest(self) -> dict | None:
+        return load_state(self.path) if os.path.exists(self.path) else None
+
+    def save(self, payload: dict, metrics: dict) -> None:
+        save_atomic(payload, self.path)
+
+
+class RayCheckpoints:
+    """Inside Ray Train: every rank reports each time (it is a barrier); rank 0 attaches the checkpoint."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def latest(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load_state(os.path.join(folder, STATE_FILE))
+
+    def save(self, payload: dict, metrics: dict) -> None:
+        import ray.train
+
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+        if self.rank != 0:
+            ray.train.report(scalars)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(payload, os.path.join(folder, STATE_FILE))
+            ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(folder))

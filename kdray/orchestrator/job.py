@@ -1,0 +1,216 @@
+"""One distillation job, run by every worker: the teacher stage, then each seed's students.
+
+The same function runs in-process (``ray.num_workers: 0``) and inside each Ray Train worker; what
+differs is supplied in a :class:`WorkerContext` (rank, device, where checkpoints go, how the trainable
+module is wrapped). All stages of a job run in one Ray Train run, so several seeds cost one start-up.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+
+from kdray.algorithms.base import create_method
+from kdray.algorithms.distiller import Distiller, Teacher
+from kdray.algorithms.engine import TrainLoop, evaluate, seed_everything
+from kdray.algorithms.optim import make_optimizer, make_schedule
+from kdray.config import Config, ConfigError
+from kdray.data import build_datasets
+from kdray.models import create_model
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    checkpoints: object = None  # LocalCheckpoints | RayCheckpoints
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m
+    tracking_uri: str | None = None
+    stage_run_ids: dict[str, str] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+
+def method_label(cfg: Config) -> str:
+    return "+".join(m.name for m in cfg.methods)
+
+
+def plan_stages(cfg: Config) -> list[dict]:
+    """The ordered stages of a job; each becomes one MLflow child run."""
+    stages = []
+    if cfg.teacher.train is not None:
+        stages.append({"name": "teacher", "kind": "teacher", "seed": cfg.seeds[0], "model": cfg.teacher.model})
+    for seed in cfg.seeds:
+        if cfg.baseline:
+            stages.append({"name": f"scratch-seed{seed}", "kind": "scratch", "seed": seed, "model": cfg.student.model})
+        stages.append({"name": f"{method_label(cfg)}-seed{seed}", "kind": "distill", "seed": seed,
+                       "model": cfg.student.model, "methods": method_label(cfg)})
+    return stages
+
+
+def _unwrap_state(state: dict) -> dict:
+    """RepDistiller / mdistiller save ``{"model": state_dict, ...}``; accept those and plain state_dicts."""
+    for key in ("model", "state_dict", "student"):
+        if key in state and isinstance(state[key], dict):
+            return state[key]
+    return state
+
+
+def load_weights(model: nn.Module, state: dict, source: str, num_classes: int) -> nn.Module:
+    """Load ``state`` into ``model``; a class-count or architecture mismatch is a one-line error."""
+    state = _unwrap_state(state)
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise ConfigError(
+                f"{source}: parameter {key!r} has shape {tuple(value.shape)} but the model expects "
+                f"{tuple(own[key].shape)} (dataset has {num_classes} classes; is it the same architecture "
+                f"and class count?)"
+            )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{source}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def build_teacher_model(cfg: Config, num_classes: int, trained_state: dict | None,
+                        tracking_uri: str | None) -> nn.Module:
+    spec = cfg.teacher
+    model = create_model(spec.model, num_classes, **spec.args)
+    if spec.train is not None:
+        if trained_state is None:
+            raise RuntimeError("the teacher stage has not run yet")
+        return load_weights(model, trained_state, "teacher stage", num_classes)
+    if spec.checkpoint is not None:
+        state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
+        return load_weights(model, state, f"teacher.checkpoint {spec.checkpoint}", num_classes)
+    from kdray.orchestrator.tracking import download_model
+
+    logged_spec, state = download_model(spec.mlflow_uri, tracking_uri)
+    if logged_spec.get("model") != spec.model:
+        raise ConfigError(f"teacher.mlflow_uri holds a {logged_spec.get('model')!r}, config says {spec.model!r}")
+    return load_weights(model, state, f"teacher.mlflow_uri {spec.mlflow_uri}", num_classes)
+
+
+def _shard(dataset, rank: int, world: int):
+    return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
+
+
+def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_workers: int = 0):
+    """Training batches of ``batch_size // world_size`` per worker (so the global batch is the configured
+    one); evaluation on disjoint shards whose counts are summed across ranks (no padding duplicates)."""
+    per_worker = max(1, batch_size // ctx.world_size)
+    if ctx.world_size > 1:
+        sampler = DistributedSampler(splits.train, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
+    else:
+        sampler = RandomSampler(splits.train, generator=torch.Generator().manual_seed(seed))
+    kw = {"num_workers": loader_workers, "pin_memory": ctx.device.type == "cuda"}
+    train = DataLoader(splits.train, batch_size=per_worker, sampler=sampler, drop_last=False, **kw)
+    val = DataLoader(_shard(splits.val, ctx.rank, ctx.world_size), batch_size=256, **kw)
+    test = DataLoader(_shard(splits.test, ctx.rank, ctx.world_size), batch_size=256, **kw)
+    return train, val, test
+
+
+class _Checkpointer:
+    """Epoch-end callback: the job state plus this stage's loop state, written before anything is logged."""
+
+    def __init__(self, ctx: WorkerContext, job_state: dict, stage: str):
+        self.ctx, self.job_state, self.stage = ctx, job_state, stage
+
+    def on_epoch_end(self, epoch, metrics, loop):
+        payload = {**self.job_state, "stage": self.stage, "loop": loop.state_dict()}
+        self.ctx.checkpoints.save(payload, {**metrics, "stage": self.stage})
+
+
+class _Progress:
+    def __init__(self, ctx: WorkerContext, stage: str, epochs: int):
+        self.ctx, self.stage, self.epochs = ctx, stage, epochs
+
+    def on_epoch_end(self, epoch, metrics, loop):
+        self.ctx.log(f"[{self.stage}] epoch {epoch + 1}/{self.epochs}  loss {metrics['train_loss']:.4f}  "
+                     f"val top1 {metrics['val_top1']:.4f}  {metrics['epoch_time_s']:.1f}s")
+
+
+def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: dict,
+              resume_loop: dict | None) -> tuple[dict, dict]:
+    """Train one model (teacher, student from scratch, or distilled student); return result and weights."""
+    kind, seed = stage["kind"], stage["seed"]
+    seed_everything(seed)
+    spec = cfg.teacher if kind == "teacher" else cfg.student
+    optim = cfg.teacher.train if kind == "teacher" else cfg.train
+    model = create_model(spec.model, splits.num_classes, **spec.args)
+    terms = [create_method(m.name, **m.params()) for m in cfg.methods] if kind == "distill" else []
+    distiller = Distiller(model, terms, cfg.ce_weight if kind == "distill" else 1.0)
+    teacher = None
+    if kind == "distill":
+        teacher_model = build_teacher_model(cfg, splits.num_classes, job_state.get("teacher"), ctx.tracking_uri)
+        teacher = Teacher(teacher_model, distiller.resolve_teacher_points(teacher_model))
+    train_loader, val_loader, test_loader = make_loaders(splits, optim.batch_size, seed, ctx,
+                                                         cfg.data.loader_workers)
+    example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
+    distiller.build(example, teacher)
+    distiller.to(ctx.device)
+    if teacher is not None:
+        teacher.to(ctx.device)
+    trainable = ctx.wrap(distiller)
+    optimizer = make_optimizer([p for p in trainable.parameters() if p.requires_grad], optim.optimizer, optim.lr,
+                               optim.weight_decay, optim.momentum)
+    scheduler = make_schedule(optimizer, optim.schedule, optim.epochs, optim.milestones, optim.gamma)
+    logger = None
+    if ctx.rank == 0 and ctx.tracking_uri and stage["name"] in ctx.stage_run_ids:
+        from kdray.orchestrator.tracking import StageLogger
+
+        logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage["name"]])
+    callbacks = [_Checkpointer(ctx, job_state, stage["name"])]
+    if ctx.rank == 0:
+        callbacks += [cb for cb in (logger, _Progress(ctx, stage["name"], optim.epochs)) if cb is not None]
+    loop = TrainLoop(trainable, teacher, optimizer, scheduler, train_loader, val_loader, splits.num_classes,
+                     optim.epochs, ctx.device, callbacks, eval_model=model)
+    if resume_loop is not None:
+        loop.load_state_dict(resume_loop)
+        ctx.log(f"[{stage['name']}] resumed at epoch {loop.epoch}")
+    history = loop.run()
+    test = evaluate(model, test_loader, ctx.device, splits.num_classes)
+    result = {**{k: v for k, v in stage.items()}, "test_top1": test["top1"],
+              "val_top1": history[-1]["val_top1"] if history else float("nan"),
+              "params": sum(p.numel() for p in model.parameters()),
+              "epoch_time_s": sum(h["epoch_time_s"] for h in history) / max(len(history), 1)}
+    if "top5" in test:
+        result["test_top5"] = test["top5"]
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if logger is not None:
+        final = {f"test_{k}": v for k, v in test.items()}
+        logger.finish(final, history, weights, {"model": spec.model, "args": spec.args,
+                                                "num_classes": splits.num_classes})
+    return result, weights
+
+
+def run_job(cfg: Config, ctx: WorkerContext) -> list[dict]:
+    """Run every stage not already done (per the latest checkpoint); return one result per stage."""
+    splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
+    saved = ctx.checkpoints.latest() or {}
+    job_state = {"done": dict(saved.get("done", {})), "teacher": saved.get("teacher")}
+    start = time.perf_counter()
+    for stage in plan_stages(cfg):
+        if stage["name"] in job_state["done"]:
+            continue
+        resume_loop = saved.get("loop") if saved.get("stage") == stage["name"] else None
+        result, weights = run_stage(cfg, stage, splits, ctx, job_state, resume_loop)
+        job_state["done"][stage["name"]] = result
+        if stage["kind"] == "teacher":
+            job_state["teacher"] = weights
+        ctx.checkpoints.save({**job_state, "stage": stage["name"], "loop": None},
+                             {"stage": stage["name"], "test_top1": result["test_top1"]})
+    ctx.log(f"job {cfg.name}: {len(job_state['done'])} stages done in {time.perf_counter() - start:.1f}s")
+    return [job_state["done"][s["name"]] for s in plan_stages(cfg)]
+
+
+def _data_options(cfg: Config) -> dict:
+    opts = dict(cfg.data.options)
+    if cfg.data.name in ("cifar10", "cifar100"):
+        opts.setdefault("download", cfg.data.download)
+    return opts

@@ -1,0 +1,42 @@
+"""Figures logged to MLflow: results people would rather see than read."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def accuracy_curve(history: list[dict]):
+    """Validation top-1 and training loss per epoch of one stage."""
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(epochs, [h["val_top1"] for h in history], label="val top-1", color="tab:blue")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val top-1")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [h["train_loss"] for h in history], label="train loss", color="tab:red", alpha=0.6)
+    ax2.set_ylabel("train loss")
+    fig.legend(loc="lower right")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def grouped_bars(groups: dict[str, list[float]], ylabel: str, title: str):
+    """Mean +- std bar per group (e.g. test accuracy per stage kind over seeds)."""
+    import statistics
+
+    names = list(groups)
+    means = [statistics.mean(v) for v in groups.values()]
+    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in groups.values()]
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(names) + 2), 3.5))
+    ax.bar(names, means, yerr=stds, capsize=4, color="tab:blue")
+    lo = min(m - s for m, s in zip(means, stds))
+    ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + s for m, s in zip(means, stds)) + 0.02))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -1,0 +1,83 @@
+"""Ray placement for a job: start or join Ray, and run the job as one ``TorchTrainer`` run.
+
+Data-parallel students: each worker holds a replica of the distiller (student + connectors, wrapped in
+DDP by ``prepare_model``) and its own frozen copy of the teacher (never wrapped).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kdray.config import Config
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join ``address`` / ``RAY_ADDRESS`` when given, else start a local Ray for this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", include_dashboard=True, log_to_driver=True)
+
+
+def _use_gpu(cfg: Config) -> bool:
+    if cfg.ray.use_gpu == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) >= cfg.ray.num_workers
+    return bool(cfg.ray.use_gpu)
+
+
+def train_worker(loop_config: dict) -> list[dict]:
+    """The Ray Train per-worker function: rebuild the config and run the job with Ray's context."""
+    import ray.train
+    import ray.train.torch
+
+    from kdray.orchestrator.checkpoints import RayCheckpoints
+    from kdray.orchestrator.job import WorkerContext, run_job
+
+    cfg = Config.model_validate(loop_config["config"])
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
+    ctx = WorkerContext(
+        rank=rank,
+        world_size=world,
+        device=ray.train.torch.get_device(),
+        checkpoints=RayCheckpoints(rank),
+        wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=True),
+        tracking_uri=loop_config.get("tracking_uri"),
+        stage_run_ids=loop_config.get("stage_run_ids", {}),
+        log=(lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None),
+    )
+    return run_job(cfg, ctx)
+
+
+def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, str]) -> list[dict]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(cfg.ray.address)
+    use_gpu = _use_gpu(cfg)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri,
+                           "stage_run_ids": stage_run_ids, "threads": cfg.ray.cpus_per_worker},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=os.path.dirname(cfg.run_dir()),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    return result.return_value

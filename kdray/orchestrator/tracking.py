@@ -1,0 +1,210 @@
+"""MLflow tracking. The driver owns the runs; rank 0 of the workers only logs into runs it was handed.
+
+Ray workers run in other working directories, so the driver resolves the tracking URI to an absolute
+one and creates every run (one parent per job, one child per trained model) before any worker starts.
+Run ids are written to ``<run_dir>/mlflow_runs.json`` so ``--resume`` reopens the same runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+RUNS_FILE = "mlflow_runs.json"
+
+
+class TrackingUnreachableError(ConnectionError):
+    pass
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """Config value, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``; made absolute."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
+    elif uri.startswith("file:") and not uri.startswith("file:///"):
+        uri = "file://" + os.path.abspath(uri.removeprefix("file:"))
+    elif "://" not in uri:
+        uri = "file://" + os.path.abspath(uri)
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail before training when an HTTP tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            if resp.status == 200:
+                return
+            reason = f"HTTP {resp.status}"
+    except (urllib.error.URLError, OSError) as err:
+        reason = str(getattr(err, "reason", err))
+    raise TrackingUnreachableError(
+        f"MLflow tracking server {uri} is unreachable ({reason}); start it or set MLFLOW_TRACKING_URI / mlflow.tracking_uri"
+    )
+
+
+def flatten(prefix: str, value, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = str(value)[:6000]
+    return out
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts beside a local SQLite store (absolute), so workers in other directories find them."""
+    if uri.startswith("sqlite:///"):
+        return "file://" + os.path.join(os.path.dirname(uri.removeprefix("sqlite:///")), "mlruns")
+    return None
+
+
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_root(uri))
+
+
+class JobTracking:
+    """Driver side: create or reopen the parent and child runs, close them with the job's outcome."""
+
+    def __init__(self, uri: str, experiment: str, run_dir: str):
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        self.experiment = experiment
+        self.run_dir = run_dir
+        self.parent_id: str | None = None
+        self.stage_ids: dict[str, str] = {}
+
+    @property
+    def runs_file(self) -> str:
+        return os.path.join(self.run_dir, RUNS_FILE)
+
+    def start(self, job_name: str, config: dict, stages: list[dict], resume: bool) -> dict[str, str]:
+        saved = self._load_ids() if resume else None
+        if saved:
+            self.parent_id, self.stage_ids = saved["parent"], dict(saved["stages"])
+            self.client.update_run(self.parent_id, status="RUNNING")
+            self.client.set_tag(self.parent_id, "kdray.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        else:
+            exp_id = experiment_id(self.client, self.experiment, self.uri)
+            run = self.client.create_run(exp_id, run_name=job_name, tags={
+                "kdray.job": job_name, "kdray.run_dir": self.run_dir, "kdray.role": "job"})
+            self.parent_id = run.info.run_id
+            self._log_params(self.parent_id, flatten("", config, {}))
+            self._log_text(self.parent_id, "config.json", json.dumps(config, indent=2, default=str))
+        exp_id = self.client.get_run(self.parent_id).info.experiment_id
+        for stage in stages:
+            if stage["name"] in self.stage_ids:
+                continue
+            run = self.client.create_run(exp_id, run_name=stage["name"], tags={
+                "mlflow.parentRunId": self.parent_id, "kdray.job": job_name, "kdray.role": stage["kind"]})
+            self.stage_ids[stage["name"]] = run.info.run_id
+            self._log_params(run.info.run_id, flatten("", stage, {}))
+        self._save_ids()
+        return dict(self.stage_ids)
+
+    def finish(self, summary: dict[str, float], table_md: str, figure=None) -> None:
+        metrics = [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in summary.items()]
+        if metrics:
+            self.client.log_batch(self.parent_id, metrics=metrics)
+        self._log_text(self.parent_id, "results.md", table_md)
+        if figure is not None:
+            self.client.log_figure(self.parent_id, figure, "test_accuracy.png")
+        for run_id in self.stage_ids.values():
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, "FINISHED")
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the job and its unfinished children FAILED (KILLED on Ctrl-C), with the reason as a tag."""
+        if self.parent_id is None:
+            return
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        reason = f"{type(error).__name__}: {error}"[:5000]
+        for run_id in [*self.stage_ids.values(), self.parent_id]:
+            try:
+                if self.client.get_run(run_id).info.status == "RUNNING":
+                    self.client.set_tag(run_id, "kdray.failure_reason", reason)
+                    self.client.set_terminated(run_id, status)
+            except Exception:  # noqa: BLE001  (best effort while already failing)
+                pass
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def _log_text(self, run_id: str, name: str, text: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def _load_ids(self) -> dict | None:
+        if not os.path.exists(self.runs_file):
+            return None
+        with open(self.runs_file) as fh:
+            return json.load(fh)
+
+    def _save_ids(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        tmp = self.runs_file + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"uri": self.uri, "parent": self.parent_id, "stages": self.stage_ids}, fh, indent=2)
+        os.replace(tmp, self.runs_file)
+
+
+class StageLogger:
+    """Worker side (rank 0): per-epoch metrics into a stage's run, then the final model and curves."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], loop=None) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def finish(self, final: dict[str, float], history: list[dict], model_state: dict, model_spec: dict) -> None:
+        import torch
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in final.items()])
+        with tempfile.TemporaryDirectory() as folder:
+            model_dir = os.path.join(folder, "model")
+            os.makedirs(model_dir)
+            torch.save(model_state, os.path.join(model_dir, "state_dict.pt"))
+            with open(os.path.join(model_dir, "model_spec.json"), "w") as fh:
+                json.dump(model_spec, fh, indent=2)
+            self.client.log_artifacts(self.run_id, model_dir, "model")
+        if history:
+            from kdray.orchestrator.plots import accuracy_curve
+
+            self.client.log_figure(self.run_id, accuracy_curve(history), "accuracy_curve.png")
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def download_model(uri: str, tracking_uri: str) -> tuple[dict, dict]:
+    """Read a model logged by :class:`StageLogger` from ``runs:/<run_id>/model``: (spec, state_dict)."""
+    import mlflow
+    import torch
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
+    except Exception as err:  # noqa: BLE001  (mlflow raises several types here)
+        raise FileNotFoundError(f"teacher.mlflow_uri {uri!r} could not be read: {err}") from None
+    spec_path = os.path.join(local, "model_spec.json")
+    if not os.path.exists(spec_path):
+        raise FileNotFoundError(f"teacher.mlflow_uri {uri!r} holds no kdray model (model_spec.json missing)")
+    with open(spec_path) as fh:
+        spec = json.load(fh)
+    state = torch.load(os.path.join(local, "state_dict.pt"), map_location="cpu", weights_only=True)
+    return spec, state
