@@ -54,11 +54,19 @@ class KnowledgeTerm(nn.Module):
         self.student_points: list[str] = []
         self.teacher_points: list[str] = []
 
-    def build(self, student: ModelOutput, teacher: ModelOutput) -> None:
-        """Create connectors from example outputs (shapes). Default: nothing to build."""
+    def build(self, student: ModelOutput, teacher: ModelOutput, num_samples: int) -> None:
+        """Create connectors from example outputs (shapes) and the training-set size (memory banks).
+
+        Called once, under ``no_grad``, before the optimizer exists. Default: nothing to build.
+        """
 
     def set_epoch(self, epoch: int) -> None:
-        """Called at the start of each epoch; terms with warm-up schedules override it."""
+        """Called at the start of each epoch; terms with warm-up or pre-training phases override it."""
+
+    def uses_hard_labels(self) -> bool:
+        """``False`` during a pre-training phase (FitNet hints, FT paraphraser): the distiller then
+        drops the hard-label CE for that step, so only this term's loss trains."""
+        return True
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError

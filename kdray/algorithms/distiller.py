@@ -99,7 +99,7 @@ class Distiller(nn.Module):
         return ModelOutput(logits, dict(feats))
 
     @torch.no_grad()
-    def build(self, example_inputs: torch.Tensor, teacher: Teacher | None) -> None:
+    def build(self, example_inputs: torch.Tensor, teacher: Teacher | None, num_samples: int = 0) -> None:
         """Create the terms' connectors from one example batch; call before making the optimizer."""
         if self._built:
             return
@@ -108,7 +108,7 @@ class Distiller(nn.Module):
         s_out = self.student_forward(example_inputs)
         t_out = teacher(example_inputs) if teacher is not None else ModelOutput(s_out.logits)
         for term in self.terms:
-            term.build(_select(s_out, term.student_points), _select(t_out, term.teacher_points))
+            term.build(_select(s_out, term.student_points), _select(t_out, term.teacher_points), num_samples)
         self.student.train(was_training)
         self._built = True
 
@@ -119,7 +119,7 @@ class Distiller(nn.Module):
     def forward(self, batch: Batch, teacher_out: ModelOutput | None = None):
         s_out = self.student_forward(batch.inputs)
         losses: dict[str, torch.Tensor] = {}
-        if self._adds_ce and self.ce_weight:
+        if self._adds_ce and self.ce_weight and all(t.uses_hard_labels() for t in self.terms):
             losses["ce"] = self.ce_weight * F.cross_entropy(s_out.logits, batch.targets)
         for term in self.terms:
             if teacher_out is None:

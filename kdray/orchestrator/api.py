@@ -69,7 +69,7 @@ def preflight(cfg: Config) -> None:
                          else build_teacher_model(cfg, splits.num_classes, None, _tracking_uri(cfg)))
         teacher = Teacher(teacher_model, distiller.resolve_teacher_points(teacher_model))
         example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
-        distiller.build(example, teacher)
+        distiller.build(example, teacher, len(splits.train))
         with torch.no_grad():
             t_classes = teacher(example).logits.shape[1]
     except ConfigError:

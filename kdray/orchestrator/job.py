@@ -152,7 +152,7 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
     train_loader, val_loader, test_loader = make_loaders(splits, optim.batch_size, seed, ctx,
                                                          cfg.data.loader_workers)
     example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
-    distiller.build(example, teacher)
+    distiller.build(example, teacher, len(splits.train))
     distiller.to(ctx.device)
     if teacher is not None:
         teacher.to(ctx.device)
