@@ -122,6 +122,17 @@ class DataSpec(_Strict):
         return name
 
 
+class CheckpointSpec(_Strict):
+    """How often a stage is checkpointed (and its buffered epoch metrics flushed to MLflow).
+
+    Each checkpoint is a Ray Train report, a barrier across workers that costs ~1.5 s on a small
+    CPU machine, so tiny epochs should not report every epoch. A stage always checkpoints at its end.
+    """
+
+    every_epochs: int = Field(10, gt=0)
+    keep: int = Field(2, gt=0)
+
+
 class RaySpec(_Strict):
     """Placement on Ray Train. ``num_workers: 0`` runs the job in this process, without Ray."""
 
@@ -150,6 +161,7 @@ class Config(_Strict):
     train: OptimSpec = Field(default_factory=OptimSpec)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     baseline: bool = True
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     mlflow: MLflowSpec = Field(default_factory=MLflowSpec)
 

@@ -100,11 +100,13 @@ def _check_run_dir(cfg: Config, resume: bool) -> None:
 
 
 def distill(config: str | dict | Config, *, overrides: list[str] | None = None, resume: bool = False,
-            log=print) -> DistillResult:
+            log=print, callbacks: list | None = None, parent_run_id: str | None = None) -> DistillResult:
     """Run a distillation job (teacher stage, then students per seed) and track it in MLflow.
 
     ``ray.num_workers: 0`` runs in this process; otherwise the job is one Ray Train run with that many
     data-parallel workers, on the Ray cluster at ``ray.address`` / ``RAY_ADDRESS`` or a local Ray.
+    ``callbacks`` (in-process runs only) get every epoch's metrics; ``parent_run_id`` nests the job's
+    MLflow run under another (a sweep's).
     """
     cfg = load_config(config, overrides)
     _check_run_dir(cfg, resume)
@@ -115,7 +117,7 @@ def distill(config: str | dict | Config, *, overrides: list[str] | None = None, 
         from kdray.orchestrator.tracking import JobTracking, check_reachable
 
         check_reachable(uri)
-        tracking = JobTracking(uri, cfg.mlflow.experiment, cfg.run_dir())
+        tracking = JobTracking(uri, cfg.mlflow.experiment, cfg.run_dir(), parent_run_id)
     stages = plan_stages(cfg)
     try:
         stage_ids = (tracking.start(cfg.name, cfg.model_dump(mode="json"), stages, resume)
@@ -124,9 +126,11 @@ def distill(config: str | dict | Config, *, overrides: list[str] | None = None, 
             from kdray.orchestrator.checkpoints import LocalCheckpoints
 
             ctx = WorkerContext(checkpoints=LocalCheckpoints(cfg.run_dir()), tracking_uri=uri,
-                                stage_run_ids=stage_ids, log=log)
+                                stage_run_ids=stage_ids, log=log, callbacks=list(callbacks or []))
             results = run_job(cfg, ctx)
         else:
+            if callbacks:
+                raise ConfigError("callbacks= run only in-process; set ray.num_workers: 0")
             from kdray.orchestrator.ray_runner import run_on_ray
 
             results = run_on_ray(cfg, uri, stage_ids)

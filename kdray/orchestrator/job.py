@@ -33,6 +33,9 @@ class WorkerContext:
     tracking_uri: str | None = None
     stage_run_ids: dict[str, str] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    # Extra epoch-end callbacks (e.g. a Tune reporter); each gets (epoch, metrics, loop) with
+    # ``metrics["stage"]`` added.
+    callbacks: list = field(default_factory=list)
 
 
 def method_label(cfg: Config) -> str:
@@ -116,14 +119,22 @@ def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_
 
 
 class _Checkpointer:
-    """Epoch-end callback: the job state plus this stage's loop state, written before anything is logged."""
+    """Epoch-end callback: every ``every`` epochs, checkpoint the job state plus this stage's loop state,
+    then flush the epoch metrics it covers to MLflow (never before: a restart would log them twice).
+    The last epoch is left to the stage-end checkpoint."""
 
-    def __init__(self, ctx: WorkerContext, job_state: dict, stage: str):
-        self.ctx, self.job_state, self.stage = ctx, job_state, stage
+    def __init__(self, ctx: WorkerContext, job_state: dict, stage: str, every: int, logger=None):
+        self.ctx, self.job_state, self.stage, self.every, self.logger = ctx, job_state, stage, every, logger
 
     def on_epoch_end(self, epoch, metrics, loop):
+        if self.logger is not None:
+            self.logger.buffer(epoch, metrics)
+        if (epoch + 1) % self.every or epoch + 1 >= loop.epochs:
+            return
         payload = {**self.job_state, "stage": self.stage, "loop": loop.state_dict()}
         self.ctx.checkpoints.save(payload, {**metrics, "stage": self.stage})
+        if self.logger is not None:
+            self.logger.flush()
 
 
 class _Progress:
@@ -135,9 +146,18 @@ class _Progress:
                      f"val top1 {metrics['val_top1']:.4f}  {metrics['epoch_time_s']:.1f}s")
 
 
+class _WithStage:
+    def __init__(self, callback, stage: dict):
+        self.callback, self.stage = callback, stage
+
+    def on_epoch_end(self, epoch, metrics, loop):
+        self.callback.on_epoch_end(epoch, {**metrics, "stage": self.stage["name"], "kind": self.stage["kind"]}, loop)
+
+
 def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: dict,
-              resume_loop: dict | None) -> tuple[dict, dict]:
-    """Train one model (teacher, student from scratch, or distilled student); return result and weights."""
+              resume_loop: dict | None) -> dict:
+    """Train one model (teacher, student from scratch, or distilled student), record it in ``job_state``
+    and checkpoint that; return its result row."""
     kind, seed = stage["kind"], stage["seed"]
     seed_everything(seed)
     spec = cfg.teacher if kind == "teacher" else cfg.student
@@ -165,9 +185,10 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
         from kdray.orchestrator.tracking import StageLogger
 
         logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage["name"]])
-    callbacks = [_Checkpointer(ctx, job_state, stage["name"])]
+    callbacks = [_Checkpointer(ctx, job_state, stage["name"], cfg.checkpoint.every_epochs, logger)]
     if ctx.rank == 0:
-        callbacks += [cb for cb in (logger, _Progress(ctx, stage["name"], optim.epochs)) if cb is not None]
+        callbacks.append(_Progress(ctx, stage["name"], optim.epochs))
+    callbacks += [_WithStage(cb, stage) for cb in ctx.callbacks]
     loop = TrainLoop(trainable, teacher, optimizer, scheduler, train_loader, val_loader, splits.num_classes,
                      optim.epochs, ctx.device, callbacks, eval_model=model)
     if resume_loop is not None:
@@ -182,11 +203,16 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
     if "top5" in test:
         result["test_top5"] = test["top5"]
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    job_state["done"][stage["name"]] = result
+    if kind == "teacher":
+        job_state["teacher"] = weights
+    ctx.checkpoints.save({**job_state, "stage": stage["name"], "loop": None},
+                         {"stage": stage["name"], "test_top1": result["test_top1"]})
     if logger is not None:
         final = {f"test_{k}": v for k, v in test.items()}
         logger.finish(final, history, weights, {"model": spec.model, "args": spec.args,
                                                 "num_classes": splits.num_classes})
-    return result, weights
+    return result
 
 
 def run_job(cfg: Config, ctx: WorkerContext) -> list[dict]:
@@ -199,12 +225,7 @@ def run_job(cfg: Config, ctx: WorkerContext) -> list[dict]:
         if stage["name"] in job_state["done"]:
             continue
         resume_loop = saved.get("loop") if saved.get("stage") == stage["name"] else None
-        result, weights = run_stage(cfg, stage, splits, ctx, job_state, resume_loop)
-        job_state["done"][stage["name"]] = result
-        if stage["kind"] == "teacher":
-            job_state["teacher"] = weights
-        ctx.checkpoints.save({**job_state, "stage": stage["name"], "loop": None},
-                             {"stage": stage["name"], "test_top1": result["test_top1"]})
+        run_stage(cfg, stage, splits, ctx, job_state, resume_loop)
     ctx.log(f"job {cfg.name}: {len(job_state['done'])} stages done in {time.perf_counter() - start:.1f}s")
     return [job_state["done"][s["name"]] for s in plan_stages(cfg)]
 

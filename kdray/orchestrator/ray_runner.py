@@ -5,6 +5,7 @@ DDP by ``prepare_model``) and its own frozen copy of the teacher (never wrapped)
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -43,6 +44,7 @@ def train_worker(loop_config: dict) -> list[dict]:
     from kdray.orchestrator.checkpoints import RayCheckpoints
     from kdray.orchestrator.job import WorkerContext, run_job
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is noise here
     cfg = Config.model_validate(loop_config["config"])
     train_ctx = ray.train.get_context()
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
@@ -76,7 +78,7 @@ def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, s
             name=cfg.name,
             storage_path=os.path.dirname(cfg.run_dir()),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
     )
     result = trainer.fit()

@@ -77,8 +77,9 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
 class JobTracking:
     """Driver side: create or reopen the parent and child runs, close them with the job's outcome."""
 
-    def __init__(self, uri: str, experiment: str, run_dir: str):
+    def __init__(self, uri: str, experiment: str, run_dir: str, parent_run_id: str | None = None):
         self.uri = uri
+        self.outer_parent = parent_run_id
         self.client = MlflowClient(uri)
         self.experiment = experiment
         self.run_dir = run_dir
@@ -97,8 +98,10 @@ class JobTracking:
             self.client.set_tag(self.parent_id, "kdray.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
         else:
             exp_id = experiment_id(self.client, self.experiment, self.uri)
-            run = self.client.create_run(exp_id, run_name=job_name, tags={
-                "kdray.job": job_name, "kdray.run_dir": self.run_dir, "kdray.role": "job"})
+            tags = {"kdray.job": job_name, "kdray.run_dir": self.run_dir, "kdray.role": "job"}
+            if self.outer_parent:
+                tags["mlflow.parentRunId"] = self.outer_parent
+            run = self.client.create_run(exp_id, run_name=job_name, tags=tags)
             self.parent_id = run.info.run_id
             self._log_params(self.parent_id, flatten("", config, {}))
             self._log_text(self.parent_id, "config.json", json.dumps(config, indent=2, default=str))
@@ -162,20 +165,30 @@ class JobTracking:
 
 
 class StageLogger:
-    """Worker side (rank 0): per-epoch metrics into a stage's run, then the final model and curves."""
+    """Worker side (rank 0): per-epoch metrics into a stage's run, then the final model and curves.
+
+    Epoch metrics are buffered and written only after the checkpoint that covers them, so a run
+    restarted from that checkpoint logs each epoch exactly once.
+    """
 
     def __init__(self, uri: str, run_id: str):
         self.client = MlflowClient(uri)
         self.run_id = run_id
+        self._pending: list[Metric] = []
 
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float], loop=None) -> None:
+    def buffer(self, epoch: int, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self._pending += [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
+
+    def flush(self) -> None:
+        for i in range(0, len(self._pending), 1000):
+            self.client.log_batch(self.run_id, metrics=self._pending[i:i + 1000])
+        self._pending = []
 
     def finish(self, final: dict[str, float], history: list[dict], model_state: dict, model_spec: dict) -> None:
         import torch
 
+        self.flush()
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in final.items()])
         with tempfile.TemporaryDirectory() as folder:
