@@ -1,0 +1,38 @@
+"""Test fixtures: one Ray per test session (starting Ray costs seconds), a private MLflow store per test."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with more logical CPUs than cores (a Tune trial plus 2 Train workers must fit)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, object_store_memory=256 * 2**20, include_dashboard=True,
+                 log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run in a fresh directory so default stores (./mlflow.db, ./kdray-runs) land in tmp."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
