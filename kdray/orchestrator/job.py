@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from kdray.algorithms.base import create_method
 from kdray.algorithms.distiller import Distiller, Teacher
@@ -107,10 +107,9 @@ def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_
     """Training batches of ``batch_size // world_size`` per worker (so the global batch is the configured
     one); evaluation on disjoint shards whose counts are summed across ranks (no padding duplicates)."""
     per_worker = max(1, batch_size // ctx.world_size)
-    if ctx.world_size > 1:
-        sampler = DistributedSampler(splits.train, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
-    else:
-        sampler = RandomSampler(splits.train, generator=torch.Generator().manual_seed(seed))
+    # Shuffling is a function of (seed, epoch) via set_epoch, also with one worker, so a stage resumed
+    # at epoch k sees exactly the batches the uninterrupted run saw.
+    sampler = DistributedSampler(splits.train, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
     kw = {"num_workers": loader_workers, "pin_memory": ctx.device.type == "cuda"}
     train = DataLoader(splits.train, batch_size=per_worker, sampler=sampler, drop_last=False, **kw)
     val = DataLoader(_shard(splits.val, ctx.rank, ctx.world_size), batch_size=256, **kw)
