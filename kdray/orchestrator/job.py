@@ -120,7 +120,8 @@ def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_
 class _Checkpointer:
     """Epoch-end callback: every ``every`` epochs, checkpoint the job state plus this stage's loop state,
     then flush the epoch metrics it covers to MLflow (never before: a restart would log them twice).
-    The last epoch is left to the stage-end checkpoint."""
+    The unflushed metrics ride in the checkpoint, so a crash right after it loses none; epochs that a
+    restart replays are skipped by :class:`StageLogger`. The last epoch is left to the stage end."""
 
     def __init__(self, ctx: WorkerContext, job_state: dict, stage: str, every: int, logger=None):
         self.ctx, self.job_state, self.stage, self.every, self.logger = ctx, job_state, stage, every, logger
@@ -130,7 +131,8 @@ class _Checkpointer:
             self.logger.buffer(epoch, metrics)
         if (epoch + 1) % self.every or epoch + 1 >= loop.epochs:
             return
-        payload = {**self.job_state, "stage": self.stage, "loop": loop.state_dict()}
+        pending = self.logger.pending() if self.logger is not None else []
+        payload = {**self.job_state, "stage": self.stage, "loop": {**loop.state_dict(), "mlflow_pending": pending}}
         self.ctx.checkpoints.save(payload, {**metrics, "stage": self.stage})
         if self.logger is not None:
             self.logger.flush()
@@ -192,6 +194,8 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
                      optim.epochs, ctx.device, callbacks, eval_model=model)
     if resume_loop is not None:
         loop.load_state_dict(resume_loop)
+        if logger is not None:
+            logger.restore(resume_loop.get("mlflow_pending", []))
         ctx.log(f"[{stage['name']}] resumed at epoch {loop.epoch}")
     history = loop.run()
     test = evaluate(model, test_loader, ctx.device, splits.num_classes)
@@ -205,12 +209,12 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
     job_state["done"][stage["name"]] = result
     if kind == "teacher":
         job_state["teacher"] = weights
-    ctx.checkpoints.save({**job_state, "stage": stage["name"], "loop": None},
-                         {"stage": stage["name"], "test_top1": result["test_top1"]})
-    if logger is not None:
+    if logger is not None:  # before the stage-end checkpoint: a crash in between redoes (idempotent) logging
         final = {f"test_{k}": v for k, v in test.items()}
         logger.finish(final, history, weights, {"model": spec.model, "args": spec.args,
                                                 "num_classes": splits.num_classes})
+    ctx.checkpoints.save({**job_state, "stage": stage["name"], "loop": None},
+                         {"stage": stage["name"], "test_top1": result["test_top1"]})
     return result
 
 

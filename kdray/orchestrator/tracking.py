@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 import urllib.error
@@ -17,6 +18,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 RUNS_FILE = "mlflow_runs.json"
+FAILURE_TAG = "kdray.failure_reason"
 
 
 class TrackingUnreachableError(ConnectionError):
@@ -92,13 +94,17 @@ class JobTracking:
 
     def start(self, job_name: str, config: dict, stages: list[dict], resume: bool) -> dict[str, str]:
         saved = self._load_ids() if resume else None
+        # Who drives the job: `kdray runs --stale` closes RUNNING runs whose driver process is gone.
+        driver = {"kdray.driver_pid": str(os.getpid()), "kdray.driver_host": socket.gethostname()}
         if saved:
             self.parent_id, self.stage_ids = saved["parent"], dict(saved["stages"])
-            self.client.update_run(self.parent_id, status="RUNNING")
-            self.client.set_tag(self.parent_id, "kdray.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            for run_id in [self.parent_id, *self.stage_ids.values()]:
+                self._reopen(run_id)
+            for key, value in {**driver, "kdray.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}.items():
+                self.client.set_tag(self.parent_id, key, value)
         else:
             exp_id = experiment_id(self.client, self.experiment, self.uri)
-            tags = {"kdray.job": job_name, "kdray.run_dir": self.run_dir, "kdray.role": "job"}
+            tags = {"kdray.job": job_name, "kdray.run_dir": self.run_dir, "kdray.role": "job", **driver}
             if self.outer_parent:
                 tags["mlflow.parentRunId"] = self.outer_parent
             run = self.client.create_run(exp_id, run_name=job_name, tags=tags)
@@ -133,14 +139,26 @@ class JobTracking:
         if self.parent_id is None:
             return
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        reason = f"{type(error).__name__}: {error}"[:5000]
+        reason = (f"{type(error).__name__}: {error}" if str(error) else
+                  "KeyboardInterrupt (Ctrl-C / SIGINT)" if status == "KILLED" else type(error).__name__)[:5000]
         for run_id in [*self.stage_ids.values(), self.parent_id]:
             try:
                 if self.client.get_run(run_id).info.status == "RUNNING":
-                    self.client.set_tag(run_id, "kdray.failure_reason", reason)
+                    self.client.set_tag(run_id, FAILURE_TAG, reason)
                     self.client.set_terminated(run_id, status)
             except Exception:  # noqa: BLE001  (best effort while already failing)
                 pass
+
+    def _reopen(self, run_id: str) -> None:
+        """On ``--resume``: a run left FAILED/KILLED (or RUNNING by a killed driver) is RUNNING again,
+        without its old failure reason; finished stages stay FINISHED."""
+        run = self.client.get_run(run_id)
+        if run.info.status == "FINISHED" and run_id != self.parent_id:
+            return
+        if run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        if FAILURE_TAG in run.data.tags:
+            self.client.delete_tag(run_id, FAILURE_TAG)
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]
@@ -167,30 +185,56 @@ class JobTracking:
 class StageLogger:
     """Worker side (rank 0): per-epoch metrics into a stage's run, then the final model and curves.
 
-    Epoch metrics are buffered and written only after the checkpoint that covers them, so a run
-    restarted from that checkpoint logs each epoch exactly once.
+    Epoch metrics are buffered and written after the checkpoint that covers them; the unwritten ones also
+    travel inside that checkpoint (:meth:`pending` / :meth:`restore`), so a crash between the checkpoint
+    and the write loses nothing. A restart may still replay epochs that were written (Ray Train registers
+    a checkpoint asynchronously, after the worker's ``report`` returned), so writes skip every
+    ``(key, step)`` the run already holds: each epoch is in the run exactly once.
     """
 
     def __init__(self, uri: str, run_id: str):
         self.client = MlflowClient(uri)
         self.run_id = run_id
         self._pending: list[Metric] = []
+        self._logged: set[tuple[str, int]] | None = None  # read from the run on the first flush
 
     def buffer(self, epoch: int, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
 
+    def pending(self) -> list[dict]:
+        """The buffered metrics as plain values (``torch.load(weights_only=True)`` reads them back)."""
+        return [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self._pending]
+
+    def restore(self, rows: list[dict]) -> None:
+        self._pending = [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
+                         for r in rows] + self._pending
+
     def flush(self) -> None:
-        for i in range(0, len(self._pending), 1000):
-            self.client.log_batch(self.run_id, metrics=self._pending[i:i + 1000])
+        new = self._not_logged(self._pending)
+        for i in range(0, len(new), 1000):
+            self.client.log_batch(self.run_id, metrics=new[i:i + 1000])
+        self._logged.update((m.key, m.step) for m in new)
         self._pending = []
+
+    def _not_logged(self, metrics: list[Metric]) -> list[Metric]:
+        if self._logged is None:
+            self._logged = set()
+            for key in self.client.get_run(self.run_id).data.metrics:
+                self._logged.update((key, m.step) for m in self.client.get_metric_history(self.run_id, key))
+        seen, out = set(self._logged), []
+        for m in metrics:
+            if (m.key, m.step) not in seen:
+                seen.add((m.key, m.step))
+                out.append(m)
+        return out
 
     def finish(self, final: dict[str, float], history: list[dict], model_state: dict, model_spec: dict) -> None:
         import torch
 
-        self.flush()
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in final.items()])
+        self._pending += [Metric(k, float(v), now, 0) for k, v in final.items()]
+        self.flush()
         with tempfile.TemporaryDirectory() as folder:
             model_dir = os.path.join(folder, "model")
             os.makedirs(model_dir)

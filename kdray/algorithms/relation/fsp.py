@@ -99,7 +99,7 @@ class FSP(KnowledgeTerm):
         for k in range(len(pairs) - 1):
             g_s = fsp_matrix(s_maps[k], s_maps[k + 1])
             g_t = fsp_matrix(t_maps[k], t_maps[k + 1])
-            loss = loss + (g_t - g_s).pow(2).sum(dim=(1, 2)).mean()
+            loss = loss + (g_t - g_s).pow(2).mean()
         if self.init_epochs and self.epoch >= self.init_epochs:
             loss = loss * 0.0  # stage two: main task only (kept in the graph so DDP sees every connector)
         return {"fsp": self.weight * loss}
