@@ -233,6 +233,25 @@ def test_nst_value_random_and_spatial_mismatch():
     assert close(run(term, s_out, t_out)["nst"], _nst_by_hand(block_mean(s_big, 2), t))
 
 
+
+def test_nst_linear_and_gaussian_kernels():
+    torch.manual_seed(14)
+    s, t = torch.randn(2, 3, 2, 2), torch.randn(2, 4, 2, 2)
+    # linear kernel: MMD^2 = || mean_j f_S^j - mean_i f_T^i ||^2 per sample
+    expected = 0.0
+    for n in range(2):
+        ms = sum(v / math.sqrt((v ** 2).sum()) for v in s[n].flatten(1)) / 3
+        mt = sum(v / math.sqrt((v ** 2).sum()) for v in t[n].flatten(1)) / 4
+        expected += float(((ms - mt) ** 2).sum()) / 2
+    term, s_out, t_out = make_term("nst", [s], [t], kernel="linear")
+    assert close(run(term, s_out, t_out)["nst"], 25.0 * expected)
+    term, s_out, t_out = make_term("nst", [s.requires_grad_()], [t], kernel="gaussian")
+    loss = run(term, s_out, t_out)["nst"]
+    loss.backward()
+    assert loss.item() > 0 and torch.isfinite(s.grad).all()
+    with pytest.raises(ValueError):
+        create_method("nst", kernel="rbf")
+
 # --- PKT ----------------------------------------------------------------------------------------
 def test_pkt_value_small_numbers():
     t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])

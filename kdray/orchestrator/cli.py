@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kdray.orchestrator import stale_runs
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ConnectionError, FloatingPointError)
 
 
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=_cmd_ui)
+    stale_runs.add_parser(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ _AUTHORS_SCALE = 3.0 / 1000.0
 
 
 def alternative_l2(source: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
-    """Paper Eq. 5, per element: ``rho(t) * relu(mu - s)^2 + (1 - rho(t)) * relu(mu + s)^2``.
+    """The paper's alternative loss, per element: ``rho(t) * relu(mu - s)^2 + (1 - rho(t)) * relu(mu + s)^2``.
 
     ``rho(t) = 1[t > 0]`` is the teacher neuron's activation; a student neuron is pushed beyond the
     margin ``mu`` on the teacher's side of the activation boundary.
@@ -26,7 +26,7 @@ def alternative_l2(source: torch.Tensor, target: torch.Tensor, margin: float) ->
 class AB(PhasedTerm):
     """Activation-boundary distillation: the student's neurons must be active exactly where the teacher's are.
 
-    At every stage, a connector ``r`` (1x1 conv + BN, paper Sec. 3.3) maps the student's feature to the
+    At every stage, a connector ``r`` (1x1 conv + BN, as in the authors' code) maps the student's feature to the
     teacher's channels and the alternative (hinge-squared) loss of :func:`alternative_l2` with margin
     ``mu = 1`` is summed over the elements, averaged over the batch, and weighted ``2^(i - n + 1)``
     per stage (deepest stage 1, the one before 1/2, ...: the authors' code)::

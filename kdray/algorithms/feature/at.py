@@ -9,7 +9,7 @@ from kdray.algorithms.feature.connectors import feature_pairs, pool_to_common
 
 
 def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
-    """``Q = vec(sum_c |A_c|^p)`` l2-normalised per sample: ``(B, C, H, W) -> (B, H*W)`` (paper Eq. 1-2)."""
+    """``Q = vec(sum_c |A_c|^p)`` l2-normalised per sample: ``(B, C, H, W) -> (B, H*W)`` (the paper's ``F^p_sum``)."""
     q = feature.abs().pow(p).sum(dim=1).flatten(1)
     return F.normalize(q, p=2, dim=1)
 
@@ -19,12 +19,12 @@ class AT(KnowledgeTerm):
     """Activation-based attention transfer at every stage.
 
     For each pair ``j`` of points, ``Q_j = vec(F(A_j))`` with ``F(A) = sum_c |A_c|^p`` (``p = 2``,
-    the paper's ``F^2_sum``), and the loss is the paper's Eq. 2::
+    the paper's ``F^2_sum``), and the loss is the paper's attention-transfer loss::
 
         weight / 2 * sum_j  1/(H_j W_j) * mean_b || Q_S/||Q_S||_2 - Q_T/||Q_T||_2 ||_2
 
     i.e. ``beta = 10^3`` divided by the attention-map size and the batch size, per layer, as the paper
-    sets it (Sec. 4.1). Followed from the paper where the well-known code differs: the distance is
+    sets it. Followed from the paper where the well-known code differs: the distance is
     the l2 *norm* of the difference (the authors' code, RepDistiller and mdistiller use the *squared*
     difference averaged over positions, without the ``1/2``), and ``|A|^p`` takes the absolute value
     (the code uses ``A^p``, the same for ``p = 2``). Summing or averaging over channels makes no

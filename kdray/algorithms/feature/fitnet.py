@@ -20,7 +20,7 @@ class FitNet(PhasedTerm):
     (``(n - 1) // 2``: the paper's choice, and RepDistiller's ``hint_layer=2`` on the CIFAR zoo), or
     ``hint_index`` to pick another (it indexes both point lists).
 
-    Regressor (as in the paper, Sec. 2.2): a convolution whose kernel is ``(H_g - H_h + 1, W_g - W_h + 1)``
+    Regressor (as in the paper): a convolution whose kernel is ``(H_g - H_h + 1, W_g - W_h + 1)``
     so that its valid output has the hint's spatial size, followed by BN and *the hint's
     non-linearity*: a ReLU when the teacher's hint is non-negative on the build batch (a post-ReLU
     point), none otherwise. The paper's regressor cannot enlarge a map, so a guided map smaller than

@@ -10,7 +10,7 @@ from kdray.algorithms.feature.connectors import PhasedTerm, as_map, not_built, p
 
 
 def _conv_stack(channels: list[int], transposed: bool = False) -> nn.Sequential:
-    """3x3 (transposed) convolutions, each followed by LeakyReLU(0.1), as in the paper's Fig. 2."""
+    """3x3 (transposed) convolutions, each followed by LeakyReLU(0.1) (paper; authors' code)."""
     layers: list[nn.Module] = []
     for cin, cout in zip(channels, channels[1:]):
         conv = nn.ConvTranspose2d if transposed else nn.Conv2d
@@ -52,7 +52,7 @@ class FT(PhasedTerm):
         weight * mean | F_T / ||F_T||_2 - F_S / ||F_S||_2 |^p      (p = 1, the paper's choice)
 
     where ``F_T`` is the paraphraser's encoding of the teacher's feature, ``F_S`` the translator's
-    output, and each factor is l2-normalised as one vector per sample (paper Eq. 3).
+    output, and each factor is l2-normalised as one vector per sample (the paper's FT loss).
 
     Phases, within one run (``set_epoch``): during the first ``paraphraser_epochs`` epochs only the
     paraphraser trains (loss key ``ft_paraphraser``) and :meth:`uses_hard_labels` is ``False``, so the

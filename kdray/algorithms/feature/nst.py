@@ -20,14 +20,14 @@ class NST(KnowledgeTerm):
     """Neuron selectivity transfer: match the distributions of the channels' spatial activation patterns.
 
     Each channel ``k`` of a ``(C, H, W)`` map gives one sample ``f^k`` in ``R^{HW}``, l2-normalised
-    (paper Sec. 3.3); the loss is the squared MMD between the teacher's ``C_T`` and the student's
-    ``C_S`` samples (paper Eq. 6)::
+    (as the paper does); the loss is the squared MMD between the teacher's ``C_T`` and the student's
+    ``C_S`` samples::
 
         MMD^2 = 1/C_T^2 sum_{i,i'} k(f_T^i, f_T^i') + 1/C_S^2 sum_{j,j'} k(f_S^j, f_S^j')
                 - 2/(C_T C_S) sum_{i,j} k(f_S^j, f_T^i)
 
     averaged over the batch and summed over the stage pairs, and the term is ``weight / 2 * MMD^2``
-    (paper Eq. 8, ``lambda / 2``). Kernels: ``poly`` ``(x.y + c)^d`` with the paper's ``d = 2, c = 0``
+    (the paper's ``lambda / 2``). Kernels: ``poly`` ``(x.y + c)^d`` with the paper's ``d = 2, c = 0``
     (the default, the one RepDistiller / mdistiller implement), ``linear`` ``x.y``, and ``gaussian``
     ``exp(-||x - y||^2 / (2 sigma^2))`` with ``sigma^2`` the mean squared distance of the pairs
     (the paper's choice; treated as a constant).
@@ -36,8 +36,7 @@ class NST(KnowledgeTerm):
     ``1/2`` (their weight 50 is our 100). Spatial mismatch: the larger map is adaptive-average-pooled
     to the smaller one (RepDistiller); the channel counts may differ.
 
-    Default ``weight=50``: the RepDistiller / mdistiller CIFAR-100 weight (the paper's ``lambda``
-    for the polynomial kernel on CIFAR is of the same order).
+    Default ``weight=50``: the RepDistiller / mdistiller CIFAR-100 weight.
     """
 
     name = "nst"

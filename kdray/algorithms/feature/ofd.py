@@ -13,7 +13,7 @@ _MIN_NEGATIVE_MASS = 1e-3  # below this P(x < 0) the margin falls back to -3 sig
 
 
 def gaussian_margin(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``E[x | x < 0]`` for ``x ~ N(mean, std^2)``, per channel (paper Eq. 3).
+    """``E[x | x < 0]`` for ``x ~ N(mean, std^2)``, per channel (the paper's margin).
 
     ``m = mean - std * phi(mean/std) / Phi(-mean/std)``; where the negative mass ``Phi(-mean/std)``
     is below 1e-3 the margin is ``-3 std`` (as the authors' code does).
@@ -27,7 +27,7 @@ def gaussian_margin(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
 
 
 def partial_l2(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Paper Eq. 5, per element: ``(t - s)^2`` except where ``s <= t <= 0`` (then 0)."""
+    """The paper's partial L2, per element: ``(t - s)^2`` except where ``s <= t <= 0`` (then 0)."""
     skip = (source <= target) & (target <= 0)
     return (source - target).pow(2) * (~skip).to(source.dtype)
 
@@ -36,10 +36,10 @@ def partial_l2(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class OFD(KnowledgeTerm):
     """Overhaul of feature distillation: margin-ReLU teacher, 1x1 conv + BN student connector, partial L2.
 
-    At every stage the teacher's feature goes through the *margin ReLU* ``max(t, m_c)`` (paper Eq. 2),
+    At every stage the teacher's feature goes through the *margin ReLU* ``max(t, m_c)``,
     ``m_c = E[t_c | t_c < 0]`` per channel, and the student's feature through a connector ``r``
     (1x1 conv + BN); the distance is the partial L2 of :func:`partial_l2`, summed over the elements
-    (paper Eq. 6), averaged over the batch, and weighted ``layer_decay^(n-1-i)`` per stage::
+    (as the paper writes it), averaged over the batch, and weighted ``layer_decay^(n-1-i)`` per stage::
 
         weight * sum_i layer_decay^(n-1-i) * 1/B * sum d_p(max(T_i, m_i), r(S_i))
 
@@ -53,7 +53,7 @@ class OFD(KnowledgeTerm):
     paper's setting.
 
     Spatial mismatch: the larger map (after the connector) is adaptive-average-pooled to the smaller.
-    ``layer_decay=0.5`` is the authors' code's ``1 / 2^(n-1-i)`` (mdistiller too); the paper's Eq. 6
+    ``layer_decay=0.5`` is the authors' code's ``1 / 2^(n-1-i)`` (mdistiller too); the paper's loss
     is the plain sum (``layer_decay=1``).
 
     Default ``weight=1e-3``: mdistiller's CIFAR-100 FEAT_WEIGHT 0.001 with this sum-over-elements,

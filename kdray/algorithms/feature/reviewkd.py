@@ -10,7 +10,7 @@ from kdray.algorithms.feature.connectors import PhasedTerm, feature_pairs, not_b
 
 
 class ABF(nn.Module):
-    """Attention-based fusion (paper Fig. 4a): reduce the student's feature, fuse it with the residual
+    """Attention-based fusion (the paper's ABF): reduce the student's feature, fuse it with the residual
     from the deeper level through two spatial attention maps, and project to the teacher's channels."""
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
@@ -39,7 +39,7 @@ class ABF(nn.Module):
 
 
 def hierarchical_context_loss(fs: torch.Tensor, ft: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
-    """HCL (paper Fig. 4b): MSE at full size plus MSEs of ``l x l`` pooled maps (for ``l`` smaller than
+    """Hierarchical context loss (the paper's HCL): MSE at full size plus MSEs of ``l x l`` pooled maps (for ``l`` smaller than
     the map), weighted 1, 1/2, 1/4, ... and normalised by the sum of the weights."""
     loss = F.mse_loss(fs, ft)
     weight, total = 1.0, 1.0

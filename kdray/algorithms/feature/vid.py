@@ -25,9 +25,9 @@ class VID(KnowledgeTerm):
     """Variational information distillation: maximise a variational lower bound of ``I(t; s)``.
 
     At every stage the teacher's feature ``t`` is modelled as Gaussian given the student's ``s``:
-    mean ``mu(s)`` from a regressor (three 1x1 convs with ReLUs, paper Sec. 4.1 for CIFAR) and a
+    mean ``mu(s)`` from a regressor (three 1x1 convs with ReLUs, the paper's CIFAR setting) and a
     per-channel variance ``sigma_c^2 = softplus(alpha_c) + eps`` shared over positions. The term is
-    the negative log-likelihood without its constant (paper Eq. 4-5)::
+    the negative log-likelihood without its constant ::
 
         weight * sum_stages mean_{b,c,h,w} [ log(sigma_c) + (t - mu(s))^2 / (2 sigma_c^2) ]
 
