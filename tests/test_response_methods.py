@@ -149,7 +149,8 @@ def test_tfkd_value_by_hand():
         ce += -math.log(_softmax(s)[y])
         pd = [a if i == y else (1 - a) / (k - 1) for i in range(k)]
         pd_tau = _softmax([math.log(p) for p in pd], tau)  # teacher softened: p^d ** (1/tau), renormalised
-        assert pd_tau[y] == pytest.approx(a ** (1 / tau) / (a ** (1 / tau) + (k - 1) * ((1 - a) / (k - 1)) ** (1 / tau)))
+        root_a, root_other = a ** (1 / tau), ((1 - a) / (k - 1)) ** (1 / tau)
+        assert pd_tau[y] == pytest.approx(root_a / (root_a + (k - 1) * root_other))
         kl += _kl(pd_tau, _softmax(s, tau))
     assert out["ce"].item() == pytest.approx((1 - alpha) * ce / 2, rel=1e-5)
     assert out["tfkd"].item() == pytest.approx(alpha * weight * tau**2 * kl / 2, rel=1e-5)

@@ -34,20 +34,26 @@ def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 class FSP(KnowledgeTerm):
     """Flow of Solution Procedure: match the teacher's FSP matrices between consecutive feature points.
 
-    ``fsp = weight * sum_pairs mean_batch ||G_teacher - G_student||_F^2`` (Eq. 2, all ``lambda_i`` equal),
-    where ``G`` (Eq. 1) is the Gram matrix between the channels of a section's *input* and *output*
-    maps. With the default ``"stages"`` points the pairs are consecutive stage outputs, i.e. stage ``k``'s
-    output is stage ``k+1``'s input; when their resolutions differ (a stride inside the stage) the larger
-    map is average-pooled to the smaller. Following the paper, each matrix is compared by its squared
-    Frobenius norm (summed over its ``C1 x C2`` entries, averaged over the batch); RepDistiller instead
-    averages over the entries too (and torchdistill sums column norms, unsquared).
+    ``fsp = weight * sum_pairs mean_{batch, i, j} (G_teacher - G_student)_ij^2`` where ``G`` (Eq. 1,
+    ``G_ij = sum_{s,t} F1_{s,t,i} F2_{s,t,j} / (h w)``) is the Gram matrix between the channels of a
+    section's *input* and *output* maps. With the default ``"stages"`` points the pairs are consecutive
+    stage outputs: stage ``k``'s output is stage ``k+1``'s input, so each pair is a stage's
+    (input, output); when their resolutions differ (the stage has a stride) the larger map is
+    average-pooled to the smaller, as RepDistiller does (the paper picks points of equal size).
 
-    The paper assumes the teacher and student share channel counts at the matched points (as
-    RepDistiller enforces). When they differ, a 1x1 convolution per student point maps its channels to
-    the teacher's before the FSP matrix — these connectors are trained with the student.
+    Reduction — a deliberate departure from the paper: Eq. 2 is ``1/N sum_x sum_i lambda_i ||G_T - G_S||_2^2``
+    with equal ``lambda_i``, i.e. the squared Frobenius norm *summed* over the ``C1 x C2`` entries. We
+    average over the entries, as RepDistiller does (equivalently ``lambda_i = 1 / (C1 C2)``). With the sum,
+    the published weight 50 makes the loss thousands of times the CE (``C1 C2`` is 512 already on the
+    digits CNN, ~8k-33k on CIFAR ResNets) and the short digits training diverged (loss ~5e13 after one
+    epoch); with the mean it starts at a few units and trains.
+
+    The paper assumes the teacher and student share channel counts at the matched points (RepDistiller
+    raises otherwise). When they differ, a 1x1 convolution per student point maps its channels to the
+    teacher's before the FSP matrix — these connectors are trained with the student.
 
     Schedule: the paper trains in two stages, first the FSP loss alone, then the main task alone
-    (RepDistiller: 30 such ``init`` epochs, then CE only, so its ``-b 50`` is never applied). With
+    (RepDistiller: 30 such ``init`` epochs, then CE only, so its ``-b 50`` is in fact never applied). With
     ``init_epochs = N > 0`` this term reproduces that: for the first ``N`` epochs the distiller drops the
     hard-label CE and only FSP trains, afterwards the FSP loss is switched off. The default
     ``init_epochs = 0`` instead adds FSP to the CE for the whole run, with RepDistiller's published
