@@ -11,4 +11,6 @@ def distill(config, **kwargs):
     return _distill(config, **kwargs)
 
 
+from kdray.search import sweep  # noqa: E402  (light import: Ray, Optuna, MLflow load when a sweep runs)
+
 __all__ = ["Config", "ConfigError", "distill", "load_config", "__version__"]

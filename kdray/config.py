@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SCHEMES = ("offline",)
+SCHEMES = ("offline", "online", "self", "assistant", "multi_teacher")
 
 
 class ConfigError(ValueError):
@@ -69,17 +69,25 @@ class OptimSpec(_Strict):
 
 
 class TeacherSpec(ModelSpec):
-    """Where the teacher comes from: a training stage (``train``), a state_dict file, or an MLflow model URI."""
+    """Where the teacher comes from: a training stage (``train``), a state_dict file, an MLflow model URI,
+    or a teacher-output cache (``cache``: a directory written by ``kdray cache``; no teacher is built).
+    Beside ``cache``, a ``checkpoint`` / ``mlflow_uri`` names the weights the cache must come from (hashed)."""
 
     train: OptimSpec | None = None
     checkpoint: str | None = None
     mlflow_uri: str | None = None
+    cache: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self):
         sources = [s for s in ("train", "checkpoint", "mlflow_uri") if getattr(self, s) is not None]
-        if len(sources) != 1:
-            raise ValueError(f"give exactly one of train, checkpoint, mlflow_uri (got {sources or 'none'})")
+        if self.cache is not None:
+            if self.train is not None or len(sources) > 1:
+                raise ValueError(f"teacher.cache replaces a teacher stage; beside it give at most one of checkpoint, "
+                                 f"mlflow_uri (got {sources})")
+            self.__dict__["cache"] = os.path.abspath(os.path.expanduser(self.cache))
+        elif len(sources) != 1:
+            raise ValueError(f"give exactly one of train, checkpoint, mlflow_uri, cache (got {sources or 'none'})")
         if self.checkpoint is not None:
             path = os.path.abspath(os.path.expanduser(self.checkpoint))
             if not os.path.isfile(path):
@@ -122,6 +130,30 @@ class DataSpec(_Strict):
         return name
 
 
+class EnsembleSpec(_Strict):
+    """How a multi-teacher ensemble is combined, and whether its teachers are sharded across workers."""
+
+    combine: Literal["mean", "weights", "confidence", "random"] = "mean"
+    weights: list[float] | None = None
+    shard: bool = True  # with ray.num_workers > 1: each worker hosts a subset of the teachers
+
+
+class OnlineSpec(_Strict):
+    """Online distillation: K peers learn together (DML), or from their ensemble (ONE/KDCL style)."""
+
+    peers: list[ModelSpec] = Field(default_factory=list)
+    mode: Literal["dml", "ensemble"] = "dml"
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+
+
+class SelfSpec(_Strict):
+    """Self-distillation: born-again generations (each teaches the next) or BYOT auxiliary exits."""
+
+    method: Literal["born_again", "byot"] = "born_again"
+    generations: int = Field(3, ge=2)
+
+
 class CheckpointSpec(_Strict):
     """How often a stage is checkpointed (and its buffered epoch metrics flushed to MLflow).
 
@@ -154,7 +186,12 @@ class Config(_Strict):
     output_dir: str = "kdray-runs"
     scheme: Literal[SCHEMES] = "offline"
     data: DataSpec = Field(default_factory=DataSpec)
-    teacher: TeacherSpec
+    teacher: TeacherSpec | None = None
+    teachers: list[TeacherSpec] = Field(default_factory=list)
+    ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
+    assistants: list[ModelSpec] = Field(default_factory=list)
+    online: OnlineSpec = Field(default_factory=OnlineSpec)
+    self_distill: SelfSpec = Field(default_factory=SelfSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])
     ce_weight: float = Field(1.0, ge=0)
@@ -171,6 +208,31 @@ class Config(_Strict):
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be distinct, got {seeds}")
         return seeds
+
+    @model_validator(mode="after")
+    def _scheme_needs(self):
+        """Each scheme names what it needs; a config giving the wrong parts fails here, in one line."""
+        needs_teacher = self.scheme in ("offline", "assistant")
+        if needs_teacher and self.teacher is None:
+            raise ValueError(f"scheme {self.scheme!r} needs a teacher (teacher: {{model, train|checkpoint|mlflow_uri}})")
+        if self.scheme == "assistant" and not self.assistants:
+            raise ValueError("scheme 'assistant' needs assistants: [{model: ...}, ...] (teacher -> assistants -> student)")
+        if self.scheme == "multi_teacher":
+            if len(self.teachers) < 2:
+                raise ValueError(f"scheme 'multi_teacher' needs at least 2 teachers, got {len(self.teachers)}")
+            if self.teacher is not None:
+                raise ValueError("scheme 'multi_teacher' takes teachers: [...], not teacher:")
+            w = self.ensemble.weights
+            if self.ensemble.combine == "weights" and (w is None or len(w) != len(self.teachers)):
+                raise ValueError(f"ensemble.weights needs one weight per teacher ({len(self.teachers)}), got {w}")
+        if self.scheme == "online" and len(self.online.peers) < 2:
+            raise ValueError(f"scheme 'online' needs at least 2 online.peers, got {len(self.online.peers)}")
+        if self.scheme in ("online", "self") and (self.teacher is not None or self.teachers):
+            raise ValueError(f"scheme {self.scheme!r} trains without a pre-trained teacher; remove teacher/teachers")
+        return self
+
+    def teacher_specs(self) -> list[TeacherSpec]:
+        return list(self.teachers) if self.scheme == "multi_teacher" else ([self.teacher] if self.teacher else [])
 
     def run_dir(self) -> str:
         return os.path.join(os.path.abspath(os.path.expanduser(self.output_dir)), self.name)

@@ -138,11 +138,17 @@ def test_fitnet_regressor_kernel_shrinks_larger_guided_map_and_uses_hint_relu():
     assert close(run(term, s_out, t_out)["fitnet"], expected)
 
 
-def test_fitnet_smaller_guided_map_raises_naming_shapes_and_paths():
+def test_fitnet_smaller_guided_map_upsamples_by_integer_factors_else_raises():
+    for k in (2, 3):
+        s, t = torch.randn(2, 3, 2, 2), torch.randn(2, 5, 2 * k, 2 * k)
+        term, s_out, t_out = make_term("fitnet", [s], [t])
+        assert isinstance(term.regressor[0], nn.ConvTranspose2d)
+        assert term.regressor(s).shape == t.shape
+        assert torch.isfinite(run(term, s_out, t_out)["fitnet"])
     with pytest.raises(ValueError) as err:
-        make_term("fitnet", [torch.randn(2, 3, 2, 2)], [torch.randn(2, 5, 4, 4)])
+        make_term("fitnet", [torch.randn(2, 3, 2, 2)], [torch.randn(2, 5, 3, 3)])
     msg = str(err.value)
-    assert "(2, 3, 2, 2)" in msg and "(2, 5, 4, 4)" in msg and "'s0'" in msg and "'t0'" in msg
+    assert "(2, 3, 2, 2)" in msg and "(2, 5, 3, 3)" in msg and "'s0'" in msg and "'t0'" in msg
 
 
 def test_fitnet_picks_the_middle_stage_and_hint_pretraining_phase():

@@ -71,8 +71,9 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device, num_classes: int) -> dict[str, float]:
-    """Top-1 (and top-5 when there are more than 5 classes) accuracy and CE loss; sums across ranks."""
+def evaluate(model: nn.Module, loader: Iterable, device, num_classes: int, reduce: bool = True) -> dict[str, float]:
+    """Top-1 (and top-5 when there are more than 5 classes) accuracy and CE loss; with ``reduce`` the
+    counts are summed across ranks (each rank evaluated a disjoint shard)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # n, correct1, correct5, loss_sum
@@ -86,7 +87,7 @@ def evaluate(model: nn.Module, loader: Iterable, device, num_classes: int) -> di
         totals[1] += hit[:, 0].sum()
         totals[2] += hit.any(dim=1).sum()
     model.train(was_training)
-    n, c1, c5, loss = _all_reduce_sum(totals).tolist()
+    n, c1, c5, loss = (_all_reduce_sum(totals) if reduce else totals).tolist()
     n = max(n, 1.0)
     out = {"top1": c1 / n, "loss": loss / n}
     if num_classes > 5:
@@ -99,7 +100,7 @@ class TrainLoop:
 
     def __init__(self, distiller: nn.Module, teacher: Teacher | None, optimizer, scheduler, train_loader,
                  val_loader, num_classes: int, epochs: int, device, callbacks: list[Callback] | None = None,
-                 eval_model: nn.Module | None = None):
+                 eval_model: nn.Module | None = None, eval_reduce: bool = True):
         self.distiller = distiller
         self.teacher = teacher
         self.optimizer = optimizer
@@ -111,6 +112,7 @@ class TrainLoop:
         self.device = device
         self.callbacks = list(callbacks or [])
         self.eval_model = eval_model if eval_model is not None else _inner(distiller).student
+        self.eval_reduce = eval_reduce
         self.epoch = 0  # next epoch to run
         self.history: list[dict[str, float]] = []
 
@@ -142,7 +144,9 @@ class TrainLoop:
         steps = 0
         for step, raw in enumerate(self.train_loader):
             batch = _to_batch(raw, self.device)
-            teacher_out = self.teacher(batch.inputs) if self.teacher is not None else None
+            # A teacher source with ``wants_batch`` (a cache looked up by sample index) gets the whole batch.
+            teacher_out = (None if self.teacher is None else
+                           self.teacher(batch if getattr(self.teacher, "wants_batch", False) else batch.inputs))
             _logits, losses = self.distiller(batch, teacher_out)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
@@ -169,7 +173,7 @@ class TrainLoop:
             metrics = self.train_epoch(epoch)
             self.scheduler.step()
             metrics.update({f"val_{k}": v for k, v in evaluate(self.eval_model, self.val_loader, self.device,
-                                                                self.num_classes).items()})
+                                                                self.num_classes, self.eval_reduce).items()})
             metrics["lr"] = lr
             metrics["epoch_time_s"] = time.perf_counter() - start
             metrics["epoch"] = epoch

@@ -23,9 +23,12 @@ class DistillResult:
     def accuracies(self, kind: str) -> list[float]:
         return [s["test_top1"] for s in self.stages if s["kind"] == kind]
 
+    def kinds(self) -> list[str]:
+        return list(dict.fromkeys(s["kind"] for s in self.stages))
+
     def summary(self) -> dict[str, float]:
         out = {}
-        for kind in ("teacher", "scratch", "distill"):
+        for kind in self.kinds():
             acc = self.accuracies(kind)
             if acc:
                 out[f"{kind}_test_top1_mean"] = statistics.mean(acc)
@@ -37,7 +40,7 @@ class DistillResult:
         rows = ["| stage | model | seed | test top-1 | params |", "|---|---|---|---|---|"]
         for s in self.stages:
             rows.append(f"| {s['name']} | {s['model']} | {s['seed']} | {s['test_top1']:.4f} | {s['params']:,} |")
-        for kind in ("scratch", "distill"):
+        for kind in self.kinds():
             acc = self.accuracies(kind)
             if len(acc) > 1:
                 rows.append(f"| **{kind} mean +- std** | | {len(acc)} seeds | "
@@ -60,24 +63,41 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"data.options: {err}") from None
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data: {err}") from None
+    from kdray.orchestrator.teacher_cache import preflight_cache, uses_cache
+
+    if uses_cache(cfg):  # teacher outputs come from a cache: check it, build no teacher
+        return preflight_cache(cfg, splits, _tracking_uri(cfg))
+    example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
     try:
+        teacher_models = []
+        for i, spec in enumerate(cfg.teacher_specs()):
+            path = f"teachers.{i}" if cfg.scheme == "multi_teacher" else "teacher"
+            teacher_models.append(create_model(spec.model, splits.num_classes, **spec.args) if spec.train is not None
+                                  else build_teacher_model(cfg, f"spec:{path}", splits.num_classes, {},
+                                                           _tracking_uri(cfg)))
+        for spec in [*cfg.assistants, *cfg.online.peers]:
+            teacher_models.append(create_model(spec.model, splits.num_classes, **spec.args))
         student = create_model(cfg.student.model, splits.num_classes, **cfg.student.args)
-        terms = [create_method(m.name, **m.params()) for m in cfg.methods]
-        distiller = Distiller(student, terms, cfg.ce_weight)
-        teacher_model = (create_model(cfg.teacher.model, splits.num_classes, **cfg.teacher.args)
-                         if cfg.teacher.train is not None
-                         else build_teacher_model(cfg, splits.num_classes, None, _tracking_uri(cfg)))
-        teacher = Teacher(teacher_model, distiller.resolve_teacher_points(teacher_model))
-        example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
-        distiller.build(example, teacher, len(splits.train))
+        if cfg.scheme == "self" and cfg.self_distill.method == "byot":
+            from kdray.algorithms.schemes.byot import BYOTDistiller
+
+            BYOTDistiller(student).build(example, None, len(splits.train))
+        elif cfg.scheme in ("offline", "assistant", "multi_teacher"):
+            terms = [create_method(m.name, **m.params()) for m in cfg.methods]
+            distiller = Distiller(student, terms, cfg.ce_weight)
+            first = teacher_models[0]
+            teacher = Teacher(first, distiller.resolve_teacher_points(first))
+            distiller.build(example, teacher, len(splits.train))
         with torch.no_grad():
-            t_classes = teacher(example).logits.shape[1]
+            for model in teacher_models:
+                classes = model.eval()(example).shape[1]
+                if classes != splits.num_classes:
+                    raise ConfigError(f"a teacher ({type(model).__name__}) outputs {classes} classes but dataset "
+                                      f"{cfg.data.name!r} has {splits.num_classes}")
     except ConfigError:
         raise
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
         raise ConfigError(str(err).splitlines()[0]) from None
-    if t_classes != splits.num_classes:
-        raise ConfigError(f"teacher outputs {t_classes} classes but dataset {cfg.data.name!r} has {splits.num_classes}")
 
 
 def _tracking_uri(cfg: Config) -> str | None:
@@ -138,7 +158,7 @@ def distill(config: str | dict | Config, *, overrides: list[str] | None = None, 
         if tracking:
             from kdray.orchestrator.plots import grouped_bars
 
-            groups = {k: outcome.accuracies(k) for k in ("teacher", "scratch", "distill") if outcome.accuracies(k)}
+            groups = {k: outcome.accuracies(k) for k in outcome.kinds()}
             tracking.finish(outcome.summary(), outcome.table(),
                             grouped_bars(groups, "test top-1", f"{cfg.name}: test accuracy"))
         return outcome

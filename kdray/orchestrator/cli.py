@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=_cmd_ui)
     stale_runs.add_parser(sub)
+    __import__("kdray.orchestrator.teacher_cache", fromlist=["add_parser"]).add_parser(sub)
+    __import__("kdray.search.cli", fromlist=["add_parser"]).add_parser(sub)  # kdray sweep
     return parser
 
 

@@ -42,17 +42,84 @@ def method_label(cfg: Config) -> str:
     return "+".join(m.name for m in cfg.methods)
 
 
+def _stage(name: str, kind: str, seed: int, spec: str, model: str, teachers: list[str] | None = None,
+           **extra) -> dict:
+    """A stage row: ``spec`` is the config path of its model (``student``, ``teachers.1``, ...), ``teachers``
+    its teacher sources (``stage:<name>`` = weights trained earlier in the job, ``spec:<path>`` = a
+    teacher given by checkpoint / MLflow URI)."""
+    row = {"name": name, "kind": kind, "seed": seed, "spec": spec, "model": model, **extra}
+    if teachers:
+        row["teachers"] = teachers
+    return row
+
+
+def _teacher_sources(cfg: Config, stages: list[dict]) -> list[str]:
+    """Train the configured teachers that need training (as stages), and name every teacher's source."""
+    sources = []
+    specs = cfg.teacher_specs()
+    for i, spec in enumerate(specs):
+        path = f"teachers.{i}" if cfg.scheme == "multi_teacher" else "teacher"
+        name = f"teacher-{i}" if len(specs) > 1 else "teacher"
+        if spec.train is not None:
+            stages.append(_stage(name, "teacher", cfg.seeds[0], path, spec.model, keep=True))
+            sources.append(f"stage:{name}")
+        else:
+            sources.append(f"spec:{path}")
+    return sources
+
+
 def plan_stages(cfg: Config) -> list[dict]:
-    """The ordered stages of a job; each becomes one MLflow child run."""
-    stages = []
-    if cfg.teacher.train is not None:
-        stages.append({"name": "teacher", "kind": "teacher", "seed": cfg.seeds[0], "model": cfg.teacher.model})
+    """The ordered stages of a job, by scheme; each becomes one MLflow child run.
+
+    offline: [teacher] -> per seed [scratch] + distilled student. assistant (TAKD): teacher -> assistant 1
+    -> ... -> per seed the student, each taught by the previous model. multi_teacher: [teachers] -> per seed
+    the student taught by their ensemble. online: per seed [peers trained independently] + the cohort.
+    self: per seed born-again generations (each taught by the previous) or BYOT, with [scratch].
+    """
+    stages: list[dict] = []
+    student = ("student", cfg.student.model)
+    if cfg.scheme == "online":
+        for seed in cfg.seeds:
+            if cfg.baseline:
+                stages.append(_stage(f"independent-seed{seed}", "independent", seed, "online.peers", "peers"))
+            stages.append(_stage(f"{cfg.online.mode}-seed{seed}", "online", seed, "online.peers", "peers"))
+        return stages
+    if cfg.scheme == "self":
+        for seed in cfg.seeds:
+            if cfg.baseline:
+                stages.append(_stage(f"scratch-seed{seed}", "scratch", seed, *student))
+            if cfg.self_distill.method == "byot":
+                stages.append(_stage(f"byot-seed{seed}", "byot", seed, *student))
+                continue
+            previous = None
+            for gen in range(cfg.self_distill.generations):
+                name = f"gen{gen}-seed{seed}"
+                kind = "generation" if gen else "scratch"
+                stages.append(_stage(name, kind, seed, *student, [f"stage:{previous}"] if previous else None,
+                                     keep=True, generation=gen))
+                previous = name
+        return stages
+    sources = _teacher_sources(cfg, stages)
+    if cfg.scheme == "assistant":
+        for i, spec in enumerate(cfg.assistants):
+            name = f"assistant-{i}"
+            stages.append(_stage(name, "assistant", cfg.seeds[0], f"assistants.{i}", spec.model, sources,
+                                 keep=True, methods=method_label(cfg)))
+            sources = [f"stage:{name}"]
     for seed in cfg.seeds:
         if cfg.baseline:
-            stages.append({"name": f"scratch-seed{seed}", "kind": "scratch", "seed": seed, "model": cfg.student.model})
-        stages.append({"name": f"{method_label(cfg)}-seed{seed}", "kind": "distill", "seed": seed,
-                       "model": cfg.student.model, "methods": method_label(cfg)})
+            stages.append(_stage(f"scratch-seed{seed}", "scratch", seed, *student))
+        stages.append(_stage(f"{method_label(cfg)}-seed{seed}", "distill", seed, *student, sources,
+                             methods=method_label(cfg)))
     return stages
+
+
+def model_spec(cfg: Config, path: str):
+    """The ModelSpec at a config path such as ``student``, ``teacher``, ``teachers.1``, ``assistants.0``."""
+    node = cfg
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
 
 
 def _unwrap_state(state: dict) -> dict:
@@ -80,23 +147,47 @@ def load_weights(model: nn.Module, state: dict, source: str, num_classes: int) -
     return model
 
 
-def build_teacher_model(cfg: Config, num_classes: int, trained_state: dict | None,
+def build_teacher_model(cfg: Config, source: str, num_classes: int, weights: dict[str, dict],
                         tracking_uri: str | None) -> nn.Module:
-    spec = cfg.teacher
+    """The frozen model behind a teacher source: weights from an earlier stage, a checkpoint or MLflow."""
+    kind, ref = source.split(":", 1)
+    if kind == "stage":
+        if ref not in weights:
+            raise RuntimeError(f"stage {ref!r} has not run yet")
+        spec = model_spec(cfg, {s["name"]: s["spec"] for s in plan_stages(cfg)}[ref])
+        model = create_model(spec.model, num_classes, **spec.args)
+        return load_weights(model, weights[ref], f"stage {ref}", num_classes)
+    spec = model_spec(cfg, ref)
     model = create_model(spec.model, num_classes, **spec.args)
-    if spec.train is not None:
-        if trained_state is None:
-            raise RuntimeError("the teacher stage has not run yet")
-        return load_weights(model, trained_state, "teacher stage", num_classes)
     if spec.checkpoint is not None:
         state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
-        return load_weights(model, state, f"teacher.checkpoint {spec.checkpoint}", num_classes)
+        return load_weights(model, state, f"{ref}.checkpoint {spec.checkpoint}", num_classes)
     from kdray.orchestrator.tracking import download_model
 
     logged_spec, state = download_model(spec.mlflow_uri, tracking_uri)
     if logged_spec.get("model") != spec.model:
-        raise ConfigError(f"teacher.mlflow_uri holds a {logged_spec.get('model')!r}, config says {spec.model!r}")
-    return load_weights(model, state, f"teacher.mlflow_uri {spec.mlflow_uri}", num_classes)
+        raise ConfigError(f"{ref}.mlflow_uri holds a {logged_spec.get('model')!r}, config says {spec.model!r}")
+    return load_weights(model, state, f"{ref}.mlflow_uri {spec.mlflow_uri}", num_classes)
+
+
+def build_teacher(cfg: Config, stage: dict, distiller: Distiller, num_classes: int, weights: dict,
+                  ctx: "WorkerContext"):
+    """One :class:`Teacher`, or a :class:`TeacherEnsemble` of several (sharded across workers if asked)."""
+    from kdray.algorithms.schemes.multi_teacher import TeacherEnsemble
+
+    models = [build_teacher_model(cfg, src, num_classes, weights, ctx.tracking_uri) for src in stage["teachers"]]
+    if len(models) == 1:
+        return Teacher(models[0], distiller.resolve_teacher_points(models[0]))
+    if distiller.student_points:
+        raise ConfigError("multi-teacher with feature/relation methods is not supported yet: use response methods "
+                          "(kd, dkd, lskd) with teachers: [...]")
+    if ctx.world_size > 1 and cfg.ensemble.shard:
+        from kdray.orchestrator.placement import ShardedTeacherEnsemble
+
+        return ShardedTeacherEnsemble(models, ctx.rank, ctx.world_size, cfg.ensemble.combine,
+                                      cfg.ensemble.weights, seed=stage["seed"])
+    return TeacherEnsemble([Teacher(m) for m in models], cfg.ensemble.combine, cfg.ensemble.weights,
+                           seed=stage["seed"])
 
 
 def _shard(dataset, rank: int, world: int):
@@ -160,20 +251,34 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
     """Train one model (teacher, student from scratch, or distilled student), record it in ``job_state``
     and checkpoint that; return its result row."""
     kind, seed = stage["kind"], stage["seed"]
+    if kind in ("online", "independent"):
+        from kdray.orchestrator.online import run_online_stage
+
+        return run_online_stage(cfg, stage, splits, ctx, job_state, resume_loop)
     seed_everything(seed)
-    spec = cfg.teacher if kind == "teacher" else cfg.student
-    optim = cfg.teacher.train if kind == "teacher" else cfg.train
+    spec = model_spec(cfg, stage["spec"])
+    optim = spec.train if kind == "teacher" else cfg.train
     model = create_model(spec.model, splits.num_classes, **spec.args)
-    terms = [create_method(m.name, **m.params()) for m in cfg.methods] if kind == "distill" else []
-    distiller = Distiller(model, terms, cfg.ce_weight if kind == "distill" else 1.0)
-    teacher = None
-    if kind == "distill":
-        teacher_model = build_teacher_model(cfg, splits.num_classes, job_state.get("teacher"), ctx.tracking_uri)
-        teacher = Teacher(teacher_model, distiller.resolve_teacher_points(teacher_model))
+    taught = bool(stage.get("teachers"))
+    terms = [create_method(m.name, **m.params()) for m in cfg.methods] if taught else []
+    if kind == "byot":
+        from kdray.algorithms.schemes.byot import BYOTDistiller
+
+        distiller = BYOTDistiller(model)
+    else:
+        distiller = Distiller(model, terms, cfg.ce_weight if taught else 1.0)
+    if taught and stage["teachers"] == ["spec:teacher"] and cfg.teacher.cache is not None:
+        from kdray.orchestrator.teacher_cache import open_cache_for_run  # outputs by sample index, no teacher built
+
+        teacher = open_cache_for_run(cfg, splits, distiller, ctx.tracking_uri)
+    else:
+        teacher = (build_teacher(cfg, stage, distiller, splits.num_classes, job_state["weights"], ctx)
+                   if taught else None)
     train_loader, val_loader, test_loader = make_loaders(splits, optim.batch_size, seed, ctx,
                                                          cfg.data.loader_workers)
     example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
-    distiller.build(example, teacher, len(splits.train))
+    distiller.build(example, teacher.bind(range(len(example))) if getattr(teacher, "wants_batch", False) else teacher,
+                    len(splits.train))
     distiller.to(ctx.device)
     if teacher is not None:
         teacher.to(ctx.device)
@@ -207,8 +312,8 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
         result["test_top5"] = test["top5"]
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     job_state["done"][stage["name"]] = result
-    if kind == "teacher":
-        job_state["teacher"] = weights
+    if stage.get("keep"):
+        job_state["weights"][stage["name"]] = weights
     if logger is not None:  # before the stage-end checkpoint: a crash in between redoes (idempotent) logging
         final = {f"test_{k}": v for k, v in test.items()}
         logger.finish(final, history, weights, {"model": spec.model, "args": spec.args,
@@ -222,15 +327,20 @@ def run_job(cfg: Config, ctx: WorkerContext) -> list[dict]:
     """Run every stage not already done (per the latest checkpoint); return one result per stage."""
     splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
     saved = ctx.checkpoints.latest() or {}
-    job_state = {"done": dict(saved.get("done", {})), "teacher": saved.get("teacher")}
+    job_state = {"done": dict(saved.get("done", {})), "weights": dict(saved.get("weights", {}))}
     start = time.perf_counter()
-    for stage in plan_stages(cfg):
+    stages = plan_stages(cfg)
+    for stage in stages:
         if stage["name"] in job_state["done"]:
             continue
         resume_loop = saved.get("loop") if saved.get("stage") == stage["name"] else None
         run_stage(cfg, stage, splits, ctx, job_state, resume_loop)
     ctx.log(f"job {cfg.name}: {len(job_state['done'])} stages done in {time.perf_counter() - start:.1f}s")
-    return [job_state["done"][s["name"]] for s in plan_stages(cfg)]
+    if cfg.scheme == "self" and cfg.self_distill.method == "born_again":
+        from kdray.orchestrator.online import evaluate_generation_ensembles
+
+        evaluate_generation_ensembles(cfg, stages, splits, ctx, job_state)
+    return [job_state["done"][s["name"]] for s in stages]
 
 
 def _data_options(cfg: Config) -> dict:

@@ -153,6 +153,9 @@ def check_path(path: str, where: str) -> None:
     root = parts[0]
     if root in _FIXED_ROOTS:
         raise ConfigError(f"{where}: {path!r} cannot be searched ({_FIXED_ROOTS[root]})")
+    if root not in SEARCHABLE_ROOTS and root in Config.model_fields:
+        raise ConfigError(f"{where}: {path!r} cannot be searched (a sweep searches "
+                          f"{', '.join(SEARCHABLE_ROOTS)})")
     node: Any = Config
     for i, part in enumerate(parts):
         sofar = ".".join(parts[: i + 1])

@@ -64,7 +64,7 @@ class SearchSpec(_Strict):
     workers_per_trial: int = Field(0, ge=0)
     cpus_per_trial: float = Field(1.0, gt=0)
     reevaluate: int = Field(8, ge=0)
-    register: bool = True
+    register_model: bool = True
     model_name: str | None = None
     latency_batch: int = Field(1, gt=0)
     verbose: int = Field(1, ge=0, le=2)

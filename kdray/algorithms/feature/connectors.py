@@ -64,7 +64,7 @@ def feature_pairs(term: KnowledgeTerm, student: ModelOutput, teacher: ModelOutpu
     if len(s_points) != len(t_points) or not s_points:
         raise ValueError(
             f"{term.name}: needs as many student as teacher feature points (and at least one); got "
-            f"student {s_points} and teacher {t_points}"
+            f"student {s_points} and teacher {t_points}; pass student_points / teacher_points of equal length"
         )
     pairs = []
     for i, (sp, tp) in enumerate(zip(s_points, t_points)):

@@ -23,10 +23,12 @@ class FitNet(PhasedTerm):
     Regressor (as in the paper): a convolution whose kernel is ``(H_g - H_h + 1, W_g - W_h + 1)``
     so that its valid output has the hint's spatial size, followed by BN and *the hint's
     non-linearity*: a ReLU when the teacher's hint is non-negative on the build batch (a post-ReLU
-    point), none otherwise. The paper's regressor cannot enlarge a map, so a guided map smaller than
-    the hint map raises a ``ValueError`` (pick a shallower student or deeper teacher point).
-    RepDistiller instead uses a stride-2 3x3 conv / 4x4 transposed conv for 2x size ratios and
-    always appends BN + ReLU.
+    point), none otherwise. The paper's regressor cannot enlarge a map; when the guided map is an
+    integer factor ``k`` smaller than the hint (ShuffleNet students of ResNet / WRN teachers at the
+    middle stage), a ``2k x 2k`` stride-``k`` transposed convolution upsamples it (RepDistiller's
+    choice for ``k = 2``); other mismatches raise a ``ValueError`` naming both shapes and paths.
+    RepDistiller uses a stride-2 3x3 conv where the guided map is twice the hint's size and always
+    appends BN + ReLU.
 
     Reduction: the paper writes ``1/2 ||u_h - r(v_g)||^2``; we take the element mean without the
     1/2 (RepDistiller / mdistiller's ``MSELoss``), the quantity their published weight is tuned for.
@@ -102,14 +104,18 @@ class FitNet(PhasedTerm):
     def build(self, student: ModelOutput, teacher: ModelOutput, num_samples: int) -> None:
         sp, s, tp, t = self._maps(student, teacher)
         (s_c, s_h, s_w), (t_c, t_h, t_w) = s.shape[1:], t.shape[1:]
-        if s_h < t_h or s_w < t_w:
+        if s_h >= t_h and s_w >= t_w:
+            conv: nn.Module = nn.Conv2d(s_c, t_c, kernel_size=(s_h - t_h + 1, s_w - t_w + 1), bias=False)
+        elif t_h % s_h == 0 and t_w % s_w == 0 and t_h // s_h == t_w // s_w:
+            k = t_h // s_h
+            pad = (k + 1) // 2
+            conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=2 * k, stride=k, padding=pad,
+                                      output_padding=2 * pad - k, bias=False)
+        else:
             raise shape_error(self.name, sp, s, tp, t,
-                              "the FitNets regressor can only shrink the guided map to the hint's size; "
-                              "choose a student point with a map at least as large as the teacher's")
-        layers: list[nn.Module] = [
-            nn.Conv2d(s_c, t_c, kernel_size=(s_h - t_h + 1, s_w - t_w + 1), bias=False),
-            nn.BatchNorm2d(t_c),
-        ]
+                              "the FitNets regressor shrinks a larger guided map to the hint's size or "
+                              "upsamples a smaller one by an integer factor; choose points whose maps allow that")
+        layers: list[nn.Module] = [conv, nn.BatchNorm2d(t_c)]
         if bool((t >= 0).all()):
             layers.append(nn.ReLU())
         self.regressor = nn.Sequential(*layers).to(device=s.device, dtype=s.dtype)

@@ -9,7 +9,7 @@ from kdray.algorithms.feature.connectors import feature_pairs
 
 
 def conditional_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``P[i, j] = p_{j|i}`` from the cosine kernel ``K = (cos + 1) / 2``, excluding ``j = i`` (as the paper defines them)."""
+    """``P[i, j] = p_{j|i}`` from the cosine kernel ``K = (cos + 1) / 2``, excluding ``j = i`` (as in the paper)."""
     x = F.normalize(x, dim=1, eps=eps)
     k = (x @ x.t() + 1.0) / 2.0
     off_diagonal = 1.0 - torch.eye(x.shape[0], device=x.device, dtype=x.dtype)

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch, ModelOutput, register_method
-from kdray.algorithms.feature.connectors import PhasedTerm, feature_pairs, not_built, shape_error
+from kdray.algorithms.feature.connectors import PhasedTerm, feature_pairs, not_built
 
 
 class ABF(nn.Module):
@@ -39,8 +39,8 @@ class ABF(nn.Module):
 
 
 def hierarchical_context_loss(fs: torch.Tensor, ft: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
-    """Hierarchical context loss (the paper's HCL): MSE at full size plus MSEs of ``l x l`` pooled maps (for ``l`` smaller than
-    the map), weighted 1, 1/2, 1/4, ... and normalised by the sum of the weights."""
+    """Hierarchical context loss (the paper's HCL): MSE at full size plus MSEs of ``l x l`` pooled
+    maps (for each ``l`` smaller than the map), weighted 1, 1/2, 1/4, ..., normalised by the weights' sum."""
     loss = F.mse_loss(fs, ft)
     weight, total = 1.0, 1.0
     for level in levels:
@@ -105,11 +105,13 @@ class ReviewKD(PhasedTerm):
     def _pairs(self, student: ModelOutput, teacher: ModelOutput):
         s_points, t_points = list(self.student_points), list(self.teacher_points)
         if len(s_points) != len(t_points):
-            s = student.features[s_points[-1]] if s_points else torch.empty(0)
-            t = teacher.features[t_points[-1]] if t_points else torch.empty(0)
-            raise shape_error(self.name, ",".join(s_points), s, ",".join(t_points), t,
-                              f"knowledge review needs as many student as teacher levels, got "
-                              f"{len(s_points)} and {len(t_points)}")
+            s_shapes = [tuple(student.features[p].shape) for p in s_points]
+            t_shapes = [tuple(teacher.features[p].shape) for p in t_points]
+            raise ValueError(
+                f"reviewkd: knowledge review needs as many student as teacher levels; got student "
+                f"{s_points} of shapes {s_shapes} and teacher {t_points} of shapes {t_shapes}; pass "
+                f"student_points / teacher_points of equal length"
+            )
         return feature_pairs(self, student, teacher, spatial=False)
 
     def build(self, student: ModelOutput, teacher: ModelOutput, num_samples: int) -> None:

@@ -1,0 +1,1 @@
+"""Schemes decide who teaches whom: offline, online (DML), self (BYOT, born-again), assistant (TAKD), multi-teacher."""

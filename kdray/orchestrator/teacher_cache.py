@@ -1,0 +1,462 @@
+"""Teacher-output cache: ``kdray cache CONFIG`` runs the teacher over the training set once, students train from it.
+
+Writing: Ray Data runs the teacher in a fixed-size actor pool (``map_batches`` with a callable class,
+``compute=ActorPoolStrategy(size=n)``: one actor per GPU, or per CPU slot without GPUs). Each actor
+rebuilds the dataset and the teacher itself (only sample indices and the state_dict travel through the
+object store), and returns a pyarrow table per batch: sample index, view key and augmentation parameters,
+and the full logits or the top-k logits with their logsumexp, float32 or float16. The driver writes them
+as one Parquet file with pyarrow, sorted by index, with the cache's identity in the schema metadata
+(key ``kdray.cache``) and in a small ``manifest.json`` beside it.
+
+Identity: the teacher (model, args and a SHA-256 of its state_dict bytes), the dataset
+(``DatasetSplits.fingerprint``, size, class count) and the training transform (a fingerprint of its repr).
+A run whose teacher weights, data or transform differ is refused with a one-line :class:`ConfigError`.
+
+Views: only *fixed* views are cached (a deterministic training transform: digits, fake, CIFAR with
+``augment: false``). A random training transform is refused, since a fixed-view cache cannot match
+augmented inputs (Beyer et al. 2022); ``--views N`` (N recorded augmentations per sample) is reserved and
+refused with a clear error in this version.
+
+Reading: every worker reads the Parquet file with pyarrow into one index-addressed ``[N, C]`` tensor
+(:class:`~kdray.algorithms.cached_teacher.CachedTeacher`), which is simple and exact for the dataset sizes
+here (CIFAR-100: 50k x 100 float32 = 20 MB); it is not read as Ray Data shards. Caches hold logits only:
+a feature or relation method asked to train from one gets a one-line error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+
+from kdray.config import Config, ConfigError, load_config
+
+CACHE_FILE = "teacher_outputs.parquet"
+MANIFEST = "manifest.json"
+META_KEY = b"kdray.cache"
+FORMAT_VERSION = 1
+# Transform classes that draw random numbers per call (besides every ``Random*`` class).
+RANDOM_TRANSFORMS = {"ColorJitter", "AutoAugment", "RandAugment", "TrivialAugmentWide", "AugMix", "GaussianBlur",
+                     "ElasticTransform", "GaussianNoise", "MixUp", "CutMix", "ScaleJitter"}
+
+
+# --- identities -------------------------------------------------------------------------------
+def state_dict_hash(state: dict) -> str:
+    """SHA-256 over the state_dict's keys (sorted), dtypes, shapes and raw tensor bytes."""
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            h.update(f"{key}={value!r};".encode())
+            continue
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _transforms_of(dataset) -> list:
+    """The transforms applied along a dataset's wrapper chain (IndexedDataset -> Subset -> ... -> base)."""
+    found, stack, seen = [], [dataset], set()
+    while stack:
+        ds = stack.pop()
+        if ds is None or id(ds) in seen:
+            continue
+        seen.add(id(ds))
+        for attr in ("transform", "target_transform"):
+            t = getattr(ds, attr, None)
+            if t is not None:
+                found.append(t)
+        stack += [getattr(ds, "base", None), getattr(ds, "dataset", None), *getattr(ds, "datasets", [])]
+    return found
+
+
+def _random_parts(transform) -> list[str]:
+    import torch
+
+    name = type(transform).__name__
+    parts = [name] if name.startswith("Random") or name in RANDOM_TRANSFORMS else []
+    for child in getattr(transform, "transforms", None) or []:
+        parts += _random_parts(child)
+    if isinstance(transform, torch.nn.Module):
+        for child in transform.children():
+            parts += _random_parts(child)
+    return list(dict.fromkeys(parts))
+
+
+def train_transform(dataset) -> dict:
+    """``{"description", "fingerprint", "random": [random transform names]}`` of a training split."""
+    found = _transforms_of(dataset)
+    text = " | ".join(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(t)) for t in found) or "none"
+    random_parts = [p for t in found for p in _random_parts(t)]
+    return {"description": " ".join(text.split()), "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "random": list(dict.fromkeys(random_parts))}
+
+
+def _teacher_spec(cfg: Config):
+    spec = getattr(cfg, "teacher", None)
+    if spec is None or cfg.scheme != "offline":
+        raise ConfigError(f"the teacher-output cache works with one teacher (scheme 'offline'), not scheme "
+                          f"{cfg.scheme!r}")
+    return spec
+
+
+def teacher_state(spec, tracking_uri: str | None) -> tuple[dict, str, str]:
+    """The teacher's raw state_dict (unwrapped, as loaded into the model), its source kind and its source."""
+    import torch
+
+    from kdray.orchestrator.job import _unwrap_state
+
+    if spec.checkpoint is not None:
+        state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
+        return _unwrap_state(state), "checkpoint", spec.checkpoint
+    if spec.mlflow_uri is not None:
+        from kdray.orchestrator.tracking import download_model
+
+        logged, state = download_model(spec.mlflow_uri, tracking_uri)
+        if logged.get("model") != spec.model:
+            raise ConfigError(f"teacher.mlflow_uri holds a {logged.get('model')!r}, config says {spec.model!r}")
+        return _unwrap_state(state), "mlflow_uri", spec.mlflow_uri
+    if spec.train is not None:
+        raise ConfigError("teacher.train: this teacher must be trained first (kdray run), then cached from its "
+                          "weights via teacher.checkpoint or teacher.mlflow_uri")
+    raise ConfigError("kdray cache needs the teacher's weights: set teacher.checkpoint or teacher.mlflow_uri")
+
+
+def _tracking_uri(cfg: Config) -> str | None:
+    from kdray.orchestrator.api import _tracking_uri as resolve
+
+    return resolve(cfg)
+
+
+# --- writing ----------------------------------------------------------------------------------
+def _fixed_list(values: np.ndarray):
+    import numpy as np
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), values.shape[1])
+
+
+def outputs_table(indices: np.ndarray, logits: torch.Tensor, topk: int | None, float16: bool):
+    """One batch of cache rows as a pyarrow table (fixed views: view 0, no augmentation parameters)."""
+    import numpy as np
+    import torch
+
+    import pyarrow as pa
+
+    n = len(indices)
+    dtype = np.float16 if float16 else np.float32
+    cols = {"index": pa.array(np.asarray(indices, dtype=np.int64)), "view": pa.array(np.zeros(n, dtype=np.int32)),
+            "aug_params": pa.array(["{}"] * n)}
+    logits = logits.float()
+    if topk:
+        values, classes = logits.topk(topk, dim=1)
+        cols["topk_values"] = _fixed_list(values.numpy().astype(dtype))
+        cols["topk_indices"] = _fixed_list(classes.numpy().astype(np.int32))
+        cols["lse"] = pa.array(torch.logsumexp(logits, dim=1).numpy().astype(np.float32))
+        stored = values.numpy().astype(dtype)
+    else:
+        stored = logits.numpy().astype(dtype)
+        cols["logits"] = _fixed_list(stored)
+    if not np.isfinite(stored).all():
+        raise ValueError("teacher logits overflow float16; write the cache without --float16")
+    return pa.table(cols)
+
+
+class TeacherActor:
+    """Ray Data callable class: one frozen teacher per actor; maps a batch of sample ids to cache rows."""
+
+    def __init__(self, data: dict, teacher: dict, state, fingerprint: str, topk: int | None, float16: bool,
+                 use_gpu: bool, threads: int = 1):
+        import ray
+        import torch
+
+        from kdray.data import build_datasets
+        from kdray.models import create_model
+        from kdray.orchestrator.job import load_weights
+
+        torch.set_num_threads(max(1, threads))
+        if isinstance(state, ray.ObjectRef):
+            state = ray.get(state)
+        self.splits = build_datasets(data["name"], root=data["root"], **data["options"])
+        if self.splits.fingerprint != fingerprint:
+            raise RuntimeError(f"the dataset on this node has fingerprint {self.splits.fingerprint}, the driver's "
+                               f"has {fingerprint}")
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model = create_model(teacher["model"], self.splits.num_classes, **teacher["args"])
+        self.model = load_weights(model, state, "teacher", self.splits.num_classes).eval().to(self.device)
+        self.topk, self.float16 = topk, float16
+
+    def __call__(self, batch: dict):
+        import numpy as np
+        import torch
+
+        ids = np.asarray(batch["id"], dtype=np.int64)
+        x = torch.stack([self.splits.train[int(i)][0] for i in ids]).to(self.device)
+        with torch.no_grad():
+            logits = self.model(x).float().cpu()
+        return outputs_table(ids, logits, self.topk, self.float16)
+
+
+def write_cache(config, output: str | None = None, *, overrides: list[str] | None = None, topk: int | None = None,
+                float16: bool = False, views: int | None = None, actors: int | None = None, batch_size: int = 256,
+                overwrite: bool = False, log=print) -> dict:
+    """Run the config's teacher over its training set with Ray Data and write the cache; return the manifest."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from kdray.data import build_datasets
+    from kdray.orchestrator.job import _data_options
+    from kdray.orchestrator.ray_runner import ensure_ray
+
+    start = time.perf_counter()
+    cfg = load_config(config, overrides)
+    spec = _teacher_spec(cfg)
+    output = output or spec.cache
+    if output is None:
+        raise ConfigError("kdray cache needs --output DIR (or teacher.cache in the config)")
+    output = os.path.abspath(os.path.expanduser(output))
+    if os.path.exists(os.path.join(output, MANIFEST)) and not overwrite:
+        raise ConfigError(f"{output} already holds a teacher cache; pass --overwrite to replace it")
+    if views is not None:
+        raise ConfigError(f"--views {views}: caching recorded augmentations is not implemented in this version; "
+                          f"cache fixed views (a deterministic training transform, e.g. data.options.augment=false)")
+    splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
+    transform = train_transform(splits.train)
+    if transform["random"]:
+        raise ConfigError(f"the training transform of {cfg.data.name!r} is random ({', '.join(transform['random'])}): "
+                          f"a fixed-view cache would not match the augmented inputs; make it deterministic "
+                          f"(e.g. data.options.augment=false) or record N augmentations with --views N")
+    if topk is not None and not 0 < topk <= splits.num_classes:
+        raise ConfigError(f"--topk must be in [1, {splits.num_classes}] (the class count), got {topk}")
+    state, source_kind, source = teacher_state(spec, _tracking_uri(cfg))
+    n = len(splits.train)
+
+    ensure_ray(cfg.ray.address)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = bool(gpus) if cfg.ray.use_gpu == "auto" else bool(cfg.ray.use_gpu)
+    slots = gpus if use_gpu else int(ray.available_resources().get("CPU", 1))
+    n_batches = math.ceil(n / batch_size)
+    size = max(1, min(actors or slots, n_batches))
+    ds = ray.data.range(n, override_num_blocks=max(size, min(n_batches, 4 * size)))
+    ds = ds.map_batches(
+        TeacherActor, batch_size=batch_size, batch_format="numpy",
+        fn_constructor_kwargs={
+            "data": {"name": cfg.data.name, "root": cfg.data.root, "options": _data_options(cfg)},
+            "teacher": {"model": spec.model, "args": dict(spec.args)}, "state": ray.put(state),
+            "fingerprint": splits.fingerprint, "topk": topk, "float16": float16, "use_gpu": use_gpu,
+            "threads": int(cfg.ray.cpus_per_worker)},
+        compute=ray.data.ActorPoolStrategy(size=size), num_gpus=1 if use_gpu else 0,
+        num_cpus=0 if use_gpu else cfg.ray.cpus_per_worker)
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("index")
+    index = table.column("index").to_numpy()
+    if len(index) != n or not np.array_equal(index, np.arange(n)):
+        raise RuntimeError(f"the teacher pass returned {len(index)} rows for {n} samples")
+    manifest = {
+        "format": FORMAT_VERSION,
+        "file": CACHE_FILE,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "teacher": {"model": spec.model, "args": dict(spec.args), "source_kind": source_kind, "source": source,
+                    "state_sha256": state_dict_hash(state)},
+        "dataset": {"name": cfg.data.name, "options": _data_options(cfg), "split": "train", "size": n,
+                    "num_classes": splits.num_classes, "fingerprint": splits.fingerprint},
+        "transform": {"fingerprint": transform["fingerprint"], "description": transform["description"]},
+        "views": {"kind": "fixed", "count": 1},
+        "logits": {"stored": "topk" if topk else "full", "topk": topk,
+                   "dtype": "float16" if float16 else "float32"},
+        "features": [],
+    }
+    table = table.replace_schema_metadata({META_KEY: json.dumps(manifest).encode()})
+    os.makedirs(output, exist_ok=True)
+    tmp = os.path.join(output, CACHE_FILE + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, os.path.join(output, CACHE_FILE))
+    with open(os.path.join(output, MANIFEST), "w") as fh:
+        json.dump(manifest, fh, indent=2)
+    size_mb = os.path.getsize(os.path.join(output, CACHE_FILE)) / 2**20
+    what = f"top-{topk}" if topk else "full"
+    log(f"cached {what} {manifest['logits']['dtype']} logits of {spec.model} for {n} x {splits.num_classes} "
+        f"({cfg.data.name}, fixed views) with {size} actor(s) in {time.perf_counter() - start:.1f}s: "
+        f"{output} ({size_mb:.2f} MiB)")
+    return manifest
+
+
+# --- reading and checking ---------------------------------------------------------------------
+def read_manifest(path: str) -> dict:
+    """The cache's identity, from the Parquet schema metadata (authoritative); one-line error if unreadable."""
+    import pyarrow.parquet as pq
+
+    file = os.path.join(path, CACHE_FILE)
+    if not os.path.isfile(file) or not os.path.isfile(os.path.join(path, MANIFEST)):
+        raise ConfigError(f"teacher.cache {path} is not a teacher cache ({CACHE_FILE} and {MANIFEST} expected); "
+                          f"write one with `kdray cache CONFIG --output {path}`")
+    meta = (pq.read_schema(file).metadata or {}).get(META_KEY)
+    if meta is None:
+        raise ConfigError(f"teacher.cache {path}: {CACHE_FILE} carries no kdray.cache metadata")
+    manifest = json.loads(meta)
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ConfigError(f"teacher.cache {path} has format {manifest.get('format')}, this kdray reads "
+                          f"{FORMAT_VERSION}; rebuild it with `kdray cache`")
+    return manifest
+
+
+def _column(table, name: str, width: int) -> np.ndarray:
+    import numpy as np
+
+    return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def load_cached_teacher(path: str, manifest: dict | None = None):
+    """Read the Parquet file into an index-addressed :class:`CachedTeacher` (dense float32 ``[N, C]``)."""
+    import numpy as np
+    import torch
+
+    import pyarrow.parquet as pq
+
+    from kdray.algorithms.cached_teacher import CachedTeacher, logits_from_topk
+
+    manifest = manifest or read_manifest(path)
+    n, classes = manifest["dataset"]["size"], manifest["dataset"]["num_classes"]
+    table = pq.read_table(os.path.join(path, CACHE_FILE))
+    index = torch.from_numpy(table.column("index").to_numpy().astype(np.int64))
+    if len(index) != n or not torch.equal(index.sort().values, torch.arange(n)):
+        raise ConfigError(f"teacher.cache {path} holds {len(index)} rows that do not cover its {n} samples once each")
+    if manifest["logits"]["stored"] == "full":
+        values = torch.from_numpy(_column(table, "logits", classes).astype(np.float32))
+    else:
+        k = manifest["logits"]["topk"]
+        values = logits_from_topk(torch.from_numpy(_column(table, "topk_values", k).astype(np.float32)),
+                                  torch.from_numpy(_column(table, "topk_indices", k)),
+                                  torch.from_numpy(table.column("lse").to_numpy()), classes)
+    dense = torch.empty_like(values)
+    dense[index] = values
+    return CachedTeacher(dense, source=path)
+
+
+def _needs_features(distiller) -> list[str]:
+    return [f"{t.name!r} ({t.kind})" for t in distiller.terms
+            if t.kind in ("feature", "relation") or getattr(t, "teacher_points_request", None)]
+
+
+def check_cache(manifest: dict, cfg: Config, splits, distiller=None, tracking_uri: str | None = None) -> None:
+    """Refuse, in one line each, a cache that does not match this run's teacher, data, transform or methods."""
+    spec = _teacher_spec(cfg)
+    path = spec.cache
+    rebuild = f"rebuild it with `kdray cache CONFIG --output {path} --overwrite`"
+    if distiller is not None and not manifest.get("features"):
+        needs = _needs_features(distiller)
+        if needs:
+            raise ConfigError(f"method {needs[0]} needs teacher features, but teacher.cache {path} holds logits "
+                              f"only; train it from a live teacher (teacher.checkpoint / teacher.mlflow_uri "
+                              f"without teacher.cache) or use a response method (kd, dkd, lskd)")
+    mt, md = manifest["teacher"], manifest["dataset"]
+    if (mt["model"], mt["args"]) != (spec.model, dict(spec.args)):
+        raise ConfigError(f"teacher.cache {path} holds outputs of {mt['model']} {mt['args']}, but teacher is "
+                          f"{spec.model} {dict(spec.args)}")
+    if md["name"] != cfg.data.name or md["fingerprint"] != splits.fingerprint:
+        from kdray.orchestrator.job import _data_options
+
+        raise ConfigError(f"teacher.cache {path} is stale: it covers dataset {md['name']} {md['options']} "
+                          f"(fingerprint {md['fingerprint']}), this run uses {cfg.data.name} {_data_options(cfg)} "
+                          f"(fingerprint {splits.fingerprint}); {rebuild}")
+    if md["size"] != len(splits.train) or md["num_classes"] != splits.num_classes:
+        raise ConfigError(f"teacher.cache {path} covers {md['size']} samples x {md['num_classes']} classes, this "
+                          f"run's training set has {len(splits.train)} x {splits.num_classes}; {rebuild}")
+    transform = train_transform(splits.train)
+    if transform["random"]:
+        raise ConfigError(f"teacher.cache {path} holds fixed views, but this run's training transform is random "
+                          f"({', '.join(transform['random'])}); make it deterministic (e.g. "
+                          f"data.options.augment=false) or train from a live teacher")
+    if transform["fingerprint"] != manifest["transform"]["fingerprint"]:
+        raise ConfigError(f"teacher.cache {path} is stale: it was made with training transform "
+                          f"{manifest['transform']['fingerprint']}, this run's is {transform['fingerprint']} "
+                          f"({transform['description'][:80]}); {rebuild}")
+    _check_teacher_weights(manifest, spec, tracking_uri, rebuild)
+
+
+def _check_teacher_weights(manifest: dict, spec, tracking_uri: str | None, rebuild: str) -> None:
+    """Compare the cache's teacher hash with the weights the config names (hashed, never built into a model):
+    ``teacher.checkpoint`` / ``teacher.mlflow_uri`` when given beside ``teacher.cache``, else the checkpoint
+    file the cache was made from, if it still exists."""
+    want = manifest["teacher"]["state_sha256"]
+    if spec.checkpoint is not None or spec.mlflow_uri is not None:
+        state, kind, source = teacher_state(spec, tracking_uri)
+        where = f"teacher.{kind} {source}"
+    elif manifest["teacher"]["source_kind"] == "checkpoint" and os.path.isfile(manifest["teacher"]["source"]):
+        source = manifest["teacher"]["source"]
+        state, _, _ = teacher_state(spec.model_copy(update={"checkpoint": source}), None)
+        where = f"its source checkpoint {source} now"
+    else:
+        return
+    got = state_dict_hash(state)
+    if got != want:
+        raise ConfigError(f"teacher.cache {spec.cache} is stale: it was made from teacher weights {want[:12]}, "
+                          f"but {where} holds {got[:12]}; {rebuild}")
+
+
+def open_cache_for_run(cfg: Config, splits, distiller=None, tracking_uri: str | None = None):
+    """Check the configured cache against this run and read it: the :class:`CachedTeacher` a stage uses."""
+    manifest = read_manifest(cfg.teacher.cache)
+    check_cache(manifest, cfg, splits, distiller, tracking_uri)
+    return load_cached_teacher(cfg.teacher.cache, manifest)
+
+
+def uses_cache(cfg: Config) -> bool:
+    return any(getattr(spec, "cache", None) is not None for spec in _specs(cfg))
+
+
+def _specs(cfg: Config) -> list:
+    if hasattr(cfg, "teacher_specs"):
+        return cfg.teacher_specs()
+    return [cfg.teacher] if getattr(cfg, "teacher", None) is not None else []
+
+
+def preflight_cache(cfg: Config, splits, tracking_uri: str | None) -> None:
+    """The driver-side checks of a job that trains from a cache: student and methods build, the cache matches.
+    Builds no teacher."""
+    import torch
+
+    from kdray.algorithms.base import create_method
+    from kdray.algorithms.distiller import Distiller
+    from kdray.models import create_model
+
+    _teacher_spec(cfg)
+    try:
+        student = create_model(cfg.student.model, splits.num_classes, **cfg.student.args)
+        distiller = Distiller(student, [create_method(m.name, **m.params()) for m in cfg.methods], cfg.ce_weight)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    teacher = open_cache_for_run(cfg, splits, distiller, tracking_uri)
+    count = min(2, len(splits.train))
+    example = torch.stack([splits.train[i][0] for i in range(count)])
+    distiller.build(example, teacher.bind(range(count)), len(splits.train))
+
+
+# --- command line -----------------------------------------------------------------------------
+def _cmd_cache(args) -> int:
+    write_cache(args.config, args.output, overrides=args.overrides, topk=args.topk, float16=args.float16,
+                views=args.views, actors=args.actors, batch_size=args.batch_size, overwrite=args.overwrite)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register ``kdray cache CONFIG [overrides] --output DIR [--topk K] [--float16]``."""
+    p = subparsers.add_parser("cache", help="run the teacher over the training set once and cache its logits "
+                                            "(Parquet); students then train with teacher.cache=DIR")
+    p.add_argument("config", help="job YAML (or packaged example); its teacher needs checkpoint or mlflow_uri")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. teacher.checkpoint=t.pt")
+    p.add_argument("--output", default=None, help="cache directory (default: teacher.cache from the config)")
+    p.add_argument("--topk", type=int, default=None, help="store only the top-k logits (+ logsumexp)")
+    p.add_argument("--float16", action="store_true", help="store logits as float16 (half the size)")
+    p.add_argument("--views", type=int, default=None,
+                   help="N recorded augmentations per sample (not implemented yet: fixed views only)")
+    p.add_argument("--actors", type=int, default=None, help="teacher actors (default: one per GPU or CPU slot)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --output")
+    p.set_defaults(func=_cmd_cache)

@@ -1,0 +1,697 @@
+"""``kdray.sweep``: validate a space against a base job, train the teacher once, run the Tune trials,
+re-evaluate ASHA-stopped Pareto candidates at full budget, and track it all under one MLflow run.
+
+Layout of a sweep directory (``<output_dir>/<name>``)::
+
+    sweep.json        the parent run id, the base result, re-evaluations, what has been logged
+    base/             the base configuration's job (trains the teacher; the reference accuracy)
+    teacher.pt        the teacher's state_dict, used by every trial (``teacher.checkpoint``)
+    tune/             Tune's experiment (``Tuner.restore`` resumes it)
+    trials/trial-<id> each trial's job: checkpoints, ``mlflow_runs.json``, ``trial_result.json``
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import statistics
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdray.config import Config, ConfigError, load_config
+from kdray.search.space import CallableSpace, Space, apply_params, make_space
+from kdray.search.spec import SearchSpec, auto_grace, base_raw, load_sweep_spec
+from kdray.search.tracking import read_state, write_state
+from kdray.search.trial import RESULT_FILE, TrialSetup, job_run_id, mark_early_stopped, run_trial, summarize, \
+    trial_name
+
+STATE_FILE = "sweep.json"
+
+
+@dataclass
+class SweepResult:
+    """What a sweep found. ``trials`` has one row per Tune trial; ``pareto`` the non-dominated full-budget
+    trials; ``best_config`` is a complete job config (``kdray run`` accepts it as YAML)."""
+
+    best_config: dict | None
+    best_params: dict
+    best: dict | None
+    pareto: Any  # pandas.DataFrame
+    trials: Any  # pandas.DataFrame
+    base: dict
+    objectives: list[str]
+    path: str
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    registered: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rows = ["| | val top-1 | test top-1 | params | trial |", "|---|---|---|---|---|"]
+        b = self.base
+        rows.append(f"| base config | {b['val_top1']:.4f} | {b['test_top1']:.4f} | {int(b['params']):,} | |")
+        if self.best:
+            s = self.best
+            rows.append(f"| **best trial** | {s['val_top1']:.4f} | {_fmt(s.get('test_top1'))} | "
+                        f"{int(s['params']):,} | {s['name']} |")
+        metrics = [o.split(":")[0] for o in self.objectives]
+        lines = ["\n".join(rows), ""]
+        if len(self.pareto):
+            cols = ["name", *metrics, "test_top1", "student.model"]
+            cols = [c for c in cols if c in self.pareto.columns]
+            lines.append(f"Pareto set ({', '.join(self.objectives)}): {len(self.pareto)} trial(s)")
+            lines.append(_markdown(self.pareto[cols]))
+        t = self.trials
+        if len(t):
+            lines.append("")
+            lines.append(f"{len(t)} trials: {int(t['full_budget'].sum())} at full budget "
+                         f"({int((t['status'] == 'reevaluated').sum())} re-evaluated), "
+                         f"{int((t['status'] == 'early_stopped').sum())} stopped by ASHA; "
+                         f"{int(t['trial_epochs'].sum())} trial-epochs")
+        return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def _markdown(df) -> str:
+    cols = list(df.columns)
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            cells.append(f"{v:.4f}" if isinstance(v, float) and not float(v).is_integer() else
+                         (f"{int(v):,}" if isinstance(v, float) else str(v)))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+# --- public entry points -------------------------------------------------------------------------
+def sweep(space, base_config, *, num_samples: int | None = 20, objectives=None, sampler: str | None = None,
+          asha: dict | None | bool = True, seeds=None, name: str = "kdray-sweep", output_dir: str | None = None,
+          resume: bool = False, log=print, **search) -> SweepResult:
+    """Search student architecture and distillation hyper-parameters with Ray Tune + Optuna.
+
+    ``space``: a mapping in the sweep-file form (see :mod:`kdray.search.space`) or an Optuna define-by-run
+    function ``fn(trial) -> dict | None`` suggesting config paths. ``base_config``: a job config (file,
+    packaged example, dict, :class:`~kdray.config.Config`). ``objectives``: e.g.
+    ``["val_top1:max", "params:min"]``; ``sampler``: ``tpe`` (default), ``nsga2``, ``random`` or ``grid``;
+    ``asha``: ``True`` (defaults), a dict (``grace_period``, ``max_t``, ``reduction_factor``) or
+    ``False``/``None``; ``seeds``: seeds per configuration (a list or a count); further keyword arguments
+    are :class:`~kdray.search.spec.SearchSpec` fields (``max_concurrent``, ``workers_per_trial``,
+    ``reevaluate``, ``register_model``, ``model_name``, ``verbose``, ...). Returns a :class:`SweepResult`.
+    """
+    from pydantic import ValidationError
+
+    from kdray.config import format_error
+
+    fields: dict[str, Any] = dict(search)
+    if num_samples is not None or sampler == "grid":
+        fields["num_samples"] = num_samples
+    if objectives is not None:
+        fields["objectives"] = objectives
+    if sampler is not None:
+        fields["sampler"] = sampler
+    if asha is not True:
+        fields["asha"] = asha or None
+    if seeds is not None:
+        fields["seeds"] = seeds
+    try:
+        spec = SearchSpec.model_validate(fields)
+    except ValidationError as err:
+        raise ConfigError("search." + format_error(err)) from None
+    if isinstance(base_config, Config):
+        raw = base_config.model_dump(mode="json")
+    else:
+        raw = base_raw(base_config)
+    texts = {"space.json": json.dumps(space, indent=2, default=str) if isinstance(space, dict) else repr(space)}
+    return run_sweep(name, output_dir, raw, make_space(space), spec, resume=resume, log=log, texts=texts)
+
+
+def sweep_file(source: str | dict, overrides: list[str] | None = None, resume: bool = False,
+               log=print) -> SweepResult:
+    """Run the sweep described by a sweep YAML (``kdray sweep CONFIG.yaml``)."""
+    spec, where = load_sweep_spec(source, overrides)
+    raw = base_raw(spec.base, where)
+    import yaml
+
+    texts = {"sweep.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)}
+    return run_sweep(spec.name, spec.output_dir, raw, make_space(spec.space), spec.search, resume=resume, log=log,
+                     texts=texts)
+
+
+# --- the sweep -----------------------------------------------------------------------------------
+def _base_config(raw: dict, search: SearchSpec) -> Config:
+    """The base job as every trial sees it: the search's seeds, no from-scratch baseline, the placement."""
+    raw = copy.deepcopy(raw)
+    if search.seeds is not None:
+        raw["seeds"] = list(search.seeds)
+    raw["baseline"] = False
+    raw.setdefault("ray", {})
+    raw["ray"] = {**(raw["ray"] or {}), "num_workers": search.workers_per_trial}
+    try:
+        return load_config(raw)
+    except ConfigError as err:
+        raise ConfigError(f"base: {err}") from None
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _method_warmup(methods: list) -> int:
+    longest = 0
+    for m in methods or []:
+        if isinstance(m, dict):
+            for key in ("warmup", "hint_epochs"):
+                if isinstance(m.get(key), (int, float)):
+                    longest = max(longest, int(m[key]))
+    return longest
+
+
+def _schedule(space, base: Config, search: SearchSpec) -> tuple[int, int, int]:
+    """(max epochs a trial trains, ASHA max_t, ASHA grace period)."""
+    searched = space.max_value("train.epochs")
+    max_epochs = int(searched) if searched is not None else base.train.epochs
+    if search.asha is None:
+        return max_epochs, max_epochs, 0
+    max_t = max_epochs if search.asha.max_t == "auto" else int(search.asha.max_t)
+    if max_t < max_epochs:
+        raise ConfigError(f"search.asha.max_t: {max_t} is below the {max_epochs} epochs a trial can train; "
+                          f"ASHA would stop every trial before its end")
+    warmup = _method_warmup([m.model_dump() for m in base.methods])
+    for key, value in space.constant_values():
+        if key.endswith((".warmup", ".hint_epochs")) and isinstance(value, (int, float)):
+            warmup = max(warmup, int(value))
+        elif key == "methods" and isinstance(value, list):
+            warmup = max(warmup, _method_warmup(value))
+    grace = (auto_grace(max_t, search.asha.reduction_factor, warmup) if search.asha.grace_period == "auto"
+             else int(search.asha.grace_period))
+    if grace > max_t:
+        raise ConfigError(f"search.asha.grace_period: {grace} exceeds max_t {max_t}")
+    return max_epochs, max_t, grace
+
+
+def _check_build(cfg: Config, num_classes: int, example, teacher_model, cache: dict) -> None:
+    """Build the student, its knowledge terms and connectors against the teacher (no training)."""
+    from kdray.algorithms.base import create_method
+    from kdray.algorithms.distiller import Distiller, Teacher
+    from kdray.models import create_model
+
+    key = json.dumps([cfg.student.model, cfg.student.args, [m.model_dump() for m in cfg.methods]],
+                     sort_keys=True, default=str)
+    if key in cache:
+        return
+    student = create_model(cfg.student.model, num_classes, **cfg.student.args)
+    terms = [create_method(m.name, **m.params()) for m in cfg.methods]
+    distiller = Distiller(student, terms, cfg.ce_weight)
+    teacher = Teacher(teacher_model, distiller.resolve_teacher_points(teacher_model))
+    distiller.build(example, teacher, 8)
+    cache[key] = True
+
+
+def validate(space, base: Config, search: SearchSpec) -> dict:
+    """Everything checkable before a trial starts; each failure is a one-line :class:`ConfigError`.
+    Returns facts the sweep needs (class count, input shape, Optuna distributions, ASHA schedule)."""
+    import torch
+
+    from kdray.data import build_datasets
+    from kdray.models import create_model
+    from kdray.orchestrator.api import preflight
+    from kdray.orchestrator.job import _data_options
+
+    if base.scheme != "offline" or base.teacher is None:
+        raise ConfigError(f"base: a sweep distils from one teacher (scheme: offline with teacher:), "
+                          f"got scheme {base.scheme!r}")
+    preflight(base)
+    splits = build_datasets(base.data.name, root=base.data.root, **_data_options(base))
+    if len(splits.val) == 0:
+        raise ConfigError("data: a sweep optimises val_top1 but the validation split is empty; "
+                          "set data.options.val_fraction > 0")
+    example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
+    # the teacher's architecture is what the build checks need (preflight above loaded its weights)
+    teacher_model = create_model(base.teacher.model, splits.num_classes, **base.teacher.args)
+    if isinstance(space, CallableSpace):
+        configs, distributions = space.probe()
+    else:
+        configs, distributions = space.check_configs(), space.distributions()
+    raw = base.model_dump(mode="json")
+    cache: dict = {}
+    built = []
+    for step in ("config", "build"):  # every config is valid before any model is built
+        for i, (desc, sampled) in enumerate(configs):
+            try:
+                if step == "config":
+                    built.append(load_config(apply_params(raw, space.resolve(sampled))))
+                else:
+                    _check_build(built[i], splits.num_classes, example, teacher_model, cache)
+            except ConfigError as err:
+                raise ConfigError(f"space ({desc}): {err}") from None
+            except (ValueError, TypeError, RuntimeError, KeyError, IndexError) as err:
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise ConfigError(f"space ({desc}): {first}") from None
+    if search.sampler == "grid":
+        if isinstance(space, CallableSpace):
+            raise ConfigError("search.sampler: grid needs a space mapping, not a function")
+        space.grid()
+    max_epochs, max_t, grace = _schedule(space, base, search)
+    return {"num_classes": splits.num_classes, "input_shape": tuple(example.shape[1:]),
+            "distributions": distributions, "max_epochs": max_epochs, "max_t": max_t, "grace": grace,
+            "checked": len(configs)}
+
+
+def _ensure_ray(base: Config, search: SearchSpec) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    from kdray.orchestrator.ray_runner import ensure_ray
+
+    address = base.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ensure_ray(address)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    per_trial = _per_trial_cpus(base, search)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(per_trial)), include_dashboard=True,
+             log_to_driver=True)
+
+
+def _per_trial_cpus(base: Config, search: SearchSpec) -> float:
+    if search.workers_per_trial:
+        return 1 + search.workers_per_trial * base.ray.cpus_per_worker
+    return search.cpus_per_trial
+
+
+def _sampler(search: SearchSpec, space, num_samples: int):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if search.sampler == "nsga2":
+            population = search.population_size or max(4, num_samples // 4)
+            return optuna.samplers.NSGAIISampler(population_size=population, seed=search.seed)
+        if search.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=search.seed)
+        if search.sampler == "grid":
+            return optuna.samplers.GridSampler(space.grid(), seed=search.seed)
+        startup = search.n_startup_trials or max(2, min(10, num_samples // 3))
+        return optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=startup, multivariate=True,
+                                          group=True, constant_liar=True)
+
+
+def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info: dict, base: Config, log):
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # keep the experiment state fresh for --resume
+    per_trial = _per_trial_cpus(base, search)
+    resources = {"cpu": 1} if search.workers_per_trial else {"cpu": search.cpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
+    path = os.path.join(sweep_dir, "tune")
+    if tune.Tuner.can_restore(path):
+        log(f"resuming Tune experiment {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+        return tuner.fit()
+    num_samples = search.num_samples
+    if search.sampler == "grid":
+        size = math.prod(len(v) for v in space.grid().values())
+        num_samples = size if num_samples is None else min(num_samples, size)
+    if num_samples is None:
+        raise ConfigError("search.num_samples: give a number of trials")
+    cpus = ray.cluster_resources().get("CPU", 1)
+    concurrent = (max(1, int(cpus // per_trial)) if search.max_concurrent == "auto"
+                  else int(search.max_concurrent))
+    concurrent = min(concurrent, num_samples)
+    metrics, modes = search.metrics, search.modes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        searcher = OptunaSearch(space, metric=metrics if len(metrics) > 1 else metrics[0],
+                                mode=modes if len(modes) > 1 else modes[0], sampler=_sampler(search, space, num_samples))
+    scheduler = None
+    if search.asha is not None:
+        scheduler = ASHAScheduler(time_attr="epoch", metric="val_top1", mode="max", max_t=info["max_t"],
+                                  grace_period=info["grace"], reduction_factor=search.asha.reduction_factor)
+    log(f"Tune: {num_samples} trials, {search.sampler} sampler"
+        f"{', ASHA grace %d max_t %d' % (info['grace'], info['max_t']) if scheduler else ''}, "
+        f"{concurrent} at a time, {'%d Train workers each' % search.workers_per_trial if search.workers_per_trial else 'in-process'}")
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=concurrent, trial_name_creator=trial_name,
+                                    trial_dirname_creator=trial_name,
+                                    reuse_actors=search.workers_per_trial == 0),
+        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, verbose=search.verbose,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    return tuner.fit()
+
+
+def _trial_rows(results, setup: TrialSetup, space, search: SearchSpec, info: dict):
+    import pandas as pd
+
+    rows = []
+    for result in results:
+        metrics = dict(result.metrics or {})
+        config = dict(result.config or {})
+        trial_id = metrics.get("trial_id") or os.path.basename(str(result.path)).removeprefix("trial-")
+        name = trial_name(trial_id)
+        run_dir = os.path.join(setup.trials_dir, name)
+        stored = None
+        if os.path.exists(os.path.join(run_dir, RESULT_FILE)):
+            with open(os.path.join(run_dir, RESULT_FILE)) as fh:
+                stored = json.load(fh)
+        if stored:
+            metrics = {**metrics, **stored}
+        full = bool(metrics.get("full_budget", 0))
+        diverged = bool(metrics.get("diverged", 0))
+        if result.error is not None and not full:
+            status = "error"
+        elif diverged:
+            status = "diverged"
+        elif full:
+            status = "complete"
+        elif "val_top1" in metrics:
+            status = "early_stopped"
+        else:
+            status = "error"
+        row = {"trial_id": trial_id, "name": name, "status": status,
+               "val_top1": float(metrics.get("val_top1", float("nan"))),
+               "val_top1_std": float(metrics.get("val_top1_std", float("nan"))),
+               "test_top1": float(metrics.get("test_top1", float("nan"))),
+               "params": float(metrics.get("params", float("nan"))),
+               "epoch": int(metrics.get("epoch", 0) or 0), "epochs": int(metrics.get("epochs", 0) or 0),
+               "trial_epochs": int(metrics.get("trial_epochs", 0) or 0),
+               "full_budget": full and not diverged, "diverged": diverged,
+               "best_stage": metrics.get("best_stage"), "run_id": job_run_id(run_dir) or "",
+               "error": (str(result.error).splitlines()[0][:300] if result.error is not None else
+                         metrics.get("error", "")),
+               "optuna_params": config, "run_dir": run_dir}
+        if "latency_ms" in search.metrics:
+            row["latency_ms"] = float(metrics.get("latency_ms", float("nan")))
+        try:
+            for path, value in setup.params(config):
+                row[path] = value
+        except (KeyError, ValueError):
+            pass
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df = df.sort_values("trial_id").reset_index(drop=True)
+    return df
+
+
+def _point(row, metrics) -> list[float]:
+    return [float(row[m]) for m in metrics]
+
+
+def _eligible(df):
+    return df[df["full_budget"] & ~df["diverged"] & (df["status"] != "error")]
+
+
+def _reevaluate(df, setup: TrialSetup, search: SearchSpec, state: dict, state_path: str, log):
+    """Continue ASHA-stopped trials that no full-budget trial dominates to the full budget (their own job,
+    from its last checkpoint, into its own MLflow runs); they may then join the Pareto set."""
+    from kdray.orchestrator.api import distill
+    from kdray.search.pareto import dominated_by_any
+
+    if not search.multi_objective or search.reevaluate == 0 or not len(df):
+        return df
+    metrics, modes = search.metrics, search.modes
+    full_points = [_point(r, metrics) for _, r in _eligible(df).iterrows()]
+    stopped = df[(df["status"] == "early_stopped")]
+    candidates = [r for _, r in stopped.iterrows() if not dominated_by_any(_point(r, metrics), full_points, modes)]
+    candidates.sort(key=lambda r: -r["val_top1"])
+    done = state.setdefault("reevaluated", {})
+    skipped = candidates[search.reevaluate:]
+    if skipped:
+        log(f"re-evaluation: {len(skipped)} more stopped candidate(s) left out (search.reevaluate="
+            f"{search.reevaluate})")
+    for row in candidates[: search.reevaluate]:
+        final = done.get(row["trial_id"])
+        if final is None:
+            cfg = load_config(setup.job_config(row["optuna_params"], row["name"]))
+            log(f"re-evaluating {row['name']} at full budget ({cfg.train.epochs} epochs x {len(cfg.seeds)} seeds)")
+            extra = {"params": row["params"]}
+            if "latency_ms" in row:
+                extra["latency_ms"] = row["latency_ms"]
+            try:
+                outcome = distill(cfg, resume=True, parent_run_id=setup.parent_run_id, log=_quiet)
+                final = summarize(outcome.stages, cfg, extra)
+            except FloatingPointError as err:
+                final = {"val_top1": 0.0, "diverged": 1, "error": str(err)[:300],
+                         "trial_epochs": cfg.train.epochs * len(cfg.seeds)}
+            final["trial_epochs"] = int(row["trial_epochs"]) + max(
+                0, cfg.train.epochs * len(cfg.seeds) - int(row["epoch"]))
+            done[row["trial_id"]] = final
+            write_state(state_path, state)
+        i = df.index[df["trial_id"] == row["trial_id"]][0]
+        for key in ("val_top1", "val_top1_std", "test_top1", "trial_epochs", "best_stage"):
+            if key in final:
+                df.at[i, key] = final[key]
+        df.at[i, "epoch"] = df.at[i, "epochs"]
+        df.at[i, "diverged"] = bool(final.get("diverged", 0))
+        df.at[i, "full_budget"] = not bool(final.get("diverged", 0))
+        df.at[i, "status"] = "diverged" if final.get("diverged") else "reevaluated"
+    return df
+
+
+def _select(df, search: SearchSpec):
+    from kdray.search.pareto import pareto_mask
+
+    df["pareto"] = False
+    ok = _eligible(df)
+    if not len(ok):
+        return df, None
+    mask = pareto_mask([_point(r, search.metrics) for _, r in ok.iterrows()], search.modes)
+    df.loc[ok.index[mask], "pareto"] = True
+    best_idx = ok.sort_values(["val_top1", "params"], ascending=[False, True]).index[0]
+    return df, best_idx
+
+
+def _run_base(base: Config, sweep_dir: str, parent: str | None, log) -> dict:
+    """The base configuration as a job (teacher stage + distilled students on the sweep's seeds)."""
+    from kdray.orchestrator.api import distill
+
+    raw = base.model_dump(mode="json")
+    raw.update(name="base", output_dir=sweep_dir)
+    cfg = load_config(raw)
+    log(f"base configuration: {cfg.student.model} {cfg.student.args} with {'+'.join(m.name for m in cfg.methods)}"
+        f", seeds {cfg.seeds}{' (training the teacher)' if cfg.teacher.train else ''}")
+    outcome = distill(cfg, resume=True, parent_run_id=parent, log=_quiet)
+    distilled = [s for s in outcome.stages if s["kind"] == "distill"]
+    return {"val_top1": statistics.mean(s["val_top1"] for s in distilled),
+            "test_top1": statistics.mean(s["test_top1"] for s in distilled),
+            "params": float(distilled[0]["params"]), "seeds": len(distilled), "run_dir": cfg.run_dir(),
+            "mlflow_run_id": outcome.parent_run_id, "model": cfg.student.model, "args": cfg.student.args}
+
+
+def _teacher_state(run_dir: str) -> dict:
+    import glob
+
+    import torch
+
+    from kdray.orchestrator.checkpoints import STATE_FILE, LocalCheckpoints
+
+    state = LocalCheckpoints(run_dir).latest()
+    if state is None:
+        found = sorted(glob.glob(os.path.join(run_dir, "checkpoint_*", STATE_FILE)), key=os.path.getmtime)
+        if found:
+            state = torch.load(found[-1], map_location="cpu", weights_only=True)
+    teacher = (state or {}).get("weights", {}).get("teacher") or (state or {}).get("teacher")
+    if teacher is None:
+        raise RuntimeError(f"no trained teacher in the base job's checkpoints under {run_dir}")
+    return teacher
+
+
+def run_sweep(name: str, output_dir: str | None, raw: dict, space: Space | CallableSpace, search: SearchSpec,
+              resume: bool = False, log=print, texts: dict | None = None) -> SweepResult:
+    import torch
+
+    from kdray.orchestrator.api import _tracking_uri
+
+    base = _base_config(raw, search)
+    sweep_dir = os.path.join(os.path.abspath(os.path.expanduser(output_dir or base.output_dir)), name)
+    state_path = os.path.join(sweep_dir, STATE_FILE)
+    if not resume and (os.path.exists(state_path) or os.path.isdir(os.path.join(sweep_dir, "tune"))):
+        raise ConfigError(f"sweep {name!r} already has results in {sweep_dir}; pass --resume to finish it "
+                          f"or choose another name")
+    info = validate(space, base, search)
+    log(f"space checked: {info['checked']} option combinations build")
+    state = read_state(state_path) if resume else {}
+    os.makedirs(sweep_dir, exist_ok=True)
+    _ensure_ray(base, search)
+    uri = _tracking_uri(base)
+    tracking = None
+    if uri:
+        from kdray.orchestrator.tracking import check_reachable
+        from kdray.orchestrator.tracking import flatten
+        from kdray.search.tracking import SweepTracking
+
+        check_reachable(uri)
+        tracking = SweepTracking(uri, base.mlflow.experiment, sweep_dir, name)
+        params = flatten("search", search.model_dump(mode="json"), {})
+        params.update(flatten("base", {"student": base.student.model_dump(mode="json"),
+                                       "teacher": base.teacher.model, "train": base.train.model_dump(mode="json"),
+                                       "methods": [m.model_dump() for m in base.methods], "seeds": base.seeds}, {}))
+        tracking.start(state.get("parent_run_id"), params, texts or {}, resume)
+        state.update(parent_run_id=tracking.parent_id, tracking_uri=uri, name=name)
+        write_state(state_path, state)
+        log(f"MLflow: {uri}  (sweep run {tracking.parent_id})")
+    parent = tracking.parent_id if tracking else None
+    try:
+        if "base" not in state:
+            state["base"] = _run_base(base, sweep_dir, parent, log)
+            write_state(state_path, state)
+        base_result = state["base"]
+        log(f"base: val top-1 {base_result['val_top1']:.4f}, test top-1 {base_result['test_top1']:.4f}, "
+            f"{int(base_result['params']):,} params")
+        trial_raw = base.model_dump(mode="json")
+        teacher_bytes = None
+        teacher_path = None
+        if base.teacher.train is not None:
+            teacher_path = os.path.join(sweep_dir, "teacher.pt")
+            if not os.path.exists(teacher_path):
+                tmp = teacher_path + ".tmp"
+                torch.save(_teacher_state(base_result["run_dir"]), tmp)
+                os.replace(tmp, teacher_path)
+            with open(teacher_path, "rb") as fh:
+                teacher_bytes = fh.read()
+            trial_raw["teacher"] = {"model": base.teacher.model, "args": base.teacher.args,
+                                    "checkpoint": teacher_path}
+        if search.workers_per_trial == 0:
+            trial_raw["checkpoint"] = {**trial_raw["checkpoint"], "every_epochs": 1}
+        setup = TrialSetup(base=trial_raw, space=space, trials_dir=os.path.join(sweep_dir, "trials"),
+                           metrics=search.metrics, parent_run_id=parent, tracking_uri=uri,
+                           workers=search.workers_per_trial, cpus_per_trial=search.cpus_per_trial,
+                           latency_batch=search.latency_batch, num_classes=info["num_classes"],
+                           input_shape=info["input_shape"], teacher_path=teacher_path, teacher_bytes=teacher_bytes)
+        results = _run_tune(setup, space, search, sweep_dir, info, base, log)
+        df = _trial_rows(results, setup, space, search, info)
+        if tracking:
+            deleted = tracking.reconcile({row["name"]: (row["run_id"] or None) for _, row in df.iterrows()})
+            if deleted:
+                log(f"MLflow: removed {len(deleted)} run(s) of trials Tune never recorded")
+            for _, row in df[df["status"] == "early_stopped"].iterrows():
+                mark_early_stopped(uri, row["run_dir"], int(row["epoch"]))
+        df = _reevaluate(df, setup, search, state, state_path, log)
+        df, best_idx = _select(df, search)
+        best = df.loc[best_idx].to_dict() if best_idx is not None else None
+        best_params = dict(setup.params(best["optuna_params"])) if best else {}
+        best_config = None
+        if best:
+            job = setup.job_config(best["optuna_params"], f"{name}-best", os.path.abspath(base.output_dir))
+            job["checkpoint"] = base.checkpoint.model_dump(mode="json")
+            best_config = load_config(job).model_dump(mode="json")
+        pareto = df[df["pareto"]].sort_values(search.metrics[1] if search.multi_objective else "val_top1")
+        result = SweepResult(best_config, best_params, best, pareto.reset_index(drop=True), df, base_result,
+                             list(search.objectives), sweep_dir, uri, parent)
+        if tracking and not state.get("logged"):
+            _log_outcome(tracking, result, info, search, state, state_path, setup, log)
+        result.registered = state.get("registered")
+        if tracking:
+            tracking.finish()
+        state["finished"] = True
+        write_state(state_path, state)
+        return result
+    except BaseException as err:
+        if tracking:
+            tracking.fail(err)
+        raise
+
+
+def _log_outcome(tracking, result: SweepResult, info: dict, search: SearchSpec, state: dict, state_path: str,
+                 setup: TrialSetup, log) -> None:
+    import yaml
+
+    from kdray.search import plots
+
+    df = result.trials
+    for _, row in df.iterrows():
+        if row["run_id"]:
+            try:
+                tracking.tag_trial(row["run_id"], {"kdray.sweep.trial_id": row["trial_id"],
+                                                   "kdray.sweep.status": row["status"],
+                                                   "kdray.sweep.pareto": bool(row["pareto"])})
+            except Exception:  # noqa: BLE001  (a run deleted by hand)
+                pass
+    base, best = result.base, result.best
+    metrics = {"base_val_top1": base["val_top1"], "base_test_top1": base["test_top1"], "base_params": base["params"],
+               "n_trials": len(df), "n_full_budget": int(df["full_budget"].sum()) if len(df) else 0,
+               "n_early_stopped": int((df["status"] == "early_stopped").sum()) if len(df) else 0,
+               "n_pareto": len(result.pareto), "total_trial_epochs": int(df["trial_epochs"].sum()) if len(df) else 0,
+               "grace_period": info["grace"], "max_t": info["max_t"]}
+    params: dict[str, str] = {}
+    texts: dict[str, str] = {}
+    if best:
+        metrics.update(best_val_top1=best["val_top1"], best_test_top1=best["test_top1"], best_params=best["params"])
+        params = {f"best.{k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+                  for k, v in result.best_params.items()}
+        params["best.trial"] = best["name"]
+        texts["best_config.yaml"] = yaml.safe_dump(result.best_config, sort_keys=False)
+    table = df.drop(columns=["optuna_params", "run_dir"], errors="ignore")
+    texts["trials.csv"] = table.to_csv(index=False)
+    texts["pareto.csv"] = result.pareto.drop(columns=["optuna_params", "run_dir"], errors="ignore").to_csv(index=False)
+    texts["summary.md"] = result.summary()
+    figures = {"accuracy_vs_size.png": plots.accuracy_vs_size(df, base, "params", result.path.rsplit(os.sep, 1)[-1])}
+    if "latency_ms" in search.metrics:
+        figures["accuracy_vs_latency.png"] = plots.accuracy_vs_size(df, None, "latency_ms", "sweep")
+    notes: list[str] = []
+    try:
+        study = plots.rebuild_study(df, info["distributions"], search.metrics, search.modes)
+        extra, notes = plots.optuna_figures(study, search.metrics)
+        figures.update(extra)
+    except Exception as err:  # noqa: BLE001
+        notes.append(f"optuna plots: {type(err).__name__}: {err}")
+    if notes:
+        texts["plots_notes.txt"] = "\n".join(notes)
+        result.notes.extend(notes)
+    tracking.log_outcome(metrics, params, texts, figures)
+    for fig in figures.values():
+        plots.close(fig)
+    if best and search.register_model and not state.get("registered"):
+        try:
+            state["registered"] = _register_best(tracking, result, search, setup)
+            log(f"registered the best student as {state['registered']['uri']} (alias champion)")
+        except Exception as err:  # noqa: BLE001
+            msg = f"model registry: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            result.notes.append(msg)
+            log(msg)
+    state["logged"] = True
+    write_state(state_path, state)
+
+
+def _register_best(tracking, result: SweepResult, search: SearchSpec, setup: TrialSetup) -> dict:
+    from kdray.models import create_model
+    from kdray.orchestrator.job import load_weights
+    from kdray.orchestrator.tracking import RUNS_FILE, download_model
+
+    best = result.best
+    with open(os.path.join(best["run_dir"], RUNS_FILE)) as fh:
+        stage_runs = json.load(fh)["stages"]
+    source = stage_runs[best["best_stage"]]
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        spec, state = download_model(f"runs:/{source}/model", tracking.uri)
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
+    model = create_model(spec["model"], spec["num_classes"], **spec.get("args", {}))
+    load_weights(model, state, "best student", spec["num_classes"])
+    name = search.model_name or f"{tracking.name}-student"
+    description = (f"best student of sweep {tracking.name}: {spec['model']} {spec.get('args', {})}, "
+                   f"val top-1 {best['val_top1']:.4f} (mean of {len(result.best_config['seeds'])} seed(s)), "
+                   f"{int(best['params']):,} params")
+    return tracking.register(model, name, source, description)

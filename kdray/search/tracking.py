@@ -1,0 +1,175 @@
+"""MLflow for a sweep: one parent run (created, or reopened after a killed driver), every trial's job run
+nested under it (``mlflow.parentRunId``), the outcome and figures on the parent, the best student in
+the model registry.
+
+The parent's id is kept in ``<sweep dir>/sweep.json``; a parent created just before the driver died
+(before that file was written) is found again by its ``kdray.sweep_dir`` tag, so a resumed sweep never
+gets a second parent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+SWEEP_ROLE = "sweep"
+
+
+class SweepTracking:
+    def __init__(self, uri: str, experiment: str, sweep_dir: str, name: str):
+        from mlflow.tracking import MlflowClient
+
+        from kdray.orchestrator.tracking import experiment_id
+
+        self.uri, self.sweep_dir, self.name = uri, sweep_dir, name
+        self.client = MlflowClient(uri)
+        self.experiment_id = experiment_id(self.client, experiment, uri)
+        self.parent_id: str | None = None
+
+    # --- the parent run ----------------------------------------------------------------------
+    def start(self, saved_id: str | None, params: dict[str, str], texts: dict[str, str], resume: bool) -> str:
+        """Reopen ``saved_id`` (or, resuming, a RUNNING parent left for this directory) or create the parent."""
+        from mlflow.entities import Param
+
+        run_id = saved_id or (self._find_parent() if resume else None)
+        if run_id is not None:
+            self.parent_id = run_id
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, "kdray.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=self.name, tags={
+            "kdray.role": SWEEP_ROLE, "kdray.sweep_dir": self.sweep_dir, "kdray.job": self.name})
+        self.parent_id = run.info.run_id
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.parent_id, params=items[i:i + 100])
+        for name, text in texts.items():
+            self.client.log_text(self.parent_id, text, name)
+        return self.parent_id
+
+    def _find_parent(self) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`kdray.sweep_dir` = '{self.sweep_dir}' and tags.`kdray.role` = '{SWEEP_ROLE}' "
+                          f"and attributes.status = 'RUNNING'",
+            order_by=["attributes.start_time DESC"], max_results=5)
+        return runs[0].info.run_id if runs else None
+
+    def child_runs(self) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
+            max_results=5000)
+
+    def trial_runs(self) -> dict[str, list]:
+        """Job runs of trials under the parent, grouped by trial name."""
+        out: dict[str, list] = {}
+        for run in self.child_runs():
+            job = run.data.tags.get("kdray.job", "")
+            if job.startswith("trial-"):
+                out.setdefault(job, []).append(run)
+        return out
+
+    def reconcile(self, keep: dict[str, str | None]) -> list[str]:
+        """Keep one run per trial Tune knows (``keep``: trial name -> its job run id); delete the rest:
+        runs of trials Tune never recorded (started just before a driver died) and duplicates. Returns the
+        deleted run ids."""
+        deleted = []
+        for job, runs in self.trial_runs().items():
+            wanted = keep.get(job)
+            for run in runs:
+                if job in keep and (wanted is None or run.info.run_id == wanted):
+                    if wanted is None:
+                        wanted = run.info.run_id
+                    continue
+                self._delete_tree(run.info.run_id)
+                deleted.append(run.info.run_id)
+        return deleted
+
+    def _delete_tree(self, run_id: str) -> None:
+        for child in self.client.search_runs([self.experiment_id],
+                                             filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'"):
+            self._delete_tree(child.info.run_id)
+        self.client.set_tag(run_id, "kdray.deleted_reason", "trial not recorded by Tune (driver interrupted)")
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.client.set_terminated(run_id, "KILLED")
+        self.client.delete_run(run_id)
+
+    def tag_trial(self, run_id: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    # --- outcome -----------------------------------------------------------------------------
+    def log_outcome(self, metrics: dict[str, float], params: dict[str, str], texts: dict[str, str],
+                    figures: dict) -> None:
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(ms), 500):
+            self.client.log_batch(self.parent_id, metrics=ms[i:i + 500])
+        existing = self.client.get_run(self.parent_id).data.params
+        items = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.parent_id, params=items[i:i + 100])
+        for name, text in texts.items():
+            self.client.log_text(self.parent_id, text, name)
+        for name, fig in figures.items():
+            self.client.log_figure(self.parent_id, fig, name)
+
+    def register(self, model, model_name: str, source_run: str, description: str) -> dict:
+        """Log the best student (an ``nn.Module``, pickled so it loads as itself) on the parent and register
+        it; the new version gets the alias ``champion``."""
+        import logging
+
+        import mlflow
+
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        quiet = logging.getLogger("mlflow.pytorch")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # the pickle-format caution: these are the user's own modules
+        try:
+            with mlflow.start_run(run_id=self.parent_id):
+                info = mlflow.pytorch.log_model(model, name="best_student", serialization_format="pickle",
+                                                registered_model_name=model_name)
+            version = str(info.registered_model_version)
+            self.client.update_run(self.parent_id, status="RUNNING")  # start_run's exit closed it
+        finally:
+            mlflow.set_tracking_uri(previous)
+            quiet.setLevel(level)
+        self.client.set_registered_model_alias(model_name, "champion", version)
+        self.client.update_model_version(model_name, version, description=description)
+        self.client.set_model_version_tag(model_name, version, "kdray.source_run", source_run)
+        self.client.set_model_version_tag(model_name, version, "kdray.sweep_run", self.parent_id)
+        return {"name": model_name, "version": version, "uri": f"models:/{model_name}/{version}"}
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
+    def fail(self, error: BaseException) -> None:
+        if self.parent_id is None:
+            return
+        try:
+            if self.client.get_run(self.parent_id).info.status == "RUNNING":
+                status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+                self.client.set_tag(self.parent_id, "kdray.failure_reason", f"{type(error).__name__}: {error}"[:5000])
+                self.client.set_terminated(self.parent_id, status)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def read_state(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def write_state(path: str, state: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(state, fh, indent=2, default=str)
+    os.replace(tmp, path)

@@ -1,0 +1,367 @@
+"""One Tune trial: a distillation job from the engine, reporting ``val_top1`` per epoch to Tune.
+
+In-process trials (``search.workers_per_trial: 0``) call :func:`kdray.distill` with a callback that
+reports to Tune. Larger students use Ray 2.60's Train-inside-Tune pattern: the trial function is a
+driver that builds a ``TorchTrainer`` with N workers, a deterministic run name (the trial's), and a
+``TuneReportCallback`` that forwards the workers' per-epoch reports to Tune.
+
+What Tune sees per trial: epochs ``1..E-1`` of the first seed's distilled student (ASHA decides on
+these), then one final report at epoch ``E`` with the mean over the configuration's seeds. A trial
+whose job already finished (its result file exists, e.g. a sweep resumed after the driver died) reports
+the stored result and trains nothing; an unfinished one resumes from its own checkpoint, into its own
+MLflow runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+RESULT_FILE = "trial_result.json"
+
+
+def trial_name(trial) -> str:
+    """Deterministic per trial (Tune keeps trial ids across ``Tuner.restore``)."""
+    trial_id = trial if isinstance(trial, str) else trial.trial_id
+    return f"trial-{trial_id}"
+
+
+@dataclass
+class TrialSetup:
+    """Everything a trial needs besides its sampled config; shipped once through the object store."""
+
+    base: dict  # the base job config (JSON dict) with the sweep's teacher, seeds, placement and tracking
+    space: Any  # Space | CallableSpace
+    trials_dir: str
+    metrics: list[str]
+    parent_run_id: str | None = None
+    tracking_uri: str | None = None
+    workers: int = 0
+    cpus_per_trial: float = 1.0
+    latency_batch: int = 1
+    num_classes: int = 10
+    input_shape: tuple = (1, 8, 8)
+    teacher_path: str | None = None
+    teacher_bytes: bytes | None = field(default=None, repr=False)
+
+    def params(self, config: dict) -> list[tuple[str, Any]]:
+        return self.space.resolve(config)
+
+    def job_config(self, config: dict, name: str, output_dir: str | None = None) -> dict:
+        from kdray.search.space import apply_params
+
+        raw = apply_params(self.base, self.params(config))
+        raw["name"] = name
+        raw["output_dir"] = output_dir or self.trials_dir
+        return raw
+
+    def ensure_teacher(self) -> None:
+        """A node that cannot see the sweep's teacher file gets it from the object store."""
+        if self.teacher_path and self.teacher_bytes and not os.path.isfile(self.teacher_path):
+            os.makedirs(os.path.dirname(self.teacher_path), exist_ok=True)
+            tmp = f"{self.teacher_path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(self.teacher_bytes)
+            os.replace(tmp, self.teacher_path)
+
+
+def model_metrics(cfg, setup: TrialSetup) -> dict[str, float]:
+    """``params`` (student parameters) and, when it is an objective, ``latency_ms``: the median CPU
+    forward time of a batch of ``search.latency_batch`` inputs, measured in the trial."""
+    from kdray.models import create_model
+
+    model = create_model(cfg.student.model, setup.num_classes, **cfg.student.args)
+    out = {"params": float(sum(p.numel() for p in model.parameters()))}
+    if "latency_ms" in setup.metrics:
+        out["latency_ms"] = measure_latency(model, (setup.latency_batch, *setup.input_shape))
+    return out
+
+
+def measure_latency(model, shape: tuple, repeats: int = 30, warmup: int = 5) -> float:
+    import torch
+
+    model.eval()
+    x = torch.randn(*shape)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            model(x)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
+    return float(statistics.median(times))
+
+
+def first_stage(cfg) -> str:
+    from kdray.orchestrator.job import method_label
+
+    return f"{method_label(cfg)}-seed{cfg.seeds[0]}"
+
+
+class TuneEpochReporter:
+    """Engine callback (in-process trials): report the first seed's epochs ``1..E-1`` to Tune."""
+
+    def __init__(self, stage: str, epochs: int, extra: dict):
+        self.stage, self.epochs, self.extra = stage, epochs, extra
+
+    def on_epoch_end(self, epoch, metrics, loop):
+        if metrics.get("stage") != self.stage or epoch + 1 >= self.epochs:
+            return
+        from ray import tune
+
+        tune.report(epoch_report(metrics["val_top1"], epoch + 1, self.epochs, self.extra))
+
+
+def epoch_report(val_top1: float, epoch: int, epochs: int, extra: dict) -> dict:
+    return {"val_top1": float(val_top1), "epoch": epoch, "epochs": epochs, "trial_epochs": epoch,
+            "full_budget": 0, "diverged": 0, **extra}
+
+
+class TrainEpochReporter:
+    """Engine callback inside Ray Train workers: every rank reports (a report is a barrier); the sweep's
+    :class:`EpochTuneReportCallback` forwards only these reports to Tune."""
+
+    def __init__(self, stage: str, epochs: int, extra: dict):
+        self.stage, self.epochs, self.extra = stage, epochs, extra
+
+    def on_epoch_end(self, epoch, metrics, loop):
+        if metrics.get("stage") != self.stage or epoch + 1 >= self.epochs:
+            return
+        import ray.train
+
+        ray.train.report({**epoch_report(metrics["val_top1"], epoch + 1, self.epochs, self.extra), "kdray_tune": 1})
+
+
+def _tune_report_callback():
+    """``TuneReportCallback`` that forwards only the per-epoch reports (the job's checkpoint reports carry
+    other metrics, which Tune's searcher and scheduler would choke on)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochTuneReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics or not metrics[0].get("kdray_tune"):
+                return
+            item = {k: v for k, v in metrics[0].items() if k != "kdray_tune"}
+            self._training_actor_item_queue.put(item)
+
+    return EpochTuneReportCallback()
+
+
+def train_worker(loop_config: dict) -> list[dict]:
+    """Ray Train per-worker function for Train-inside-Tune trials: the job plus the epoch reporter."""
+    import logging
+
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from kdray.config import Config
+    from kdray.orchestrator.checkpoints import RayCheckpoints
+    from kdray.orchestrator.job import WorkerContext, run_job
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    cfg = Config.model_validate(loop_config["config"])
+    ctx_train = ray.train.get_context()
+    rank, world = ctx_train.get_world_rank(), ctx_train.get_world_size()
+    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
+    report = loop_config["report"]
+    ctx = WorkerContext(
+        rank=rank, world_size=world, device=ray.train.torch.get_device(), checkpoints=RayCheckpoints(rank),
+        wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=True),
+        tracking_uri=loop_config.get("tracking_uri"), stage_run_ids=loop_config.get("stage_run_ids", {}),
+        log=lambda msg: None, callbacks=[TrainEpochReporter(report["stage"], report["epochs"], report["extra"])],
+    )
+    return run_job(cfg, ctx)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def job_run_id(run_dir: str) -> str | None:
+    from kdray.orchestrator.tracking import RUNS_FILE
+
+    saved = _read_json(os.path.join(run_dir, RUNS_FILE))
+    return saved.get("parent") if saved else None
+
+
+def mark_early_stopped(tracking_uri: str | None, run_dir: str, epoch: int | None = None) -> None:
+    """ASHA stopped this trial: its job run and unfinished stage runs become KILLED, tagged as such."""
+    if not tracking_uri:
+        return
+    from kdray.orchestrator.tracking import RUNS_FILE
+
+    saved = _read_json(os.path.join(run_dir, RUNS_FILE))
+    if not saved:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for run_id in [saved["parent"], *saved.get("stages", {}).values()]:
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # noqa: BLE001
+            continue
+        if run.info.status in ("RUNNING", "FAILED", "KILLED"):
+            client.set_tag(run_id, "kdray.early_stopped", "asha" if epoch is None else f"asha@epoch{epoch}")
+            if "kdray.failure_reason" in run.data.tags:
+                client.delete_tag(run_id, "kdray.failure_reason")
+            if run.info.status != "KILLED":
+                client.set_terminated(run_id, "KILLED")
+
+
+def _finished_rows(cfg, tracking_uri: str | None) -> list[dict] | None:
+    """Rows of a job whose stages all finished and whose MLflow run is closed (nothing left to do)."""
+    from kdray.orchestrator.checkpoints import LocalCheckpoints
+    from kdray.orchestrator.job import plan_stages
+
+    try:
+        state = LocalCheckpoints(cfg.run_dir()).latest()
+    except Exception:  # noqa: BLE001
+        return None
+    done = (state or {}).get("done", {})
+    stages = plan_stages(cfg)
+    if not state or any(s["name"] not in done for s in stages):
+        return None
+    if tracking_uri:
+        run_id = job_run_id(cfg.run_dir())
+        if run_id is None:
+            return None
+        from mlflow.tracking import MlflowClient
+
+        if MlflowClient(tracking_uri).get_run(run_id).info.status != "FINISHED":
+            return None
+    return [done[s["name"]] for s in stages]
+
+
+def summarize(rows: list[dict], cfg, extra: dict) -> dict:
+    distilled = [r for r in rows if r["kind"] == "distill"]
+    val = [float(r["val_top1"]) for r in distilled]
+    test = [float(r["test_top1"]) for r in distilled]
+    out = {
+        "val_top1": statistics.mean(val), "val_top1_std": statistics.stdev(val) if len(val) > 1 else 0.0,
+        "test_top1": statistics.mean(test), "test_top1_std": statistics.stdev(test) if len(test) > 1 else 0.0,
+        "epoch": cfg.train.epochs, "epochs": cfg.train.epochs, "trial_epochs": cfg.train.epochs * len(cfg.seeds),
+        "full_budget": 1, "diverged": 0, "seeds": len(cfg.seeds), **extra,
+    }
+    best = max(distilled, key=lambda r: r["val_top1"])
+    out["best_stage"] = best["name"]
+    return out
+
+
+def _is_divergence(err: BaseException) -> bool:
+    from kdray.algorithms.engine import NonFiniteLossError
+
+    seen = err
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, NonFiniteLossError) or "NonFiniteLossError" in type(seen).__name__ or \
+                "non-finite loss" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def run_trial(config: dict, setup: TrialSetup) -> None:
+    """The Tune function of one trial."""
+    import torch
+    from ray import tune
+
+    from kdray.config import load_config
+
+    name = trial_name(tune.get_context().get_trial_id())
+    setup.ensure_teacher()
+    raw = setup.job_config(config, name)
+    run_dir = os.path.join(setup.trials_dir, name)
+    result_file = os.path.join(run_dir, RESULT_FILE)
+    stored = _read_json(result_file)
+    if stored is not None:  # finished before the driver died: report it again, train and log nothing
+        tune.report(stored)
+        return
+    cfg = load_config(raw)
+    torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
+    extra = model_metrics(cfg, setup)
+    stage, epochs = first_stage(cfg), cfg.train.epochs
+    try:
+        if setup.workers == 0:
+            rows = _finished_rows(cfg, setup.tracking_uri)
+            if rows is None:
+                from kdray.orchestrator.api import distill
+
+                rows = distill(cfg, resume=True, callbacks=[TuneEpochReporter(stage, epochs, extra)],
+                               parent_run_id=setup.parent_run_id, log=lambda msg: None).stages
+        else:
+            rows = run_train_trial(cfg, setup, stage, extra)
+        final = summarize(rows, cfg, extra)
+    except SystemExit:  # Tune stopped the trial (ASHA) while it reported
+        mark_early_stopped(setup.tracking_uri, run_dir)
+        raise
+    except Exception as err:  # noqa: BLE001
+        if not _is_divergence(err):
+            raise
+        final = {"val_top1": 0.0, "val_top1_std": 0.0, "epoch": epochs, "epochs": epochs,
+                 "trial_epochs": epochs, "full_budget": 1, "diverged": 1, "seeds": len(cfg.seeds),
+                 "error": str(err).splitlines()[0][:300], **extra}
+    final["mlflow_run_id"] = job_run_id(run_dir) or ""
+    _write_json(result_file, final)
+    tune.report(final)
+
+
+def run_train_trial(cfg, setup: TrialSetup, stage: str, extra: dict) -> list[dict]:
+    """Train-inside-Tune: this trial's job as a ``TorchTrainer`` run named after the trial."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from kdray.orchestrator.api import DistillResult
+    from kdray.orchestrator.job import plan_stages
+    from kdray.orchestrator.ray_runner import _use_gpu
+
+    tracking = None
+    stage_ids: dict[str, str] = {}
+    if setup.tracking_uri:
+        from kdray.orchestrator.tracking import JobTracking
+
+        tracking = JobTracking(setup.tracking_uri, cfg.mlflow.experiment, cfg.run_dir(), setup.parent_run_id)
+        stage_ids = tracking.start(cfg.name, cfg.model_dump(mode="json"), plan_stages(cfg), True)
+    try:
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": setup.tracking_uri,
+                               "stage_run_ids": stage_ids, "threads": cfg.ray.cpus_per_worker,
+                               "report": {"stage": stage, "epochs": cfg.train.epochs, "extra": extra}},
+            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=_use_gpu(cfg),
+                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            run_config=RunConfig(name=cfg.name, storage_path=os.path.dirname(cfg.run_dir()),
+                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                                 callbacks=[_tune_report_callback()]),
+        )
+        rows = trainer.fit().return_value
+        if tracking:
+            from kdray.orchestrator.plots import grouped_bars
+
+            outcome = DistillResult(rows, setup.tracking_uri, tracking.parent_id, cfg.run_dir())
+            tracking.finish(outcome.summary(), outcome.table(),
+                            grouped_bars({"distill": outcome.accuracies("distill")}, "test top-1",
+                                         f"{cfg.name}: test accuracy"))
+        return rows
+    except BaseException as err:
+        if tracking and not isinstance(err, SystemExit):
+            tracking.fail(err)
+        raise

@@ -1,0 +1,354 @@
+"""Faults injected for real: a Ray Train worker SIGKILLed mid-run, the driver SIGKILLed and resumed, SIGINT
+(Ctrl-C), a NaN loss, a metrics write lost after its checkpoint, a checkpoint lost after its metrics write.
+Whatever happens, the MLflow record ends FINISHED, or FAILED/KILLED with ``kdray.failure_reason``: never a
+dangling RUNNING run, and each epoch is in a stage's metric history exactly once."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+import kdray
+from jobs import digits_job
+from kdray.orchestrator import stale_runs
+from kdray.orchestrator.cli import main as cli_main
+from kdray.orchestrator.tracking import FAILURE_TAG, StageLogger
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCH_KEYS = ("train_loss", "val_top1", "lr")
+
+
+def job_runs(client: MlflowClient) -> list:
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exp_ids, "tags.`kdray.role` = 'job'")
+
+
+def stage_runs(client: MlflowClient, parent) -> dict:
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return {r.info.run_name: r for r in runs}
+
+
+def assert_each_epoch_once(client: MlflowClient, run_id: str, epochs: int) -> None:
+    for key in EPOCH_KEYS:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(epochs)), (key, sorted(steps))
+    assert len(client.get_metric_history(run_id, "test_top1")) == 1
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return {**env, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _start_cli(tmp_path, job: dict, *extra: str, log_name: str = "driver.log") -> tuple[subprocess.Popen, object]:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    log = open(tmp_path / log_name, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "kdray.orchestrator.cli", "run", str(path), *extra],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=_env())
+    return proc, log
+
+
+def _wait_for(path, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            pytest.fail(f"the driver ended (rc {proc.returncode}) before {path} appeared")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} did not appear in {timeout_s}s")
+        time.sleep(0.01)
+
+
+# --- a Ray Train worker killed mid-run ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_session, mlflow_uri, capfd):
+    from ray.util.state import list_actors
+
+    epochs = 15
+    common = dict(name="worker-kill", teacher__train__epochs=epochs, train__epochs=epochs, checkpoint__every_epochs=5)
+    reference = kdray.distill(digits_job(tmp_path / "reference", None, **common))  # uninterrupted, in-process
+    run_dir = tmp_path / "runs" / "worker-kill"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    killed: dict = {}
+    done = threading.Event()
+
+    def kill_a_worker_after_first_checkpoint():
+        deadline = time.monotonic() + 240
+        while not done.is_set() and time.monotonic() < deadline:
+            try:  # written by the Train controller once a checkpoint is registered
+                latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+            except (OSError, ValueError, KeyError, TypeError):
+                latest = None
+            if latest:
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                if len(workers) == 2:
+                    os.kill(workers[0].pid, signal.SIGKILL)
+                    killed.update(pid=workers[0].pid, checkpoint=latest["metrics"])
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    try:
+        result = kdray.distill(digits_job(tmp_path, mlflow_uri, ray__num_workers=2, ray__max_failures=2, **common))
+    finally:
+        done.set()
+        killer.join(10)
+    assert killed, "no worker was killed"
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed["pid"], 0)
+    output = "".join(capfd.readouterr())
+    if "epoch" in killed["checkpoint"]:  # a mid-stage checkpoint: the stage picks up after it
+        stage, epoch = killed["checkpoint"]["stage"], int(killed["checkpoint"]["epoch"]) + 1
+        assert re.search(rf"\[{re.escape(stage)}\] resumed at epoch {epoch}\b", output), output[-4000:]
+    for kind in ("teacher", "distill"):  # within the uninterrupted run's band
+        assert abs(result.accuracies(kind)[0] - reference.accuracies(kind)[0]) <= 0.05, kind
+    assert result.accuracies("distill")[0] > 0.8
+
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and FAILURE_TAG not in parent.data.tags
+    stages = stage_runs(client, parent)
+    assert set(stages) == {"teacher", "kd-seed0"}
+    for run in stages.values():
+        assert run.info.status == "FINISHED"
+        assert_each_epoch_once(client, run.info.run_id, epochs)
+
+
+# --- the driver killed outright, then --resume; stale runs -------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_driver_is_stale_then_resumes_into_the_same_run(tmp_path, mlflow_uri):
+    epochs = 30
+    job = digits_job(tmp_path, mlflow_uri, name="driver-kill", teacher__train__epochs=epochs, train__epochs=epochs,
+                     checkpoint__every_epochs=2)
+    run_dir = tmp_path / "runs" / "driver-kill"
+    proc, log = _start_cli(tmp_path, job)
+    try:
+        _wait_for(run_dir / "checkpoint" / "state.pt", proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    client = MlflowClient(mlflow_uri)
+    [parent] = job_runs(client)
+    assert parent.info.status == "RUNNING"  # nobody could close it ...
+    assert parent.data.tags["kdray.driver_pid"] == str(proc.pid)
+    assert parent.data.tags["kdray.driver_host"] == socket.gethostname()
+    assert [r.run_id for r in stale_runs.stale_runs(client)] == [parent.info.run_id]  # ... but it is stale
+    assert cli_main(["runs", "--stale", "--close", "--store", mlflow_uri]) == 0
+    closed = client.get_run(parent.info.run_id)
+    assert closed.info.status == "FAILED" and closed.data.tags[FAILURE_TAG] == stale_runs.STALE_REASON
+    assert all(r.info.status in ("FAILED", "FINISHED") for r in stage_runs(client, parent).values())
+    assert stale_runs.stale_runs(client) == []
+
+    proc, log = _start_cli(tmp_path, job, "--resume", log_name="resume.log")
+    try:
+        proc.wait(180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    output = (tmp_path / "resume.log").read_text()
+    assert proc.returncode == 0, output[-3000:]
+    assert "resumed at epoch" in output
+    [resumed] = job_runs(client)  # one job run: the same one, reopened
+    assert resumed.info.run_id == parent.info.run_id
+    assert resumed.info.status == "FINISHED" and FAILURE_TAG not in resumed.data.tags
+    assert resumed.data.tags["kdray.driver_pid"] == str(proc.pid) and "kdray.resumed_at" in resumed.data.tags
+    stages = stage_runs(client, resumed)
+    assert set(stages) == {"teacher", "kd-seed0"}
+    for run in stages.values():
+        assert run.info.status == "FINISHED" and FAILURE_TAG not in run.data.tags
+        assert_each_epoch_once(client, run.info.run_id, epochs)
+
+
+def test_stale_runs_only_local_dead_drivers(tmp_path, mlflow_uri):
+    client = MlflowClient(mlflow_uri)
+    exp = client.create_experiment("stale")
+    host = socket.gethostname()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, timeout=30)
+    dead_pid = gone.stdout.strip()
+    me_started_ms = int(stale_runs._process_start_s(os.getpid())[0] * 1000)
+
+    def job(name, pid, host, status="RUNNING", start_time=None):
+        run = client.create_run(exp, run_name=name, start_time=start_time, tags={
+            "kdray.role": "job", "kdray.driver_pid": str(pid), "kdray.driver_host": host})
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    dead = job("dead", dead_pid, host)
+    child = client.create_run(exp, run_name="stage", tags={"mlflow.parentRunId": dead}).info.run_id
+    job("alive", os.getpid(), host)
+    job("other-host", dead_pid, host + "-elsewhere")
+    job("finished", dead_pid, host, status="FINISHED")
+    reused = job("pid-reused", os.getpid(), host, start_time=me_started_ms - 3_600_000)  # run older than this pid
+    assert {r.name for r in stale_runs.stale_runs(client)} == {"dead", "pid-reused"}
+    assert cli_main(["runs", "--stale", "--store", mlflow_uri]) == 0  # lists, closes nothing
+    assert client.get_run(dead).info.status == "RUNNING"
+    assert cli_main(["runs", "--stale", "--close", "--store", mlflow_uri, "--experiment", "stale"]) == 0
+    for run_id in (dead, child, reused):
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED" and run.data.tags[FAILURE_TAG] == "driver gone"
+    assert {r.name: r.status for r in stale_runs.job_runs(client)}["alive"] == "RUNNING"
+    assert stale_runs.stale_runs(client) == []
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_marks_the_run_killed(tmp_path, mlflow_uri):
+    job = digits_job(tmp_path, mlflow_uri, name="ctrl-c", teacher__train__epochs=60, train__epochs=60,
+                     checkpoint__every_epochs=1)
+    proc, log = _start_cli(tmp_path, job)
+    try:
+        _wait_for(tmp_path / "runs" / "ctrl-c" / "checkpoint" / "state.pt", proc)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    output = (tmp_path / "driver.log").read_text()
+    assert proc.returncode == 130, output[-3000:]
+    assert "kdray: interrupted" in output
+    client = MlflowClient(mlflow_uri)
+    [parent] = job_runs(client)
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags[FAILURE_TAG].startswith("KeyboardInterrupt")
+    stages = stage_runs(client, parent)
+    assert stages["teacher"].info.status == "KILLED" and FAILURE_TAG in stages["teacher"].data.tags
+    assert all(r.info.status != "RUNNING" for r in stages.values())
+
+
+# --- NaN ---------------------------------------------------------------------------------------------
+
+
+def test_nan_loss_fails_the_run_naming_step_and_term(tmp_path, mlflow_uri, capsys):
+    job = digits_job(tmp_path, mlflow_uri, name="nan", teacher__train__epochs=2, train__epochs=2, train__lr=1e6)
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert cli_main(["run", str(path)]) == 2  # a user error: one line, exit code 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"kdray: error: non-finite loss at epoch \d+ step \d+: term\(s\) \[", err[0]), err
+    assert re.search(r"'(ce|kd)'", err[0])
+
+    client = MlflowClient(mlflow_uri)
+    [parent] = job_runs(client)
+    assert parent.info.status == "FAILED"
+    reason = parent.data.tags[FAILURE_TAG]
+    assert reason.startswith("NonFiniteLossError: non-finite loss at epoch") and "step" in reason
+    stages = stage_runs(client, parent)
+    assert stages["teacher"].info.status == "FINISHED"  # the stage before the NaN is kept
+    assert stages["kd-seed0"].info.status == "FAILED" and stages["kd-seed0"].data.tags[FAILURE_TAG] == reason
+
+
+# --- the metrics/checkpoint ordering, exactly once ----------------------------------------------------
+
+
+def test_metrics_write_lost_after_its_checkpoint_is_recovered(tmp_path, mlflow_uri, monkeypatch):
+    """Crash between a checkpoint and the metrics write it covers: the metrics ride in the checkpoint."""
+    epochs = 6
+    cfg = digits_job(tmp_path, mlflow_uri, name="lost-write", teacher__train__epochs=epochs, train__epochs=epochs,
+                     checkpoint__every_epochs=2)
+    flush, calls = StageLogger.flush, []
+
+    def flush_then_die(self):
+        calls.append(1)
+        if len(calls) == 2:  # the write after the teacher's epoch-4 checkpoint
+            raise ConnectionError("tracking server went away")
+        flush(self)
+
+    monkeypatch.setattr(StageLogger, "flush", flush_then_die)
+    with pytest.raises(ConnectionError):
+        kdray.distill(cfg)
+    monkeypatch.setattr(StageLogger, "flush", flush)
+    client = MlflowClient(mlflow_uri)
+    [parent] = job_runs(client)
+    assert parent.info.status == "FAILED" and "tracking server went away" in parent.data.tags[FAILURE_TAG]
+
+    result = kdray.distill(cfg, resume=True)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and FAILURE_TAG not in parent.data.tags
+    for run in stage_runs(client, parent).values():
+        assert run.info.status == "FINISHED"
+        assert_each_epoch_once(client, run.info.run_id, epochs)
+
+
+def test_checkpoint_lost_after_its_metrics_write_is_not_logged_twice(tmp_path, mlflow_uri, monkeypatch):
+    """Ray Train registers a checkpoint after the worker's report returned: a restart may replay epochs whose
+    metrics were written. Simulated here: the epoch-4 checkpoint is lost, the job dies at the stage end."""
+    from kdray.orchestrator.checkpoints import LocalCheckpoints
+
+    epochs = 6
+    cfg = digits_job(tmp_path, mlflow_uri, name="lost-ckpt", teacher__train__epochs=epochs, train__epochs=epochs,
+                     checkpoint__every_epochs=2)
+    save, calls = LocalCheckpoints.save, []
+
+    def lossy_save(self, payload, metrics):
+        calls.append(1)
+        if len(calls) == 2:
+            return  # never persisted
+        if len(calls) == 3:
+            raise OSError("node lost")  # the teacher's stage-end checkpoint
+        save(self, payload, metrics)
+
+    monkeypatch.setattr(LocalCheckpoints, "save", lossy_save)
+    with pytest.raises(OSError):
+        kdray.distill(cfg)
+    monkeypatch.setattr(LocalCheckpoints, "save", save)
+    result = kdray.distill(cfg, resume=True)  # replays teacher epochs 2..5 from the epoch-2 checkpoint
+    client = MlflowClient(mlflow_uri)
+    for run in stage_runs(client, client.get_run(result.parent_run_id)).values():
+        assert run.info.status == "FINISHED"
+        assert_each_epoch_once(client, run.info.run_id, epochs)
+
+
+# --- safety ------------------------------------------------------------------------------------------
+
+
+def test_every_torch_load_is_weights_only():
+    calls = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "kdray")):
+        for name in files:
+            if name.endswith(".py"):
+                text = open(os.path.join(folder, name)).read()
+                calls += [(name, m.group(0)) for m in re.finditer(r"torch\.load\([^)]*\)", text)]
+    assert calls
+    assert all("weights_only=True" in call for _, call in calls), [c for c in calls if "weights_only=True" not in c[1]]
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    from kdray.orchestrator.checkpoints import LocalCheckpoints
+
+    class Payload:  # any object that is not tensors/containers: a pickle could run code when loaded
+        pass
+
+    path = tmp_path / "checkpoint" / "state.pt"
+    path.parent.mkdir()
+    torch.save({"done": {}, "evil": Payload()}, path)
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        LocalCheckpoints(str(tmp_path)).latest()

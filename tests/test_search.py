@@ -1,0 +1,310 @@
+"""Issue 5: search with Ray Tune + Optuna (conditional spaces, ASHA, Pareto sets, MLflow, resume)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from jobs import digits_job
+from kdray.config import ConfigError
+from kdray.search.pareto import dominates, pareto_mask
+from kdray.search.space import Space, apply_params
+
+# A space where a smaller student than the base can win: the base is a wide MLP at a low learning rate.
+SPACE = {
+    "student.model": {"choice": {
+        "digits_mlp": {"student.args.hidden": {"int": [8, 32], "log": True}},
+        "digits_cnn": {"student.args.width": {"int": [2, 4]}},
+    }},
+    "train.lr": {"float": [0.03, 0.3], "log": True},
+    "methods.0.temperature": {"float": [1.0, 8.0]},
+}
+
+
+def small_base(tmp_path, mlflow_uri=None, epochs=6):
+    base = digits_job(tmp_path, mlflow_uri)
+    base["student"]["args"] = {"hidden": 48}
+    base["train"]["epochs"] = epochs
+    return base
+
+
+# --- spaces, without Ray -------------------------------------------------------------------------
+def test_space_conditional_define_by_run_and_resolve():
+    import optuna
+
+    space = Space({
+        "student.model": {"choice": {
+            "resnet{depth}": {"depth": {"choice": [8, 14]}, "student.args.width_mult": {"float": [0.25, 1.0]}},
+            "digits_mlp": {"student.args.hidden": {"int": [4, 64], "log": True}},
+        }},
+        "methods": {"choice": {"dkd": {"_value": [{"name": "dkd"}], "methods.0.beta": {"float": [1, 8]}},
+                               "kd": None}},
+        "train.batch_size": {"choice": [32, 64]},
+    })
+    dists = space.distributions()
+    assert {"student.model", "depth@resnet{depth}", "student.args.width_mult@resnet{depth}",
+            "student.args.hidden@digits_mlp", "methods.0.beta@dkd", "train.batch_size"} <= set(dists)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        space(trial)
+        params = dict(space.resolve(trial.params))
+        seen.add(params["student.model"])
+        if params["student.model"].startswith("resnet"):
+            assert params["student.model"] in ("resnet8", "resnet14")
+            assert "student.args.width_mult" in params and "student.args.hidden" not in params
+            assert not any(k.startswith("depth") for k in params)  # a local variable, not a config key
+        else:
+            assert set(trial.params) & {"depth@resnet{depth}"} == set()
+        study.tell(trial, 0.0)
+    assert seen >= {"resnet8", "resnet14", "digits_mlp"}
+    raw = {"student": {"model": "digits_mlp", "args": {"hidden": 16}}, "methods": [{"name": "kd", "alpha": 0.9}]}
+    out = apply_params(raw, [("student.model", "digits_cnn"), ("student.args.width", 4),
+                             ("methods.0.beta", 2.0), ("methods", [{"name": "dkd"}])])
+    assert out["student"] == {"model": "digits_cnn", "args": {"width": 4}}  # the base's MLP knobs are dropped
+    assert out["methods"] == [{"name": "dkd", "beta": 2.0}]  # the list is set before its items
+    assert raw["student"]["args"] == {"hidden": 16}
+
+
+def test_pareto_helpers():
+    modes = ["max", "min"]
+    assert dominates([0.9, 100], [0.8, 200], modes) and not dominates([0.9, 100], [0.9, 100], modes)
+    assert pareto_mask([[0.9, 100], [0.8, 200], [0.95, 300], [0.7, 50]], modes) == [True, False, True, True]
+
+
+@pytest.mark.parametrize("space, fragment", [
+    ({"train.lrr": {"float": [0.01, 0.1]}}, "unknown parameter 'train.lrr' (did you mean train.lr?)"),
+    ({"student.args.hidden": {"int": [32, 8]}}, "empty range [32, 8]"),
+    ({"train.lr": {"float": [0.0, 0.1], "log": True}}, "a log range needs low > 0"),
+    ({"methods.0.temperature": {"choice": []}}, "empty choice"),
+    ({"student.model": {"choice": {"digits_cnn": {"student.args.depth": {"int": [1, 3]}}}}},
+     "model 'digits_cnn' has no knob(s) ['depth']"),
+    ({"student.model": {"choice": {"resnet{depth}": {"depth": {"choice": [8, 10]}}}}},
+     "unknown model 'resnet10'"),
+    ({"student.model": {"choice": {"resnet{depth}": {"student.args.width_mult": {"float": [0.5, 1]}}}}},
+     "does not define 'depth'"),
+    ({"teacher.args.width": {"int": [8, 16]}}, "cannot be searched (the teacher is trained once per sweep"),
+    ({"methods.0.alpha": {"float": [0.5, 1.5]}}, "kd.alpha must be in [0, 1]"),
+])
+def test_bad_spaces_fail_in_one_line_before_any_trial(tmp_path, space, fragment):
+    import kdray
+
+    with pytest.raises(ConfigError) as info:
+        kdray.sweep(space, small_base(tmp_path), num_samples=2, name="bad", output_dir=str(tmp_path / "out"))
+    message = str(info.value)
+    assert fragment in message, message
+    assert "\n" not in message and isinstance(info.value, ValueError)
+    assert not (tmp_path / "out").exists()  # nothing ran: no sweep directory, no teacher, no trial
+
+
+def test_bad_search_settings_and_cli_error(tmp_path, capsys):
+    import kdray
+    from kdray.orchestrator.cli import main
+
+    with pytest.raises(ConfigError, match="unknown objective 'size'"):
+        kdray.sweep(SPACE, small_base(tmp_path), objectives=["val_top1:max", "size:min"])
+    with pytest.raises(ConfigError, match="grid cannot have conditional blocks"):
+        kdray.sweep(SPACE, small_base(tmp_path), sampler="grid", output_dir=str(tmp_path / "o"))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"base": small_base(tmp_path), "space": {"train.epochs": {"int": [5, 2]}}}))
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdray: error: space.train.epochs: empty range [5, 2]") and "\n" not in err
+
+
+# --- one multi-objective sweep with ASHA, shared by several checks ---------------------------------
+@pytest.fixture(scope="module")
+def mo_sweep(ray_session, tmp_path_factory):
+    import kdray
+
+    tmp = tmp_path_factory.mktemp("mo")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = kdray.sweep(SPACE, small_base(tmp, uri), num_samples=8, objectives=["val_top1:max", "params:min"],
+                         sampler="tpe", asha={"grace_period": 1, "reduction_factor": 2}, seeds=[0],
+                         name="mo", output_dir=str(tmp / "out"), verbose=0, log=lambda m: None)
+    return result, uri
+
+
+@pytest.mark.ray
+def test_asha_stops_trials_early(mo_sweep):
+    result, _ = mo_sweep
+    trials, max_epochs = result.trials, 6
+    assert len(trials) == 8 and trials["trial_id"].is_unique
+    stopped = trials["status"].isin(["early_stopped", "reevaluated"])
+    assert stopped.any(), trials[["name", "status", "epoch"]]
+    tune_epochs = trials.apply(lambda r: r["epoch"] if r["status"] == "early_stopped" else
+                               (r["epochs"] if r["status"] == "complete" else 0), axis=1)
+    assert trials["trial_epochs"].sum() < len(trials) * max_epochs  # re-evaluations included
+    assert tune_epochs.sum() < len(trials) * max_epochs
+
+
+@pytest.mark.ray
+def test_pareto_set_is_not_dominated(mo_sweep):
+    result, _ = mo_sweep
+    trials, pareto = result.trials, result.pareto
+    assert len(pareto) >= 1
+    assert set(pareto["status"]) <= {"complete", "reevaluated"}  # ASHA-stopped trials only after re-evaluation
+    modes = ["max", "min"]
+    others = trials[trials["status"] != "error"]
+    for _, p in pareto.iterrows():
+        for _, q in others.iterrows():
+            assert not dominates([q["val_top1"], q["params"]], [p["val_top1"], p["params"]], modes), (p, q)
+
+
+@pytest.mark.ray
+def test_sweep_beats_base_with_a_smaller_student(mo_sweep):
+    result, _ = mo_sweep
+    base, best = result.base, result.best
+    assert base["seeds"] == 1 and result.best_config["seeds"] == [0]  # same seeds, same split as the base
+    better = result.trials[(result.trials["full_budget"]) & (result.trials["val_top1"] >= base["val_top1"])
+                           & (result.trials["params"] < base["params"])]
+    assert len(better) >= 1, (base, result.trials[["name", "val_top1", "params", "status"]])
+    assert best["val_top1"] >= base["val_top1"]
+    cfg = kdray_config(result.best_config)
+    assert cfg.teacher.checkpoint and os.path.isfile(cfg.teacher.checkpoint)  # the sweep's trained teacher
+
+
+def kdray_config(raw):
+    from kdray.config import load_config
+
+    return load_config(raw)
+
+
+@pytest.mark.ray
+def test_sweep_is_tracked_in_mlflow(mo_sweep):
+    from mlflow.tracking import MlflowClient
+
+    result, uri = mo_sweep
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("kdray")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`kdray.role` = 'sweep'")
+    assert [r.info.run_id for r in parents] == [result.parent_run_id]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    names = sorted(r.info.run_name for r in children)
+    assert names == sorted(["base", *result.trials["name"]])
+    by_name = {r.info.run_name: r for r in children}
+    for _, row in result.trials.iterrows():
+        run = by_name[row["name"]]
+        assert run.info.run_id == row["run_id"]
+        assert run.data.tags["kdray.sweep.status"] == row["status"]
+        expected = "KILLED" if row["status"] == "early_stopped" else "FINISHED"
+        assert run.info.status == expected, (row["name"], run.info.status)
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"accuracy_vs_size.png", "pareto_front.png", "param_importances.png", "best_config.yaml",
+            "trials.csv"} <= artifacts
+    assert parent.data.metrics["best_val_top1"] == pytest.approx(result.best["val_top1"])
+    assert parent.data.params["best.student.model"] == result.best_params["student.model"]
+    version = client.get_model_version_by_alias(result.registered["name"], "champion")
+    assert version.version == result.registered["version"]
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model(f"models:/{result.registered['name']}@champion")
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == result.best["params"]
+
+
+# --- resume after the driver is killed -------------------------------------------------------------
+def _count(pattern_dir: str) -> int:
+    if not os.path.isdir(pattern_dir):
+        return 0
+    return sum(os.path.exists(os.path.join(pattern_dir, d, "trial_result.json")) for d in os.listdir(pattern_dir))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_resume_after_killing_the_driver(ray_session, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from kdray.orchestrator.cli import main
+
+    n = 6
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = small_base(tmp_path, uri, epochs=5)
+    sweep_yaml = tmp_path / "sweep.yaml"
+    sweep_yaml.write_text(yaml.safe_dump({
+        "name": "resume", "output_dir": str(tmp_path / "out"), "base": base, "space": SPACE,
+        "search": {"num_samples": n, "sampler": "tpe", "asha": {"grace_period": 2}, "max_concurrent": 2,
+                   "verbose": 0, "register_model": False},
+    }))
+    sweep_dir = tmp_path / "out" / "resume"
+    trials_dir = str(sweep_dir / "trials")
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "kdray.orchestrator.cli", "sweep", str(sweep_yaml)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while _count(trials_dir) < 2 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+    assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    assert _count(trials_dir) >= 2
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    client = MlflowClient(uri)
+    assert client.get_run(state["parent_run_id"]).info.status == "RUNNING"  # left behind by the dead driver
+    in_flight = {}
+    for d in os.listdir(trials_dir):
+        runs_file = os.path.join(trials_dir, d, "mlflow_runs.json")
+        if os.path.exists(runs_file) and not os.path.exists(os.path.join(trials_dir, d, "trial_result.json")):
+            in_flight[d] = json.loads(open(runs_file).read())["parent"]
+    finished_before = {d for d in os.listdir(trials_dir)
+                       if os.path.exists(os.path.join(trials_dir, d, "trial_result.json"))}
+    mtimes = {d: os.path.getmtime(os.path.join(trials_dir, d, "trial_result.json")) for d in finished_before}
+
+    assert main(["sweep", str(sweep_yaml), "--resume"]) == 0
+
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(sweep_dir / "tune"))
+    ids = [t.trial_id for t in analysis.trials]
+    assert len(ids) == n and len(set(ids)) == n
+    exp = client.get_experiment_by_name("kdray")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`kdray.role` = 'sweep'")
+    assert [r.info.run_id for r in parents] == [state["parent_run_id"]]  # reopened, not duplicated
+    assert parents[0].info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+    trial_runs = [r for r in children if r.info.run_name.startswith("trial-")]
+    assert sorted(r.info.run_name for r in trial_runs) == sorted(f"trial-{i}" for i in ids)
+    by_name = {r.info.run_name: r.info.run_id for r in trial_runs}
+    for name, run_id in in_flight.items():
+        if name in by_name:
+            assert by_name[name] == run_id  # the interrupted trial went on in its own MLflow run
+    for name in finished_before:  # finished trials were neither re-run nor re-logged
+        assert os.path.getmtime(os.path.join(trials_dir, name, "trial_result.json")) == mtimes[name]
+        run_id = by_name[name]
+        stage_runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+        for stage in stage_runs:
+            steps = [m.step for m in client.get_metric_history(stage.info.run_id, "val_top1")]
+            assert len(steps) == len(set(steps)), (name, steps)
+
+
+# --- Train inside Tune ---------------------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_inside_tune_two_workers_per_trial(ray_session, tmp_path):
+    import kdray
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = small_base(tmp_path, uri, epochs=3)
+    base["teacher"]["train"]["epochs"] = 3
+    result = kdray.sweep({"train.lr": {"float": [0.05, 0.2], "log": True}}, base, num_samples=2,
+                         asha={"grace_period": 1}, workers_per_trial=2, name="train", output_dir=str(tmp_path / "o"),
+                         verbose=0, register_model=False, log=lambda m: None)
+    assert len(result.trials) == 2
+    assert set(result.trials["status"]) <= {"complete", "early_stopped"}
+    assert (result.trials["status"] == "complete").any()
+    # every trial ran as a Ray Train run named after the trial, beside its own job's MLflow runs
+    for _, row in result.trials.iterrows():
+        assert os.path.exists(os.path.join(row["run_dir"], "mlflow_runs.json"))
+        assert any(d.startswith("checkpoint_") for d in os.listdir(row["run_dir"])) or row["status"] != "complete"
