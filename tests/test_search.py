@@ -205,7 +205,7 @@ def test_sweep_is_tracked_in_mlflow(mo_sweep):
     assert parent.data.metrics["best_val_top1"] == pytest.approx(result.best["val_top1"])
     assert parent.data.params["best.student.model"] == result.best_params["student.model"]
     version = client.get_model_version_by_alias(result.registered["name"], "champion")
-    assert version.version == result.registered["version"]
+    assert str(version.version) == result.registered["version"]
     import mlflow.pytorch
 
     model = mlflow.pytorch.load_model(f"models:/{result.registered['name']}@champion")

@@ -106,15 +106,16 @@ def test_cached_kd_loss_equals_live_kd_loss(caches, ckpt, splits):
     kd = create_method("kd", alpha=0.9, temperature=4.0)
     torch.manual_seed(1)
     student = create_model("digits_mlp", 10, hidden=16)
-    for x, y, idx in DataLoader(splits.train, batch_size=32, shuffle=True):  # shuffled: lookup by index
-        batch = Batch(x, y, idx)
-        s_out = ModelOutput(student(x))
-        want = kd(s_out, live(x), batch)
-        got, got16 = kd(s_out, exact(batch), batch), kd(s_out, half(batch), batch)
-        for key in want:
-            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6, abs=1e-7)
-            assert float(got16[key]) == pytest.approx(float(want[key]), rel=FP16_REL, abs=1e-5)
-        assert torch.allclose(exact(batch).logits, live(x).logits, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        for x, y, idx in DataLoader(splits.train, batch_size=32, shuffle=True):  # shuffled: lookup by index
+            batch = Batch(x, y, idx)
+            s_out = ModelOutput(student(x))
+            want = kd(s_out, live(x), batch)
+            got, got16 = kd(s_out, exact(batch), batch), kd(s_out, half(batch), batch)
+            for key in want:
+                assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6, abs=1e-7)
+                assert float(got16[key]) == pytest.approx(float(want[key]), rel=FP16_REL, abs=1e-5)
+            assert torch.allclose(exact(batch).logits, live(x).logits, atol=1e-5, rtol=0)
 
 
 def test_topk_encoding_keeps_top_probabilities(tmp_path, caches):

@@ -1,9 +1,11 @@
 """Teacher-output cache: ``kdray cache CONFIG`` runs the teacher over the training set once, students train from it.
 
 Writing: Ray Data runs the teacher in a fixed-size actor pool (``map_batches`` with a callable class,
-``compute=ActorPoolStrategy(size=n)``: one actor per GPU, or per CPU slot without GPUs). Each actor
-rebuilds the dataset and the teacher itself (only sample indices and the state_dict travel through the
-object store), and returns a pyarrow table per batch: sample index, view key and augmentation parameters,
+``compute=ActorPoolStrategy(size=n)``, the current form of ``concurrency=n``: one actor per GPU, or per
+CPU slot without GPUs) over blocks of sample indices. The training split and the teacher's state_dict reach
+the actors through the object store (a split that cannot be pickled is rebuilt by each actor and checked
+against the driver's fingerprint). Each actor builds its teacher once and returns a pyarrow table per
+batch: sample index, view key and augmentation parameters,
 and the full logits or the top-k logits with their logsumexp, float32 or float16. The driver writes them
 as one Parquet file with pyarrow, sorted by index, with the cache's identity in the schema metadata
 (key ``kdray.cache``) and in a small ``manifest.json`` beside it.
@@ -170,33 +172,36 @@ def outputs_table(indices: np.ndarray, logits: torch.Tensor, topk: int | None, f
 class TeacherActor:
     """Ray Data callable class: one frozen teacher per actor; maps a batch of sample ids to cache rows."""
 
-    def __init__(self, data: dict, teacher: dict, state, fingerprint: str, topk: int | None, float16: bool,
+    def __init__(self, data, teacher: dict, state, num_classes: int, topk: int | None, float16: bool,
                  use_gpu: bool, threads: int = 1):
         import ray
         import torch
 
-        from kdray.data import build_datasets
         from kdray.models import create_model
         from kdray.orchestrator.job import load_weights
 
         torch.set_num_threads(max(1, threads))
-        if isinstance(state, ray.ObjectRef):
-            state = ray.get(state)
-        self.splits = build_datasets(data["name"], root=data["root"], **data["options"])
-        if self.splits.fingerprint != fingerprint:
-            raise RuntimeError(f"the dataset on this node has fingerprint {self.splits.fingerprint}, the driver's "
-                               f"has {fingerprint}")
+        state, data = (ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in (state, data))
+        if isinstance(data, dict):  # the split could not be shipped: rebuild it here, check it is the same
+            from kdray.data import build_datasets
+
+            splits = build_datasets(data["name"], root=data["root"], **data["options"])
+            if splits.fingerprint != data["fingerprint"]:
+                raise RuntimeError(f"the dataset on this node has fingerprint {splits.fingerprint}, the driver's "
+                                   f"has {data['fingerprint']}")
+            data = splits.train
+        self.train = data
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model = create_model(teacher["model"], self.splits.num_classes, **teacher["args"])
-        self.model = load_weights(model, state, "teacher", self.splits.num_classes).eval().to(self.device)
+        model = create_model(teacher["model"], num_classes, **teacher["args"])
+        self.model = load_weights(model, state, "teacher", num_classes).eval().to(self.device)
         self.topk, self.float16 = topk, float16
 
     def __call__(self, batch: dict):
         import numpy as np
         import torch
 
-        ids = np.asarray(batch["id"], dtype=np.int64)
-        x = torch.stack([self.splits.train[int(i)][0] for i in ids]).to(self.device)
+        ids = np.asarray(batch["index"], dtype=np.int64)
+        x = torch.stack([self.train[int(i)][0] for i in ids]).to(self.device)
         with torch.no_grad():
             logits = self.model(x).float().cpu()
         return outputs_table(ids, logits, self.topk, self.float16)
@@ -244,13 +249,18 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
     slots = gpus if use_gpu else int(ray.available_resources().get("CPU", 1))
     n_batches = math.ceil(n / batch_size)
     size = max(1, min(actors or slots, n_batches))
-    ds = ray.data.range(n, override_num_blocks=max(size, min(n_batches, 4 * size)))
+    try:  # actors get the driver's training split (no data files needed on other nodes) ...
+        data = ray.put(splits.train)
+    except Exception:  # noqa: BLE001  ... unless it cannot be pickled: then each actor rebuilds it
+        data = {"name": cfg.data.name, "root": cfg.data.root, "options": _data_options(cfg),
+                "fingerprint": splits.fingerprint}
+    blocks = np.array_split(np.arange(n, dtype=np.int64), max(size, min(n_batches, 4 * size)))
+    ds = ray.data.from_numpy([b for b in blocks if len(b)]).rename_columns({"data": "index"})
     ds = ds.map_batches(
         TeacherActor, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={
-            "data": {"name": cfg.data.name, "root": cfg.data.root, "options": _data_options(cfg)},
-            "teacher": {"model": spec.model, "args": dict(spec.args)}, "state": ray.put(state),
-            "fingerprint": splits.fingerprint, "topk": topk, "float16": float16, "use_gpu": use_gpu,
+            "data": data, "teacher": {"model": spec.model, "args": dict(spec.args)}, "state": ray.put(state),
+            "num_classes": splits.num_classes, "topk": topk, "float16": float16, "use_gpu": use_gpu,
             "threads": int(cfg.ray.cpus_per_worker)},
         compute=ray.data.ActorPoolStrategy(size=size), num_gpus=1 if use_gpu else 0,
         num_cpus=0 if use_gpu else cfg.ray.cpus_per_worker)
@@ -309,7 +319,7 @@ def read_manifest(path: str) -> dict:
 def _column(table, name: str, width: int) -> np.ndarray:
     import numpy as np
 
-    return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    return np.array(table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(-1, width)
 
 
 def load_cached_teacher(path: str, manifest: dict | None = None):
@@ -333,7 +343,7 @@ def load_cached_teacher(path: str, manifest: dict | None = None):
         k = manifest["logits"]["topk"]
         values = logits_from_topk(torch.from_numpy(_column(table, "topk_values", k).astype(np.float32)),
                                   torch.from_numpy(_column(table, "topk_indices", k)),
-                                  torch.from_numpy(table.column("lse").to_numpy()), classes)
+                                  torch.from_numpy(np.array(table.column("lse").to_numpy())), classes)
     dense = torch.empty_like(values)
     dense[index] = values
     return CachedTeacher(dense, source=path)
