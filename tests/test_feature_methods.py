@@ -15,6 +15,15 @@ from kdray.algorithms import create_method, list_methods
 from kdray.algorithms.base import Batch, ModelOutput
 from tests.method_harness import assert_gradients_reach_student_and_connectors, short_training
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models: one intra-op thread is as fast and does not spin when the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 FEATURE_METHODS = ["fitnet", "at", "nst", "pkt", "ft", "ab", "vid", "ofd", "reviewkd"]
 # parameters that make the default phase the distillation phase at epoch 0
 MAIN_PHASE = {"ft": {"paraphraser_epochs": 0}}

@@ -163,8 +163,8 @@ def test_ray_job_submit_runs_kdray_on_a_real_head(ray_head, tmp_path):
         _ray_cli("job", "stop", "--address", address, "--no-wait", submission_id)
         logs = _ray_cli("job", "logs", "--address", address, submission_id).stdout
         pytest.fail(f"job did not finish in {JOB_TIMEOUT_S}s; logs:\n{logs[-4000:]}")
+    logs = submitted.stdout  # `ray job submit` without --no-wait tails the job's logs until it ends
     status = _ray_cli("job", "status", "--address", address, submission_id)
-    logs = _ray_cli("job", "logs", "--address", address, submission_id).stdout
     assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr, (
         status.stdout[-2000:], submitted.stderr[-3000:], logs[-4000:])
     assert submitted.returncode == 0

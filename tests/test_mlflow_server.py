@@ -56,7 +56,7 @@ def mlflow_server(tmp_path):
             time.sleep(0.25)
         yield url, artifacts
     finally:
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:

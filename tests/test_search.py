@@ -128,7 +128,7 @@ def mo_sweep(ray_session, tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     result = kdray.sweep(SPACE, small_base(tmp, uri), num_samples=8, objectives=["val_top1:max", "params:min"],
                          sampler="tpe", asha={"grace_period": 1, "reduction_factor": 2}, seeds=[0],
-                         name="mo", output_dir=str(tmp / "out"), verbose=0, log=lambda m: None)
+                         max_concurrent=2, name="mo", output_dir=str(tmp / "out"), verbose=0, log=lambda m: None)
     return result, uri
 
 
@@ -213,6 +213,25 @@ def test_sweep_is_tracked_in_mlflow(mo_sweep):
     assert n_params == result.best["params"]
 
 
+@pytest.mark.ray
+def test_seeds_are_repeated_and_averaged_with_latency_objective(ray_session, tmp_path):
+    import kdray
+    from kdray.orchestrator.checkpoints import LocalCheckpoints
+
+    result = kdray.sweep({"train.lr": {"float": [0.05, 0.2], "log": True}}, small_base(tmp_path, epochs=3),
+                         num_samples=2, objectives=["val_top1:max", "latency_ms:min"], asha=False, seeds=[0, 1],
+                         max_concurrent=2, name="seeds", output_dir=str(tmp_path / "out"), verbose=0,
+                         log=lambda m: None)
+    assert result.base["seeds"] == 2
+    for _, row in result.trials.iterrows():
+        done = LocalCheckpoints(row["run_dir"]).latest()["done"]
+        vals = [s["val_top1"] for s in done.values() if s["kind"] == "distill"]
+        assert sorted(s["seed"] for s in done.values() if s["kind"] == "distill") == [0, 1]
+        assert row["val_top1"] == pytest.approx(sum(vals) / 2)
+        assert row["trial_epochs"] == 6 and row["latency_ms"] > 0
+    assert len(result.pareto) >= 1 and "latency_ms" in result.pareto.columns
+
+
 # --- resume after the driver is killed -------------------------------------------------------------
 def _count(pattern_dir: str) -> int:
     if not os.path.isdir(pattern_dir):
@@ -222,14 +241,15 @@ def _count(pattern_dir: str) -> int:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_resume_after_killing_the_driver(ray_session, tmp_path):
+def test_resume_after_killing_the_driver(ray_session, workdir):
     from mlflow.tracking import MlflowClient
 
     from kdray.orchestrator.cli import main
 
-    n = 6
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    base = small_base(tmp_path, uri, epochs=5)
+    tmp_path, n = workdir, 6
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default store (./mlflow.db), not named in the config
+    base = small_base(tmp_path, epochs=5)
+    base["mlflow"] = {"enabled": True}
     sweep_yaml = tmp_path / "sweep.yaml"
     sweep_yaml.write_text(yaml.safe_dump({
         "name": "resume", "output_dir": str(tmp_path / "out"), "base": base, "space": SPACE,
@@ -240,8 +260,8 @@ def test_resume_after_killing_the_driver(ray_session, tmp_path):
     trials_dir = str(sweep_dir / "trials")
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "kdray.orchestrator.cli", "sweep", str(sweep_yaml)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    driver = subprocess.Popen([sys.executable, "-m", "kdray.orchestrator.cli", "sweep", "sweep.yaml"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     deadline = time.time() + 240
     while _count(trials_dir) < 2 and time.time() < deadline and driver.poll() is None:
         time.sleep(0.5)
@@ -261,7 +281,7 @@ def test_resume_after_killing_the_driver(ray_session, tmp_path):
                        if os.path.exists(os.path.join(trials_dir, d, "trial_result.json"))}
     mtimes = {d: os.path.getmtime(os.path.join(trials_dir, d, "trial_result.json")) for d in finished_before}
 
-    assert main(["sweep", str(sweep_yaml), "--resume"]) == 0
+    assert main(["sweep", "sweep.yaml", "--resume"]) == 0
 
     from ray.tune import ExperimentAnalysis
 

@@ -30,7 +30,7 @@ DIGITS = {"train_fraction": 0.2}
 FP16_REL = 2e-3
 
 
-def _train_teacher(splits, epochs: int = 30) -> torch.nn.Module:
+def _train_teacher(splits, epochs: int = 12) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model("digits_cnn", 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -41,6 +41,16 @@ def _train_teacher(splits, epochs: int = 30) -> torch.nn.Module:
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These digits models are tiny: one thread is fastest, and on a shared 2-core machine two threads that
+    spin-wait for each other cost up to 20x (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

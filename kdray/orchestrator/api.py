@@ -111,6 +111,11 @@ def _tracking_uri(cfg: Config) -> str | None:
 def _check_run_dir(cfg: Config, resume: bool) -> None:
     from kdray.orchestrator.tracking import RUNS_FILE
 
+    existing = cfg.run_dir()  # resolved to an absolute path; its nearest existing folder must be writable
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: cannot write {cfg.run_dir()} ({existing} is not a writable directory)")
     marker = os.path.join(cfg.run_dir(), RUNS_FILE)
     has_ckpt = os.path.exists(os.path.join(cfg.run_dir(), "checkpoint")) or any(
         n.startswith("checkpoint_") for n in (os.listdir(cfg.run_dir()) if os.path.isdir(cfg.run_dir()) else []))

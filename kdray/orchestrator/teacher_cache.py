@@ -262,8 +262,7 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
             "data": data, "teacher": {"model": spec.model, "args": dict(spec.args)}, "state": ray.put(state),
             "num_classes": splits.num_classes, "topk": topk, "float16": float16, "use_gpu": use_gpu,
             "threads": int(cfg.ray.cpus_per_worker)},
-        compute=ray.data.ActorPoolStrategy(size=size), num_gpus=1 if use_gpu else 0,
-        num_cpus=0 if use_gpu else cfg.ray.cpus_per_worker)
+        compute=ray.data.ActorPoolStrategy(size=size), num_gpus=1 if use_gpu else 0, num_cpus=cfg.ray.cpus_per_worker)
     table = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("index")
     index = table.column("index").to_numpy()
     if len(index) != n or not np.array_equal(index, np.arange(n)):
@@ -293,7 +292,7 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
     what = f"top-{topk}" if topk else "full"
     log(f"cached {what} {manifest['logits']['dtype']} logits of {spec.model} for {n} x {splits.num_classes} "
         f"({cfg.data.name}, fixed views) with {size} actor(s) in {time.perf_counter() - start:.1f}s: "
-        f"{output} ({size_mb:.2f} MiB)")
+        f"{output} ({size_mb:.2f} MiB); train students with teacher.cache={output}")
     return manifest
 
 

@@ -306,6 +306,30 @@ def _sampler(search: SearchSpec, space, num_samples: int):
                                           group=True, constant_liar=True)
 
 
+def _progress_callback(log, total: int):
+    """One line per finished trial (Tune's own tables: ``search.verbose: 1``)."""
+    from ray import tune
+
+    class TrialProgress(tune.Callback):
+        def __init__(self):
+            self.done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            r = trial.last_result or {}
+            if "val_top1" not in r:
+                return
+            how = ("full budget" if r.get("full_budget") else f"stopped by ASHA at epoch {r.get('epoch')}")
+            log(f"[{self.done}/{total}] {trial_name(trial)}: val top-1 {r['val_top1']:.4f}, "
+                f"{int(r.get('params', 0)):,} params, {how}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            log(f"[{self.done}/{total}] {trial_name(trial)}: error (see {trial.path})")
+
+    return TrialProgress()
+
+
 def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info: dict, base: Config, log):
     import ray
     from ray import tune
@@ -351,7 +375,8 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
                                     trial_dirname_creator=trial_name,
                                     reuse_actors=search.workers_per_trial == 0),
         run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, verbose=search.verbose,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[_progress_callback(log, num_samples)]),
     )
     return tuner.fit()
 
@@ -478,12 +503,13 @@ def _select(df, search: SearchSpec):
     return df, best_idx
 
 
-def _run_base(base: Config, sweep_dir: str, parent: str | None, log) -> dict:
+def _run_base(base: Config, sweep_dir: str, parent: str | None, uri: str | None, log) -> dict:
     """The base configuration as a job (teacher stage + distilled students on the sweep's seeds)."""
     from kdray.orchestrator.api import distill
 
     raw = base.model_dump(mode="json")
     raw.update(name="base", output_dir=sweep_dir)
+    raw["mlflow"] = {**raw["mlflow"], "tracking_uri": uri, "enabled": uri is not None}
     cfg = load_config(raw)
     log(f"base configuration: {cfg.student.model} {cfg.student.args} with {'+'.join(m.name for m in cfg.methods)}"
         f", seeds {cfg.seeds}{' (training the teacher)' if cfg.teacher.train else ''}")
@@ -550,12 +576,14 @@ def run_sweep(name: str, output_dir: str | None, raw: dict, space: Space | Calla
     parent = tracking.parent_id if tracking else None
     try:
         if "base" not in state:
-            state["base"] = _run_base(base, sweep_dir, parent, log)
+            state["base"] = _run_base(base, sweep_dir, parent, uri, log)
             write_state(state_path, state)
         base_result = state["base"]
         log(f"base: val top-1 {base_result['val_top1']:.4f}, test top-1 {base_result['test_top1']:.4f}, "
             f"{int(base_result['params']):,} params")
         trial_raw = base.model_dump(mode="json")
+        # trials run in Tune's per-trial working directories: give them the resolved (absolute) store
+        trial_raw["mlflow"] = {**trial_raw["mlflow"], "tracking_uri": uri, "enabled": uri is not None}
         teacher_bytes = None
         teacher_path = None
         if base.teacher.train is not None:

@@ -67,7 +67,7 @@ class SearchSpec(_Strict):
     register_model: bool = True
     model_name: str | None = None
     latency_batch: int = Field(1, gt=0)
-    verbose: int = Field(1, ge=0, le=2)
+    verbose: int = Field(0, ge=0, le=2)  # Tune's own output; kdray prints one line per finished trial
 
     @field_validator("objectives", mode="before")
     @classmethod
