@@ -27,3 +27,25 @@ def test_two_worker_job_matches_in_process_band(tmp_path, ray_session, mlflow_ur
     for child in children:
         history = client.get_metric_history(child.info.run_id, "val_top1")
         assert sorted(m.step for m in history) == list(range(15))
+
+
+def test_schemes_on_two_workers_match_in_process(tmp_path, ray_session):
+    """Peer-parallel DML (one peer per worker) and a teacher-sharded ensemble, each one Ray Train run."""
+    cnn = {"model": "digits_cnn", "args": {"width": 4}}
+    online = dict(scheme="online", methods=[], online={"peers": [cnn, cnn]}, train__epochs=4,
+                  checkpoint__every_epochs=4)
+    t = {"model": "digits_mlp", "args": {"hidden": 32}, "train": {"epochs": 4, "batch_size": 32}}
+    multi = dict(scheme="multi_teacher", teachers=[t, {**t, "args": {"hidden": 24}}], train__epochs=4,
+                 checkpoint__every_epochs=4)
+    for label, over in (("online", online), ("multi", multi)):
+        runs = []
+        for workers in (0, 2):
+            cfg = digits_job(tmp_path, name=f"{label}{workers}", ray__num_workers=workers, **over)
+            cfg.pop("teacher")
+            runs.append(kdray.distill(cfg))
+        local, ray2 = runs
+        last = local.stages[-1]["kind"]
+        a, b = local.accuracies(last)[0], ray2.accuracies(last)[0]
+        assert abs(a - b) <= 0.03, (label, a, b)
+        if label == "online":
+            assert len(ray2.stages[-1]["peer_test_top1"]) == 2

@@ -36,6 +36,19 @@ def _use_gpu(cfg: Config) -> bool:
     return bool(cfg.ray.use_gpu)
 
 
+def _prepare(module):
+    """DDP-wrap the trainable module. Terms with pre-training phases (FitNet hints, FT paraphraser, AB)
+    leave some parameters without gradient for a while, which DDP must be told about."""
+    import ray.train.torch
+
+    from kdray.algorithms.base import KnowledgeTerm
+
+    phased = any(type(t).uses_hard_labels is not KnowledgeTerm.uses_hard_labels
+                 for t in getattr(module, "terms", []))
+    return ray.train.torch.prepare_model(module, move_to_device=True,
+                                         parallel_strategy_kwargs={"find_unused_parameters": phased})
+
+
 def train_worker(loop_config: dict) -> list[dict]:
     """The Ray Train per-worker function: rebuild the config and run the job with Ray's context."""
     import ray.train
@@ -54,7 +67,7 @@ def train_worker(loop_config: dict) -> list[dict]:
         world_size=world,
         device=ray.train.torch.get_device(),
         checkpoints=RayCheckpoints(rank),
-        wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=True),
+        wrap=_prepare,
         tracking_uri=loop_config.get("tracking_uri"),
         stage_run_ids=loop_config.get("stage_run_ids", {}),
         log=(lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None),
