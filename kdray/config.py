@@ -227,6 +227,10 @@ class Config(_Strict):
                 raise ValueError(f"ensemble.weights needs one weight per teacher ({len(self.teachers)}), got {w}")
         if self.scheme == "online" and len(self.online.peers) < 2:
             raise ValueError(f"scheme 'online' needs at least 2 online.peers, got {len(self.online.peers)}")
+        k = len(self.online.peers)
+        if self.scheme == "online" and self.ray.num_workers not in (0, 1, k):
+            raise ValueError(f"scheme 'online' with {k} peers needs ray.num_workers {k} (one peer per worker) or "
+                             f"0/1 (all peers in one process), got {self.ray.num_workers}")
         if self.scheme in ("online", "self") and (self.teacher is not None or self.teachers):
             raise ValueError(f"scheme {self.scheme!r} trains without a pre-trained teacher; remove teacher/teachers")
         return self
