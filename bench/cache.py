@@ -4,7 +4,7 @@ The cached teacher is what ``teacher.cache`` gives a training stage: a CIFAR-100
 of teacher logits, looked up by the batch's (shuffled) sample indices. Steps are timed round-robin
 (``time_interleaved``) so that a shared machine's load hits all three alike. Goal: cached within 1.05x of
 the plain student step. Also reports how long reading such a cache from Parquet takes.
-Run: ``python bench/cache.py [--device cuda] [--batch 64] [--repeats 10]``.
+Run: ``python bench/cache.py [--device cuda] [--batch 64] [--repeats 10] [--threads N]``.
 """
 from __future__ import annotations
 
@@ -54,7 +54,10 @@ def main() -> None:
     parser.add_argument("--teacher", default="resnet56")
     parser.add_argument("--student", default="resnet20")
     parser.add_argument("--samples", type=int, default=50_000, help="rows of the cached table (CIFAR train set)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     classes = 100

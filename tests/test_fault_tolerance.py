@@ -89,7 +89,9 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_session, mlflo
     from ray.util.state import list_actors
 
     epochs = 15
-    common = dict(name="worker-kill", teacher__train__epochs=epochs, train__epochs=epochs, checkpoint__every_epochs=5)
+    every = 5
+    common = dict(name="worker-kill", teacher__train__epochs=epochs, train__epochs=epochs,
+                  checkpoint__every_epochs=every)
     reference = kdray.distill(digits_job(tmp_path / "reference", None, **common))  # uninterrupted, in-process
     run_dir = tmp_path / "runs" / "worker-kill"
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
@@ -97,21 +99,32 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_session, mlflo
     done = threading.Event()
     gcs = ray_session.get_runtime_context().gcs_address  # this session's Ray, not another on the machine
 
+    def teacher_epochs_in_mlflow() -> int:
+        try:
+            with open(run_dir / "mlflow_runs.json") as fh:
+                run_id = json.load(fh)["stages"]["teacher"]
+            return len(MlflowClient(mlflow_uri).get_metric_history(run_id, "val_top1"))
+        except Exception:  # noqa: BLE001  (not created yet)
+            return 0
+
     def kill_a_worker_after_first_checkpoint():
+        # Aim at the window Ray Train leaves open: rank 0 has written the metrics of its second checkpoint,
+        # which the controller (polling every 2 s) has not registered yet, so the restart replays them.
         deadline = time.monotonic() + 240
         while not done.is_set() and time.monotonic() < deadline:
             try:  # written by the Train controller once a checkpoint is registered
-                latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+                latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]
             except (OSError, ValueError, KeyError, TypeError):
                 latest = None
-            if latest:
+            logged = teacher_epochs_in_mlflow() if latest else 0
+            if latest and (logged >= 2 * every or latest.get("epoch") != every - 1):
                 workers = list_actors(address=gcs, filters=[("class_name", "=", "RayTrainWorker"),
                                                             ("state", "=", "ALIVE")])
                 if len(workers) == 2:
                     os.kill(workers[0].pid, signal.SIGKILL)
-                    killed.update(pid=workers[0].pid, checkpoint=latest["metrics"])
+                    killed.update(pid=workers[0].pid, checkpoint=latest, logged=logged)
                     return
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
     killer.start()
@@ -124,9 +137,12 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_session, mlflo
     with pytest.raises(ProcessLookupError):
         os.kill(killed["pid"], 0)
     output = "".join(capfd.readouterr())
-    if "epoch" in killed["checkpoint"]:  # a mid-stage checkpoint: the stage picks up after it
+    if "epoch" in killed["checkpoint"]:
+        # a mid-stage checkpoint: the stage picks up after it (or after the next, if that got registered
+        # between reading the snapshot and the kill)
         stage, epoch = killed["checkpoint"]["stage"], int(killed["checkpoint"]["epoch"]) + 1
-        assert re.search(rf"\[{re.escape(stage)}\] resumed at epoch {epoch}\b", output), output[-4000:]
+        resumed = re.findall(rf"\[{re.escape(stage)}\] resumed at epoch (\d+)", output)
+        assert resumed and int(resumed[0]) in (epoch, epoch + every), (killed, output[-4000:])
     for kind in ("teacher", "distill"):  # within the uninterrupted run's band
         assert abs(result.accuracies(kind)[0] - reference.accuracies(kind)[0]) <= 0.05, kind
     assert result.accuracies("distill")[0] > 0.8

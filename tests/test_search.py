@@ -163,9 +163,10 @@ def test_sweep_beats_base_with_a_smaller_student(mo_sweep):
     result, _ = mo_sweep
     base, best = result.base, result.best
     assert base["seeds"] == 1 and result.best_config["seeds"] == [0]  # same seeds, same split as the base
-    better = result.trials[(result.trials["full_budget"]) & (result.trials["val_top1"] >= base["val_top1"])
-                           & (result.trials["params"] < base["params"])]
-    assert len(better) >= 1, (base, result.trials[["name", "val_top1", "params", "status"]])
+    smaller = result.smaller
+    assert smaller is not None, (base, result.trials[["name", "val_top1", "params", "status"]])
+    assert smaller["val_top1"] >= base["val_top1"] and smaller["params"] < base["params"]
+    assert smaller["full_budget"] and smaller["status"] in ("complete", "reevaluated")
     assert best["val_top1"] >= base["val_top1"]
     cfg = kdray_config(result.best_config)
     assert cfg.teacher.checkpoint and os.path.isfile(cfg.teacher.checkpoint)  # the sweep's trained teacher

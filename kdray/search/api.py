@@ -24,7 +24,7 @@ from kdray.config import Config, ConfigError, load_config
 from kdray.search.space import CallableSpace, Space, apply_params, make_space
 from kdray.search.spec import SearchSpec, auto_grace, base_raw, load_sweep_spec
 from kdray.search.tracking import read_state, write_state
-from kdray.search.trial import RESULT_FILE, TrialSetup, job_run_id, mark_early_stopped, run_trial, summarize, \
+from kdray.search.trial import RESULT_FILE, TrialSetup, continue_job, job_run_id, mark_early_stopped, run_trial, \
     trial_name
 
 STATE_FILE = "sweep.json"
@@ -47,6 +47,8 @@ class SweepResult:
     parent_run_id: str | None = None
     registered: dict | None = None
     notes: list[str] = field(default_factory=list)
+    #: the smallest full-budget student at least as accurate (val top-1) as the base, with fewer parameters
+    smaller: dict | None = None
 
     def summary(self) -> str:
         rows = ["| | val top-1 | test top-1 | params | trial |", "|---|---|---|---|---|"]
@@ -55,6 +57,10 @@ class SweepResult:
         if self.best:
             s = self.best
             rows.append(f"| **best trial** | {s['val_top1']:.4f} | {_fmt(s.get('test_top1'))} | "
+                        f"{int(s['params']):,} | {s['name']} |")
+        if self.smaller:
+            s = self.smaller
+            rows.append(f"| smallest trial >= base | {s['val_top1']:.4f} | {_fmt(s.get('test_top1'))} | "
                         f"{int(s['params']):,} | {s['name']} |")
         metrics = [o.split(":")[0] for o in self.objectives]
         lines = ["\n".join(rows), ""]
@@ -145,6 +151,16 @@ def sweep_file(source: str | dict, overrides: list[str] | None = None, resume: b
 
 
 # --- the sweep -----------------------------------------------------------------------------------
+def _checkpoint_every(search: SearchSpec, info: dict, base_every: int) -> int:
+    """In-process trials checkpoint (and flush their epoch metrics to MLflow) at every epoch where ASHA
+    can stop them: multiples of the grace period when the reduction factor is whole, else every epoch.
+    A stopped trial then holds its state at the stop, and re-evaluation continues from there."""
+    if search.asha is None:
+        return base_every
+    rf = search.asha.reduction_factor
+    return info["grace"] if float(rf).is_integer() else 1
+
+
 def _base_config(raw: dict, search: SearchSpec) -> Config:
     """The base job as every trial sees it: the search's seeds, no from-scratch baseline, the placement."""
     raw = copy.deepcopy(raw)
@@ -443,10 +459,9 @@ def _eligible(df):
     return df[df["full_budget"] & ~df["diverged"] & (df["status"] != "error")]
 
 
-def _reevaluate(df, setup: TrialSetup, search: SearchSpec, state: dict, state_path: str, log):
+def _reevaluate(df, setup: TrialSetup, search: SearchSpec, state: dict, state_path: str, log, every: int):
     """Continue ASHA-stopped trials that no full-budget trial dominates to the full budget (their own job,
     from its last checkpoint, into its own MLflow runs); they may then join the Pareto set."""
-    from kdray.orchestrator.api import distill
     from kdray.search.pareto import dominated_by_any
 
     if not search.multi_objective or search.reevaluate == 0 or not len(df):
@@ -461,24 +476,33 @@ def _reevaluate(df, setup: TrialSetup, search: SearchSpec, state: dict, state_pa
     if skipped:
         log(f"re-evaluation: {len(skipped)} more stopped candidate(s) left out (search.reevaluate="
             f"{search.reevaluate})")
-    for row in candidates[: search.reevaluate]:
-        final = done.get(row["trial_id"])
-        if final is None:
-            cfg = load_config(setup.job_config(row["optuna_params"], row["name"]))
-            log(f"re-evaluating {row['name']} at full budget ({cfg.train.epochs} epochs x {len(cfg.seeds)} seeds)")
-            extra = {"params": row["params"]}
-            if "latency_ms" in row:
-                extra["latency_ms"] = row["latency_ms"]
-            try:
-                outcome = distill(cfg, resume=True, parent_run_id=setup.parent_run_id, log=_quiet)
-                final = summarize(outcome.stages, cfg, extra)
-            except FloatingPointError as err:
-                final = {"val_top1": 0.0, "diverged": 1, "error": str(err)[:300],
-                         "trial_epochs": cfg.train.epochs * len(cfg.seeds)}
-            final["trial_epochs"] = int(row["trial_epochs"]) + max(
-                0, cfg.train.epochs * len(cfg.seeds) - int(row["epoch"]))
-            done[row["trial_id"]] = final
+    todo = [r for r in candidates[: search.reevaluate] if r["trial_id"] not in done]
+    jobs = {}
+    for row in todo:
+        job = setup.job_config(row["optuna_params"], row["name"])
+        job["checkpoint"]["every_epochs"] = every  # the base's: nothing will stop it now
+        extra = {"params": row["params"], **({"latency_ms": row["latency_ms"]} if "latency_ms" in row else {})}
+        jobs[row["trial_id"]] = (job, extra, row)
+    if jobs:
+        log(f"re-evaluating {len(jobs)} ASHA-stopped Pareto candidate(s) at full budget "
+            f"({', '.join(r['name'] for _, _, r in jobs.values())})")
+    if jobs and setup.workers == 0:  # in-process trials: re-evaluate them side by side as Ray tasks
+        import ray
+
+        task = ray.remote(continue_job).options(num_cpus=setup.cpus_per_trial, max_retries=0)
+        refs = {task.remote(job, setup.parent_run_id, extra, setup.cpus_per_trial): tid
+                for tid, (job, extra, _) in jobs.items()}
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            tid = refs.pop(ready[0])
+            done[tid] = _with_epochs(ray.get(ready[0]), jobs[tid])
             write_state(state_path, state)
+    else:
+        for tid, (job, extra, row) in jobs.items():
+            done[tid] = _with_epochs(continue_job(job, setup.parent_run_id, extra, 0), jobs[tid])
+            write_state(state_path, state)
+    for row in candidates[: search.reevaluate]:
+        final = done[row["trial_id"]]
         i = df.index[df["trial_id"] == row["trial_id"]][0]
         for key in ("val_top1", "val_top1_std", "test_top1", "trial_epochs", "best_stage"):
             if key in final:
@@ -488,6 +512,14 @@ def _reevaluate(df, setup: TrialSetup, search: SearchSpec, state: dict, state_pa
         df.at[i, "full_budget"] = not bool(final.get("diverged", 0))
         df.at[i, "status"] = "diverged" if final.get("diverged") else "reevaluated"
     return df
+
+
+def _with_epochs(final: dict, item) -> dict:
+    """Trial-epochs of a re-evaluated trial: what Tune ran plus the epochs it took to finish."""
+    job, _, row = item
+    total = job["train"]["epochs"] * len(job["seeds"])
+    final["trial_epochs"] = int(row["trial_epochs"]) + max(0, total - int(row["epoch"]))
+    return final
 
 
 def _select(df, search: SearchSpec):
@@ -501,6 +533,16 @@ def _select(df, search: SearchSpec):
     df.loc[ok.index[mask], "pareto"] = True
     best_idx = ok.sort_values(["val_top1", "params"], ascending=[False, True]).index[0]
     return df, best_idx
+
+
+def _smaller(df, base: dict) -> dict | None:
+    ok = _eligible(df) if len(df) else df
+    if not len(ok):
+        return None
+    wins = ok[(ok["val_top1"] >= base["val_top1"]) & (ok["params"] < base["params"])]
+    if not len(wins):
+        return None
+    return wins.sort_values(["params", "val_top1"], ascending=[True, False]).iloc[0].to_dict()
 
 
 def _run_base(base: Config, sweep_dir: str, parent: str | None, uri: str | None, log) -> dict:
@@ -597,7 +639,8 @@ def run_sweep(name: str, output_dir: str | None, raw: dict, space: Space | Calla
             trial_raw["teacher"] = {"model": base.teacher.model, "args": base.teacher.args,
                                     "checkpoint": teacher_path}
         if search.workers_per_trial == 0:
-            trial_raw["checkpoint"] = {**trial_raw["checkpoint"], "every_epochs": 1}
+            trial_raw["checkpoint"] = {**trial_raw["checkpoint"], "every_epochs": _checkpoint_every(
+                search, info, base.checkpoint.every_epochs)}
         setup = TrialSetup(base=trial_raw, space=space, trials_dir=os.path.join(sweep_dir, "trials"),
                            metrics=search.metrics, parent_run_id=parent, tracking_uri=uri,
                            workers=search.workers_per_trial, cpus_per_trial=search.cpus_per_trial,
@@ -611,7 +654,7 @@ def run_sweep(name: str, output_dir: str | None, raw: dict, space: Space | Calla
                 log(f"MLflow: removed {len(deleted)} run(s) of trials Tune never recorded")
             for _, row in df[df["status"] == "early_stopped"].iterrows():
                 mark_early_stopped(uri, row["run_dir"], int(row["epoch"]))
-        df = _reevaluate(df, setup, search, state, state_path, log)
+        df = _reevaluate(df, setup, search, state, state_path, log, base.checkpoint.every_epochs)
         df, best_idx = _select(df, search)
         best = df.loc[best_idx].to_dict() if best_idx is not None else None
         best_params = dict(setup.params(best["optuna_params"])) if best else {}
@@ -622,7 +665,7 @@ def run_sweep(name: str, output_dir: str | None, raw: dict, space: Space | Calla
             best_config = load_config(job).model_dump(mode="json")
         pareto = df[df["pareto"]].sort_values(search.metrics[1] if search.multi_objective else "val_top1")
         result = SweepResult(best_config, best_params, best, pareto.reset_index(drop=True), df, base_result,
-                             list(search.objectives), sweep_dir, uri, parent)
+                             list(search.objectives), sweep_dir, uri, parent, smaller=_smaller(df, base_result))
         if tracking and not state.get("logged"):
             _log_outcome(tracking, result, info, search, state, state_path, setup, log)
         result.registered = state.get("registered")
@@ -665,6 +708,10 @@ def _log_outcome(tracking, result: SweepResult, info: dict, search: SearchSpec, 
         params = {f"best.{k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
                   for k, v in result.best_params.items()}
         params["best.trial"] = best["name"]
+    if result.smaller:
+        metrics.update(smaller_val_top1=result.smaller["val_top1"], smaller_test_top1=result.smaller["test_top1"],
+                       smaller_params=result.smaller["params"])
+        params["smaller.trial"] = result.smaller["name"]
         texts["best_config.yaml"] = yaml.safe_dump(result.best_config, sort_keys=False)
     table = df.drop(columns=["optuna_params", "run_dir"], errors="ignore")
     texts["trials.csv"] = table.to_csv(index=False)

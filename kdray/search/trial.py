@@ -365,3 +365,23 @@ def run_train_trial(cfg, setup: TrialSetup, stage: str, extra: dict) -> list[dic
         if tracking and not isinstance(err, SystemExit):
             tracking.fail(err)
         raise
+
+
+def continue_job(job: dict, parent_run_id: str | None, extra: dict, threads: int = 1) -> dict:
+    """Finish a trial's job at full budget (an ASHA-stopped Pareto candidate): ``distill`` resumes it from
+    its last checkpoint, into its own MLflow runs. Runs in the driver or as a Ray task."""
+    import torch
+
+    from kdray.config import load_config
+    from kdray.orchestrator.api import distill
+
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    cfg = load_config(job)
+    try:
+        outcome = distill(cfg, resume=True, parent_run_id=parent_run_id, log=lambda msg: None)
+    except Exception as err:  # noqa: BLE001
+        if not _is_divergence(err):
+            raise
+        return {"val_top1": 0.0, "diverged": 1, "error": str(err).splitlines()[0][:300]}
+    return summarize(outcome.stages, cfg, extra)
