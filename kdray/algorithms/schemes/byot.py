@@ -15,19 +15,21 @@ where ``F_i`` is the exit's pooled bottleneck feature and ``F_C`` the pooled dee
 input of the model's classifier for ResNets and ``digits_cnn``). The squared L2 is summed over channels
 and averaged over the batch.
 
-Defaults: ``alpha = 0.3``, ``T = 3``, ``lambda = 0.03``. The paper gives the loss (its eq. 1-4) with
-``alpha`` and ``lambda`` as hyper-parameters; ``T = 3`` with the ``T^2`` factor is what the paper's
-unofficial code (``luanyunteng/pytorch-be-your-own-teacher``) uses, and the CE 0.7 / KD 0.3 / feature
-0.03 weights are MMRazor's BYOT CIFAR-100 ResNet-18 recipe. That unofficial code defaults to
-``alpha = 0.1`` and a feature weight of ``1e-6`` on a *summed* (not batch-averaged) squared error,
-so its numbers are not comparable one-to-one with ``lambda`` here.
+Defaults: ``alpha = 0.3``, ``T = 3``, ``lambda = 0.03``. The paper states the loss with ``alpha`` and
+``lambda`` as hyper-parameters; the values come from public implementations: ``T = 3`` with the ``T^2``
+factor is the unofficial code's (``luanyunteng/pytorch-be-your-own-teacher``, ``train.py``), and
+CE 0.7 / KD 0.3 at ``T = 3`` / feature 0.03 is MMRazor's BYOT recipe (``configs/distill/mmcls/byot``).
+That unofficial code defaults to ``alpha = 0.1`` and a feature weight of ``1e-6`` on a squared error
+*summed* over the batch, and MMRazor's CIFAR-100 config applies its 0.03 to the (unsquared) norm over the
+whole batch, so neither feature weight maps one-to-one onto ``lambda`` here.
 
-Simplification (stated, not hidden): the paper's shallow exits use bottleneck blocks (its extension
-adds attention modules). Here each exit is one simple bottleneck as in the unofficial code: 1x1 conv to
+Simplification (stated, not hidden): the paper attaches bottleneck blocks before each shallow classifier;
+here each exit is one simple bottleneck in the shape of the unofficial code's: 1x1 conv to
 ``C_deep / bottleneck_ratio`` channels, BN, ReLU; a ``k x k`` conv with stride ``k`` (``k`` = spatial
 ratio to the deepest stage, or a 3x3 conv when that is not an integer), BN, ReLU; 1x1 conv to
-``C_deep``, BN, ReLU; then average pooling and a linear classifier. No attention module. Stages whose
-output is a vector (an MLP) get the same shape with linear layers.
+``C_deep``, BN, ReLU; then average pooling and a linear classifier. No attention modules. Stages whose
+output is a vector (an MLP) get the same shape with linear layers. The ensemble that
+:meth:`BYOTDistiller.evaluate_exits` reports averages the exits' softmax probabilities.
 
 The exits are read with forward hooks (:class:`~kdray.models.features.FeatureTap`); the model is never
 rewritten, and :meth:`BYOTDistiller.export_student` returns it without the exits. Every exit parameter
@@ -118,7 +120,8 @@ class AuxExit(nn.Module):
         cin, cout = in_shape[0], out_shape[0]
         mid = max(1, cout // bottleneck_ratio)
         if len(in_shape) == 3:
-            (h, w), (hd, wd) = in_shape[1:], out_shape[1:] if len(out_shape) == 3 else (1, 1)
+            h, w = in_shape[1:]
+            hd, wd = out_shape[1:] if len(out_shape) == 3 else (1, 1)
             if h % hd == 0 and w % wd == 0:
                 k = (h // hd, w // wd)
                 middle = _conv_bn_relu(mid, mid, k, k)
@@ -188,11 +191,12 @@ class BYOTDistiller(Distiller):
         self.student.train(was_training)
         deepest = out.features[self.stage_points[-1]]
         num_classes = out.logits.shape[1]
+        param = next(self.student.parameters(), None)
+        device = example_inputs.device if param is None else param.device
         for point in self.stage_points[:-1]:
-            feat = out.features[point]
-            head = AuxExit(tuple(feat.shape[1:]), tuple(deepest.shape[1:]), num_classes, self.bottleneck_ratio)
-            param = next(self.student.parameters(), None)
-            self.exits.append(head.to(feat.device if param is None else param.device))
+            head = AuxExit(tuple(out.features[point].shape[1:]), tuple(deepest.shape[1:]), num_classes,
+                           self.bottleneck_ratio)
+            self.exits.append(head.to(device))
         self._built = True
 
     def _check_built(self):
