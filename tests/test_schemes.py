@@ -91,3 +91,17 @@ def test_teacher_with_other_class_count_in_ensemble(tmp_path):
                teachers=[{"model": "digits_cnn", "train": {}}, {"model": "digits_cnn", "checkpoint": str(path)}])
     with pytest.raises(ConfigError, match=r"teachers\.1\.checkpoint .*'fc\.weight' has shape \(5, 32\)"):
         kdray.distill(cfg)
+
+
+def test_byot_scheme_runs_and_exports_bare_student(tmp_path, mlflow_uri):
+    cfg = _job(tmp_path, mlflow_uri, scheme="self", teacher=None, self_distill={"method": "byot"},
+               student={"model": "digits_mlp", "args": {"hidden": 32, "depth": 3}}, baseline=True)
+    result = kdray.distill(cfg)
+    assert [s["kind"] for s in result.stages] == ["scratch", "byot"]
+    assert result.stages[1]["params"] == result.stages[0]["params"]  # exits are not part of the student
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_run(result.parent_run_id).info.experiment_id
+    run = client.search_runs([exp], "attributes.run_name = 'byot-seed0'")[0]
+    assert {"train_ce", "train_ce_exit1", "train_kd_exit1", "train_feat_exit1"} <= set(run.data.metrics)
