@@ -173,6 +173,7 @@ class RaySpec(_Strict):
     cpus_per_worker: float = Field(1, gt=0)
     address: str | None = None
     max_failures: int = Field(0, ge=-1)
+    sync_batchnorm: bool = False  # BatchNorm statistics across data-parallel replicas (SyncBN)
 
 
 class MLflowSpec(_Strict):

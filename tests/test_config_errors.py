@@ -85,3 +85,12 @@ def test_cli_override_and_yaml_errors(tmp_path):
     with pytest.raises(ConfigError, match="must look like key.path=value"):
         load_config("digits", ["seeds"])
     assert load_config("digits", ["ray.num_workers=2", "seeds=[4,5]"]).seeds == [4, 5]
+
+
+def test_method_needing_features_from_model_that_declares_none(tmp_path):
+    cfg = _bad(tmp_path, student={"model": "torchvision.squeezenet1_0"}, methods=[{"name": "at"}],
+               data={"name": "fake", "options": {"size": 8, "image_size": 32}},
+               teacher={"model": "resnet8", "train": {"epochs": 1}})
+    with pytest.raises(ConfigError, match=r"student \(SqueezeNet\) declares no default stages feature points; "
+                                          r"give the module paths explicitly"):
+        kdray.distill(cfg)

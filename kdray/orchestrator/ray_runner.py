@@ -36,10 +36,18 @@ def _use_gpu(cfg: Config) -> bool:
     return bool(cfg.ray.use_gpu)
 
 
-def _prepare(module):
+def _prepare(module, sync_batchnorm: bool = False):
     """DDP-wrap the trainable module. Terms with pre-training phases (FitNet hints, FT paraphraser, AB)
     leave some parameters without gradient for a while, which DDP must be told about."""
     import ray.train.torch
+    import torch.distributed as dist
+
+    if sync_batchnorm and dist.is_initialized() and dist.get_world_size() > 1:
+        if ray.train.torch.get_device().type != "cuda":
+            from kdray.config import ConfigError
+
+            raise ConfigError("ray.sync_batchnorm needs GPU workers (torch's SyncBatchNorm runs on CUDA only)")
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
 
     from kdray.algorithms.base import KnowledgeTerm
 
@@ -67,7 +75,7 @@ def train_worker(loop_config: dict) -> list[dict]:
         world_size=world,
         device=ray.train.torch.get_device(),
         checkpoints=RayCheckpoints(rank),
-        wrap=_prepare,
+        wrap=lambda m: _prepare(m, cfg.ray.sync_batchnorm),
         tracking_uri=loop_config.get("tracking_uri"),
         stage_run_ids=loop_config.get("stage_run_ids", {}),
         log=(lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None),
