@@ -56,6 +56,8 @@ def mlflow_server(tmp_path):
             time.sleep(0.25)
         yield url, artifacts
     finally:
+        # the whole process group: the server, its uvicorn workers and its job consumers (huey), which
+        # outlive the server when only it is stopped
         for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
             try:
                 os.killpg(proc.pid, sig)
@@ -63,9 +65,8 @@ def mlflow_server(tmp_path):
                 break
             try:
                 proc.wait(wait_s)
-                break
             except subprocess.TimeoutExpired:
-                continue
+                pass
         log.close()
 
 

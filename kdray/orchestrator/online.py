@@ -78,6 +78,8 @@ def run_online_stage(cfg: Config, stage: dict, splits, ctx, job_state: dict, res
                      ctx.device, callbacks, eval_model=eval_models[0], eval_reduce=False)
     if resume_loop is not None and not peer_parallel:
         loop.load_state_dict(resume_loop)
+        if logger is not None:
+            logger.restore(resume_loop.get("mlflow_pending", []))
     history = loop.run()
     accs = [evaluate(m, test_loader, ctx.device, splits.num_classes, reduce=False)["top1"] for m in eval_models]
     if peer_parallel:

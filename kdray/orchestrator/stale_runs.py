@@ -87,7 +87,7 @@ def job_runs(client, experiment: str | None = None, running_only: bool = False,
     for run in runs:
         tags = run.data.tags
         pid = tags.get(PID_TAG)
-        out.append(JobRun(run.info.run_id, run.info.run_name, run.info.experiment_id, run.info.status,
+        out.append(JobRun(run.info.run_id, run.info.run_name or "", run.info.experiment_id, run.info.status,
                           run.info.start_time or 0, int(pid) if pid and pid.isdigit() else None,
                           tags.get(HOST_TAG), tags.get("kdray.resumed_at")))
     return out
@@ -125,6 +125,9 @@ def _cmd_runs(args) -> int:
     from kdray.orchestrator.tracking import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.store)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+        print(f"no MLflow store at {uri}")  # and none created by looking
+        return 0
     check_reachable(uri)
     client = MlflowClient(uri)
     stale = args.stale or args.close
