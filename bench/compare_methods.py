@@ -50,6 +50,7 @@ WARMUPS = {"dkd": "warmup", "reviewkd": "warmup_epochs"}
 # Convex CE / soft-target mixes: the soft term is not rescaled.
 NOT_SCALED = {"kd"}
 KIND_ORDER = {"response": 0, "feature": 1, "relation": 2}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- compare_methods:begin -->", "<!-- compare_methods:end -->"
 
 
@@ -299,6 +300,7 @@ def write_doc(path: str, body: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     import kdray
@@ -308,7 +310,7 @@ def main(argv=None) -> int:
 
     registered = list_methods()
     rows_spec = selected_rows(args.methods, registered)
-    output = args.output or ("docs/methods.md" if args.methods is None else None)
+    output = args.output or (os.path.join(ROOT, "docs", "methods.md") if args.methods is None else None)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = os.path.abspath(args.workdir or os.path.join("kdray-runs", f"compare-{stamp}"))
     os.makedirs(workdir, exist_ok=True)
@@ -323,17 +325,22 @@ def main(argv=None) -> int:
     parent = client.create_run(exp, run_name=f"compare-methods-{stamp}", tags={"kdray.role": "comparison"})
     parent_id = parent.info.run_id
     try:
-        client.log_batch(parent_id, params=[__import__("mlflow").entities.Param(k, v) for k, v in flatten(
-            "", {k: v for k, v in vars(args).items()}, {}).items()])
+        client.log_batch(parent_id, params=[Param(k, v) for k, v in flatten("", vars(args), {}).items()])
         teacher_path = os.path.join(workdir, "teacher_digits_cnn_w16.pt")
         teacher_acc = train_teacher(args, teacher_path, log)
         client.log_metric(parent_id, "teacher_test_top1", teacher_acc)
+        from kdray.data import build_datasets
+
+        student_splits = build_datasets("digits", **data_options(args))
+        n_train, n_test = len(student_splits.train), len(student_splits.test)
 
         names = list(dict.fromkeys(m for row in rows_spec for m in row))
         weights = measure_terms(names, args, teacher_path)
         for name, w in weights.items():
-            scale = f"scale {w['scale']:.3g} -> weight {fmt_num(w['weight'])}" if w["scale"] is not None else "not scaled"
-            log(f"{name:>15}: term at init {w['term']:.4g} (published weight {w['published']}), CE {w['ce']:.3f}; {scale}")
+            scale = (f"scale {w['scale']:.3g} -> weight {fmt_num(w['weight'])}" if w["scale"] is not None
+                     else "not scaled")
+            log(f"{name:>15}: term at init {w['term']:.4g} (published weight {w['published']}), "
+                f"CE {w['ce']:.3f}; {scale}")
             if w["scale"] is not None:
                 client.log_metric(parent_id, f"weight.{name}", w["weight"])
 
@@ -365,9 +372,10 @@ def main(argv=None) -> int:
         main_table = table(results, scratch)
         setup = (f"Teacher `digits_cnn` (width 16, {teacher_acc * 100:.2f}% test top-1, trained once on the whole "
                  f"digits training split); student `digits_cnn` (width {args.student_width}) on "
-                 f"{args.train_fraction:g} of that split; SGD lr {args.lr} (momentum 0.9, wd 5e-4, cosine), batch "
-                 f"{args.batch_size}, {args.epochs} epochs (+{args.phase_epochs} pre-training epochs for "
-                 f"{', '.join(PHASES)}); seeds 0..{args.seeds - 1}; test split of 360 images; in-process "
+                 f"{args.train_fraction:g} of that split ({n_train} images); SGD lr {args.lr} (momentum 0.9, "
+                 f"wd 5e-4, cosine), batch {args.batch_size}, {args.epochs} epochs (+{args.phase_epochs} pre-training "
+                 f"epochs for {', '.join(PHASES)}); seeds 0..{args.seeds - 1}; test split of {n_test} images "
+                 f"(one image = {100 / n_test:.2f} pp); in-process "
                  f"(`ray.num_workers: 0`), {args.threads} torch thread(s).")
         body = "\n\n".join([
             header("kdray methods on digits (bench/compare_methods.py)"),

@@ -120,6 +120,12 @@ class DataSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     loader_workers: int = Field(0, ge=0)
 
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, root: str | None) -> str | None:
+        # Ray workers and Tune trials run in other directories: resolve against the driver's.
+        return None if root is None else os.path.abspath(os.path.expanduser(root))
+
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
@@ -216,6 +222,9 @@ class Config(_Strict):
         needs_teacher = self.scheme in ("offline", "assistant")
         if needs_teacher and self.teacher is None:
             raise ValueError(f"scheme {self.scheme!r} needs a teacher (teacher: {{model, train|checkpoint|mlflow_uri}})")
+        if self.scheme in ("offline", "assistant", "multi_teacher") and not self.methods:
+            raise ValueError(f"scheme {self.scheme!r} needs at least one method (methods: [{{name: kd}}]; "
+                             f"see `kdray list methods`)")
         if self.scheme == "assistant" and not self.assistants:
             raise ValueError("scheme 'assistant' needs assistants: [{model: ...}, ...] (teacher -> assistants -> student)")
         if self.scheme == "multi_teacher":
