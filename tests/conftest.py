@@ -11,7 +11,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread avoids oversubscribing 2 cores shared with Ray workers
 
 
 @pytest.fixture(scope="session")

@@ -153,7 +153,7 @@ class TrainLoop:
                 bad = [k for k, v in losses.items() if not torch.isfinite(v)]
                 raise NonFiniteLossError(
                     f"non-finite loss at epoch {epoch} step {step}: term(s) {bad} = "
-                    f"{[float(losses[k]) for k in bad]}; lower the lr or the term's weight"
+                    f"{[float(losses[k].detach()) for k in bad]}; lower the lr or the term's weight"
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
