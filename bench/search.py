@@ -79,7 +79,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--samples", type=int, default=16, help="ASHA+TPE trials per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="ASHA+TPE runs (sampler seeds 0..n-1)")
-    parser.add_argument("--grace", type=int, default=2)
+    parser.add_argument("--grace", type=int, default=None, help="ASHA grace period (default: auto)")
     parser.add_argument("--reduction-factor", type=float, default=3.0)
     parser.add_argument("--concurrent", type=int, default=0, help="trials at a time (0: from Ray's CPUs)")
     parser.add_argument("--mlflow", action="store_true", help="track both sweeps in MLflow (slower)")
@@ -125,7 +125,7 @@ def main() -> int:
     for seed in range(args.repeats):
         start = time.perf_counter()
         res = kdray.sweep(SPACE, base_job(out, args.epochs, uri, teacher), sampler="tpe", num_samples=args.samples,
-                          asha={"grace_period": args.grace, "reduction_factor": args.reduction_factor},
+                          asha={"grace_period": args.grace or "auto", "reduction_factor": args.reduction_factor},
                           seed=seed, name=f"asha-tpe-{seed}", output_dir=out, max_concurrent=concurrent, verbose=0,
                           register_model=False, log=quiet)
         wall = time.perf_counter() - start
@@ -136,10 +136,11 @@ def main() -> int:
         hit = first_hit_epochs(df, grid_best)
         rows.append({"seed": seed, "best": best, "epochs": epochs, "ratio": epochs / grid_epochs, "hit": hit,
                      "stopped": int((df["status"] == "early_stopped").sum()), "wall": wall,
+                     "repeats": int((df["status"] == "duplicate").sum()),
                      "distinct": df[list(SPACE)].astype(str).drop_duplicates().shape[0]})
         r = rows[-1]
         print(f"asha+tpe seed {seed}: {len(df)} trials ({r['distinct']} distinct configs, {r['stopped']} stopped "
-              f"early), best val top-1 {best:.4f}, {epochs} trial-epochs = {r['ratio']:.1%} of the grid's; "
+              f"early, {r['repeats']} repeats of a finished config: not retrained), best val top-1 {best:.4f}, {epochs} trial-epochs = {r['ratio']:.1%} of the grid's; "
               + (f"reached the grid's best after {hit} trial-epochs = {hit / grid_epochs:.1%}" if hit else
                  "did not reach the grid's best") + f"; {wall:.0f} s")
 

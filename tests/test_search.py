@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from jobs import digits_job
+from test_job_submit import ray_head  # noqa: F401  (fixture: a Ray head with its own temp dir and ports)
 from kdray.config import ConfigError
 from kdray.search.pareto import dominates, pareto_mask
 from kdray.search.space import Space, apply_params
@@ -92,6 +93,9 @@ def test_pareto_helpers():
      "does not define 'depth'"),
     ({"teacher.args.width": {"int": [8, 16]}}, "cannot be searched (the teacher is trained once per sweep"),
     ({"methods.0.alpha": {"float": [0.5, 1.5]}}, "kd.alpha must be in [0, 1]"),
+    (lambda trial: {"train.lrr": trial.suggest_float("x", 0.1, 0.2)}, "unknown parameter 'train.lrr'"),
+    (lambda trial: {"student.args.depth": trial.suggest_int("student.args.depth", 1, 2),
+                    "student.model": trial.suggest_categorical("m", ["digits_cnn"])}, "has no knob(s) ['depth']"),
 ])
 def test_bad_spaces_fail_in_one_line_before_any_trial(tmp_path, space, fragment):
     import kdray
@@ -179,7 +183,7 @@ def kdray_config(raw):
 
 
 @pytest.mark.ray
-def test_sweep_is_tracked_in_mlflow(mo_sweep):
+def test_sweep_is_tracked_in_mlflow(mo_sweep, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     result, uri = mo_sweep
@@ -209,9 +213,27 @@ def test_sweep_is_tracked_in_mlflow(mo_sweep):
     assert str(version.version) == result.registered["version"]
     import mlflow.pytorch
 
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the sweep left the process's MLflow settings alone
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model = mlflow.pytorch.load_model(f"models:/{result.registered['name']}@champion")
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == result.best["params"]
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
+def conditional_space(trial):
+    """A Python define-by-run space: the family first, then its own width knob."""
+    family = trial.suggest_categorical("student.model", ["digits_mlp", "digits_cnn"])
+    if family == "digits_mlp":
+        trial.suggest_int("student.args.hidden", 8, 16)
+    else:
+        trial.suggest_int("student.args.width", 2, 3)
+    trial.suggest_float("train.lr", 0.05, 0.2, log=True)
 
 
 @pytest.mark.ray
@@ -219,8 +241,7 @@ def test_seeds_are_repeated_and_averaged_with_latency_objective(ray_session, tmp
     import kdray
     from kdray.orchestrator.checkpoints import LocalCheckpoints
 
-    result = kdray.sweep({"train.lr": {"float": [0.05, 0.2], "log": True}}, small_base(tmp_path, epochs=3),
-                         num_samples=2, objectives=["val_top1:max", "latency_ms:min"], asha=False, seeds=[0, 1],
+    result = kdray.sweep(conditional_space, small_base(tmp_path, epochs=3), num_samples=2, objectives=["val_top1:max", "latency_ms:min"], asha=False, seeds=[0, 1],
                          max_concurrent=2, name="seeds", output_dir=str(tmp_path / "out"), verbose=0,
                          log=lambda m: None)
     assert result.base["seeds"] == 2
@@ -230,14 +251,41 @@ def test_seeds_are_repeated_and_averaged_with_latency_objective(ray_session, tmp
         assert sorted(s["seed"] for s in done.values() if s["kind"] == "distill") == [0, 1]
         assert row["val_top1"] == pytest.approx(sum(vals) / 2)
         assert row["trial_epochs"] == 6 and row["latency_ms"] > 0
+        knob = "student.args.hidden" if row["student.model"] == "digits_mlp" else "student.args.width"
+        assert knob in row and not pd_isna(row[knob])
     assert len(result.pareto) >= 1 and "latency_ms" in result.pareto.columns
 
 
 # --- resume after the driver is killed -------------------------------------------------------------
-def _count(pattern_dir: str) -> int:
-    if not os.path.isdir(pattern_dir):
-        return 0
-    return sum(os.path.exists(os.path.join(pattern_dir, d, "trial_result.json")) for d in os.listdir(pattern_dir))
+def _finished(trials_dir: str) -> set[str]:
+    """Trials that wrote their result (full budget)."""
+    if not os.path.isdir(trials_dir):
+        return set()
+    return {d for d in os.listdir(trials_dir) if os.path.exists(os.path.join(trials_dir, d, "trial_result.json"))}
+
+
+def _saved_trials(sweep_dir) -> dict[str, str]:
+    """Trial name -> status in Tune's saved experiment state. A trial started just before the kill may not
+    be in it yet: the resumed sweep removes that one's runs, and Tune samples a new trial instead."""
+    saved = {}
+    for f in (sweep_dir / "tune").glob("experiment_state-*.json"):
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        for item in data.get("trial_data", []):
+            trial = json.loads(item[0] if isinstance(item, list) else item)
+            saved["trial-" + trial["trial_id"]] = trial.get("status")
+    return saved
+
+
+def _running_in_tune(sweep_dir) -> set[str]:
+    return {name for name, status in _saved_trials(sweep_dir).items() if status == "RUNNING"}
+
+
+def _in_flight(sweep_dir, trials_dir: str) -> set[str]:
+    return {d for d in _running_in_tune(sweep_dir) - _finished(trials_dir)
+            if os.path.exists(os.path.join(trials_dir, d, "mlflow_runs.json"))}
 
 
 @pytest.mark.ray
@@ -249,13 +297,15 @@ def test_resume_after_killing_the_driver(ray_session, workdir):
 
     tmp_path, n = workdir, 6
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default store (./mlflow.db), not named in the config
-    base = small_base(tmp_path, epochs=5)
+    base = small_base(tmp_path, epochs=6)
     base["mlflow"] = {"enabled": True}
+    base["data"]["options"]["train_fraction"] = 0.5  # epochs long enough to catch a trial in flight
+    base["checkpoint"] = {"every_epochs": 1}
     sweep_yaml = tmp_path / "sweep.yaml"
     sweep_yaml.write_text(yaml.safe_dump({
         "name": "resume", "output_dir": str(tmp_path / "out"), "base": base, "space": SPACE,
-        "search": {"num_samples": n, "sampler": "tpe", "asha": {"grace_period": 2}, "max_concurrent": 2,
-                   "verbose": 0, "register_model": False},
+        "search": {"num_samples": n, "sampler": "tpe", "asha": None, "max_concurrent": 2, "verbose": 0,
+                   "register_model": False},
     }))
     sweep_dir = tmp_path / "out" / "resume"
     trials_dir = str(sweep_dir / "trials")
@@ -263,23 +313,20 @@ def test_resume_after_killing_the_driver(ray_session, workdir):
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "kdray.orchestrator.cli", "sweep", "sweep.yaml"],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
-    deadline = time.time() + 240
-    while _count(trials_dir) < 2 and time.time() < deadline and driver.poll() is None:
-        time.sleep(0.5)
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None and not (
+            len(_finished(trials_dir)) >= 2 and _in_flight(sweep_dir, trials_dir)):
+        time.sleep(0.05)
     assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-    assert _count(trials_dir) >= 2
-    os.kill(driver.pid, signal.SIGKILL)
+    os.kill(driver.pid, signal.SIGKILL)  # with >= 2 trials finished and one in flight
     driver.wait()
     state = json.loads((sweep_dir / "sweep.json").read_text())
     client = MlflowClient(uri)
     assert client.get_run(state["parent_run_id"]).info.status == "RUNNING"  # left behind by the dead driver
-    in_flight = {}
-    for d in os.listdir(trials_dir):
-        runs_file = os.path.join(trials_dir, d, "mlflow_runs.json")
-        if os.path.exists(runs_file) and not os.path.exists(os.path.join(trials_dir, d, "trial_result.json")):
-            in_flight[d] = json.loads(open(runs_file).read())["parent"]
-    finished_before = {d for d in os.listdir(trials_dir)
-                       if os.path.exists(os.path.join(trials_dir, d, "trial_result.json"))}
+    in_flight = {d: json.loads(open(os.path.join(trials_dir, d, "mlflow_runs.json")).read())["parent"]
+                 for d in _in_flight(sweep_dir, trials_dir)}
+    finished_before = _finished(trials_dir) & set(_saved_trials(sweep_dir))
+    assert len(finished_before) >= 2 and in_flight
     mtimes = {d: os.path.getmtime(os.path.join(trials_dir, d, "trial_result.json")) for d in finished_before}
 
     assert main(["sweep", "sweep.yaml", "--resume"]) == 0
@@ -299,10 +346,10 @@ def test_resume_after_killing_the_driver(ray_session, workdir):
     assert sorted(r.info.run_name for r in trial_runs) == sorted(f"trial-{i}" for i in ids)
     by_name = {r.info.run_name: r.info.run_id for r in trial_runs}
     for name, run_id in in_flight.items():
-        if name in by_name:
-            assert by_name[name] == run_id  # the interrupted trial went on in its own MLflow run
+        assert by_name[name] == run_id  # the interrupted trial went on in its own MLflow run
     for name in finished_before:  # finished trials were neither re-run nor re-logged
         assert os.path.getmtime(os.path.join(trials_dir, name, "trial_result.json")) == mtimes[name]
+    for name in [*finished_before, *in_flight]:  # every epoch logged once
         run_id = by_name[name]
         stage_runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
         for stage in stage_runs:
@@ -318,10 +365,10 @@ def test_train_inside_tune_two_workers_per_trial(ray_session, tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = small_base(tmp_path, uri, epochs=3)
-    base["teacher"]["train"]["epochs"] = 3
+    base["ray"]["cpus_per_worker"] = 0.5  # 1 + 2 x 0.5 CPUs per trial: both trials at once on 4 logical CPUs
     result = kdray.sweep({"train.lr": {"float": [0.05, 0.2], "log": True}}, base, num_samples=2,
-                         asha={"grace_period": 1}, workers_per_trial=2, name="train", output_dir=str(tmp_path / "o"),
-                         verbose=0, register_model=False, log=lambda m: None)
+                         asha={"grace_period": 1}, workers_per_trial=2, base_workers=0, name="train",
+                         output_dir=str(tmp_path / "o"), verbose=0, register_model=False, log=lambda m: None)
     assert len(result.trials) == 2
     assert set(result.trials["status"]) <= {"complete", "early_stopped"}
     assert (result.trials["status"] == "complete").any()
@@ -329,3 +376,43 @@ def test_train_inside_tune_two_workers_per_trial(ray_session, tmp_path):
     for _, row in result.trials.iterrows():
         assert os.path.exists(os.path.join(row["run_dir"], "mlflow_runs.json"))
         assert any(d.startswith("checkpoint_") for d in os.listdir(row["run_dir"])) or row["status"] != "complete"
+
+
+# --- `ray job submit -- kdray sweep` on a real head ---------------------------------------------------
+@pytest.mark.slow
+def test_sweep_under_ray_job_submit(tmp_path, request):
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    from test_job_submit import _ray_cli
+
+    address, temp_dir = request.getfixturevalue("ray_head")
+    workdir = tmp_path / "working_dir"
+    workdir.mkdir()
+    db = tmp_path / "mlflow.db"
+    base = small_base(tmp_path, epochs=3)
+    base["mlflow"] = {"experiment": "submitted-sweep"}  # the store comes from the job's environment
+    (workdir / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "submitted", "output_dir": str(tmp_path / "out"), "base": base,
+        "space": {"train.lr": {"float": [0.05, 0.2], "log": True}},
+        "search": {"num_samples": 3, "asha": None, "register_model": False},
+    }))
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RAY_AUTH_MODE": "disabled",
+                                "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}
+    submission_id = f"kdray-sweep-{uuid.uuid4().hex[:8]}"
+    submitted = _ray_cli("job", "submit", "--address", address, "--submission-id", submission_id,
+                         "--working-dir", str(workdir), "--runtime-env-json", json.dumps(runtime_env),
+                         "--", "kdray", "sweep", "sweep.yaml", timeout=300)
+    status = _ray_cli("job", "status", "--address", address, submission_id)
+    assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr, submitted.stdout[-4000:]
+    assert "[3/3] trial-" in submitted.stdout and "Pareto set" not in submitted.stdout  # single objective
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("submitted-sweep")
+    parent = client.search_runs([exp.experiment_id], "tags.`kdray.role` = 'sweep'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    assert sorted(r.info.run_name.split("-")[0] for r in children) == ["base", "trial", "trial", "trial"]
+    # the trials ran on that head, not on a Ray of the job's own
+    logs_dir = os.path.join(temp_dir, "session_latest", "logs")
+    assert any(n.startswith("worker-") for n in os.listdir(logs_dir))

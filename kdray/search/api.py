@@ -64,7 +64,7 @@ class SweepResult:
                         f"{int(s['params']):,} | {s['name']} |")
         metrics = [o.split(":")[0] for o in self.objectives]
         lines = ["\n".join(rows), ""]
-        if len(self.pareto):
+        if len(self.pareto) and len(self.objectives) > 1:
             cols = ["name", *metrics, "test_top1", "student.model"]
             cols = [c for c in cols if c in self.pareto.columns]
             lines.append(f"Pareto set ({', '.join(self.objectives)}): {len(self.pareto)} trial(s)")
@@ -72,10 +72,12 @@ class SweepResult:
         t = self.trials
         if len(t):
             lines.append("")
-            lines.append(f"{len(t)} trials: {int(t['full_budget'].sum())} at full budget "
+            dup = int((t["status"] == "duplicate").sum())
+            lines.append(f"{len(t)} trials: {int(t['full_budget'].sum()) - dup} at full budget "
                          f"({int((t['status'] == 'reevaluated').sum())} re-evaluated), "
-                         f"{int((t['status'] == 'early_stopped').sum())} stopped by ASHA; "
-                         f"{int(t['trial_epochs'].sum())} trial-epochs")
+                         f"{int((t['status'] == 'early_stopped').sum())} stopped by ASHA"
+                         + (f", {dup} repeated an earlier configuration" if dup else "")
+                         + f"; {int(t['trial_epochs'].sum())} trial-epochs")
         return "\n".join(lines)
 
 
@@ -322,9 +324,18 @@ def _sampler(search: SearchSpec, space, num_samples: int):
                                           group=True, constant_liar=True)
 
 
-def _progress_callback(log, total: int):
+_LOG = [print]  # where trial progress lines go (a module global: Tune pickles its callbacks)
+
+
+def _log_line(msg: str) -> None:
+    _LOG[0](msg)
+
+
+def _progress_callback(total: int):
     """One line per finished trial (Tune's own tables: ``search.verbose: 1``)."""
     from ray import tune
+
+    log = _log_line
 
     class TrialProgress(tune.Callback):
         def __init__(self):
@@ -336,6 +347,8 @@ def _progress_callback(log, total: int):
             if "val_top1" not in r:
                 return
             how = ("full budget" if r.get("full_budget") else f"stopped by ASHA at epoch {r.get('epoch')}")
+            if r.get("duplicate_of"):
+                how = f"same configuration as {r['duplicate_of']}, not trained again"
             log(f"[{self.done}/{total}] {trial_name(trial)}: val top-1 {r['val_top1']:.4f}, "
                 f"{int(r.get('params', 0)):,} params, {how}")
 
@@ -350,9 +363,10 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # keep the experiment state fresh for --resume
+    from kdray.search.searcher import ResumableOptunaSearch
+
+    _LOG[0] = log
     per_trial = _per_trial_cpus(base, search)
     resources = {"cpu": 1} if search.workers_per_trial else {"cpu": search.cpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
@@ -361,7 +375,7 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
         log(f"resuming Tune experiment {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
-        return tuner.fit()
+        return _fit(tuner)
     num_samples = search.num_samples
     if search.sampler == "grid":
         size = math.prod(len(v) for v in space.grid().values())
@@ -375,7 +389,7 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
     metrics, modes = search.metrics, search.modes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        searcher = OptunaSearch(space, metric=metrics if len(metrics) > 1 else metrics[0],
+        searcher = ResumableOptunaSearch(space, metric=metrics if len(metrics) > 1 else metrics[0],
                                 mode=modes if len(modes) > 1 else modes[0], sampler=_sampler(search, space, num_samples))
     scheduler = None
     if search.asha is not None:
@@ -392,9 +406,23 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
                                     reuse_actors=search.workers_per_trial == 0),
         run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, verbose=search.verbose,
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[_progress_callback(log, num_samples)]),
+                                  callbacks=[_progress_callback(num_samples)]),
     )
-    return tuner.fit()
+    return _fit(tuner)
+
+
+def _fit(tuner):
+    """``tuner.fit()`` with the experiment state saved at every step of Tune's loop (its default period is
+    adaptive, >= 10 s, and small trials finish many per second): a killed driver loses at most the trials
+    of its last step, whose runs the resumed sweep then removes (:meth:`SweepTracking.reconcile`)."""
+    key = "TUNE_GLOBAL_CHECKPOINT_S"
+    previous = os.environ.get(key)
+    os.environ[key] = previous or "0"
+    try:
+        return tuner.fit()
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
 
 
 def _trial_rows(results, setup: TrialSetup, space, search: SearchSpec, info: dict):
@@ -419,6 +447,8 @@ def _trial_rows(results, setup: TrialSetup, space, search: SearchSpec, info: dic
             status = "error"
         elif diverged:
             status = "diverged"
+        elif full and metrics.get("duplicate_of"):
+            status = "duplicate"
         elif full:
             status = "complete"
         elif "val_top1" in metrics:
@@ -434,6 +464,7 @@ def _trial_rows(results, setup: TrialSetup, space, search: SearchSpec, info: dic
                "trial_epochs": int(metrics.get("trial_epochs", 0) or 0),
                "full_budget": full and not diverged, "diverged": diverged,
                "best_stage": metrics.get("best_stage"), "run_id": job_run_id(run_dir) or "",
+               "duplicate_of": metrics.get("duplicate_of") or "",
                "error": (str(result.error).splitlines()[0][:300] if result.error is not None else
                          metrics.get("error", "")),
                "optuna_params": config, "run_dir": run_dir}
@@ -456,7 +487,9 @@ def _point(row, metrics) -> list[float]:
 
 
 def _eligible(df):
-    return df[df["full_budget"] & ~df["diverged"] & (df["status"] != "error")]
+    """Trials that count for the best trial and the Pareto set: full budget, not diverged, not repeats of
+    another trial's configuration."""
+    return df[df["full_budget"] & ~df["diverged"] & df["status"].isin(["complete", "reevaluated"])]
 
 
 def _reevaluate(df, setup: TrialSetup, search: SearchSpec, state: dict, state_path: str, log, every: int):
@@ -517,7 +550,8 @@ def _reevaluate(df, setup: TrialSetup, search: SearchSpec, state: dict, state_pa
 def _with_epochs(final: dict, item) -> dict:
     """Trial-epochs of a re-evaluated trial: what Tune ran plus the epochs it took to finish."""
     job, _, row = item
-    total = job["train"]["epochs"] * len(job["seeds"])
+    cfg = load_config(job)
+    total = cfg.train.epochs * len(cfg.seeds)
     final["trial_epochs"] = int(row["trial_epochs"]) + max(0, total - int(row["epoch"]))
     return final
 
@@ -545,12 +579,15 @@ def _smaller(df, base: dict) -> dict | None:
     return wins.sort_values(["params", "val_top1"], ascending=[True, False]).iloc[0].to_dict()
 
 
-def _run_base(base: Config, sweep_dir: str, parent: str | None, uri: str | None, log) -> dict:
+def _run_base(base: Config, sweep_dir: str, parent: str | None, uri: str | None, log,
+              workers: int | None = None) -> dict:
     """The base configuration as a job (teacher stage + distilled students on the sweep's seeds)."""
     from kdray.orchestrator.api import distill
 
     raw = base.model_dump(mode="json")
     raw.update(name="base", output_dir=sweep_dir)
+    if workers is not None:
+        raw["ray"] = {**raw["ray"], "num_workers": workers}
     raw["mlflow"] = {**raw["mlflow"], "tracking_uri": uri, "enabled": uri is not None}
     cfg = load_config(raw)
     log(f"base configuration: {cfg.student.model} {cfg.student.args} with {'+'.join(m.name for m in cfg.methods)}"
@@ -618,7 +655,7 @@ def run_sweep(name: str, output_dir: str | None, raw: dict, space: Space | Calla
     parent = tracking.parent_id if tracking else None
     try:
         if "base" not in state:
-            state["base"] = _run_base(base, sweep_dir, parent, uri, log)
+            state["base"] = _run_base(base, sweep_dir, parent, uri, log, search.base_workers)
             write_state(state_path, state)
         base_result = state["base"]
         log(f"base: val top-1 {base_result['val_top1']:.4f}, test top-1 {base_result['test_top1']:.4f}, "
@@ -648,6 +685,11 @@ def run_sweep(name: str, output_dir: str | None, raw: dict, space: Space | Calla
                            input_shape=info["input_shape"], teacher_path=teacher_path, teacher_bytes=teacher_bytes)
         results = _run_tune(setup, space, search, sweep_dir, info, base, log)
         df = _trial_rows(results, setup, space, search, info)
+        failed = df[df["status"] == "error"] if len(df) else df
+        if len(failed):
+            log(f"{len(failed)} trial(s) failed, e.g. {failed.iloc[0]['name']}: {failed.iloc[0]['error']}")
+            if len(failed) == len(df):
+                raise RuntimeError(f"every trial failed; {failed.iloc[0]['name']}: {failed.iloc[0]['error']}")
         if tracking:
             deleted = tracking.reconcile({row["name"]: (row["run_id"] or None) for _, row in df.iterrows()})
             if deleted:

@@ -508,9 +508,22 @@ class CallableSpace:
         self.fn = fn
 
     def __getstate__(self):
+        """Pickle the function by value, so workers need not import the module that defines it (a script,
+        a notebook, a test module)."""
+        import sys
+
         import cloudpickle
 
-        return {"fn": cloudpickle.dumps(self.fn)}
+        module = sys.modules.get(getattr(self.fn, "__module__", "") or "")
+        by_value = module is not None and module.__name__ not in ("__main__", "builtins") and \
+            not module.__name__.startswith(("kdray.", "optuna", "ray"))
+        if by_value:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return {"fn": cloudpickle.dumps(self.fn)}
+        finally:
+            if by_value:
+                cloudpickle.unregister_pickle_by_value(module)
 
     def __setstate__(self, state):
         import cloudpickle

@@ -62,6 +62,7 @@ class SearchSpec(_Strict):
     seeds: list[int] | int | None = None
     max_concurrent: int | Literal["auto"] = "auto"
     workers_per_trial: int = Field(0, ge=0)
+    base_workers: int | None = Field(None, ge=0)  # the base job's Ray Train workers; default workers_per_trial
     cpus_per_trial: float = Field(1.0, gt=0)
     reevaluate: int = Field(8, ge=0)
     register_model: bool = True

@@ -123,8 +123,10 @@ class SweepTracking:
         import logging
 
         import mlflow
+        from mlflow.tracking._tracking_service import utils as tracking_utils
 
-        previous = mlflow.get_tracking_uri()
+        # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: put both back exactly as they were
+        previous, previous_env = getattr(tracking_utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
         quiet = logging.getLogger("mlflow.pytorch")
         level = quiet.level
@@ -137,6 +139,10 @@ class SweepTracking:
             self.client.update_run(self.parent_id, status="RUNNING")  # start_run's exit closed it
         finally:
             mlflow.set_tracking_uri(previous)
+            if previous_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_env
             quiet.setLevel(level)
         self.client.set_registered_model_alias(model_name, "champion", version)
         self.client.update_model_version(model_name, version, description=description)

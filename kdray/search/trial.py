@@ -278,6 +278,54 @@ def _is_divergence(err: BaseException) -> bool:
     return False
 
 
+def config_key(params: list[tuple[str, Any]], seeds: list[int]) -> str:
+    return json.dumps([sorted((p, json.dumps(v, sort_keys=True, default=str)) for p, v in params), list(seeds)])
+
+
+def find_finished(trials_dir: str, key: str, own: str) -> tuple[str, dict] | None:
+    """A trial that already trained this exact configuration (same seeds) at full budget. Training is
+    seeded, so running it again would give the same numbers; discrete spaces make such repeats common."""
+    if not os.path.isdir(trials_dir):
+        return None
+    for name in sorted(os.listdir(trials_dir)):
+        if name == own:
+            continue
+        stored = _read_json(os.path.join(trials_dir, name, RESULT_FILE))
+        if stored and stored.get("config_key") == key and stored.get("full_budget") and \
+                not stored.get("duplicate_of") and not stored.get("diverged"):
+            return name, stored
+    return None
+
+
+def _duplicate_run(setup: TrialSetup, name: str, run_dir: str, original: str, final: dict) -> str:
+    """A repeated configuration still gets its MLflow run under the sweep: the original's numbers, a tag
+    naming the original, no training."""
+    if not setup.tracking_uri or not setup.parent_run_id:
+        return ""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from kdray.orchestrator.tracking import RUNS_FILE
+
+    existing = job_run_id(run_dir)
+    if existing:
+        return existing
+    client = MlflowClient(setup.tracking_uri)
+    exp_id = client.get_run(setup.parent_run_id).info.experiment_id
+    run = client.create_run(exp_id, run_name=name, tags={
+        "mlflow.parentRunId": setup.parent_run_id, "kdray.job": name, "kdray.role": "job",
+        "kdray.duplicate_of": original, "mlflow.note.content": f"same configuration and seeds as {original}; "
+                                                                 f"not trained again"})
+    now = int(time.time() * 1000)
+    metrics = {k: v for k, v in final.items() if k in ("val_top1", "val_top1_std", "test_top1", "test_top1_std",
+                                                        "params", "latency_ms")}
+    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    client.set_terminated(run.info.run_id, "FINISHED")
+    _write_json(os.path.join(run_dir, RUNS_FILE), {"uri": setup.tracking_uri, "parent": run.info.run_id,
+                                                   "stages": {}})
+    return run.info.run_id
+
+
 def run_trial(config: dict, setup: TrialSetup) -> None:
     """The Tune function of one trial."""
     import torch
@@ -295,6 +343,14 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
         tune.report(stored)
         return
     cfg = load_config(raw)
+    key = config_key(setup.params(config), cfg.seeds)
+    duplicate = find_finished(setup.trials_dir, key, name)
+    if duplicate is not None:  # the same configuration and seeds already ran at full budget: reuse it
+        final = {**duplicate[1], "trial_epochs": 0, "duplicate_of": duplicate[0], "config_key": key}
+        final["mlflow_run_id"] = _duplicate_run(setup, name, run_dir, duplicate[0], final)
+        _write_json(result_file, final)
+        tune.report(final)
+        return
     torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
     extra = model_metrics(cfg, setup)
     stage, epochs = first_stage(cfg), cfg.train.epochs
@@ -319,6 +375,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
                  "trial_epochs": epochs, "full_budget": 1, "diverged": 1, "seeds": len(cfg.seeds),
                  "error": str(err).splitlines()[0][:300], **extra}
     final["mlflow_run_id"] = job_run_id(run_dir) or ""
+    final["config_key"] = key
     _write_json(result_file, final)
     tune.report(final)
 
