@@ -6,7 +6,7 @@ trials early. Reported: the best validation accuracy each reaches, the trial-epo
 ratio, and the trial-epochs ASHA+TPE had spent when it first matched the grid's best (goal: the grid's
 best at <= 25% of the grid's trial-epochs).
 
-    python bench/search.py                 # default: 27-point grid, 20 epochs, 3 TPE seeds
+    python bench/search.py                 # default: 27-point grid, 20 epochs, 16 trials x 5 TPE seeds
     python bench/search.py --repeats 1 --samples 16 --epochs 20 --mlflow
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--samples", type=int, default=16, help="ASHA+TPE trials per repeat")
-    parser.add_argument("--repeats", type=int, default=3, help="ASHA+TPE runs (sampler seeds 0..n-1)")
+    parser.add_argument("--repeats", type=int, default=5, help="ASHA+TPE runs (sampler seeds 0..n-1)")
     parser.add_argument("--grace", type=int, default=None, help="ASHA grace period (default: auto)")
     parser.add_argument("--reduction-factor", type=float, default=3.0)
     parser.add_argument("--concurrent", type=int, default=0, help="trials at a time (0: from Ray's CPUs)")

@@ -14,6 +14,7 @@ import yaml
 from jobs import digits_job
 from test_job_submit import ray_head  # noqa: F401  (fixture: a Ray head with its own temp dir and ports)
 from kdray.config import ConfigError
+from kdray.search.api import repair_tune_state
 from kdray.search.pareto import dominates, pareto_mask
 from kdray.search.space import Space, apply_params
 
@@ -241,7 +242,8 @@ def test_seeds_are_repeated_and_averaged_with_latency_objective(ray_session, tmp
     import kdray
     from kdray.orchestrator.checkpoints import LocalCheckpoints
 
-    result = kdray.sweep(conditional_space, small_base(tmp_path, epochs=3), num_samples=2, objectives=["val_top1:max", "latency_ms:min"], asha=False, seeds=[0, 1],
+    result = kdray.sweep(conditional_space, small_base(tmp_path, epochs=3), num_samples=2,
+                         objectives=["val_top1:max", "latency_ms:min"], sampler="nsga2", asha=False, seeds=[0, 1],
                          max_concurrent=2, name="seeds", output_dir=str(tmp_path / "out"), verbose=0,
                          log=lambda m: None)
     assert result.base["seeds"] == 2
@@ -283,9 +285,24 @@ def _running_in_tune(sweep_dir) -> set[str]:
     return {name for name, status in _saved_trials(sweep_dir).items() if status == "RUNNING"}
 
 
-def _in_flight(sweep_dir, trials_dir: str) -> set[str]:
-    return {d for d in _running_in_tune(sweep_dir) - _finished(trials_dir)
-            if os.path.exists(os.path.join(trials_dir, d, "mlflow_runs.json"))}
+def _in_flight(sweep_dir, trials_dir: str, before_epoch: int | None = None) -> set[str]:
+    """Trials Tune saved as RUNNING that have started their job (MLflow runs) and not finished it; with
+    ``before_epoch``, only those not past that epoch (far from their end, so still running at the kill)."""
+    from kdray.orchestrator.checkpoints import LocalCheckpoints
+
+    out = set()
+    for d in _running_in_tune(sweep_dir) - _finished(trials_dir):
+        if not os.path.exists(os.path.join(trials_dir, d, "mlflow_runs.json")):
+            continue
+        if before_epoch is not None:
+            try:
+                state = LocalCheckpoints(os.path.join(trials_dir, d)).latest()
+            except Exception:  # noqa: BLE001  (being written)
+                continue
+            if state and (state.get("loop") is None or int(state["loop"]["epoch"]) > before_epoch):
+                continue
+        out.add(d)
+    return out
 
 
 @pytest.mark.ray
@@ -297,9 +314,9 @@ def test_resume_after_killing_the_driver(ray_session, workdir):
 
     tmp_path, n = workdir, 6
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default store (./mlflow.db), not named in the config
-    base = small_base(tmp_path, epochs=6)
+    base = small_base(tmp_path, epochs=8)
     base["mlflow"] = {"enabled": True}
-    base["data"]["options"]["train_fraction"] = 0.5  # epochs long enough to catch a trial in flight
+    base["data"]["options"]["train_fraction"] = 1.0  # epochs long enough to catch a trial in flight
     base["checkpoint"] = {"every_epochs": 1}
     sweep_yaml = tmp_path / "sweep.yaml"
     sweep_yaml.write_text(yaml.safe_dump({
@@ -315,27 +332,31 @@ def test_resume_after_killing_the_driver(ray_session, workdir):
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None and not (
-            len(_finished(trials_dir)) >= 2 and _in_flight(sweep_dir, trials_dir)):
+            len(_finished(trials_dir)) >= 2 and _in_flight(sweep_dir, trials_dir, before_epoch=4)):
         time.sleep(0.05)
     assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
     os.kill(driver.pid, signal.SIGKILL)  # with >= 2 trials finished and one in flight
     driver.wait()
+    repair_tune_state(str(sweep_dir / "tune"))  # what --resume does first: a state file cut short by the kill
     state = json.loads((sweep_dir / "sweep.json").read_text())
     client = MlflowClient(uri)
     assert client.get_run(state["parent_run_id"]).info.status == "RUNNING"  # left behind by the dead driver
-    in_flight = {d: json.loads(open(os.path.join(trials_dir, d, "mlflow_runs.json")).read())["parent"]
-                 for d in _in_flight(sweep_dir, trials_dir)}
+    in_flight = {}
+    for d in _in_flight(sweep_dir, trials_dir):
+        with open(os.path.join(trials_dir, d, "mlflow_runs.json")) as fh:
+            in_flight[d] = json.load(fh)["parent"]
     finished_before = _finished(trials_dir) & set(_saved_trials(sweep_dir))
     assert len(finished_before) >= 2 and in_flight
     mtimes = {d: os.path.getmtime(os.path.join(trials_dir, d, "trial_result.json")) for d in finished_before}
 
     assert main(["sweep", "sweep.yaml", "--resume"]) == 0
 
-    from ray.tune import ExperimentAnalysis
-
-    analysis = ExperimentAnalysis(str(sweep_dir / "tune"))
-    ids = [t.trial_id for t in analysis.trials]
-    assert len(ids) == n and len(set(ids)) == n
+    # Tune's results: the experiment state of the latest session (``experiment_state-<session>.json``)
+    latest = sorted((sweep_dir / "tune").glob("experiment_state-*.json"))[-1]
+    trials = [json.loads(item[0] if isinstance(item, list) else item)
+              for item in json.loads(latest.read_text())["trial_data"]]
+    ids = [t["trial_id"] for t in trials]
+    assert len(ids) == n and len(set(ids)) == n and {t["status"] for t in trials} == {"TERMINATED"}
     exp = client.get_experiment_by_name("kdray")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`kdray.role` = 'sweep'")
     assert [r.info.run_id for r in parents] == [state["parent_run_id"]]  # reopened, not duplicated

@@ -371,6 +371,7 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
     resources = {"cpu": 1} if search.workers_per_trial else {"cpu": search.cpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
     path = os.path.join(sweep_dir, "tune")
+    repair_tune_state(path, log)
     if tune.Tuner.can_restore(path):
         log(f"resuming Tune experiment {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
@@ -390,14 +391,16 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         searcher = ResumableOptunaSearch(space, metric=metrics if len(metrics) > 1 else metrics[0],
-                                mode=modes if len(modes) > 1 else modes[0], sampler=_sampler(search, space, num_samples))
+                                         mode=modes if len(modes) > 1 else modes[0],
+                                         sampler=_sampler(search, space, num_samples))
     scheduler = None
     if search.asha is not None:
         scheduler = ASHAScheduler(time_attr="epoch", metric="val_top1", mode="max", max_t=info["max_t"],
                                   grace_period=info["grace"], reduction_factor=search.asha.reduction_factor)
     log(f"Tune: {num_samples} trials, {search.sampler} sampler"
         f"{', ASHA grace %d max_t %d' % (info['grace'], info['max_t']) if scheduler else ''}, "
-        f"{concurrent} at a time, {'%d Train workers each' % search.workers_per_trial if search.workers_per_trial else 'in-process'}")
+        f"{concurrent} at a time, "
+        f"{'%d Train workers each' % search.workers_per_trial if search.workers_per_trial else 'in-process'}")
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
@@ -411,13 +414,59 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
     return _fit(tuner)
 
 
+def _readable(path: str) -> bool:
+    import pickle
+
+    try:
+        with open(path, "rb") as fh:
+            if path.endswith(".json"):
+                json.load(fh)
+            else:
+                pickle.load(fh)
+        return True
+    except Exception:  # noqa: BLE001  (truncated, empty, undecodable)
+        return False
+
+
+def repair_tune_state(path: str, log=print) -> list[str]:
+    """Tune writes its experiment and searcher state in place (not atomically): a driver killed during a
+    write leaves a truncated file that ``Tuner.restore`` cannot read. Replace such a file with the complete
+    copy in the dead driver's staging directory (Ray's session dir), else set it aside so Tune restores
+    from an earlier session's state. Returns the files it repaired or set aside."""
+    import glob
+    import shutil
+    import tempfile
+
+    changed = []
+    if not os.path.isdir(path):
+        return changed
+    patterns = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+    roots = {os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "/tmp"}
+    for pattern in patterns:
+        for file in glob.glob(os.path.join(path, pattern)):
+            if _readable(file):
+                continue
+            name = os.path.basename(file)
+            staged = [c for root in roots for c in glob.glob(
+                os.path.join(root, "ray", "session_*", "artifacts", "*", os.path.basename(path), "driver_artifacts",
+                             name)) if _readable(c)]
+            if staged:
+                shutil.copyfile(max(staged, key=os.path.getmtime), file)
+                log(f"Tune state: {name} was cut short by the interruption; restored from the driver's copy")
+            else:
+                os.replace(file, file + ".unreadable")
+                log(f"Tune state: {name} was cut short by the interruption and has no intact copy; set aside")
+            changed.append(file)
+    return changed
+
+
 def _fit(tuner):
-    """``tuner.fit()`` with the experiment state saved at every step of Tune's loop (its default period is
-    adaptive, >= 10 s, and small trials finish many per second): a killed driver loses at most the trials
-    of its last step, whose runs the resumed sweep then removes (:meth:`SweepTracking.reconcile`)."""
+    """``tuner.fit()`` with the experiment state saved every second (Tune's default period is adaptive,
+    >= 10 s): a killed driver loses at most the trials it started in its last second, whose runs the resumed
+    sweep removes (:meth:`SweepTracking.reconcile`) while Tune samples as many new ones."""
     key = "TUNE_GLOBAL_CHECKPOINT_S"
     previous = os.environ.get(key)
-    os.environ[key] = previous or "0"
+    os.environ[key] = previous or "1"
     try:
         return tuner.fit()
     finally:

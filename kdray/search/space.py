@@ -560,8 +560,8 @@ class CallableSpace:
             except ConfigError:
                 raise
             except Exception as err:  # noqa: BLE001  (user code)
-                raise ConfigError(f"space function: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                                  ) from None
+                first = str(err).splitlines()[0] if str(err) else ""
+                raise ConfigError(f"space function: {type(err).__name__}: {first}") from None
             cfg = {**trial.params, **(ret or {})}
             for key in cfg:
                 if isinstance(key, str) and ("." in key or key in SEARCHABLE_ROOTS or key in _FIXED_ROOTS):
