@@ -3,8 +3,11 @@
 The cached teacher is what ``teacher.cache`` gives a training stage: a CIFAR-100-sized ``[50000, 100]`` table
 of teacher logits, looked up by the batch's (shuffled) sample indices. Steps are timed round-robin
 (``time_interleaved``) so that a shared machine's load hits all three alike. Goal: cached within 1.05x of
-the plain student step. Also reports how long reading such a cache from Parquet takes.
-Run: ``python bench/cache.py [--device cuda] [--batch 64] [--repeats 10] [--threads N]``.
+the plain student step. Also reports how long reading such a cache from Parquet takes, the rows and bytes one
+data-parallel worker holds when it reads only its shard (``--views`` recorded views per sample, ``--world``
+workers) against the whole cache, and what rebuilding a recorded view from its key costs per sample
+(CIFAR-style random crop + flip) against drawing a fresh augmentation.
+Run: ``python bench/cache.py [--device cuda] [--batch 64] [--repeats 10] [--threads N] [--views 4] [--world 2]``.
 """
 from __future__ import annotations
 
@@ -46,6 +49,47 @@ def parquet_read_seconds(logits: torch.Tensor, float16: bool) -> tuple[float, fl
         return time.perf_counter() - start, size
 
 
+def shard_memory(samples: int, classes: int, views: int, world: int) -> dict:
+    """Rows and logits bytes held by the whole cache vs by each worker's shard (what a sharded run holds)."""
+    import numpy as np
+
+    from kdray.orchestrator import teacher_cache as tc
+
+    index = np.repeat(np.arange(samples), views)
+    view = np.tile(np.arange(views), samples)
+    table = tc.outputs_table(index, torch.randn(samples * views, classes), None, False, view,
+                             np.zeros(samples * views, dtype=np.int64))
+    manifest = {"dataset": {"size": samples, "num_classes": classes},
+                "views": {"kind": "recorded", "count": views, "seed": 0}, "logits": {"stored": "full"}}
+    full = tc.teacher_from_table(table, manifest, "bench")
+    shards = [tc.teacher_from_table(tc.keep_shard(table, r, world), manifest, "bench", shard=(r, world))
+              for r in range(world)]
+    return {"full_rows": full.num_rows, "full_mb": full.logits.nbytes / 2**20,
+            "shard_rows": [s.num_rows for s in shards],
+            "shard_mb": [(s.logits.nbytes + s.rows.nbytes) / 2**20 for s in shards]}
+
+
+def view_rebuild_us(views: int, repeats: int = 300) -> tuple[float, float]:
+    """Microseconds per sample: a fresh random augmentation vs rebuilding a recorded view from its key."""
+    from torchvision import datasets, transforms
+
+    from kdray.data.registry import IndexedDataset
+    from kdray.data.views import ViewDataset
+
+    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.25,) * 3)])
+    base = IndexedDataset(datasets.FakeData(repeats, (3, 32, 32), 100, transform=tf))
+    recorded = ViewDataset(base, views, seed=0)
+    out = []
+    for fn in (lambda i: base[i], lambda i: recorded[i * views + i % views]):
+        fn(0)
+        start = time.perf_counter()
+        for i in range(repeats):
+            fn(i)
+        out.append((time.perf_counter() - start) / repeats * 1e6)
+    return out[0], out[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,6 +99,8 @@ def main() -> None:
     parser.add_argument("--student", default="resnet20")
     parser.add_argument("--samples", type=int, default=50_000, help="rows of the cached table (CIFAR train set)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--views", type=int, default=4, help="recorded views per sample (shard memory figure)")
+    parser.add_argument("--world", type=int, default=2, help="data-parallel workers (shard memory figure)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,6 +146,15 @@ def main() -> None:
     print(f"live / cached  = {t['live'] / t['cached']:.3f}  (speed-up of training from the cache)")
     print(f"\nreading a {args.samples} x {classes} cache into an index-addressed tensor: float32 {read32 * 1e3:.0f} ms "
           f"({mb32:.1f} MiB), float16 {read16 * 1e3:.0f} ms ({mb16:.1f} MiB)")
+
+    mem = shard_memory(args.samples, classes, args.views, args.world)
+    print(f"\nsharded reading, {args.samples} samples x {args.views} recorded views x {classes} classes, "
+          f"{args.world} workers: whole cache {mem['full_rows']} rows ({mem['full_mb']:.1f} MiB float32); per worker "
+          f"{mem['shard_rows']} rows ({', '.join(f'{m:.1f}' for m in mem['shard_mb'])} MiB incl. row ids) = "
+          f"{max(mem['shard_rows']) / mem['full_rows']:.3f} of the rows")
+    fresh, rebuilt = view_rebuild_us(args.views)
+    print(f"CIFAR-style augmentation per sample: fresh random view {fresh:.0f} us, recorded view rebuilt from its "
+          f"key {rebuilt:.0f} us ({rebuilt / fresh:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -71,12 +71,18 @@ class OptimSpec(_Strict):
 class TeacherSpec(ModelSpec):
     """Where the teacher comes from: a training stage (``train``), a state_dict file, an MLflow model URI,
     or a teacher-output cache (``cache``: a directory written by ``kdray cache``; no teacher is built).
-    Beside ``cache``, a ``checkpoint`` / ``mlflow_uri`` names the weights the cache must come from (hashed)."""
+    Beside ``cache``, a ``checkpoint`` / ``mlflow_uri`` names the weights the cache must come from (hashed).
+    ``classes``: the class names in the order of the given teacher's outputs, when it was trained with
+    another order than the dataset's; its logits are then reordered to the dataset's order."""
 
     train: OptimSpec | None = None
     checkpoint: str | None = None
     mlflow_uri: str | None = None
     cache: str | None = None
+    classes: list[str] | None = None
+    # Recorded augmentations per sample: how many ``kdray cache`` records (default for --views), and how many of
+    # the cached views a run cycles through (default: all; more than cached is an error).
+    cache_views: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -88,6 +94,13 @@ class TeacherSpec(ModelSpec):
             self.__dict__["cache"] = os.path.abspath(os.path.expanduser(self.cache))
         elif len(sources) != 1:
             raise ValueError(f"give exactly one of train, checkpoint, mlflow_uri, cache (got {sources or 'none'})")
+        if self.classes is not None:
+            repeated = sorted({c for c in self.classes if self.classes.count(c) > 1})
+            if repeated:
+                raise ValueError(f"classes names {repeated} more than once; list each output class once, in order")
+            if self.train is not None or self.cache is not None:
+                raise ValueError("classes describes the output order of a given teacher (checkpoint / mlflow_uri); "
+                                 "a teacher trained here or read from a cache uses the dataset's order: remove classes")
         if self.checkpoint is not None:
             path = os.path.abspath(os.path.expanduser(self.checkpoint))
             if not os.path.isfile(path):
@@ -180,6 +193,17 @@ class RaySpec(_Strict):
     address: str | None = None
     max_failures: int = Field(0, ge=-1)
     sync_batchnorm: bool = False  # BatchNorm statistics across data-parallel replicas (SyncBN)
+    # Run the job's stages as dependent Ray tasks (kdray/orchestrator/stage_graph.py) instead of one after
+    # another in one Train run: each stage is one single-process task that starts when the stages teaching it
+    # have finished, so independent stages (other seeds' chains, baselines) run concurrently.
+    stage_tasks: bool = False
+
+    @model_validator(mode="after")
+    def _stage_tasks_one_worker(self):
+        if self.stage_tasks and self.num_workers != 1:
+            raise ValueError(f"ray.stage_tasks runs each stage as one single-process Ray task; set "
+                             f"ray.num_workers: 1 (got {self.num_workers})")
+        return self
 
 
 class MLflowSpec(_Strict):
@@ -219,6 +243,8 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _scheme_needs(self):
         """Each scheme names what it needs; a config giving the wrong parts fails here, in one line."""
+        if self.scheme == "online" and "methods" not in self.model_fields_set:
+            self.__dict__["methods"] = []  # peers learn from each other's logits; terms between them are opt-in
         needs_teacher = self.scheme in ("offline", "assistant")
         if needs_teacher and self.teacher is None:
             raise ValueError(f"scheme {self.scheme!r} needs a teacher (teacher: {{model, train|checkpoint|mlflow_uri}})")
@@ -238,9 +264,10 @@ class Config(_Strict):
         if self.scheme == "online" and len(self.online.peers) < 2:
             raise ValueError(f"scheme 'online' needs at least 2 online.peers, got {len(self.online.peers)}")
         k = len(self.online.peers)
-        if self.scheme == "online" and self.ray.num_workers not in (0, 1, k):
-            raise ValueError(f"scheme 'online' with {k} peers needs ray.num_workers {k} (one peer per worker) or "
-                             f"0/1 (all peers in one process), got {self.ray.num_workers}")
+        if self.scheme == "online" and self.ray.num_workers > 1 and self.ray.num_workers % k:
+            raise ValueError(f"scheme 'online' with {k} peers needs ray.num_workers = {k} x D (one peer per worker, "
+                             f"D data-parallel replicas of each) or 0/1 (all peers in one process), "
+                             f"got {self.ray.num_workers}")
         if self.scheme in ("online", "self") and (self.teacher is not None or self.teachers):
             raise ValueError(f"scheme {self.scheme!r} trains without a pre-trained teacher; remove teacher/teachers")
         return self
@@ -316,6 +343,10 @@ def load_config(source: str | dict | Config, overrides: list[str] | None = None)
             return source
         source = source.model_dump()
     raw = read_yaml(source) if isinstance(source, str) else dict(source)
+    if "space" in raw and "base" in raw and "student" not in raw:
+        name = source if isinstance(source, str) else "this config"
+        raise ConfigError(f"{name} is a sweep file (base: + space:), not a job: run it with `kdray sweep {name}` "
+                          f"or kdray.sweep(...)")
     raw = apply_overrides(raw, overrides or [])
     try:
         return Config.model_validate(raw)

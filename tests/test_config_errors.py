@@ -85,6 +85,8 @@ def test_cli_override_and_yaml_errors(tmp_path):
     with pytest.raises(ConfigError, match="must look like key.path=value"):
         load_config("digits", ["seeds"])
     assert load_config("digits", ["ray.num_workers=2", "seeds=[4,5]"]).seeds == [4, 5]
+    with pytest.raises(ConfigError, match=r"digits_sweep is a sweep file .* `kdray sweep digits_sweep`"):
+        load_config("digits_sweep")
 
 
 def test_method_needing_features_from_model_that_declares_none(tmp_path):

@@ -29,23 +29,43 @@ def test_two_worker_job_matches_in_process_band(tmp_path, ray_session, mlflow_ur
         assert sorted(m.step for m in history) == list(range(15))
 
 
-def test_schemes_on_two_workers_match_in_process(tmp_path, ray_session):
-    """Peer-parallel DML (one peer per worker) and a teacher-sharded ensemble, each one Ray Train run."""
-    cnn = {"model": "digits_cnn", "args": {"width": 4}}
-    online = dict(scheme="online", methods=[], online={"peers": [cnn, cnn]}, train__epochs=4,
-                  checkpoint__every_epochs=4)
+def test_sharded_teachers_on_two_workers_match_in_process(tmp_path, ray_session):
+    """A teacher-sharded ensemble as one Ray Train run (peer-parallel online: the four-worker test below)."""
     t = {"model": "digits_mlp", "args": {"hidden": 32}, "train": {"epochs": 4, "batch_size": 32}}
-    multi = dict(scheme="multi_teacher", teachers=[t, {**t, "args": {"hidden": 24}}], train__epochs=4,
-                 checkpoint__every_epochs=4)
-    for label, over in (("online", online), ("multi", multi)):
-        runs = []
-        for workers in (0, 2):
-            cfg = digits_job(tmp_path, name=f"{label}{workers}", ray__num_workers=workers, **over)
-            cfg.pop("teacher")
-            runs.append(kdray.distill(cfg))
-        local, ray2 = runs
-        last = local.stages[-1]["kind"]
-        a, b = local.accuracies(last)[0], ray2.accuracies(last)[0]
-        assert abs(a - b) <= 0.03, (label, a, b)
-        if label == "online":
-            assert len(ray2.stages[-1]["peer_test_top1"]) == 2
+    over = dict(scheme="multi_teacher", teachers=[t, {**t, "args": {"hidden": 24}}], train__epochs=4,
+                checkpoint__every_epochs=4)
+    runs = []
+    for workers in (0, 2):
+        cfg = digits_job(tmp_path, name=f"multi{workers}", ray__num_workers=workers, **over)
+        cfg.pop("teacher")
+        runs.append(kdray.distill(cfg))
+    local, ray2 = runs
+    a, b = local.accuracies("distill")[0], ray2.accuracies("distill")[0]
+    assert abs(a - b) <= 0.03, (a, b)
+
+
+def test_replicated_peers_with_a_feature_term_on_four_workers(tmp_path, ray_session, mlflow_uri):
+    """2 peers x 2 data-parallel replicas (4 Ray Train workers), PKT between the peers: reaches the
+    in-process band and logs one nested MLflow run per peer."""
+    from mlflow.tracking import MlflowClient
+
+    mlp = lambda h: {"model": "digits_mlp", "args": {"hidden": h}}  # noqa: E731
+    over = dict(scheme="online", methods=[{"name": "pkt", "weight": 1.0}], online={"peers": [mlp(16), mlp(24)]},
+                train__epochs=4, checkpoint__every_epochs=2)
+    runs = []
+    for workers, uri in ((0, None), (4, mlflow_uri)):
+        cfg = digits_job(tmp_path, uri, name=f"grid{workers}", ray__num_workers=workers, **over)
+        cfg.pop("teacher")
+        runs.append(kdray.distill(cfg))
+    local, grid = (r.stages[-1]["peer_test_top1"] for r in runs)
+    assert all(abs(a - b) <= 0.05 for a, b in zip(local, grid)), (local, grid)
+    client = MlflowClient(mlflow_uri)
+    stage_id = runs[1].stages and client.search_runs(
+        [client.get_run(runs[1].parent_run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{runs[1].parent_run_id}'")[0].info.run_id
+    peers = client.search_runs([client.get_run(stage_id).info.experiment_id],
+                               f"tags.mlflow.parentRunId = '{stage_id}'")
+    assert sorted(p.info.run_name for p in peers) == ["dml-seed0.peer0", "dml-seed0.peer1"]
+    for peer in peers:  # rank 0 logged both peers (peer 1 lives on ranks 1 and 3)
+        assert [m.step for m in client.get_metric_history(peer.info.run_id, "val_top1")] == [0, 1, 2, 3]
+        assert peer.data.metrics["test_top1"] == pytest.approx(grid[int(peer.info.run_name[-1])])

@@ -6,7 +6,9 @@ computed from float16 logits is compared at rel 2e-3.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 
 import pytest
@@ -28,6 +30,39 @@ from jobs import digits_job
 
 DIGITS = {"train_fraction": 0.2}
 FP16_REL = 2e-3
+AUG = "cache_test_digits_aug"  # digits under a random shift: a training transform that needs recorded views
+VIEWS = 3
+
+
+class Augmented(torch.utils.data.Dataset):
+    """A digits training split shifted at random by up to ``padding`` pixels (torchvision ``RandomCrop``)."""
+
+    def __init__(self, base, padding: int):
+        from torchvision import transforms
+
+        self.base, self.transform = base, transforms.RandomCrop(8, padding=padding)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i][:2]
+        return self.transform(x), y
+
+
+def _register_augmented_digits():
+    from kdray.data import register_dataset
+    from kdray.data.registry import IndexedDataset
+
+    @register_dataset(AUG, "digits with random shifts (test only)")
+    def digits_aug(root=None, seed=0, padding=1, **options):
+        # The same images as digits (same fingerprint): only the training transform differs, which the
+        # cache's transform fingerprint has to catch.
+        splits = build_datasets("digits", seed=seed, **options)
+        return dataclasses.replace(splits, train=IndexedDataset(Augmented(splits.train.base, padding)))
+
+
+_register_augmented_digits()
 
 
 def _train_teacher(splits, epochs: int = 12) -> torch.nn.Module:
@@ -105,7 +140,8 @@ def test_cache_files_hold_identity(caches, ckpt, splits):
     import pyarrow.parquet as pq
 
     table = pq.read_table(caches / "c32" / tc.CACHE_FILE)
-    assert table.column_names == ["index", "view", "aug_params", "logits"]
+    assert table.column_names == ["index", "view", "aug_key", "logits"]
+    assert set(table.column("view").to_pylist()) == {0} and set(table.column("aug_key").to_pylist()) == {-1}
     assert table.column("index").to_pylist() == list(range(len(splits.train)))
 
 
@@ -215,8 +251,8 @@ def test_cache_command_refusals(tmp_path, ckpt, capsys):
     assert "\n" not in err and "trained first" in err
 
     job = _cache_job(tmp_path, checkpoint=str(ckpt / "t.pt"))
-    with pytest.raises(kdray.ConfigError, match="not implemented") as exc:
-        tc.write_cache(job, str(tmp_path / "c"), views=4)
+    with pytest.raises(kdray.ConfigError, match="deterministic, so every view would be the same") as exc:
+        tc.write_cache(job, str(tmp_path / "c"), views=4)  # digits: no random transform to record
     _one_line(exc)
 
 
@@ -244,3 +280,233 @@ def test_random_training_transform_is_refused(tmp_path, ckpt):
         tc.write_cache(_cache_job(tmp_path, checkpoint=str(ckpt / "t.pt"), data={"name": "cache_test_flipped"}),
                        str(tmp_path / "c"))
     _one_line(err)
+
+
+# --- recorded views (N augmentations per sample) ------------------------------------------------------------
+def _aug_job(tmp_path, cache=None, checkpoint=None, padding=None, **over) -> dict:
+    options = {**DIGITS, **({"padding": padding} if padding is not None else {})}
+    return _cache_job(tmp_path, cache, checkpoint, data={"name": AUG, "options": options}, **over)
+
+
+@pytest.fixture(scope="module")
+def view_caches(ray_session, ckpt, tmp_path_factory):
+    """Two Ray Data passes over digits under random shifts: 3 recorded views per sample, float32 and float16."""
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import this test module
+    root = tmp_path_factory.mktemp("views")
+    job = _aug_job(root, checkpoint=str(ckpt / "t.pt"))
+    tc.write_cache(job, str(root / "v32"), views=VIEWS, view_seed=3, actors=1)
+    tc.write_cache(job, str(root / "v16"), views=VIEWS, view_seed=3, float16=True, actors=1)
+    return root
+
+
+def test_view_keys_and_samplers():
+    """Unit checks (no cache): a view is rebuilt exactly from its key without touching anyone's RNG; each
+    sample cycles through its views; shards are disjoint, cover the set and give every worker the same length."""
+    import numpy as np
+    from torch.utils.data import DistributedSampler
+
+    from kdray.data import views as V
+
+    assert V.view_key(3, 7, 2) == int(V.view_key(3, np.array([7]), np.array([2]))[0]) >= 0
+    assert len({V.view_key(s, i, v) for s in (0, 1) for i in range(50) for v in range(4)}) == 400
+    ds = V.ViewDataset(build_datasets(AUG, **DIGITS).train, VIEWS, seed=3)
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    a, b = ds[5 * VIEWS + 1], ds[5 * VIEWS + 1]
+    assert torch.equal(torch.get_rng_state(), before), "rebuilding a view moved the global generator"
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:] == (a[1], 5 * VIEWS + 1)
+    assert any(not torch.equal(ds[i * VIEWS][0], ds[i * VIEWS + 1][0]) for i in range(10)), "views do not differ"
+
+    n = 10
+    rows = V.RowSampler(DistributedSampler(range(n), 1, 0, shuffle=True, seed=0), VIEWS, seed=0)
+    seen = {}
+    for epoch in range(VIEWS):
+        rows.set_epoch(epoch)
+        epoch_rows = list(rows)
+        assert sorted(r // VIEWS for r in epoch_rows) == list(range(n))  # every sample once per epoch
+        for r in epoch_rows:
+            seen.setdefault(r // VIEWS, []).append(r % VIEWS)
+    assert all(sorted(v) == list(range(VIEWS)) for v in seen.values())  # every view once per VIEWS epochs
+    two = V.RowSampler(DistributedSampler(range(n), 1, 0, shuffle=True, seed=0), VIEWS, use_views=2, seed=0)
+    assert {r % VIEWS for e in range(4) for r in (two.set_epoch(e) or list(two))} == {0, 1}
+
+    n, world = 11, 2
+    shards = [V.ShardSampler(V.shard_of(n, r, world), n, world, seed=4) for r in range(world)]
+    held = [set(V.shard_of(n, r, world).tolist()) for r in range(world)]
+    assert not held[0] & held[1] and held[0] | held[1] == set(range(n))
+    for epoch in (0, 1):
+        for r, sampler in enumerate(shards):
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            assert len(order) == math.ceil(n / world) and set(order) == held[r] and order == list(sampler)
+    shards[0].set_epoch(0)
+    first = list(shards[0])
+    shards[0].set_epoch(1)
+    assert list(shards[0]) != first  # reshuffled per epoch, reproducibly
+
+
+def test_recorded_views_kd_loss_equals_live_kd_loss(view_caches, ckpt):
+    """The student's loader rebuilds each row's view from its key; the teacher saw that exact view in another
+    process, so cached and live KD losses agree (float32 1e-6, float16 2e-3) on every recorded view."""
+    from torch.utils.data import DistributedSampler
+
+    from kdray.data.views import cached_train_data
+
+    splits = build_datasets(AUG, **DIGITS)
+    live = _live_teacher(ckpt)
+    exact = tc.load_cached_teacher(str(view_caches / "v32"))
+    half = tc.load_cached_teacher(str(view_caches / "v16"))
+    assert exact.views == VIEWS and exact.num_rows == VIEWS * len(splits.train) and exact.view_seed == 3
+    dataset, sampler = cached_train_data(splits.train, exact, DistributedSampler(splits.train, 1, 0, seed=0), 0, 1)
+    kd = create_method("kd", alpha=0.9, temperature=4.0)
+    torch.manual_seed(1)
+    student = create_model("digits_mlp", 10, hidden=16)
+    views_seen = set()
+    with torch.no_grad():
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            for x, y, rows in DataLoader(dataset, batch_size=64, sampler=sampler):
+                batch = Batch(x, y, rows)
+                views_seen |= set((rows % VIEWS).tolist())
+                s_out = ModelOutput(student(x))
+                want = kd(s_out, live(x), batch)
+                got, got16 = kd(s_out, exact(batch), batch), kd(s_out, half(batch), batch)
+                for key in want:
+                    assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6, abs=1e-7)
+                    assert float(got16[key]) == pytest.approx(float(want[key]), rel=FP16_REL, abs=1e-5)
+                assert torch.allclose(exact(batch).logits, live(x).logits, atol=1e-5, rtol=0)
+    assert views_seen == set(range(VIEWS))
+    plain = torch.stack([splits.train[i][0] for i in range(20)])  # a fresh random shift is not a recorded view
+    recorded = torch.stack([dataset[i * VIEWS][0] for i in range(20)])
+    assert not torch.equal(plain, recorded)
+
+
+def test_random_transform_trains_from_views_cache(view_caches, tmp_path, monkeypatch):
+    import kdray.orchestrator.job as job
+
+    def no_teacher(*a, **k):
+        raise AssertionError("a teacher was built although teacher.cache is set")
+
+    monkeypatch.setattr(job, "build_teacher_model", no_teacher)
+    monkeypatch.setattr(job, "build_teacher", no_teacher)
+    rows = []
+    real_forward = CachedTeacher.forward
+    monkeypatch.setattr(CachedTeacher, "forward", lambda self, batch: rows.append(batch.indices) or
+                        real_forward(self, batch))
+    result = kdray.distill(_aug_job(tmp_path, cache=str(view_caches / "v32"), train__epochs=30))
+    (stage,) = result.stages
+    seen = torch.cat(rows)
+    assert set((seen % VIEWS).tolist()) == set(range(VIEWS)), "the student did not cycle through the views"
+    assert stage["test_top1"] > 0.6, stage  # chance is 0.1; the teacher gets ~0.67 on the shifted views
+
+
+def test_mismatched_views_are_refused(view_caches, caches, tmp_path):
+    v32 = str(view_caches / "v32")
+    with pytest.raises(kdray.ConfigError) as err:  # more views than recorded
+        kdray.distill(_aug_job(tmp_path, cache=v32, teacher__cache_views=VIEWS + 1))
+    assert f"holds {VIEWS} recorded view(s)" in _one_line(err) and "--views" in str(err.value)
+
+    with pytest.raises(kdray.ConfigError) as err:  # another random transform (shifts of up to 2 pixels)
+        kdray.distill(_aug_job(tmp_path, cache=v32, padding=2))
+    assert "stale" in _one_line(err) and "training transform" in str(err.value) and "padding=2" in str(err.value)
+
+    with pytest.raises(kdray.ConfigError) as err:  # a fixed-view cache of the same images, now augmented
+        kdray.distill(_aug_job(tmp_path, cache=str(caches / "c32")))
+    assert "holds fixed views" in _one_line(err) and "--views N" in str(err.value)
+
+    import pyarrow.parquet as pq  # a cache whose manifest seed no longer derives its stored keys
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    manifest = tc.read_manifest(v32)
+    manifest["views"]["seed"] = 4
+    table = pq.read_table(view_caches / "v32" / tc.CACHE_FILE)
+    pq.write_table(table.replace_schema_metadata({tc.META_KEY: json.dumps(manifest).encode()}), bad / tc.CACHE_FILE)
+    (bad / tc.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(kdray.ConfigError) as err:
+        kdray.distill(_aug_job(tmp_path, cache=str(bad)))
+    assert "augmentation keys differ" in _one_line(err)
+
+
+# --- data-parallel students read the cache as shards ---------------------------------------------------------
+def _shard_teachers(path, world: int = 2):
+    """Each rank's shard of a cache, as its Ray Dataset would hand it over (filtered with the same function)."""
+    import pyarrow.parquet as pq
+
+    manifest = tc.read_manifest(str(path))
+    table = pq.read_table(path / tc.CACHE_FILE, columns=tc.logits_columns(manifest))
+    return [tc.teacher_from_table(tc.keep_shard(table, r, world), manifest, str(path), shard=(r, world))
+            for r in range(world)]
+
+
+def test_sharded_cache_holds_only_its_rows(caches, view_caches):
+    from torch.utils.data import DistributedSampler
+
+    from kdray.data.views import cached_train_data
+
+    for name in ("c32", "v32"):
+        root = caches if name == "c32" else view_caches
+        full = tc.load_cached_teacher(str(root / name))
+        shards = _shard_teachers(root / name)
+        n, views = full.num_samples, full.views
+        assert [s.num_rows for s in shards] == [math.ceil(n / 2) * views, n // 2 * views]  # 1/world of the rows
+        assert sum(s.logits.nbytes for s in shards) == full.logits.nbytes
+        for rank, shard in enumerate(shards):
+            assert torch.equal(shard.lookup(shard.rows).logits, full.lookup(shard.rows).logits)
+            with pytest.raises(KeyError, match="not in this worker's shard"):
+                shard.lookup(shards[1 - rank].rows[:1])
+            data = build_datasets(AUG if views > 1 else "digits", **DIGITS)
+            _, sampler = cached_train_data(data.train, shard, DistributedSampler(data.train, 2, rank, seed=0), 0, 2)
+            sampler.set_epoch(1)
+            rows = torch.tensor(list(sampler))
+            assert len(rows) == math.ceil(n / 2) and bool(torch.isin(rows, shard.rows).all())
+
+
+def test_data_parallel_run_reads_cache_shards(caches, tmp_path, monkeypatch):
+    """One 2-worker Ray Train run from the cache: each worker materialises only its Ray Data shard (half the
+    rows) and trains on exactly those samples. The same batches in one process (each step = rank 0's half-batch
+    + rank 1's, which is what DDP's gradient averaging computes) give the same accuracies to within one sample
+    (float sums in another order, ~1e-7 per step, cannot flip more than a near-tie)."""
+    import kdray.orchestrator.job as job
+
+    c32 = caches / "c32"
+    ray_run = kdray.distill(_cache_job(tmp_path / "ray", cache=str(c32), ray={"num_workers": 2}))
+    (dp,) = ray_run.stages
+    splits = build_datasets("digits", **DIGITS)
+    n = len(splits.train)
+    assert dp["cache_rows"] == n and dp["cache_rows_held_max"] == math.ceil(n / 2), dp
+
+    shards = _shard_teachers(c32)
+    real_make_loaders = job.make_loaders
+
+    class TwoWorkerBatches:
+        """Rank 0's and rank 1's batches of one step, concatenated."""
+
+        def __init__(self, loaders):
+            self.loaders = loaders
+            self.sampler = self
+
+        def set_epoch(self, epoch):
+            for loader in self.loaders:
+                loader.sampler.set_epoch(epoch)
+
+        def __iter__(self):
+            for parts in zip(*self.loaders, strict=True):
+                yield tuple(torch.cat(p) for p in zip(*parts))
+
+    def two_worker_loaders(splits, batch_size, seed, ctx, loader_workers=0, cache=None):
+        _, val, test = real_make_loaders(splits, batch_size, seed, ctx, loader_workers)
+        ranks = [real_make_loaders(splits, batch_size, seed, job.WorkerContext(rank=r, world_size=2),
+                                   loader_workers, shards[r])[0] for r in (0, 1)]
+        return TwoWorkerBatches(ranks), val, test
+
+    monkeypatch.setattr(job, "make_loaders", two_worker_loaders)
+    (local,) = kdray.distill(_cache_job(tmp_path / "local", cache=str(c32))).stages
+    test_n = len(splits.test)
+    assert abs(dp["test_top1"] - local["test_top1"]) <= 1 / test_n + 1e-9, (dp, local)
+    assert abs(dp["val_top1"] - local["val_top1"]) <= 1 / len(splits.val) + 1e-9, (dp, local)
+    assert dp["test_top1"] > 0.6

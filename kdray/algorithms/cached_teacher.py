@@ -1,11 +1,13 @@
-"""A teacher source that looks its outputs up by sample index instead of running a network (the FKD idea).
+"""A teacher source that looks its outputs up by cache row instead of running a network (the FKD idea).
 
 Pure PyTorch: the orchestrator reads the cache (Parquet, see :mod:`kdray.orchestrator.teacher_cache`)
-into an index-addressed tensor and hands it to :class:`CachedTeacher`. The training loop sees a teacher
-that wants the whole :class:`Batch` (``wants_batch = True``), because the lookup key is ``batch.indices``,
-the sample's index in the training split. Only *fixed views* are cached in this version: the cached
-logits are valid only when the training transform is deterministic (Beyer et al. 2022, "Knowledge
-distillation: A good teacher is patient and consistent": the teacher must see the student's exact view).
+into a row-addressed tensor and hands it to :class:`CachedTeacher`. The training loop sees a teacher
+that wants the whole :class:`Batch` (``wants_batch = True``), because the lookup key is ``batch.indices``:
+the cache row id ``i * views + v`` of view ``v`` of training sample ``i`` (fixed views: ``views == 1``, the
+row is the sample index). Cached logits are valid only for the exact view the teacher saw (Beyer et al.
+2022, "Knowledge distillation: A good teacher is patient and consistent"): fixed views for a deterministic
+training transform, or N recorded augmentations that the student's data rebuilds from their keys
+(:mod:`kdray.data.views`). A data-parallel worker may hold only its shard of the rows (``rows``).
 """
 from __future__ import annotations
 
@@ -49,36 +51,72 @@ def logits_from_topk(values: torch.Tensor, indices: torch.Tensor, lse: torch.Ten
 
 
 class CachedTeacher(nn.Module):
-    """Teacher outputs looked up by ``batch.indices`` in an ``[N, C]`` tensor (row ``i`` = training sample ``i``).
+    """Teacher outputs looked up by ``batch.indices`` (cache row ids) in a ``[R, C]`` tensor.
+
+    ``rows=None``: row ``r`` of ``logits`` is cache row ``r`` (the whole cache). Otherwise ``rows`` holds the
+    sorted cache row ids of the ``logits`` rows this worker holds (its shard) and a lookup of a row it does not
+    hold is an error. ``views`` is the number of recorded views per sample (``row = i * views + v``),
+    ``view_seed`` the seed of their keys (``None``: fixed views), ``num_samples`` the training-set size.
 
     Behaves like :class:`~kdray.algorithms.distiller.Teacher` for the loop: always ``eval()``, no
-    gradients, ``.to(device)`` moves the table (a non-persistent buffer, so it never enters a checkpoint).
+    gradients, ``.to(device)`` moves the table (non-persistent buffers, so it never enters a checkpoint).
     ``features`` are cached feature maps by point name (none in this version's caches).
     """
 
     wants_batch = True
 
     def __init__(self, logits: torch.Tensor, features: dict[str, torch.Tensor] | None = None,
-                 source: str = "cache"):
+                 source: str = "cache", rows: torch.Tensor | None = None, views: int = 1,
+                 view_seed: int | None = None, num_samples: int | None = None):
         super().__init__()
         if logits.dim() != 2:
             raise ValueError(f"cached logits must be [samples, classes], got shape {tuple(logits.shape)}")
         self.register_buffer("logits", logits.detach().float().contiguous(), persistent=False)
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.long)
+            if rows.shape != (logits.shape[0],) or (len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all())):
+                raise ValueError("rows must be the sorted, distinct cache row ids of the logits' rows")
+        self.register_buffer("rows", rows, persistent=False)
         self.points = list(features or {})
         for i, name in enumerate(self.points):
             self.register_buffer(f"_feature{i}", features[name].detach().contiguous(), persistent=False)
-        self.source = source
+        self.source, self.views, self.view_seed = source, int(views), view_seed
+        self.use_views = int(views)  # how many of the recorded views the run cycles through (<= views)
+        self.num_samples = int(num_samples if num_samples is not None else logits.shape[0] // self.views)
+        self.rows_per_worker: list[int] | None = None  # filled in by the orchestrator for a sharded cache
 
     @property
-    def num_samples(self) -> int:
+    def num_rows(self) -> int:
+        """Rows held here (the shard's, or the whole cache's)."""
         return self.logits.shape[0]
+
+    @property
+    def sharded(self) -> bool:
+        return self.rows is not None
+
+    def samples(self) -> torch.Tensor:
+        """The training-sample indices whose rows are held here."""
+        if self.rows is None:
+            return torch.arange(self.num_samples)
+        return torch.unique(self.rows.cpu() // self.views)
 
     def train(self, mode: bool = True):
         return super().train(False)
 
+    def _positions(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:
+            return rows
+        pos = torch.searchsorted(self.rows, rows).clamp_max(len(self.rows) - 1)
+        missing = self.rows.index_select(0, pos) != rows
+        if bool(missing.any()):
+            row = int(rows[missing][0])
+            raise KeyError(f"cache row {row} (sample {row // self.views}, view {row % self.views}) is not in this "
+                           f"worker's shard of {self.source}")
+        return pos
+
     @torch.no_grad()
-    def lookup(self, indices: torch.Tensor) -> ModelOutput:
-        idx = indices.to(self.logits.device, non_blocking=True)
+    def lookup(self, rows: torch.Tensor) -> ModelOutput:
+        idx = self._positions(rows.to(self.logits.device, non_blocking=True).long())
         logits = self.logits.index_select(0, idx)
         feats = {name: getattr(self, f"_feature{i}").index_select(0, idx) for i, name in enumerate(self.points)}
         return ModelOutput(logits, feats)
@@ -87,10 +125,15 @@ class CachedTeacher(nn.Module):
         return self.lookup(batch.indices)
 
     def bind(self, indices) -> Callable[[torch.Tensor], ModelOutput]:
-        """A live-teacher-shaped callable (``inputs -> ModelOutput``) for fixed samples, e.g. the example
-        batch :meth:`Distiller.build` runs the teacher on."""
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        return lambda _inputs: self.lookup(indices)
+        """A live-teacher-shaped callable (``inputs -> ModelOutput``) for the example batch
+        :meth:`Distiller.build` runs the teacher on (shapes only): view 0 of the given samples, or, on a worker
+        whose shard does not hold them, its own first rows."""
+        rows = torch.as_tensor(indices, dtype=torch.long) * self.views
+        if self.rows is not None and not bool(torch.isin(rows, self.rows.cpu()).all()):
+            rows = self.rows.cpu()[: len(rows)]
+        return lambda _inputs: self.lookup(rows)
 
     def extra_repr(self) -> str:
-        return f"samples={self.logits.shape[0]}, classes={self.logits.shape[1]}, source={self.source!r}"
+        held = f", rows held={self.num_rows} (shard)" if self.rows is not None else ""
+        return (f"samples={self.num_samples}, views={self.views}, classes={self.logits.shape[1]}{held}, "
+                f"source={self.source!r}")

@@ -4,8 +4,15 @@ It is the one trainable module of a step, so the orchestrator wraps exactly this
 and connectors synchronise their gradients together, while the teacher lives outside it, in ``eval()``
 under ``no_grad``, never wrapped. Its ``state_dict`` is what a checkpoint holds; :meth:`export_student`
 is what a user gets (no teacher, no connectors).
+
+With several teachers (``num_teachers=M``, the multi-teacher scheme) every feature / relation term is
+instantiated once per teacher, so each teacher gets its own connector built from its own feature shapes;
+their losses are combined with the ensemble's per-teacher weights (``teacher_out.member_weights``), while
+response terms read the ensemble's combined logits. Still one module, so DDP still wraps exactly this.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
@@ -29,20 +36,44 @@ def expand_points(model: nn.Module, points, role: str) -> list[str]:
     return out
 
 
+class ClassOrderError(ValueError):
+    """A teacher whose output classes are not the dataset's classes."""
+
+
+def class_order(teacher_classes: list[str], dataset_classes: list[str]) -> list[int] | None:
+    """Indices putting a teacher's logits into the dataset's class order (``logits[:, order]``), or ``None``
+    when they already are; a teacher with other class names raises :class:`ClassOrderError` naming them."""
+    teacher_set, dataset_set = set(teacher_classes), set(dataset_classes)
+    missing = [c for c in dataset_classes if c not in teacher_set]
+    extra = [c for c in teacher_classes if c not in dataset_set]
+    repeated = sorted({c for c in teacher_classes if teacher_classes.count(c) > 1})
+    if missing or extra or repeated:
+        parts = [f"missing {missing}" if missing else "", f"extra {extra}" if extra else "",
+                 f"repeated {repeated}" if repeated else ""]
+        raise ClassOrderError(", ".join(p for p in parts if p))
+    position = {c: i for i, c in enumerate(teacher_classes)}
+    order = [position[c] for c in dataset_classes]
+    return None if order == list(range(len(order))) else order
+
+
 class Teacher(nn.Module):
     """A frozen teacher: always ``eval()``, ``no_grad``, features captured at the requested points.
 
     ``train(True)`` is ignored on purpose: a teacher in train mode would update its BN statistics and
     cost extra time per step (torchdistill leaves teachers in train mode; we never do).
+    ``class_order`` (see :func:`class_order`) reorders its logits, and nothing else, into the dataset's
+    class order, for a teacher trained with another order.
     """
 
-    def __init__(self, model: nn.Module, points: list[str] | None = None):
+    def __init__(self, model: nn.Module, points: list[str] | None = None, class_order: list[int] | None = None):
         super().__init__()
         self.model = model
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.points = list(dict.fromkeys(points or []))
         self._tap = FeatureTap(model, self.points, role="teacher") if self.points else None
+        self.register_buffer("class_order", None if class_order is None else torch.tensor(class_order),
+                             persistent=False)
         self.model.eval()
 
     def train(self, mode: bool = True):
@@ -51,10 +82,13 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> ModelOutput:
         if self._tap is None:
-            return ModelOutput(self.model(inputs))
+            return ModelOutput(self._reorder(self.model(inputs)))
         with self._tap.capture() as feats:
             logits = self.model(inputs)
-        return ModelOutput(logits, dict(feats))
+        return ModelOutput(self._reorder(logits), dict(feats))
+
+    def _reorder(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.class_order is None else logits.index_select(1, self.class_order)
 
 
 class Distiller(nn.Module):
@@ -62,12 +96,23 @@ class Distiller(nn.Module):
 
     The hard-label cross-entropy is added with ``ce_weight`` unless a term already includes it
     (Hinton KD's ``(1 - alpha) * CE``). With no terms this trains a model from scratch.
+
+    ``num_teachers > 1``: each feature / relation term is copied per teacher (``terms`` then holds the
+    copies side by side and ``term_teachers[i]`` is the teacher of ``terms[i]``, ``None`` for a term that
+    reads the combined output). A copy's loss is weighted by ``teacher_out.member_weights[m]`` and summed
+    under the term's own loss name, so ``fitnet`` is the ensemble's FitNet loss; the unweighted per-teacher
+    values of the last step are kept in ``member_losses`` (``fitnet_t0``, ...) for inspection.
     """
 
-    def __init__(self, student: nn.Module, terms: list[KnowledgeTerm] | None = None, ce_weight: float = 1.0):
+    def __init__(self, student: nn.Module, terms: list[KnowledgeTerm] | None = None, ce_weight: float = 1.0,
+                 num_teachers: int = 1):
         super().__init__()
         self.student = student
+        self.num_teachers = 1
         self.terms = nn.ModuleList(terms or [])
+        self.term_teachers: list[int | None] = [None] * len(self.terms)
+        self.member_points: dict[int, list[str]] = {}
+        self.member_losses: dict[str, torch.Tensor] = {}
         self.ce_weight = ce_weight
         self._adds_ce = not any(t.provides_ce for t in self.terms)
         self.student_points: list[str] = []
@@ -81,15 +126,52 @@ class Distiller(nn.Module):
         self.student_points = list(dict.fromkeys(self.student_points))
         self._tap = FeatureTap(student, self.student_points, role="student") if self.student_points else None
         self._built = not self.terms
+        self._resolved = False
+        self.set_num_teachers(num_teachers)
 
-    def resolve_teacher_points(self, teacher_model: nn.Module) -> list[str]:
-        """Expand each term's teacher feature points against the teacher; the union is what it must emit."""
+    def set_num_teachers(self, num_teachers: int) -> None:
+        """Be taught by ``num_teachers`` teachers: copy each feature / relation term once per teacher.
+        Call before :meth:`resolve_teacher_points` and :meth:`build` (the copies are not built yet)."""
+        if num_teachers < 1:
+            raise ValueError(f"num_teachers must be >= 1, got {num_teachers}")
+        if num_teachers == self.num_teachers:
+            return
+        if self.num_teachers != 1 or self._resolved or (self._built and self.terms):
+            raise RuntimeError(f"set_num_teachers({num_teachers}) must come before teachers are resolved or "
+                               f"built, on a one-teacher distiller")
+        expanded: list[KnowledgeTerm] = []
+        self.term_teachers = []
         for term in self.terms:
-            term.teacher_points = expand_points(teacher_model, getattr(term, "teacher_points_request", None),
-                                                "teacher")
-            self.teacher_points += term.teacher_points
-        self.teacher_points = list(dict.fromkeys(self.teacher_points))
-        return self.teacher_points
+            if num_teachers > 1 and term.kind != "response":  # one copy (its own connector) per teacher
+                expanded += [term] + [copy.deepcopy(term) for _ in range(num_teachers - 1)]
+                self.term_teachers += list(range(num_teachers))
+            else:
+                expanded.append(term)
+                self.term_teachers.append(None)
+        self.terms = nn.ModuleList(expanded)
+        self.num_teachers = num_teachers
+
+    def resolve_teacher_points(self, teacher_model: nn.Module, member: int | None = None) -> list[str]:
+        """Expand each term's teacher feature points against the teacher; the union is what it must emit.
+
+        With several teachers, call it once per teacher with ``member=m``: it resolves the copies that
+        teacher ``m`` teaches (teachers may differ in architecture, so their points differ)."""
+        if self.num_teachers > 1 and member is None:
+            raise ValueError(f"this distiller has {self.num_teachers} teachers: resolve each with member=m")
+        self._resolved = True
+        role = "teacher" if member is None else f"teacher {member}"
+        points: list[str] = []
+        for term, slot in zip(self.terms, self.term_teachers):
+            if slot != member:
+                continue
+            term.teacher_points = expand_points(teacher_model, getattr(term, "teacher_points_request", None), role)
+            points += term.teacher_points
+        points = list(dict.fromkeys(points))
+        if member is None:
+            self.teacher_points = list(dict.fromkeys(self.teacher_points + points))
+            return self.teacher_points
+        self.member_points[member] = points
+        return points
 
     def student_forward(self, inputs: torch.Tensor) -> ModelOutput:
         if self._tap is None:
@@ -107,8 +189,8 @@ class Distiller(nn.Module):
         self.student.eval()
         s_out = self.student_forward(example_inputs)
         t_out = teacher(example_inputs) if teacher is not None else ModelOutput(s_out.logits)
-        for term in self.terms:
-            term.build(_select(s_out, term.student_points), _select(t_out, term.teacher_points), num_samples)
+        for term, slot in zip(self.terms, self.term_teachers):
+            term.build(_select(s_out, term.student_points), _teacher_view(t_out, slot, term), num_samples)
         self.student.train(was_training)
         self._built = True
 
@@ -121,10 +203,19 @@ class Distiller(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         if self._adds_ce and self.ce_weight and all(t.uses_hard_labels() for t in self.terms):
             losses["ce"] = self.ce_weight * F.cross_entropy(s_out.logits, batch.targets)
-        for term in self.terms:
+        member_weights = None
+        for term, slot in zip(self.terms, self.term_teachers):
             if teacher_out is None:
                 raise ValueError(f"method {term.name!r} needs a teacher, but this stage has none")
-            out = term(_select(s_out, term.student_points), _select(teacher_out, term.teacher_points), batch)
+            out = term(_select(s_out, term.student_points), _teacher_view(teacher_out, slot, term), batch)
+            if slot is not None:
+                if member_weights is None:
+                    member_weights = getattr(teacher_out, "member_weights", None)
+                    if member_weights is None:
+                        member_weights = torch.full((self.num_teachers,), 1.0 / self.num_teachers)
+                    member_weights = member_weights.to(s_out.logits.device)
+                self.member_losses.update({f"{key}_t{slot}": value.detach() for key, value in out.items()})
+                out = {key: member_weights[slot] * value for key, value in out.items()}
             for key, value in out.items():
                 losses[key] = losses[key] + value if key in losses else value
         return s_out.logits, losses
@@ -136,3 +227,14 @@ class Distiller(nn.Module):
 
 def _select(out: ModelOutput, points: list[str]) -> ModelOutput:
     return ModelOutput(out.logits, {p: out.features[p] for p in points})
+
+
+def _teacher_view(out: ModelOutput, member: int | None, term: KnowledgeTerm) -> ModelOutput:
+    """What ``term`` sees of the teacher: teacher ``member``'s own output, or the (combined) output."""
+    if member is None:
+        return _select(out, term.teacher_points)
+    members = getattr(out, "members", None)
+    if members is None or member >= len(members):
+        raise ValueError(f"method {term.name!r} is taught per teacher, but the teacher output holds "
+                         f"{0 if members is None else len(members)} teachers' outputs (an ensemble's members)")
+    return _select(members[member], term.teacher_points)

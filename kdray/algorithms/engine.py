@@ -159,7 +159,8 @@ class TrainLoop:
             loss.backward()
             self.optimizer.step()
             steps += 1
-            for k, v in losses.items():
+            # Per-teacher values of multi-teacher feature terms (``fitnet_t0``, ...): logged, not summed.
+            for k, v in {**losses, **getattr(_inner(self.distiller), "member_losses", {})}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         return {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}

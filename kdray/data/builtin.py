@@ -24,9 +24,10 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def _splits(train, val, test, num_classes, shape, fingerprint) -> DatasetSplits:
+def _splits(train, val, test, num_classes, shape, fingerprint, classes=None) -> DatasetSplits:
     return DatasetSplits(
-        IndexedDataset(train), IndexedDataset(val), IndexedDataset(test), num_classes, shape, fingerprint
+        IndexedDataset(train), IndexedDataset(val), IndexedDataset(test), num_classes, shape, fingerprint,
+        list(classes or []),
     )
 
 
@@ -43,7 +44,7 @@ def digits(root=None, seed: int = 0, train_fraction: float = 1.0, val_fraction: 
     tr, va, te = split_indices(len(full), (val_fraction, test_fraction), seed)
     train = subsample(Subset(full, tr), train_fraction, seed)
     fp = _fingerprint("digits", seed, train_fraction, val_fraction, test_fraction)
-    return _splits(train, Subset(full, va), Subset(full, te), 10, (1, 8, 8), fp)
+    return _splits(train, Subset(full, va), Subset(full, te), 10, (1, 8, 8), fp, [str(c) for c in bunch.target_names])
 
 
 def _cifar(name: str, root, seed: int, download: bool, augment: bool, train_fraction: float,
@@ -74,7 +75,7 @@ def _cifar(name: str, root, seed: int, download: bool, augment: bool, train_frac
     val = Subset(eval_full, va) if va else Subset(test, range(0))
     classes = 10 if name == "cifar10" else 100
     fp = _fingerprint(name, seed, augment, train_fraction, val_fraction, n)
-    return _splits(train, val, test, classes, (3, 32, 32), fp)
+    return _splits(train, val, test, classes, (3, 32, 32), fp, train_full.classes)
 
 
 @register_dataset("cifar10", "torchvision CIFAR-10 (data.root; downloads only with data.download: true)")
@@ -103,7 +104,7 @@ def imagefolder(root=None, seed: int = 0, image_size: int = 224, train_fraction:
     test = datasets.ImageFolder(test_dir, transform=tf) if os.path.isdir(test_dir) else val
     fp = _fingerprint("imagefolder", root, image_size, seed, train_fraction, len(train))
     return _splits(subsample(train, train_fraction, seed), val, test, len(train.classes),
-                   (3, image_size, image_size), fp)
+                   (3, image_size, image_size), fp, train.classes)
 
 
 @register_dataset("fake", "torchvision FakeData (random images; benchmarks and tests)")

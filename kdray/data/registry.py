@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -44,6 +44,13 @@ class DatasetSplits:
     input_shape: tuple[int, ...]
     # Identifies the data and its transforms, so a teacher-output cache can refuse a mismatch.
     fingerprint: str
+    # Class names in label order (label i is classes[i]); the student's output order. Default "0".."n-1".
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.classes = [str(c) for c in self.classes] or [str(i) for i in range(self.num_classes)]
+        if len(self.classes) != self.num_classes:
+            raise ValueError(f"{len(self.classes)} class names for {self.num_classes} classes")
 
 
 def register_dataset(name: str, description: str):

@@ -55,7 +55,7 @@ def preflight(cfg: Config) -> None:
     from kdray.algorithms.distiller import Distiller, Teacher
     from kdray.data import build_datasets
     from kdray.models import create_model
-    from kdray.orchestrator.job import _data_options, build_teacher_model
+    from kdray.orchestrator.job import _data_options, build_teacher_model, teacher_class_order
 
     try:
         splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
@@ -68,15 +68,22 @@ def preflight(cfg: Config) -> None:
     if uses_cache(cfg):  # teacher outputs come from a cache: check it, build no teacher
         return preflight_cache(cfg, splits, _tracking_uri(cfg))
     example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
+    paths = [f"teachers.{i}" if cfg.scheme == "multi_teacher" else "teacher" for i in range(len(cfg.teacher_specs()))]
+    orders = [teacher_class_order(cfg, f"spec:{path}", splits.classes) for path in paths]  # before loading weights
     try:
         teacher_models = []
-        for i, spec in enumerate(cfg.teacher_specs()):
-            path = f"teachers.{i}" if cfg.scheme == "multi_teacher" else "teacher"
+        for path, spec in zip(paths, cfg.teacher_specs()):
             teacher_models.append(create_model(spec.model, splits.num_classes, **spec.args) if spec.train is not None
                                   else build_teacher_model(cfg, f"spec:{path}", splits.num_classes, {},
                                                            _tracking_uri(cfg)))
         for spec in [*cfg.assistants, *cfg.online.peers]:
             teacher_models.append(create_model(spec.model, splits.num_classes, **spec.args))
+        with torch.no_grad():
+            for model in teacher_models:
+                classes = model.eval()(example).shape[1]
+                if classes != splits.num_classes:
+                    raise ConfigError(f"a teacher ({type(model).__name__}) outputs {classes} classes but dataset "
+                                      f"{cfg.data.name!r} has {splits.num_classes}")
         student = create_model(cfg.student.model, splits.num_classes, **cfg.student.args)
         if cfg.scheme == "self" and cfg.self_distill.method == "byot":
             from kdray.algorithms.schemes.byot import BYOTDistiller
@@ -84,16 +91,18 @@ def preflight(cfg: Config) -> None:
             BYOTDistiller(student).build(example, None, len(splits.train))
         elif cfg.scheme in ("offline", "assistant", "multi_teacher"):
             terms = [create_method(m.name, **m.params()) for m in cfg.methods]
-            distiller = Distiller(student, terms, cfg.ce_weight)
-            first = teacher_models[0]
-            teacher = Teacher(first, distiller.resolve_teacher_points(first))
+            if cfg.scheme == "multi_teacher":  # every teacher's feature points and connector shapes
+                from kdray.algorithms.schemes.multi_teacher import TeacherEnsemble
+
+                distiller = Distiller(student, terms, cfg.ce_weight, num_teachers=len(paths))
+                teacher = TeacherEnsemble([Teacher(m, distiller.resolve_teacher_points(m, member=i), orders[i])
+                                           for i, m in enumerate(teacher_models[: len(paths)])],
+                                          cfg.ensemble.combine, cfg.ensemble.weights)
+            else:
+                distiller = Distiller(student, terms, cfg.ce_weight)
+                first = teacher_models[0]
+                teacher = Teacher(first, distiller.resolve_teacher_points(first), orders[0])
             distiller.build(example, teacher, len(splits.train))
-        with torch.no_grad():
-            for model in teacher_models:
-                classes = model.eval()(example).shape[1]
-                if classes != splits.num_classes:
-                    raise ConfigError(f"a teacher ({type(model).__name__}) outputs {classes} classes but dataset "
-                                      f"{cfg.data.name!r} has {splits.num_classes}")
     except ConfigError:
         raise
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
@@ -117,7 +126,7 @@ def _check_run_dir(cfg: Config, resume: bool) -> None:
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir: cannot write {cfg.run_dir()} ({existing} is not a writable directory)")
     marker = os.path.join(cfg.run_dir(), RUNS_FILE)
-    has_ckpt = os.path.exists(os.path.join(cfg.run_dir(), "checkpoint")) or any(
+    has_ckpt = any(os.path.exists(os.path.join(cfg.run_dir(), d)) for d in ("checkpoint", "stages")) or any(
         n.startswith("checkpoint_") for n in (os.listdir(cfg.run_dir()) if os.path.isdir(cfg.run_dir()) else []))
     if not resume and (os.path.exists(marker) or has_ckpt):
         raise ConfigError(f"job {cfg.name!r} already has results in {cfg.run_dir()}; pass --resume to continue it "
@@ -156,9 +165,14 @@ def distill(config: str | dict | Config, *, overrides: list[str] | None = None, 
         else:
             if callbacks:
                 raise ConfigError("callbacks= run only in-process; set ray.num_workers: 0")
-            from kdray.orchestrator.ray_runner import run_on_ray
+            if cfg.ray.stage_tasks:  # each stage its own Ray task, scheduled as a DAG of teacher -> student
+                from kdray.orchestrator.stage_graph import run_stage_graph
 
-            results = run_on_ray(cfg, uri, stage_ids)
+                results = run_stage_graph(cfg, uri, stage_ids, log)
+            else:
+                from kdray.orchestrator.ray_runner import run_on_ray
+
+                results = run_on_ray(cfg, uri, stage_ids)
         outcome = DistillResult(results, uri, tracking.parent_id if tracking else None, cfg.run_dir())
         if tracking:
             from kdray.orchestrator.plots import grouped_bars

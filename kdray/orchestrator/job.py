@@ -79,10 +79,13 @@ def plan_stages(cfg: Config) -> list[dict]:
     stages: list[dict] = []
     student = ("student", cfg.student.model)
     if cfg.scheme == "online":
+        peers = [p.model for p in cfg.online.peers]  # each peer gets its own MLflow run under the stage's
         for seed in cfg.seeds:
             if cfg.baseline:
-                stages.append(_stage(f"independent-seed{seed}", "independent", seed, "online.peers", "peers"))
-            stages.append(_stage(f"{cfg.online.mode}-seed{seed}", "online", seed, "online.peers", "peers"))
+                stages.append(_stage(f"independent-seed{seed}", "independent", seed, "online.peers", "peers",
+                                     peers=peers))
+            stages.append(_stage(f"{cfg.online.mode}-seed{seed}", "online", seed, "online.peers", "peers",
+                                 peers=peers, methods=method_label(cfg)))
         return stages
     if cfg.scheme == "self":
         for seed in cfg.seeds:
@@ -170,39 +173,68 @@ def build_teacher_model(cfg: Config, source: str, num_classes: int, weights: dic
     return load_weights(model, state, f"{ref}.mlflow_uri {spec.mlflow_uri}", num_classes)
 
 
+def teacher_class_order(cfg: Config, source: str, classes: list[str]) -> list[int] | None:
+    """How a teacher's logits are reordered into the dataset's class order (from its spec's ``classes``);
+    a teacher whose classes are not the dataset's is a one-line :class:`ConfigError` naming it."""
+    from kdray.algorithms.distiller import ClassOrderError, class_order
+
+    kind, ref = source.split(":", 1)
+    path = {s["name"]: s["spec"] for s in plan_stages(cfg)}[ref] if kind == "stage" else ref
+    declared = getattr(model_spec(cfg, path), "classes", None)
+    if declared is None:
+        return None
+    try:
+        return class_order(declared, classes)
+    except ClassOrderError as err:
+        shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
+        raise ConfigError(f"{path}.classes: {err} compared with dataset {cfg.data.name!r} ({len(classes)} classes: "
+                          f"{shown}); list the teacher's outputs in its order using the dataset's class names, "
+                          f"or remove classes if it uses the dataset's order") from None
+
+
 def build_teacher(cfg: Config, stage: dict, distiller: Distiller, num_classes: int, weights: dict,
-                  ctx: "WorkerContext"):
-    """One :class:`Teacher`, or a :class:`TeacherEnsemble` of several (sharded across workers if asked)."""
+                  ctx: "WorkerContext", classes: list[str] | None = None):
+    """One :class:`Teacher`, or a :class:`TeacherEnsemble` of several (sharded across workers if asked).
+
+    Each teacher's logits are put into the dataset's class order (``classes``) when its spec declares
+    another order. With several teachers the distiller's feature / relation terms get one copy (one
+    connector) per teacher, resolved against that teacher's own architecture."""
     from kdray.algorithms.schemes.multi_teacher import TeacherEnsemble
 
-    models = [build_teacher_model(cfg, src, num_classes, weights, ctx.tracking_uri) for src in stage["teachers"]]
+    classes = list(classes or [str(i) for i in range(num_classes)])
+    sources = stage["teachers"]
+    orders = [teacher_class_order(cfg, src, classes) for src in sources]
+    models = [build_teacher_model(cfg, src, num_classes, weights, ctx.tracking_uri) for src in sources]
     if len(models) == 1:
-        return Teacher(models[0], distiller.resolve_teacher_points(models[0]))
-    if distiller.student_points:
-        raise ConfigError("multi-teacher with feature/relation methods is not supported yet: use response methods "
-                          "(kd, dkd, lskd) with teachers: [...]")
+        return Teacher(models[0], distiller.resolve_teacher_points(models[0]), orders[0])
+    distiller.set_num_teachers(len(models))
+    teachers = [Teacher(m, distiller.resolve_teacher_points(m, member=i), orders[i]) for i, m in enumerate(models)]
     if ctx.world_size > 1 and cfg.ensemble.shard:
         from kdray.orchestrator.placement import ShardedTeacherEnsemble
 
-        return ShardedTeacherEnsemble(models, ctx.rank, ctx.world_size, cfg.ensemble.combine,
+        return ShardedTeacherEnsemble(teachers, ctx.rank, ctx.world_size, cfg.ensemble.combine,
                                       cfg.ensemble.weights, seed=stage["seed"])
-    return TeacherEnsemble([Teacher(m) for m in models], cfg.ensemble.combine, cfg.ensemble.weights,
-                           seed=stage["seed"])
+    return TeacherEnsemble(teachers, cfg.ensemble.combine, cfg.ensemble.weights, seed=stage["seed"])
 
 
 def _shard(dataset, rank: int, world: int):
     return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
 
 
-def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_workers: int = 0):
+def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_workers: int = 0, cache=None):
     """Training batches of ``batch_size // world_size`` per worker (so the global batch is the configured
     one); evaluation on disjoint shards whose counts are summed across ranks (no padding duplicates)."""
     per_worker = max(1, batch_size // ctx.world_size)
     # Shuffling is a function of (seed, epoch) via set_epoch, also with one worker, so a stage resumed
     # at epoch k sees exactly the batches the uninterrupted run saw.
     sampler = DistributedSampler(splits.train, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
+    train_set = splits.train
+    if cache is not None:  # a teacher cache: batches carry cache row ids (recorded views, this worker's shard)
+        from kdray.data.views import cached_train_data
+
+        train_set, sampler = cached_train_data(splits.train, cache, sampler, seed, ctx.world_size)
     kw = {"num_workers": loader_workers, "pin_memory": ctx.device.type == "cuda"}
-    train = DataLoader(splits.train, batch_size=per_worker, sampler=sampler, drop_last=False, **kw)
+    train = DataLoader(train_set, batch_size=per_worker, sampler=sampler, drop_last=False, **kw)
     val = DataLoader(_shard(splits.val, ctx.rank, ctx.world_size), batch_size=256, **kw)
     test = DataLoader(_shard(splits.test, ctx.rank, ctx.world_size), batch_size=256, **kw)
     return train, val, test
@@ -214,8 +246,9 @@ class _Checkpointer:
     The unflushed metrics ride in the checkpoint, so a crash right after it loses none; epochs that a
     restart replays are skipped by :class:`StageLogger`. The last epoch is left to the stage end."""
 
-    def __init__(self, ctx: WorkerContext, job_state: dict, stage: str, every: int, logger=None):
+    def __init__(self, ctx: WorkerContext, job_state: dict, stage: str, every: int, logger=None, loop_state=None):
         self.ctx, self.job_state, self.stage, self.every, self.logger = ctx, job_state, stage, every, logger
+        self.loop_state = loop_state or (lambda loop: loop.state_dict())  # peer-parallel: every rank's state
 
     def on_epoch_end(self, epoch, metrics, loop):
         if self.logger is not None:
@@ -223,7 +256,7 @@ class _Checkpointer:
         if (epoch + 1) % self.every or epoch + 1 >= loop.epochs:
             return
         pending = self.logger.pending() if self.logger is not None else []
-        payload = {**self.job_state, "stage": self.stage, "loop": {**loop.state_dict(), "mlflow_pending": pending}}
+        payload = {**self.job_state, "stage": self.stage, "loop": {**self.loop_state(loop), "mlflow_pending": pending}}
         self.ctx.checkpoints.save(payload, {**metrics, "stage": self.stage})
         if self.logger is not None:
             self.logger.flush()
@@ -270,12 +303,14 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
     if taught and stage["teachers"] == ["spec:teacher"] and cfg.teacher.cache is not None:
         from kdray.orchestrator.teacher_cache import open_cache_for_run  # outputs by sample index, no teacher built
 
-        teacher = open_cache_for_run(cfg, splits, distiller, ctx.tracking_uri)
+        teacher = open_cache_for_run(cfg, splits, distiller, ctx.tracking_uri, ctx.rank, ctx.world_size)
     else:
-        teacher = (build_teacher(cfg, stage, distiller, splits.num_classes, job_state["weights"], ctx)
+        teacher = (build_teacher(cfg, stage, distiller, splits.num_classes, job_state["weights"], ctx,
+                                 classes=splits.classes)
                    if taught else None)
     train_loader, val_loader, test_loader = make_loaders(splits, optim.batch_size, seed, ctx,
-                                                         cfg.data.loader_workers)
+                                                         cfg.data.loader_workers,
+                                                         teacher if getattr(teacher, "wants_batch", False) else None)
     example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
     distiller.build(example, teacher.bind(range(len(example))) if getattr(teacher, "wants_batch", False) else teacher,
                     len(splits.train))
@@ -310,6 +345,8 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
               "epoch_time_s": sum(h["epoch_time_s"] for h in history) / max(len(history), 1)}
     if "top5" in test:
         result["test_top5"] = test["top5"]
+    if getattr(teacher, "rows_per_worker", None):  # a cache read as Ray Data shards: rows each worker held
+        result.update(cache_rows=teacher.num_samples * teacher.views, cache_rows_held_max=max(teacher.rows_per_worker))
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     job_state["done"][stage["name"]] = result
     if stage.get("keep"):

@@ -3,10 +3,13 @@
 - Data-parallel students: every rank holds a replica of the distiller (DDP) and its own frozen teacher.
 - Teacher-sharded multi-teacher (:class:`ShardedTeacherEnsemble`): teacher m lives on rank ``m % world``;
   each step the ranks all-gather their input batches, each runs its teachers on the whole gathered batch,
-  and one all-reduce hands every rank all M teachers' logits for its own rows. Memory per rank is ~M/world
-  teachers; traffic per step is M x (global batch) x classes floats.
-- Peer-parallel online distillation (:func:`gather_peer_logits`): peer k lives on rank k, all ranks read the
-  same batch, and the peers' logits are all-gathered every step.
+  and one all-reduce hands every rank all M teachers' logits (and the feature maps that per-teacher
+  feature terms asked for) for its own rows. Memory per rank is ~M/world teachers; traffic per step is
+  M x (global batch) x (classes + requested feature sizes) floats.
+- Peer-parallel online distillation (:class:`PeerGrid`): K peers x D data-parallel replicas; the ranks of
+  one cohort (one replica of each peer) read the same batch and all-gather their logits (and the features
+  the peers' terms exchange) every step; each peer's D replicas all-reduce its gradients in their own
+  process group.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch.nn as nn
 
 from kdray.algorithms.base import ModelOutput
 from kdray.algorithms.distiller import Teacher
-from kdray.algorithms.schemes.multi_teacher import COMBINE_RULES, combine_logits
+from kdray.algorithms.schemes.multi_teacher import COMBINE_RULES, ensemble_output
 
 
 def teacher_ranks(num_teachers: int, world_size: int) -> list[int]:
@@ -24,58 +27,139 @@ def teacher_ranks(num_teachers: int, world_size: int) -> list[int]:
     return [m % world_size for m in range(num_teachers)]
 
 
-def gather_peer_logits(own: torch.Tensor) -> list[torch.Tensor]:
-    """All ranks' logits for the same batch, in rank order (no gradient through the others)."""
-    out = [torch.empty_like(own) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, own.detach().contiguous())
+def gather_peer_logits(own: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """All ranks' tensors (of one cohort ``group``) for the same batch, in rank order, without gradient."""
+    out = [torch.empty_like(own) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, own.detach().contiguous(), group=group)
     return out
+
+
+class PeerGrid:
+    """K peers x D replicas on K*D ranks: rank ``r`` hosts peer ``r % K`` in replica ``r // K``.
+
+    A *cohort* (ranks ``d*K .. d*K+K-1``) holds one replica of every peer; its ranks read the same batch
+    (data shard ``d`` of ``D``) and all-gather their outputs every step. A *peer group* (ranks ``k``,
+    ``K+k``, ...) holds the D replicas of peer ``k``; DDP all-reduces that peer's gradients in it only.
+    Every rank must create every group, in the same order (``torch.distributed.new_group`` is collective).
+    """
+
+    def __init__(self, num_peers: int, rank: int, world_size: int):
+        if world_size % num_peers:
+            raise ValueError(f"{world_size} workers cannot hold {num_peers} peers x D replicas: "
+                             f"use a multiple of {num_peers} workers")
+        self.num_peers, self.replicas = num_peers, world_size // num_peers
+        self.peer, self.replica = rank % num_peers, rank // num_peers
+        self.cohort_group = self.peer_group = None
+        if self.replicas > 1:
+            for d in range(self.replicas):
+                group = dist.new_group([d * num_peers + k for k in range(num_peers)])
+                if d == self.replica:
+                    self.cohort_group = group
+            for k in range(num_peers):
+                group = dist.new_group([d * num_peers + k for d in range(self.replicas)])
+                if k == self.peer:
+                    self.peer_group = group
+
+    def gather(self, own: torch.Tensor) -> list[torch.Tensor]:
+        """Every peer's tensor from this rank's cohort, in peer order."""
+        return gather_peer_logits(own, self.cohort_group)
 
 
 class ShardedTeacherEnsemble(nn.Module):
     """A multi-teacher ensemble whose teachers are spread over the data-parallel ranks.
 
     Gives exactly what :class:`~kdray.algorithms.schemes.multi_teacher.TeacherEnsemble` gives in one
-    process (the same combination of the same logits), so students are unaffected by the sharding.
+    process (the same combination of the same logits, and every teacher's features in ``members`` for
+    per-teacher feature terms), so students are unaffected by the sharding.
+
+    ``teachers`` are :class:`~kdray.algorithms.distiller.Teacher` s (their feature points and class order
+    set) or bare models; each rank keeps only those it hosts. Each teacher's output layout (logits and
+    feature shapes) is learnt on the first call: every rank runs its teachers and the layouts are
+    all-gathered once, so a rank hosting no teacher still knows what to receive. Every call then
+    all-gathers the inputs and exchanges all teachers' logits and requested features for the global
+    batch in one all-reduce of a flat buffer (each teacher's slice is filled by the rank hosting it).
     """
 
-    def __init__(self, models: list[nn.Module], rank: int, world_size: int, rule: str = "mean",
+    def __init__(self, teachers: list[nn.Module], rank: int, world_size: int, rule: str = "mean",
                  weights: list[float] | None = None, seed: int = 0):
         super().__init__()
         if rule not in COMBINE_RULES:
             raise ValueError(f"unknown combine rule {rule!r}; allowed: {', '.join(COMBINE_RULES)}")
-        self.num_teachers, self.rank, self.world_size = len(models), rank, world_size
-        owners = teacher_ranks(len(models), world_size)
+        self.num_teachers, self.rank, self.world_size = len(teachers), rank, world_size
+        owners = teacher_ranks(len(teachers), world_size)
         self.local_ids = [m for m, r in enumerate(owners) if r == rank]
-        self.local = nn.ModuleList([Teacher(models[m]) for m in self.local_ids])  # the others are dropped here
+        self.local = nn.ModuleList([teachers[m] if isinstance(teachers[m], Teacher) else Teacher(teachers[m])
+                                    for m in self.local_ids])  # the others are dropped here
         self.rule, self.weights = rule, weights
         self.generator = torch.Generator().manual_seed(seed)  # same on every rank: 'random' picks agree
+        self.layout: list[list[tuple[str, tuple[int, ...], torch.dtype]]] | None = None
 
     def train(self, mode: bool = True):
         return super().train(False)
 
+    def _learn_layout(self, outs: dict[int, ModelOutput]) -> None:
+        """Per teacher: ``[("logits", shape, dtype), (point, shape, dtype), ...]`` (shapes without the batch)."""
+        mine = {}
+        for m, out in outs.items():
+            entries = [("logits", out.logits)] + list(out.features.items())
+            for name, value in entries:
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"teacher {m} feature point {name!r} gives a {type(value).__name__}, "
+                                    f"not a tensor; choose a module whose output is a tensor")
+            mine[m] = [(name, tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for name, v in entries]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        layout: dict[int, list] = {}
+        for part in gathered:
+            layout.update(part)
+        self.layout = [[(n, shape, getattr(torch, dtype)) for n, shape, dtype in layout[m]]
+                       for m in range(self.num_teachers)]
+
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> ModelOutput:
-        sizes = [torch.zeros(1, dtype=torch.long, device=inputs.device) for _ in range(self.world_size)]
-        dist.all_gather(sizes, torch.tensor([inputs.shape[0]], device=inputs.device))
+        comm = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                else inputs.device)
+        home = inputs.device
+        inputs = inputs.to(comm)
+        sizes = [torch.zeros(1, dtype=torch.long, device=comm) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([inputs.shape[0]], device=comm))
         sizes = [int(s) for s in sizes]
-        padded = torch.zeros((max(sizes), *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device)
+        padded = torch.zeros((max(sizes), *inputs.shape[1:]), dtype=inputs.dtype, device=comm)
         padded[: inputs.shape[0]] = inputs
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(gathered, padded)
         everything = torch.cat([g[:n] for g, n in zip(gathered, sizes)])
-        logits = None
+        outs = {}
         for m, teacher in zip(self.local_ids, self.local):
-            out = teacher(everything).logits
-            if logits is None:
-                logits = torch.zeros((self.num_teachers, *out.shape), dtype=out.dtype, device=out.device)
-            logits[m] = out
-        if logits is None:  # this rank hosts no teacher: learn the shape from the others
-            classes = torch.zeros(1, dtype=torch.long, device=inputs.device)
-            dist.all_reduce(classes, op=dist.ReduceOp.MAX)
-            logits = torch.zeros((self.num_teachers, everything.shape[0], int(classes)), device=inputs.device)
-        else:
-            dist.all_reduce(torch.tensor([logits.shape[2]], device=inputs.device), op=dist.ReduceOp.MAX)
-        dist.all_reduce(logits)  # each teacher's slot is filled by exactly one rank
-        start = sum(sizes[: self.rank])
-        mine = logits[:, start: start + inputs.shape[0]]
-        return ModelOutput(combine_logits(mine, self.rule, self.weights, self.generator))
+            device = next(teacher.parameters(), everything).device
+            outs[m] = teacher(everything.to(device))
+        if self.layout is None:
+            self._learn_layout(outs)
+        # One flat buffer holds every teacher's logits and features for the global batch.
+        n = everything.shape[0]
+        dtype = torch.float32
+        for entries in self.layout:
+            for _name, _shape, d in entries:
+                dtype = torch.promote_types(dtype, d)
+        slices, offset = [], 0
+        for m, entries in enumerate(self.layout):
+            for name, shape, d in entries:
+                size = n * int(torch.Size(shape).numel())
+                slices.append((m, name, shape, d, offset, size))
+                offset += size
+        flat = torch.zeros(offset, dtype=dtype, device=comm)
+        for m, name, _shape, _d, start, size in slices:
+            if m in outs:
+                value = outs[m].logits if name == "logits" else outs[m].features[name]
+                flat[start: start + size] = value.reshape(-1).to(device=comm, dtype=dtype)
+        dist.all_reduce(flat)  # each slice is filled by exactly one rank, zeros elsewhere
+        first = sum(sizes[: self.rank])
+        rows = slice(first, first + sizes[self.rank])
+        members = [ModelOutput(torch.empty(0)) for _ in range(self.num_teachers)]
+        for m, name, shape, d, start, size in slices:
+            value = flat[start: start + size].view(n, *shape)[rows].to(device=home, dtype=d)
+            if name == "logits":
+                members[m].logits = value
+            else:
+                members[m].features[name] = value
+        return ensemble_output(members, self.rule, self.weights, self.generator)

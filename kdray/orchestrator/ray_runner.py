@@ -89,6 +89,9 @@ def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, s
 
     ensure_ray(cfg.ray.address)
     use_gpu = _use_gpu(cfg)
+    from kdray.orchestrator.teacher_cache import shard_datasets
+
+    data = shard_datasets(cfg)  # a teacher cache, as one Ray Dataset per rank (each worker holds its shard)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri,
@@ -101,6 +104,7 @@ def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, s
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
+        **data,
     )
     result = trainer.fit()
     return result.return_value

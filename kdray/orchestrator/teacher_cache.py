@@ -14,15 +14,23 @@ Identity: the teacher (model, args and a SHA-256 of its state_dict bytes), the d
 (``DatasetSplits.fingerprint``, size, class count) and the training transform (a fingerprint of its repr).
 A run whose teacher weights, data or transform differ is refused with a one-line :class:`ConfigError`.
 
-Views: only *fixed* views are cached (a deterministic training transform: digits, fake, CIFAR with
-``augment: false``). A random training transform is refused, since a fixed-view cache cannot match
-augmented inputs (Beyer et al. 2022); ``--views N`` (N recorded augmentations per sample) is reserved and
-refused with a clear error in this version.
+Views: a cache covers either *fixed* views (a deterministic training transform: digits, fake, CIFAR with
+``augment: false``; row = sample index) or ``--views N`` *recorded augmentations* per sample (the FKD idea):
+view ``v`` of sample ``i`` is the split's own random transform run with every generator seeded by
+``view_key(view_seed, i, v)`` (:mod:`kdray.data.views`), and each row stores index, view and that key. A
+student then rebuilds exactly those views (epoch ``e`` uses view ``(e + offset_i) % N``) and its batches carry
+the row id ``i * N + v``. A fixed-view cache with a random training transform is refused (Beyer et al. 2022:
+a cache is sound only for the exact view), and so is a run asking for more views than cached
+(``teacher.cache_views``).
 
-Reading: every worker reads the Parquet file with pyarrow into one index-addressed ``[N, C]`` tensor
-(:class:`~kdray.algorithms.cached_teacher.CachedTeacher`), which is simple and exact for the dataset sizes
-here (CIFAR-100: 50k x 100 float32 = 20 MB); it is not read as Ray Data shards. Caches hold logits only:
-a feature or relation method asked to train from one gets a one-line error.
+Reading: in-process (and on a single worker) the Parquet file is read with pyarrow into one row-addressed
+``[rows, C]`` tensor (:class:`~kdray.algorithms.cached_teacher.CachedTeacher`). A data-parallel Ray Train run
+(``ray.num_workers > 1``) passes the cache to the trainer as one Ray Dataset per rank (``datasets=``, not split
+by Train: each is the Parquet file filtered to the samples ``i % world == rank``); each worker materialises
+only its dataset shard (``ray.train.get_dataset_shard``), so it holds 1/world of the rows, and trains on
+exactly those samples (:class:`~kdray.data.views.ShardSampler`, reshuffled per epoch by seed + epoch, so a
+resumed run sees the same batches). Caches hold logits only: a feature or relation method asked to train
+from one gets a one-line error.
 """
 from __future__ import annotations
 
@@ -39,6 +47,8 @@ CACHE_FILE = "teacher_outputs.parquet"
 MANIFEST = "manifest.json"
 META_KEY = b"kdray.cache"
 FORMAT_VERSION = 1
+VIEW_KEY = "splitmix64(splitmix64(splitmix64(seed) ^ index) ^ view) >> 1"  # kdray.data.views.view_key
+CACHE_DATASET = "kdray_teacher_cache_rank{rank}"  # one Ray Dataset per Train worker rank
 # Transform classes that draw random numbers per call (besides every ``Random*`` class).
 RANDOM_TRANSFORMS = {"ColorJitter", "AutoAugment", "RandAugment", "TrivialAugmentWide", "AugMix", "GaussianBlur",
                      "ElasticTransform", "GaussianNoise", "MixUp", "CutMix", "ScaleJitter"}
@@ -143,8 +153,10 @@ def _fixed_list(values: np.ndarray):
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), values.shape[1])
 
 
-def outputs_table(indices: np.ndarray, logits: torch.Tensor, topk: int | None, float16: bool):
-    """One batch of cache rows as a pyarrow table (fixed views: view 0, no augmentation parameters)."""
+def outputs_table(indices: np.ndarray, logits: torch.Tensor, topk: int | None, float16: bool,
+                  views: np.ndarray | None = None, keys: np.ndarray | None = None):
+    """One batch of cache rows as a pyarrow table: sample index, view (fixed views: 0), augmentation key (the
+    generator seed the view was made with; fixed views: -1), and the full or top-k logits."""
     import numpy as np
     import torch
 
@@ -152,8 +164,10 @@ def outputs_table(indices: np.ndarray, logits: torch.Tensor, topk: int | None, f
 
     n = len(indices)
     dtype = np.float16 if float16 else np.float32
-    cols = {"index": pa.array(np.asarray(indices, dtype=np.int64)), "view": pa.array(np.zeros(n, dtype=np.int32)),
-            "aug_params": pa.array(["{}"] * n)}
+    views = np.zeros(n, dtype=np.int32) if views is None else np.asarray(views, dtype=np.int32)
+    keys = np.full(n, -1, dtype=np.int64) if keys is None else np.asarray(keys, dtype=np.int64)
+    cols = {"index": pa.array(np.asarray(indices, dtype=np.int64)), "view": pa.array(views),
+            "aug_key": pa.array(keys)}
     logits = logits.float()
     if topk:
         values, classes = logits.topk(topk, dim=1)
@@ -173,7 +187,7 @@ class TeacherActor:
     """Ray Data callable class: one frozen teacher per actor; maps a batch of sample ids to cache rows."""
 
     def __init__(self, data, teacher: dict, state, num_classes: int, topk: int | None, float16: bool,
-                 use_gpu: bool, threads: int = 1):
+                 use_gpu: bool, threads: int = 1, views: int | None = None, view_seed: int = 0):
         import ray
         import torch
 
@@ -191,6 +205,11 @@ class TeacherActor:
                                    f"has {data['fingerprint']}")
             data = splits.train
         self.train = data
+        self.views = None
+        if views is not None:  # recorded augmentations: rows are i * views + v, rebuilt from their keys
+            from kdray.data.views import ViewDataset
+
+            self.views = ViewDataset(data, views, view_seed)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model = create_model(teacher["model"], num_classes, **teacher["args"])
         self.model = load_weights(model, state, "teacher", num_classes).eval().to(self.device)
@@ -201,16 +220,27 @@ class TeacherActor:
         import torch
 
         ids = np.asarray(batch["index"], dtype=np.int64)
-        x = torch.stack([self.train[int(i)][0] for i in ids]).to(self.device)
+        if self.views is None:
+            x = torch.stack([self.train[int(i)][0] for i in ids]).to(self.device)
+            index, view, keys = ids, None, None
+        else:
+            from kdray.data.views import view_key
+
+            x = torch.stack([self.views[int(r)][0] for r in ids]).to(self.device)
+            index, view = np.divmod(ids, self.views.views)
+            keys = view_key(self.views.seed, index, view)
         with torch.no_grad():
             logits = self.model(x).float().cpu()
-        return outputs_table(ids, logits, self.topk, self.float16)
+        return outputs_table(index, logits, self.topk, self.float16, view, keys)
 
 
 def write_cache(config, output: str | None = None, *, overrides: list[str] | None = None, topk: int | None = None,
-                float16: bool = False, views: int | None = None, actors: int | None = None, batch_size: int = 256,
-                overwrite: bool = False, log=print) -> dict:
-    """Run the config's teacher over its training set with Ray Data and write the cache; return the manifest."""
+                float16: bool = False, views: int | None = None, view_seed: int = 0, actors: int | None = None,
+                batch_size: int = 256, overwrite: bool = False, log=print) -> dict:
+    """Run the config's teacher over its training set with Ray Data and write the cache; return the manifest.
+
+    ``views`` (default ``teacher.cache_views``): record N augmentations per sample, keyed by ``view_seed``;
+    ``None``: fixed views (the training transform must be deterministic)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -229,44 +259,48 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
     output = os.path.abspath(os.path.expanduser(output))
     if os.path.exists(os.path.join(output, MANIFEST)) and not overwrite:
         raise ConfigError(f"{output} already holds a teacher cache; pass --overwrite to replace it")
-    if views is not None:
-        raise ConfigError(f"--views {views}: caching recorded augmentations is not implemented in this version; "
-                          f"cache fixed views (a deterministic training transform, e.g. data.options.augment=false)")
+    views = views if views is not None else spec.cache_views
+    if views is not None and views < 1:
+        raise ConfigError(f"--views must be >= 1 (recorded augmentations per sample), got {views}")
     splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
     transform = train_transform(splits.train)
-    if transform["random"]:
+    if transform["random"] and views is None:
         raise ConfigError(f"the training transform of {cfg.data.name!r} is random ({', '.join(transform['random'])}): "
                           f"a fixed-view cache would not match the augmented inputs; make it deterministic "
                           f"(e.g. data.options.augment=false) or record N augmentations with --views N")
+    if views is not None and not transform["random"]:
+        raise ConfigError(f"--views {views}: the training transform of {cfg.data.name!r} is deterministic, so every "
+                          f"view would be the same; cache fixed views (drop --views / teacher.cache_views)")
     if topk is not None and not 0 < topk <= splits.num_classes:
         raise ConfigError(f"--topk must be in [1, {splits.num_classes}] (the class count), got {topk}")
     state, source_kind, source = teacher_state(spec, _tracking_uri(cfg))
     n = len(splits.train)
+    rows = n * (views or 1)
 
     ensure_ray(cfg.ray.address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = bool(gpus) if cfg.ray.use_gpu == "auto" else bool(cfg.ray.use_gpu)
     slots = gpus if use_gpu else int(ray.available_resources().get("CPU", 1))
-    n_batches = math.ceil(n / batch_size)
+    n_batches = math.ceil(rows / batch_size)
     size = max(1, min(actors or slots, n_batches))
     try:  # actors get the driver's training split (no data files needed on other nodes) ...
         data = ray.put(splits.train)
     except Exception:  # noqa: BLE001  ... unless it cannot be pickled: then each actor rebuilds it
         data = {"name": cfg.data.name, "root": cfg.data.root, "options": _data_options(cfg),
                 "fingerprint": splits.fingerprint}
-    blocks = np.array_split(np.arange(n, dtype=np.int64), max(size, min(n_batches, 4 * size)))
+    blocks = np.array_split(np.arange(rows, dtype=np.int64), max(size, min(n_batches, 4 * size)))
     ds = ray.data.from_numpy([b for b in blocks if len(b)]).rename_columns({"data": "index"})
     ds = ds.map_batches(
         TeacherActor, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={
             "data": data, "teacher": {"model": spec.model, "args": dict(spec.args)}, "state": ray.put(state),
             "num_classes": splits.num_classes, "topk": topk, "float16": float16, "use_gpu": use_gpu,
-            "threads": int(cfg.ray.cpus_per_worker)},
+            "threads": int(cfg.ray.cpus_per_worker), "views": views, "view_seed": int(view_seed)},
         compute=ray.data.ActorPoolStrategy(size=size), num_gpus=1 if use_gpu else 0, num_cpus=cfg.ray.cpus_per_worker)
-    table = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("index")
-    index = table.column("index").to_numpy()
-    if len(index) != n or not np.array_equal(index, np.arange(n)):
-        raise RuntimeError(f"the teacher pass returned {len(index)} rows for {n} samples")
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by([("index", "ascending"), ("view", "ascending")])
+    row = table.column("index").to_numpy() * (views or 1) + table.column("view").to_numpy()
+    if len(row) != rows or not np.array_equal(row, np.arange(rows)):
+        raise RuntimeError(f"the teacher pass returned {len(row)} rows for {n} samples x {views or 1} views")
     manifest = {
         "format": FORMAT_VERSION,
         "file": CACHE_FILE,
@@ -276,7 +310,8 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
         "dataset": {"name": cfg.data.name, "options": _data_options(cfg), "split": "train", "size": n,
                     "num_classes": splits.num_classes, "fingerprint": splits.fingerprint},
         "transform": {"fingerprint": transform["fingerprint"], "description": transform["description"]},
-        "views": {"kind": "fixed", "count": 1},
+        "views": ({"kind": "fixed", "count": 1} if views is None else
+                  {"kind": "recorded", "count": int(views), "seed": int(view_seed), "key": VIEW_KEY}),
         "logits": {"stored": "topk" if topk else "full", "topk": topk,
                    "dtype": "float16" if float16 else "float32"},
         "features": [],
@@ -290,8 +325,9 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
         json.dump(manifest, fh, indent=2)
     size_mb = os.path.getsize(os.path.join(output, CACHE_FILE)) / 2**20
     what = f"top-{topk}" if topk else "full"
+    kind = f"{views} recorded views per sample" if views else "fixed views"
     log(f"cached {what} {manifest['logits']['dtype']} logits of {spec.model} for {n} x {splits.num_classes} "
-        f"({cfg.data.name}, fixed views) with {size} actor(s) in {time.perf_counter() - start:.1f}s: "
+        f"({cfg.data.name}, {kind}) with {size} actor(s) in {time.perf_counter() - start:.1f}s: "
         f"{output} ({size_mb:.2f} MiB); train students with teacher.cache={output}")
     return manifest
 
@@ -321,21 +357,31 @@ def _column(table, name: str, width: int) -> np.ndarray:
     return np.array(table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(-1, width)
 
 
-def load_cached_teacher(path: str, manifest: dict | None = None):
-    """Read the Parquet file into an index-addressed :class:`CachedTeacher` (dense float32 ``[N, C]``)."""
+def _views(manifest: dict) -> tuple[int, int | None]:
+    """(views per sample, key seed or None for fixed views) of a cache."""
+    views = manifest.get("views", {"kind": "fixed", "count": 1})
+    return int(views["count"]), (int(views["seed"]) if views["kind"] == "recorded" else None)
+
+
+def logits_columns(manifest: dict) -> list[str]:
+    """The Parquet columns a reader needs (no augmentation keys)."""
+    stored = manifest["logits"]["stored"]
+    return ["index", "view", *(["logits"] if stored == "full" else ["topk_values", "topk_indices", "lse"])]
+
+
+def teacher_from_table(table, manifest: dict, source: str, shard: tuple[int, int] | None = None):
+    """A :class:`CachedTeacher` from cache rows (a pyarrow table). ``shard=None``: the table is the whole cache,
+    stored densely by row id; ``(rank, world)``: the table is that worker's shard (samples ``i % world ==
+    rank``), kept with its sorted row ids."""
     import numpy as np
     import torch
 
-    import pyarrow.parquet as pq
-
     from kdray.algorithms.cached_teacher import CachedTeacher, logits_from_topk
 
-    manifest = manifest or read_manifest(path)
     n, classes = manifest["dataset"]["size"], manifest["dataset"]["num_classes"]
-    table = pq.read_table(os.path.join(path, CACHE_FILE))
-    index = torch.from_numpy(table.column("index").to_numpy().astype(np.int64))
-    if len(index) != n or not torch.equal(index.sort().values, torch.arange(n)):
-        raise ConfigError(f"teacher.cache {path} holds {len(index)} rows that do not cover its {n} samples once each")
+    views, seed = _views(manifest)
+    index = table.column("index").to_numpy().astype(np.int64)
+    row = torch.from_numpy(index * views + table.column("view").to_numpy().astype(np.int64))
     if manifest["logits"]["stored"] == "full":
         values = torch.from_numpy(_column(table, "logits", classes).astype(np.float32))
     else:
@@ -343,9 +389,81 @@ def load_cached_teacher(path: str, manifest: dict | None = None):
         values = logits_from_topk(torch.from_numpy(_column(table, "topk_values", k).astype(np.float32)),
                                   torch.from_numpy(_column(table, "topk_indices", k)),
                                   torch.from_numpy(np.array(table.column("lse").to_numpy())), classes)
-    dense = torch.empty_like(values)
-    dense[index] = values
-    return CachedTeacher(dense, source=path)
+    if shard is None:
+        want = torch.arange(n * views)
+    else:
+        from kdray.data.views import shard_of
+
+        want = (torch.from_numpy(shard_of(n, *shard))[:, None] * views + torch.arange(views)).reshape(-1)
+    order = torch.argsort(row)
+    row, values = row[order], values[order]
+    if not torch.equal(row, want):
+        where = "" if shard is None else f" (shard {shard[0]} of {shard[1]})"
+        raise ConfigError(f"teacher.cache {source} holds {len(row)} rows{where} that do not cover its {n} samples x "
+                          f"{views} views once each; rebuild it with `kdray cache`")
+    return CachedTeacher(values, source=source, rows=None if shard is None else row, views=views, view_seed=seed,
+                         num_samples=n)
+
+
+def load_cached_teacher(path: str, manifest: dict | None = None):
+    """Read the Parquet file into a row-addressed :class:`CachedTeacher` (dense float32 ``[rows, C]``)."""
+    import pyarrow.parquet as pq
+
+    manifest = manifest or read_manifest(path)
+    table = pq.read_table(os.path.join(path, CACHE_FILE), columns=logits_columns(manifest))
+    return teacher_from_table(table, manifest, path)
+
+
+def keep_shard(table, rank: int, world: int):
+    """Ray Data ``map_batches`` function: the rows of samples ``index % world == rank``."""
+    import pyarrow as pa
+
+    return table.filter(pa.array(table.column("index").to_numpy() % world == rank))
+
+
+def shard_datasets(cfg: Config) -> dict:
+    """``TorchTrainer`` keyword arguments that hand a data-parallel job its cache as Ray Data shards: one
+    Dataset per rank (the Parquet file filtered to that rank's samples), none of them split again by Train
+    (``DataConfig(datasets_to_split=[])``), so the sharding is fixed and a restarted worker gets the same rows.
+    Empty when the job does not train from a cache or runs on one worker."""
+    spec = getattr(cfg, "teacher", None)
+    world = cfg.ray.num_workers
+    if world <= 1 or cfg.scheme != "offline" or spec is None or spec.cache is None:
+        return {}
+    import ray.data
+    from ray.train import DataConfig
+
+    manifest = read_manifest(spec.cache)
+    file = os.path.join(spec.cache, CACHE_FILE)
+    datasets = {CACHE_DATASET.format(rank=r): ray.data.read_parquet(file, columns=logits_columns(manifest))
+                .map_batches(keep_shard, batch_format="pyarrow", batch_size=None,
+                             fn_kwargs={"rank": r, "world": world})
+                for r in range(world)}
+    return {"datasets": datasets, "dataset_config": DataConfig(datasets_to_split=[])}
+
+
+def _read_shard(path: str, manifest: dict, rank: int, world: int):
+    """This Train worker's shard of the cache from its Ray Dataset (``None`` when the trainer got none)."""
+    try:
+        import ray.train
+
+        iterator = ray.train.get_dataset_shard(CACHE_DATASET.format(rank=rank))
+    except (ImportError, KeyError, RuntimeError, AttributeError):
+        return None
+    if iterator is None:
+        return None
+    import pyarrow as pa
+
+    batches = [b for b in iterator.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
+    table = pa.concat_tables(batches)
+    teacher = teacher_from_table(table, manifest, path, shard=(rank, world))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        counts = [None] * world
+        dist.all_gather_object(counts, teacher.num_rows)
+        teacher.rows_per_worker = counts
+    return teacher
 
 
 def _needs_features(distiller) -> list[str]:
@@ -364,6 +482,13 @@ def check_cache(manifest: dict, cfg: Config, splits, distiller=None, tracking_ur
             raise ConfigError(f"method {needs[0]} needs teacher features, but teacher.cache {path} holds logits "
                               f"only; train it from a live teacher (teacher.checkpoint / teacher.mlflow_uri "
                               f"without teacher.cache) or use a response method (kd, dkd, lskd)")
+    transform = train_transform(splits.train)
+    views, seed = _views(manifest)
+    if transform["random"] and seed is None:
+        raise ConfigError(f"teacher.cache {path} holds fixed views, but this run's training transform is random "
+                          f"({', '.join(transform['random'])}); make it deterministic (e.g. "
+                          f"data.options.augment=false), record augmentations with `kdray cache CONFIG --views N` "
+                          f"or train from a live teacher")
     mt, md = manifest["teacher"], manifest["dataset"]
     if (mt["model"], mt["args"]) != (spec.model, dict(spec.args)):
         raise ConfigError(f"teacher.cache {path} holds outputs of {mt['model']} {mt['args']}, but teacher is "
@@ -377,15 +502,18 @@ def check_cache(manifest: dict, cfg: Config, splits, distiller=None, tracking_ur
     if md["size"] != len(splits.train) or md["num_classes"] != splits.num_classes:
         raise ConfigError(f"teacher.cache {path} covers {md['size']} samples x {md['num_classes']} classes, this "
                           f"run's training set has {len(splits.train)} x {splits.num_classes}; {rebuild}")
-    transform = train_transform(splits.train)
-    if transform["random"]:
-        raise ConfigError(f"teacher.cache {path} holds fixed views, but this run's training transform is random "
-                          f"({', '.join(transform['random'])}); make it deterministic (e.g. "
-                          f"data.options.augment=false) or train from a live teacher")
     if transform["fingerprint"] != manifest["transform"]["fingerprint"]:
         raise ConfigError(f"teacher.cache {path} is stale: it was made with training transform "
-                          f"{manifest['transform']['fingerprint']}, this run's is {transform['fingerprint']} "
-                          f"({transform['description'][:80]}); {rebuild}")
+                          f"{manifest['transform']['fingerprint']} ({manifest['transform']['description'][:60]}), "
+                          f"this run's is {transform['fingerprint']} ({transform['description'][:60]}); {rebuild}")
+    if spec.cache_views is not None and spec.cache_views > views:
+        raise ConfigError(f"teacher.cache_views={spec.cache_views}, but teacher.cache {path} holds {views} "
+                          f"{'recorded' if seed is not None else 'fixed'} view(s) per sample; lower "
+                          f"teacher.cache_views or rebuild it with `kdray cache CONFIG --views {spec.cache_views} "
+                          f"--output {path} --overwrite`")
+    if seed is not None and manifest["views"].get("key") != VIEW_KEY:
+        raise ConfigError(f"teacher.cache {path} keys its views with {manifest['views'].get('key')!r}, this kdray "
+                          f"with {VIEW_KEY!r}: its views cannot be rebuilt; {rebuild}")
     _check_teacher_weights(manifest, spec, tracking_uri, rebuild)
 
 
@@ -409,11 +537,40 @@ def _check_teacher_weights(manifest: dict, spec, tracking_uri: str | None, rebui
                           f"but {where} holds {got[:12]}; {rebuild}")
 
 
-def open_cache_for_run(cfg: Config, splits, distiller=None, tracking_uri: str | None = None):
-    """Check the configured cache against this run and read it: the :class:`CachedTeacher` a stage uses."""
+def check_view_keys(path: str, manifest: dict, sample: int = 64) -> None:
+    """The first rows' stored augmentation keys must be the keys this kdray derives (else the views the student
+    rebuilds would not be the ones the teacher saw)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from kdray.data.views import view_key
+
+    views, seed = _views(manifest)
+    if seed is None:
+        return
+    file = pq.ParquetFile(os.path.join(path, CACHE_FILE))
+    head = next(file.iter_batches(batch_size=sample, columns=["index", "view", "aug_key"]))
+    got = head.column("aug_key").to_numpy()
+    want = view_key(seed, head.column("index").to_numpy(), head.column("view").to_numpy())
+    if not np.array_equal(got, want):
+        raise ConfigError(f"teacher.cache {path}: its stored augmentation keys differ from the keys of its manifest's "
+                          f"seed {seed}; rebuild it with `kdray cache CONFIG --views {views} --output {path} "
+                          f"--overwrite`")
+
+
+def open_cache_for_run(cfg: Config, splits, distiller=None, tracking_uri: str | None = None, rank: int = 0,
+                       world: int = 1):
+    """Check the configured cache against this run and read it: the :class:`CachedTeacher` a stage uses.
+    A data-parallel Train worker (``world > 1``) whose trainer got the cache as Ray Datasets
+    (:func:`shard_datasets`) reads only its shard; otherwise the whole file is read."""
     manifest = read_manifest(cfg.teacher.cache)
     check_cache(manifest, cfg, splits, distiller, tracking_uri)
-    return load_cached_teacher(cfg.teacher.cache, manifest)
+    check_view_keys(cfg.teacher.cache, manifest)
+    teacher = _read_shard(cfg.teacher.cache, manifest, rank, world) if world > 1 else None
+    if teacher is None:
+        teacher = load_cached_teacher(cfg.teacher.cache, manifest)
+    teacher.use_views = cfg.teacher.cache_views or teacher.views
+    return teacher
 
 
 def uses_cache(cfg: Config) -> bool:
@@ -441,21 +598,27 @@ def preflight_cache(cfg: Config, splits, tracking_uri: str | None) -> None:
         distiller = Distiller(student, [create_method(m.name, **m.params()) for m in cfg.methods], cfg.ce_weight)
     except (ValueError, TypeError, RuntimeError) as err:
         raise ConfigError(str(err).splitlines()[0]) from None
-    teacher = open_cache_for_run(cfg, splits, distiller, tracking_uri)
+    from kdray.algorithms.cached_teacher import CachedTeacher
+
+    manifest = read_manifest(cfg.teacher.cache)  # checked here; the logits are read by the workers (or shards)
+    check_cache(manifest, cfg, splits, distiller, tracking_uri)
+    check_view_keys(cfg.teacher.cache, manifest)
     count = min(2, len(splits.train))
     example = torch.stack([splits.train[i][0] for i in range(count)])
-    distiller.build(example, teacher.bind(range(count)), len(splits.train))
+    shape_only = CachedTeacher(torch.zeros(count, manifest["dataset"]["num_classes"]), source=cfg.teacher.cache)
+    distiller.build(example, shape_only.bind(range(count)), len(splits.train))
 
 
 # --- command line -----------------------------------------------------------------------------
 def _cmd_cache(args) -> int:
     write_cache(args.config, args.output, overrides=args.overrides, topk=args.topk, float16=args.float16,
-                views=args.views, actors=args.actors, batch_size=args.batch_size, overwrite=args.overwrite)
+                views=args.views, view_seed=args.view_seed, actors=args.actors, batch_size=args.batch_size,
+                overwrite=args.overwrite)
     return 0
 
 
 def add_parser(subparsers) -> None:
-    """Register ``kdray cache CONFIG [overrides] --output DIR [--topk K] [--float16]``."""
+    """Register ``kdray cache CONFIG [overrides] --output DIR [--topk K] [--float16] [--views N]``."""
     p = subparsers.add_parser("cache", help="run the teacher over the training set once and cache its logits "
                                             "(Parquet); students then train with teacher.cache=DIR")
     p.add_argument("config", help="job YAML (or packaged example); its teacher needs checkpoint or mlflow_uri")
@@ -464,7 +627,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--topk", type=int, default=None, help="store only the top-k logits (+ logsumexp)")
     p.add_argument("--float16", action="store_true", help="store logits as float16 (half the size)")
     p.add_argument("--views", type=int, default=None,
-                   help="N recorded augmentations per sample (not implemented yet: fixed views only)")
+                   help="record N augmentations per sample (random training transforms; default: "
+                        "teacher.cache_views, else fixed views)")
+    p.add_argument("--view-seed", type=int, default=0, help="seed of the recorded views' keys")
     p.add_argument("--actors", type=int, default=None, help="teacher actors (default: one per GPU or CPU slot)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --output")

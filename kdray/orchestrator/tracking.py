@@ -76,6 +76,11 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=_artifact_root(uri))
 
 
+def peer_run_key(stage: str, peer: int) -> str:
+    """The name (and run-id key) of peer ``peer``'s run nested under an online stage's run."""
+    return f"{stage}.peer{peer}"
+
+
 class JobTracking:
     """Driver side: create or reopen the parent and child runs, close them with the job's outcome."""
 
@@ -113,12 +118,20 @@ class JobTracking:
             self._log_text(self.parent_id, "config.json", json.dumps(config, indent=2, default=str))
         exp_id = self.client.get_run(self.parent_id).info.experiment_id
         for stage in stages:
-            if stage["name"] in self.stage_ids:
-                continue
-            run = self.client.create_run(exp_id, run_name=stage["name"], tags={
-                "mlflow.parentRunId": self.parent_id, "kdray.job": job_name, "kdray.role": stage["kind"]})
-            self.stage_ids[stage["name"]] = run.info.run_id
-            self._log_params(run.info.run_id, flatten("", stage, {}))
+            if stage["name"] not in self.stage_ids:
+                run = self.client.create_run(exp_id, run_name=stage["name"], tags={
+                    "mlflow.parentRunId": self.parent_id, "kdray.job": job_name, "kdray.role": stage["kind"]})
+                self.stage_ids[stage["name"]] = run.info.run_id
+                self._log_params(run.info.run_id, flatten("", stage, {}))
+            for k, model in enumerate(stage.get("peers", [])):  # online stages: one nested run per peer
+                key = peer_run_key(stage["name"], k)
+                if key in self.stage_ids:
+                    continue
+                run = self.client.create_run(exp_id, run_name=key, tags={
+                    "mlflow.parentRunId": self.stage_ids[stage["name"]], "kdray.job": job_name,
+                    "kdray.role": "peer"})
+                self.stage_ids[key] = run.info.run_id
+                self._log_params(run.info.run_id, {"peer": str(k), "model": model, "seed": str(stage["seed"])})
         self._save_ids()
         return dict(self.stage_ids)
 

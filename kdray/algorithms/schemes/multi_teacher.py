@@ -8,6 +8,10 @@ Combination rules (the survey's multi-teacher section, Sec. 4.2):
   certain about a sample (lower entropy) counts more (in the spirit of CA-MKD, Zhang et al. 2022, which
   weights by the teacher's cross-entropy; entropy needs no labels);
 - ``random``: one teacher per step, drawn uniformly (Fukuda et al., Interspeech 2017).
+
+Feature-level multi-teacher: a feature or relation term is instantiated once per teacher (each builds its
+own connector from its teacher's feature shapes) and the per-teacher losses are combined by the same rule
+(:func:`combine`'s per-teacher weights); response terms see the combined logits. See ``Distiller``.
 """
 from __future__ import annotations
 
@@ -20,35 +24,63 @@ from kdray.algorithms.base import ModelOutput
 COMBINE_RULES = ("mean", "weights", "confidence", "random")
 
 
-def combine_logits(stacked: torch.Tensor, rule: str = "mean", weights: list[float] | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Combine teacher logits ``stacked`` of shape (M, B, C) into (B, C) by ``rule``."""
+def combine(stacked: torch.Tensor, rule: str = "mean", weights: list[float] | None = None,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine teacher logits ``stacked`` (M, B, C) by ``rule``: the (B, C) logits, and (M,) per-teacher
+    weights (summing to 1) for losses that are computed per teacher (feature terms, one connector each).
+
+    The per-teacher weights follow the same rule: 1/M for ``mean``; the normalised fixed weights for
+    ``weights``; for ``confidence`` the batch mean of the per-sample entropy weights (a feature loss is
+    one number per batch, so the per-sample weights are averaged); for ``random`` one-hot on the teacher
+    drawn for this step (the same draw picks the logits).
+    """
     m = stacked.shape[0]
     if rule == "mean":
-        return stacked.mean(0)
+        return stacked.mean(0), torch.full((m,), 1.0 / m, dtype=stacked.dtype, device=stacked.device)
     if rule == "weights":
         if weights is None or len(weights) != m:
             raise ValueError(f"combine 'weights' needs {m} weights, got {weights}")
         w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
         if (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"teacher weights must be >= 0 with a positive sum, got {weights}")
-        return torch.einsum("m,mbc->bc", w / w.sum(), stacked)
+        w = w / w.sum()
+        return torch.einsum("m,mbc->bc", w, stacked), w
     if rule == "confidence":
         log_p = F.log_softmax(stacked, dim=2)
         entropy = -(log_p.exp() * log_p).sum(2)  # (M, B)
         w = torch.softmax(-entropy, dim=0)  # over teachers, per sample
-        return (w.unsqueeze(2) * stacked).sum(0)
+        return (w.unsqueeze(2) * stacked).sum(0), w.mean(1)
     if rule == "random":
         pick = int(torch.randint(m, (1,), generator=generator))
-        return stacked[pick]
+        one_hot = torch.zeros(m, dtype=stacked.dtype, device=stacked.device)
+        one_hot[pick] = 1.0
+        return stacked[pick], one_hot
     raise ValueError(f"unknown combine rule {rule!r}; allowed: {', '.join(COMBINE_RULES)}")
+
+
+def combine_logits(stacked: torch.Tensor, rule: str = "mean", weights: list[float] | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Combine teacher logits ``stacked`` of shape (M, B, C) into (B, C) by ``rule``."""
+    return combine(stacked, rule, weights, generator)[0]
+
+
+def ensemble_output(members: list[ModelOutput], rule: str, weights: list[float] | None,
+                    generator: torch.Generator | None) -> ModelOutput:
+    """The ensemble's output: combined logits, plus ``members`` (each teacher's own output, logits in
+    the dataset's class order) and ``member_weights`` (M,) for per-teacher losses."""
+    logits, member_weights = combine(torch.stack([o.logits for o in members]), rule, weights, generator)
+    out = ModelOutput(logits)
+    out.members = members
+    out.member_weights = member_weights
+    return out
 
 
 class TeacherEnsemble(nn.Module):
     """Several frozen :class:`~kdray.algorithms.distiller.Teacher` s in one process, combined per batch.
 
-    The output's ``members`` keep each teacher's own output, so feature methods can put one connector
-    per teacher (see ``Distiller(num_teachers=M)``).
+    The output's ``members`` keep each teacher's own output (its logits in the dataset's class order,
+    its features), so feature methods put one connector per teacher (``Distiller(num_teachers=M)``);
+    ``member_weights`` says how much each teacher's feature loss counts this step.
     """
 
     def __init__(self, teachers: list[nn.Module], rule: str = "mean", weights: list[float] | None = None,
@@ -67,8 +99,4 @@ class TeacherEnsemble(nn.Module):
 
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> ModelOutput:
-        members = [t(inputs) for t in self.teachers]
-        stacked = torch.stack([o.logits for o in members])
-        out = ModelOutput(combine_logits(stacked, self.rule, self.weights, self.generator))
-        out.members = members
-        return out
+        return ensemble_output([t(inputs) for t in self.teachers], self.rule, self.weights, self.generator)

@@ -1,0 +1,203 @@
+"""A job's stages as a graph of dependent Ray tasks (``ray.stage_tasks: true``).
+
+Why: the default placement runs every stage of a job one after another inside one Ray Train run, so a
+born-again chain, a TAKD pipeline and the other seeds' chains queue behind each other even when the
+cluster has room. Here each stage is one ``@ray.remote`` task that receives the weights of the stages
+that teach it (``teachers: ["stage:<name>"]``) as ObjectRefs of those stages' tasks, so Ray itself
+schedules the DAG: born-again generation k waits for k-1, a TAKD assistant for its teacher, the student
+for the last assistant, while independent stages (other seeds' chains, scratch baselines, the teachers
+of an ensemble) run at the same time on whatever CPUs/GPUs are free.
+
+Inside a task the stage runs exactly as in-process (``run_stage`` with a rank-0, world-1
+:class:`WorkerContext`), so every scheme and method behaves the same and accuracies match the
+in-process run of the same seeds. Persistence is per stage, under ``<run_dir>/stages/<name>/state.pt``
+(written atomically): mid-stage checkpoints while it trains, then its result row and kept weights.
+That file is what makes the graph restartable: the driver skips stages whose file holds a result
+(``--resume``), a task resumes from its own mid-stage checkpoint, and a task whose worker process died
+is re-run by Ray (``max_retries = ray.max_failures``) from that checkpoint. Application errors (a bad
+config, a NaN loss) are not retried: they would fail again the same way.
+
+The run directory must be visible to every node (the same assumption Ray Train makes of ``storage_path``).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import ray
+import torch
+
+from kdray.config import Config, ConfigError
+from kdray.orchestrator.checkpoints import STATE_FILE, load_state, save_atomic
+from kdray.orchestrator.job import WorkerContext, _data_options, plan_stages, run_stage
+
+STAGES_DIR = "stages"
+TASK_TAG = "kdray.ray_task_id"
+
+
+def stage_state_path(run_dir: str, stage: str) -> str:
+    return os.path.join(run_dir, STAGES_DIR, stage, STATE_FILE)
+
+
+def finished_stage(run_dir: str, stage: str) -> dict | None:
+    """The persisted state of a stage that finished (its result row in ``done``), else ``None``."""
+    path = stage_state_path(run_dir, stage)
+    if not os.path.exists(path):
+        return None
+    state = load_state(path)
+    return state if state.get("loop") is None and stage in state.get("done", {}) else None
+
+
+class StageCheckpoints:
+    """One stage's checkpoints, in the ``ctx.checkpoints`` interface ``run_stage`` writes to.
+
+    ``run_stage`` hands over the whole job state (its teachers' weights included); only this stage's own
+    row, weights and loop state are kept, since a re-run receives its teachers again from Ray. The
+    stage-end save (``loop: None``) is the stage's result file; it is stamped ``finished_at``. Each save
+    also names its writer (host, pid, Ray task), so an operator can tell which attempt wrote it.
+    """
+
+    def __init__(self, run_dir: str, stage: str):
+        self.stage = stage
+        self.path = stage_state_path(run_dir, stage)
+        self.finished_at: float | None = None
+
+    def latest(self) -> dict | None:
+        return load_state(self.path) if os.path.exists(self.path) else None
+
+    def save(self, payload: dict, metrics: dict) -> None:
+        done = {k: dict(v) for k, v in payload.get("done", {}).items() if k == self.stage}
+        loop = payload.get("loop")
+        if loop is None and self.stage in done:
+            self.finished_at = time.time()
+            done[self.stage]["finished_at"] = self.finished_at
+        context = ray.get_runtime_context()
+        save_atomic({"stage": self.stage, "loop": loop, "done": done,
+                     "weights": {k: v for k, v in payload.get("weights", {}).items() if k == self.stage},
+                     "writer": {"host": socket.gethostname(), "pid": os.getpid(),
+                                "ray_task_id": context.get_task_id() or ""}}, self.path)
+
+
+def _stage_task(cfg_json: dict, stage: dict, run_dir: str, tracking_uri: str | None, stage_run_ids: dict,
+                teacher_names: list[str], *teacher_weights) -> tuple[dict, dict | None]:
+    """One stage in its own Ray task: returns (result row, its weights if later stages need them).
+
+    ``teacher_weights`` are top-level arguments, so Ray has resolved the teacher stages' ObjectRefs
+    (and waited for those tasks) before this runs.
+    """
+    started_at = time.time()
+    from kdray.data import build_datasets
+
+    cfg = Config.model_validate(cfg_json)
+    name = stage["name"]
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    checkpoints = StageCheckpoints(run_dir, name)
+    saved = checkpoints.latest() or {}
+    if saved.get("loop") is None and name in saved.get("done", {}):  # a retry after the result was written
+        return saved["done"][name], saved["weights"].get(name)
+    context = ray.get_runtime_context()
+    loop = saved.get("loop")
+    stage = {**stage, "ray_task_id": context.get_task_id(), "ray_node_id": context.get_node_id(),
+             "worker_pid": os.getpid(), "started_at": started_at,
+             "resumed_from_epoch": int(loop["epoch"]) if loop is not None else 0}
+    if tracking_uri and name in stage_run_ids:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri).set_tag(stage_run_ids[name], TASK_TAG, stage["ray_task_id"])
+    device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+    ctx = WorkerContext(device=device, checkpoints=checkpoints, tracking_uri=tracking_uri,
+                        stage_run_ids=stage_run_ids, log=lambda msg: print(msg, flush=True))
+    splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
+    job_state = {"done": {}, "weights": dict(zip(teacher_names, teacher_weights))}
+    result = run_stage(cfg, stage, splits, ctx, job_state, loop)
+    row = {**result, "finished_at": checkpoints.finished_at}
+    return row, job_state["weights"].get(name) if stage.get("keep") else None
+
+
+def _ensemble_task(cfg_json: dict, stages: list[dict], names: list[str], *rows_then_weights) -> dict:
+    """Born-again: the ensemble of all generations, evaluated once they have all finished; returns the
+    last generation's row of each seed with ``ensemble_test_top1`` added."""
+    from kdray.data import build_datasets
+    from kdray.orchestrator.online import evaluate_generation_ensembles
+
+    cfg = Config.model_validate(cfg_json)
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    rows, weights = rows_then_weights[:len(names)], rows_then_weights[len(names):]
+    job_state = {"done": {n: dict(r) for n, r in zip(names, rows)}, "weights": dict(zip(names, weights))}
+    device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+    splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
+    evaluate_generation_ensembles(cfg, stages, splits, WorkerContext(device=device), job_state)
+    return {n: r for n, r in job_state["done"].items() if "ensemble_test_top1" in r}
+
+
+_stage_remote = ray.remote(num_returns=2)(_stage_task)
+_ensemble_remote = ray.remote(_ensemble_task)
+
+
+def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, str], log=print) -> list[dict]:
+    """Submit every unfinished stage as a task wired to its teachers' tasks, wait for all, return one
+    row per stage in plan order. Independent stages keep running when one fails (their results are
+    persisted for ``--resume``); the first failure is raised at the end. On Ctrl-C, unfinished tasks are
+    cancelled."""
+    from kdray.orchestrator.ray_runner import _use_gpu, ensure_ray
+
+    ensure_ray(cfg.ray.address)
+    run_dir = cfg.run_dir()
+    stages = plan_stages(cfg)
+    cfg_json = cfg.model_dump(mode="json")
+    resources = {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": 1 if _use_gpu(cfg) else 0}
+    rows: dict[str, object] = {}  # name -> result row, or the ObjectRef of the task that computes it
+    weights: dict[str, object] = {}  # name -> ObjectRef of a kept stage's weights
+
+    def weights_ref(name: str):
+        if name not in weights:  # finished in an earlier run: hand its persisted weights to Ray once
+            weights[name] = ray.put(finished_stage(run_dir, name)["weights"][name])
+        return weights[name]
+
+    pending: dict = {}
+    for stage in stages:
+        name = stage["name"]
+        saved = finished_stage(run_dir, name)
+        if saved is not None:
+            rows[name] = saved["done"][name]
+            log(f"[{name}] finished in an earlier run; skipped")
+            continue
+        deps = [src.split(":", 1)[1] for src in stage.get("teachers", []) if src.startswith("stage:")]
+        row_ref, weights[name] = _stage_remote.options(
+            name=f"kdray:{cfg.name}:{name}", max_retries=cfg.ray.max_failures, retry_exceptions=False,
+            **resources,
+        ).remote(cfg_json, stage, run_dir, tracking_uri, stage_run_ids, deps, *[weights_ref(d) for d in deps])
+        rows[name], pending[row_ref] = row_ref, name
+    if cfg.scheme == "self" and cfg.self_distill.method == "born_again":
+        gens = [s["name"] for s in stages if "generation" in s]
+        ensemble_ref = _ensemble_remote.options(name=f"kdray:{cfg.name}:ensemble", **resources).remote(
+            cfg_json, stages, gens, *[rows[g] for g in gens], *[weights_ref(g) for g in gens])
+        pending[ensemble_ref] = "generation ensemble"
+    log(f"job {cfg.name}: {len(pending)} Ray tasks submitted ({len(stages)} stages)")
+    errors, ensemble, start = [], {}, time.perf_counter()
+    try:
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            label = pending.pop(ref)
+            try:
+                value = ray.get(ref)
+            except Exception as err:  # noqa: BLE001  (logged now, raised once the others are done)
+                log(f"[{label}] failed: {str(err).strip().splitlines()[-1]}")
+                errors.append(err)
+                continue
+            if label == "generation ensemble":
+                ensemble = value
+            else:
+                rows[label] = value
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    if errors:
+        cause = getattr(errors[0], "cause", None)  # a RayTaskError: a config error stays the user's one line
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise errors[0]
+    log(f"job {cfg.name}: {len(stages)} stages done in {time.perf_counter() - start:.1f}s")
+    return [{**rows[s["name"]], **ensemble.get(s["name"], {})} for s in stages]
