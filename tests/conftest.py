@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from ray_cluster import ray_head  # noqa: F401  (fixture: a real `ray start` head for job-submission tests)
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")

@@ -26,6 +26,7 @@ def test_packaged_digits_example_is_the_committed_one():
 
 def test_online_worker_count_must_fit_peers():
     peers = [{"model": "digits_mlp"}] * 2
-    with pytest.raises(ConfigError, match=r"needs ray.num_workers = 2 x D \(one peer per worker, D data-parallel replicas.*got 3"):
+    with pytest.raises(ConfigError,
+                       match=r"needs ray.num_workers = 2 x D \(one peer per worker, D data-parallel replicas.*got 3"):
         load_config({"scheme": "online", "student": {"model": "digits_mlp"}, "online": {"peers": peers},
                      "ray": {"num_workers": 3}})

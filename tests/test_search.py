@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from jobs import digits_job
-from test_job_submit import ray_head  # noqa: F401  (fixture: a Ray head with its own temp dir and ports)
 from kdray.config import ConfigError
 from kdray.search.api import repair_tune_state
 from kdray.search.pareto import dominates, pareto_mask
@@ -406,7 +405,7 @@ def test_sweep_under_ray_job_submit(tmp_path, request):
 
     from mlflow.tracking import MlflowClient
 
-    from test_job_submit import _ray_cli
+    from ray_cluster import ray_cli
 
     address, temp_dir = request.getfixturevalue("ray_head")
     workdir = tmp_path / "working_dir"
@@ -422,10 +421,10 @@ def test_sweep_under_ray_job_submit(tmp_path, request):
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RAY_AUTH_MODE": "disabled",
                                 "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}
     submission_id = f"kdray-sweep-{uuid.uuid4().hex[:8]}"
-    submitted = _ray_cli("job", "submit", "--address", address, "--submission-id", submission_id,
+    submitted = ray_cli("job", "submit", "--address", address, "--submission-id", submission_id,
                          "--working-dir", str(workdir), "--runtime-env-json", json.dumps(runtime_env),
                          "--", "kdray", "sweep", "sweep.yaml", timeout=300)
-    status = _ray_cli("job", "status", "--address", address, submission_id)
+    status = ray_cli("job", "status", "--address", address, submission_id)
     assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr, submitted.stdout[-4000:]
     assert "[3/3] trial-" in submitted.stdout and "Pareto set" not in submitted.stdout  # single objective
     client = MlflowClient(f"sqlite:///{db}")

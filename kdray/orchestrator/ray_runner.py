@@ -78,12 +78,18 @@ def train_worker(loop_config: dict) -> list[dict]:
         wrap=lambda m: _prepare(m, cfg.ray.sync_batchnorm),
         tracking_uri=loop_config.get("tracking_uri"),
         stage_run_ids=loop_config.get("stage_run_ids", {}),
-        log=(lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None),
+        log=(lambda msg: print(msg, flush=True)) if rank == 0 and not loop_config.get("quiet") else (lambda msg: None),
+        callbacks=list(loop_config.get("callbacks") or []),
     )
     return run_job(cfg, ctx)
 
 
-def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, str]) -> list[dict]:
+def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, str], *,
+               epoch_callbacks: list | None = None, run_callbacks: list | None = None,
+               quiet: bool = False) -> list[dict]:
+    """Run the job as one ``TorchTrainer`` run. ``epoch_callbacks`` (picklable engine callbacks) run in
+    every worker after each epoch; ``run_callbacks`` are Ray Train ``RunConfig`` callbacks on the driver
+    side (a sweep passes its Tune reporter pair here, so trials reuse this whole placement)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -95,7 +101,8 @@ def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, s
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri,
-                           "stage_run_ids": stage_run_ids, "threads": cfg.ray.cpus_per_worker},
+                           "stage_run_ids": stage_run_ids, "threads": cfg.ray.cpus_per_worker,
+                           "callbacks": list(epoch_callbacks or []), "quiet": quiet},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(
@@ -103,6 +110,7 @@ def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, s
             storage_path=os.path.dirname(cfg.run_dir()),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            callbacks=list(run_callbacks or []),
         ),
         **data,
     )

@@ -150,33 +150,6 @@ def _tune_report_callback():
     return EpochTuneReportCallback()
 
 
-def train_worker(loop_config: dict) -> list[dict]:
-    """Ray Train per-worker function for Train-inside-Tune trials: the job plus the epoch reporter."""
-    import logging
-
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from kdray.config import Config
-    from kdray.orchestrator.checkpoints import RayCheckpoints
-    from kdray.orchestrator.job import WorkerContext, run_job
-
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    cfg = Config.model_validate(loop_config["config"])
-    ctx_train = ray.train.get_context()
-    rank, world = ctx_train.get_world_rank(), ctx_train.get_world_size()
-    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
-    report = loop_config["report"]
-    ctx = WorkerContext(
-        rank=rank, world_size=world, device=ray.train.torch.get_device(), checkpoints=RayCheckpoints(rank),
-        wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=True),
-        tracking_uri=loop_config.get("tracking_uri"), stage_run_ids=loop_config.get("stage_run_ids", {}),
-        log=lambda msg: None, callbacks=[TrainEpochReporter(report["stage"], report["epochs"], report["extra"])],
-    )
-    return run_job(cfg, ctx)
-
-
 def _read_json(path: str) -> dict | None:
     try:
         with open(path) as fh:
@@ -382,12 +355,9 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
 
 def run_train_trial(cfg, setup: TrialSetup, stage: str, extra: dict) -> list[dict]:
     """Train-inside-Tune: this trial's job as a ``TorchTrainer`` run named after the trial."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from kdray.orchestrator.api import DistillResult
     from kdray.orchestrator.job import plan_stages
-    from kdray.orchestrator.ray_runner import _use_gpu
+    from kdray.orchestrator.ray_runner import run_on_ray
 
     tracking = None
     stage_ids: dict[str, str] = {}
@@ -397,19 +367,9 @@ def run_train_trial(cfg, setup: TrialSetup, stage: str, extra: dict) -> list[dic
         tracking = JobTracking(setup.tracking_uri, cfg.mlflow.experiment, cfg.run_dir(), setup.parent_run_id)
         stage_ids = tracking.start(cfg.name, cfg.model_dump(mode="json"), plan_stages(cfg), True)
     try:
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": setup.tracking_uri,
-                               "stage_run_ids": stage_ids, "threads": cfg.ray.cpus_per_worker,
-                               "report": {"stage": stage, "epochs": cfg.train.epochs, "extra": extra}},
-            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=_use_gpu(cfg),
-                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-            run_config=RunConfig(name=cfg.name, storage_path=os.path.dirname(cfg.run_dir()),
-                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-                                 callbacks=[_tune_report_callback()]),
-        )
-        rows = trainer.fit().return_value
+        rows = run_on_ray(cfg, setup.tracking_uri, stage_ids, quiet=True,
+                          epoch_callbacks=[TrainEpochReporter(stage, cfg.train.epochs, extra)],
+                          run_callbacks=[_tune_report_callback()])
         if tracking:
             from kdray.orchestrator.plots import grouped_bars
 
