@@ -69,3 +69,13 @@ def test_replicated_peers_with_a_feature_term_on_four_workers(tmp_path, ray_sess
     for peer in peers:  # rank 0 logged both peers (peer 1 lives on ranks 1 and 3)
         assert [m.step for m in client.get_metric_history(peer.info.run_id, "val_top1")] == [0, 1, 2, 3]
         assert peer.data.metrics["test_top1"] == pytest.approx(grid[int(peer.info.run_name[-1])])
+
+
+def test_sync_batchnorm_without_gpus_is_refused_before_training(tmp_path, ray_session):
+    """torch's SyncBatchNorm runs on CUDA only: on a CPU cluster the option fails in one line, up front."""
+    from kdray.config import ConfigError
+
+    cfg = digits_job(tmp_path, name="syncbn", ray__num_workers=2, ray__sync_batchnorm=True)
+    with pytest.raises(ConfigError, match=r"ray.sync_batchnorm needs GPU workers .* has 0 GPU\(s\) for 2 workers"):
+        kdray.distill(cfg)
+    assert not (tmp_path / "runs" / "syncbn" / "checkpoint").exists()

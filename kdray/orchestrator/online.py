@@ -160,6 +160,8 @@ def run_online_stage(cfg: Config, stage: dict, splits, ctx, job_state: dict, res
     if grid is not None and grid.replicas > 1:  # D replicas of this peer: gradients all-reduced in its group
         from torch.nn.parallel import DistributedDataParallel
 
+        if cfg.ray.sync_batchnorm and ctx.device.type == "cuda":  # BN statistics over this peer's replicas
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=grid.peer_group)
         trainable = DistributedDataParallel(
             module, process_group=grid.peer_group, find_unused_parameters=_phased(module),
             device_ids=[ctx.device] if ctx.device.type == "cuda" else None)

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from kdray.config import Config
+from kdray.config import Config, ConfigError
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -36,6 +36,12 @@ def _use_gpu(cfg: Config) -> bool:
     return bool(cfg.ray.use_gpu)
 
 
+def _gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
 def _prepare(module, sync_batchnorm: bool = False):
     """DDP-wrap the trainable module. Terms with pre-training phases (FitNet hints, FT paraphraser, AB)
     leave some parameters without gradient for a while, which DDP must be told about."""
@@ -44,8 +50,6 @@ def _prepare(module, sync_batchnorm: bool = False):
 
     if sync_batchnorm and dist.is_initialized() and dist.get_world_size() > 1:
         if ray.train.torch.get_device().type != "cuda":
-            from kdray.config import ConfigError
-
             raise ConfigError("ray.sync_batchnorm needs GPU workers (torch's SyncBatchNorm runs on CUDA only)")
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
 
@@ -95,6 +99,10 @@ def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, s
 
     ensure_ray(cfg.ray.address)
     use_gpu = _use_gpu(cfg)
+    if cfg.ray.sync_batchnorm and cfg.ray.num_workers > 1 and not use_gpu:
+        raise ConfigError(f"ray.sync_batchnorm needs GPU workers (torch's SyncBatchNorm runs on CUDA only) and "
+                          f"this cluster has {_gpus()} GPU(s) for {cfg.ray.num_workers} workers; set "
+                          f"ray.sync_batchnorm: false or ray.use_gpu: true on a GPU cluster")
     from kdray.orchestrator.teacher_cache import shard_datasets
 
     data = shard_datasets(cfg)  # a teacher cache, as one Ray Dataset per rank (each worker holds its shard)
