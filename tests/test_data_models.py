@@ -108,3 +108,19 @@ def test_cli_lists(tmp_path):
     assert "digits\t" in run("datasets")
     assert run("methods").splitlines()[0].count("\t") == 2
     assert "offline" in run("schemes")
+
+
+def test_an_empty_split_evaluates_to_nan_not_zero():
+    import math
+
+    from kdray.algorithms.engine import evaluate
+    from kdray.data import build_datasets
+    from kdray.models import create_model
+
+    splits = build_datasets("digits", val_fraction=0.0)
+    assert len(splits.val) == 0
+    model = create_model("digits_mlp", 10)
+    empty = evaluate(model, torch.utils.data.DataLoader(splits.val, batch_size=8), "cpu", 10)
+    assert math.isnan(empty["top1"]) and math.isnan(empty["loss"])
+    some = evaluate(model, torch.utils.data.DataLoader(splits.test, batch_size=64), "cpu", 10)
+    assert 0.0 <= some["top1"] <= 1.0

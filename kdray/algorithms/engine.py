@@ -88,7 +88,8 @@ def evaluate(model: nn.Module, loader: Iterable, device, num_classes: int, reduc
         totals[2] += hit.any(dim=1).sum()
     model.train(was_training)
     n, c1, c5, loss = (_all_reduce_sum(totals) if reduce else totals).tolist()
-    n = max(n, 1.0)
+    if n == 0:  # an empty split (e.g. val_fraction: 0) has no accuracy: NaN, not a misleading 0.0
+        n = c1 = c5 = loss = float("nan")
     out = {"top1": c1 / n, "loss": loss / n}
     if num_classes > 5:
         out["top5"] = c5 / n
