@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 
@@ -61,6 +62,24 @@ def _prepare(module, sync_batchnorm: bool = False):
                                          parallel_strategy_kwargs={"find_unused_parameters": phased})
 
 
+def _quiet_train_reports() -> None:
+    """Ray Train logs one INFO line per ``report`` (the whole metrics dict) under a logger named after its
+    module's file; a checkpoint every few epochs makes that noise in the user's console."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray Train version: its report lines stay
+        pass
+
+
+def _worker_print(message: str) -> None:
+    """Progress from a Train worker, once: Train V2 patches ``print`` to go to its logger *and* the
+    (redirected) stdout, which the driver then shows twice; the process's own stdout is streamed once."""
+    print(message, file=sys.__stdout__, flush=True)
+
+
 def train_worker(loop_config: dict) -> list[dict]:
     """The Ray Train per-worker function: rebuild the config and run the job with Ray's context."""
     import ray.train
@@ -69,7 +88,7 @@ def train_worker(loop_config: dict) -> list[dict]:
     from kdray.orchestrator.checkpoints import RayCheckpoints
     from kdray.orchestrator.job import WorkerContext, run_job
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is noise here
+    _quiet_train_reports()
     cfg = Config.model_validate(loop_config["config"])
     train_ctx = ray.train.get_context()
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
@@ -82,7 +101,7 @@ def train_worker(loop_config: dict) -> list[dict]:
         wrap=lambda m: _prepare(m, cfg.ray.sync_batchnorm),
         tracking_uri=loop_config.get("tracking_uri"),
         stage_run_ids=loop_config.get("stage_run_ids", {}),
-        log=(lambda msg: print(msg, flush=True)) if rank == 0 and not loop_config.get("quiet") else (lambda msg: None),
+        log=_worker_print if rank == 0 and not loop_config.get("quiet") else (lambda msg: None),
         callbacks=list(loop_config.get("callbacks") or []),
     )
     return run_job(cfg, ctx)
