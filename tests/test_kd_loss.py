@@ -63,7 +63,18 @@ def test_t_squared_factor_exact():
     assert base > 0
 
 
-@pytest.mark.parametrize("params", [{"alpha": -0.1}, {"alpha": 1.5}, {"temperature": 0.0}, {"temperature": -1}])
+def test_independent_ce_and_kd_weights():
+    """RepDistiller's -r 1 -a 1: CE and KD both at weight 1 (not expressible in the convex form)."""
+    s, t = [[0.3, -0.2, 0.1]], [[1.0, 0.0, -1.0]]
+    convex = _kd(s, t, [2], alpha=0.5, temperature=4.0)
+    free = _kd(s, t, [2], alpha=1.0, ce_weight=1.0, temperature=4.0)
+    assert free["ce"].item() == pytest.approx(2 * convex["ce"].item(), rel=1e-6)
+    assert free["kd"].item() == pytest.approx(2 * convex["kd"].item(), rel=1e-6)
+    assert _kd(s, t, [2], alpha=2.5, ce_weight=0.0)["ce"].item() == 0.0
+
+
+@pytest.mark.parametrize("params", [{"alpha": -0.1}, {"alpha": 1.5}, {"temperature": 0.0}, {"temperature": -1},
+                                    {"alpha": 1.0, "ce_weight": -1.0}, {"alpha": -1.0, "ce_weight": 1.0}])
 def test_bad_parameters_rejected(params):
     with pytest.raises(ValueError):
         create_method("kd", **params)

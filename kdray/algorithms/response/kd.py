@@ -26,6 +26,10 @@ class KD(KnowledgeTerm):
     CIFAR protocol (CE 0.1, KD 0.9 -> ``alpha=0.9``). torchdistill's ``alpha`` is the opposite (the CE
     weight): a torchdistill config with ``alpha: 0.1`` is ``alpha: 0.9`` here. KL uses ``batchmean``.
     Published defaults: ``T = 4``, ``alpha = 0.9``.
+
+    ``ce_weight`` (optional) drops the convex form: the loss is ``ce_weight * CE + alpha * T^2 * KL`` with
+    any ``alpha >= 0``, RepDistiller's ``-r`` / ``-a`` pair. Its CRD+KD row (``-r 1 -a 1 -b 0.8``) is
+    ``[{name: kd, alpha: 1, ce_weight: 1}, {name: crd, weight: 0.8}]``.
     """
 
     name = "kd"
@@ -33,16 +37,20 @@ class KD(KnowledgeTerm):
     paper = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network"
     provides_ce = True
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0):
+    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, ce_weight: float | None = None):
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"kd.alpha must be in [0, 1], got {alpha}")
+        if ce_weight is None and not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"kd.alpha must be in [0, 1] (or give kd.ce_weight for independent weights), "
+                             f"got {alpha}")
+        if ce_weight is not None and (ce_weight < 0 or alpha < 0):
+            raise ValueError(f"kd.ce_weight and kd.alpha must be >= 0, got {ce_weight} and {alpha}")
         if temperature <= 0:
             raise ValueError(f"kd.temperature must be > 0, got {temperature}")
         self.alpha = alpha
         self.temperature = temperature
+        self.ce_weight = 1 - alpha if ce_weight is None else ce_weight
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
         ce = F.cross_entropy(student.logits, batch.targets)
         kl = kl_div_with_temperature(student.logits, teacher.logits, self.temperature)
-        return {"ce": (1 - self.alpha) * ce, "kd": self.alpha * kl}
+        return {"ce": self.ce_weight * ce, "kd": self.alpha * kl}
