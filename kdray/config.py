@@ -14,6 +14,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMES = ("offline", "online", "self", "assistant", "multi_teacher")
+# One line per scheme for `kdray list schemes`: who teaches whom, and the config keys that shape it.
+SCHEME_HELP = {
+    "offline": "a trained teacher teaches the student (teacher: train | checkpoint | mlflow_uri | cache)",
+    "online": "K peers learn from each other: DML or their ensemble (online.peers, online.mode; "
+              "methods between peers; ray.num_workers = K x D)",
+    "self": "the network teaches itself: born-again generations or BYOT exits (self_distill.method)",
+    "assistant": "TAKD: teacher -> assistants -> student, each taught by the previous (assistants: [...])",
+    "multi_teacher": "M teachers combined by mean | weights | confidence | random, one connector per teacher "
+                     "for feature methods (teachers: [...], ensemble.combine)",
+}
 
 
 class ConfigError(ValueError):

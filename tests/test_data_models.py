@@ -107,7 +107,10 @@ def test_cli_lists(tmp_path):
     assert [m.split("\t")[0] for m in models if m] == ["wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
     assert "digits\t" in run("datasets")
     assert run("methods").splitlines()[0].count("\t") == 2
-    assert "offline" in run("schemes")
+    from kdray.config import SCHEMES
+
+    schemes = [line.split("\t") for line in run("schemes").splitlines()]
+    assert [name for name, _ in schemes] == list(SCHEMES) and all(desc for _, desc in schemes)
 
 
 def test_an_empty_split_evaluates_to_nan_not_zero():

@@ -48,9 +48,10 @@ def _cmd_list(args) -> int:
         for name, cls in list_methods().items():
             print(f"{name}\t{cls.kind}\t{cls.paper}")
     elif args.what == "schemes":
-        from kdray.config import SCHEMES
+        from kdray.config import SCHEME_HELP
 
-        print("\n".join(SCHEMES))
+        for name, desc in SCHEME_HELP.items():
+            print(f"{name}\t{desc}")
     return 0
 
 
