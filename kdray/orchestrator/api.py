@@ -43,7 +43,9 @@ class DistillResult:
         for kind in self.kinds():
             acc = self.accuracies(kind)
             if len(acc) > 1:
-                rows.append(f"| **{kind} mean +- std** | | {len(acc)} seeds | "
+                seeds = {s["seed"] for s in self.stages if s["kind"] == kind}
+                count = f"{len(acc)} seeds" if len(seeds) == len(acc) else f"{len(acc)} runs"  # e.g. M teachers
+                rows.append(f"| **{kind} mean +- std** | | {count} | "
                             f"{statistics.mean(acc):.4f} +- {statistics.stdev(acc):.4f} | |")
         return "\n".join(rows)
 
