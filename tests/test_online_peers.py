@@ -89,6 +89,7 @@ def test_online_job_with_pkt_between_peers_logs_one_run_per_peer(tmp_path, mlflo
     stage = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
                                f"tags.mlflow.parentRunId = '{result.parent_run_id}'")[0]
     assert stage.info.run_name == "dml-seed0" and "train_peer1_pkt" in stage.data.metrics
+    assert "peer_curves.png" in [a.path for a in client.list_artifacts(stage.info.run_id)]
     peers = client.search_runs([stage.info.experiment_id], f"tags.mlflow.parentRunId = '{stage.info.run_id}'")
     assert sorted(p.info.run_name for p in peers) == ["dml-seed0.peer0", "dml-seed0.peer1"]
     for peer in peers:

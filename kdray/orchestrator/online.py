@@ -236,6 +236,11 @@ def _finish_runs(cfg: Config, logger, accs: list[float], history: list[dict], we
                                spec(k))
     else:
         stage_logger = logger
+    if history:
+        from kdray.orchestrator.plots import peer_curves
+
+        stage_logger.client.log_figure(stage_logger.run_id, peer_curves(history, len(accs), "val top-1 per peer"),
+                                       "peer_curves.png")
     stage_logger.finish(final, history, weights[0], spec(0))
 
 

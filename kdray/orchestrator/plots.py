@@ -40,3 +40,18 @@ def grouped_bars(groups: dict[str, list[float]], ylabel: str, title: str):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def peer_curves(history: list[dict], num_peers: int, title: str):
+    """Every peer's validation top-1 per epoch in one figure (an online stage: do the peers keep up?)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = [h["epoch"] for h in history]
+    for k in range(num_peers):
+        ax.plot(epochs, [h.get(f"peer{k}_val_top1", float("nan")) for h in history], label=f"peer {k}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val top-1")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
