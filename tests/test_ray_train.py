@@ -30,16 +30,19 @@ def test_two_worker_job_matches_in_process_band(tmp_path, ray_session, mlflow_ur
 
 
 def test_sharded_teachers_on_two_workers_match_in_process(tmp_path, ray_session):
-    """A teacher-sharded ensemble as one Ray Train run (peer-parallel online: the four-worker test below)."""
+    """A teacher-sharded ensemble with KD + FitNet (one connector per teacher; features exchanged between
+    the workers) as one Ray Train run (peer-parallel online: the four-worker test below)."""
     t = {"model": "digits_mlp", "args": {"hidden": 32}, "train": {"epochs": 4, "batch_size": 32}}
     over = dict(scheme="multi_teacher", teachers=[t, {**t, "args": {"hidden": 24}}], train__epochs=4,
-                checkpoint__every_epochs=4)
+                checkpoint__every_epochs=4,
+                methods=[{"name": "kd", "alpha": 0.9, "temperature": 4.0}, {"name": "fitnet", "weight": 1.0}])
     runs = []
     for workers in (0, 2):
         cfg = digits_job(tmp_path, name=f"multi{workers}", ray__num_workers=workers, **over)
         cfg.pop("teacher")
         runs.append(kdray.distill(cfg))
     local, ray2 = runs
+    assert ray2.stages[-1]["methods"] == "kd+fitnet"
     a, b = local.accuracies("distill")[0], ray2.accuracies("distill")[0]
     assert abs(a - b) <= 0.03, (a, b)
 
