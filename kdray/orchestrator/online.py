@@ -225,15 +225,14 @@ def run_online_stage(cfg: Config, stage: dict, splits, ctx, job_state: dict, res
 def _finish_runs(cfg: Config, logger, accs: list[float], history: list[dict], weights: dict, num_classes: int,
                  mean_acc: float) -> None:
     """Close the stage run (peer 0's weights, every peer's accuracy) and each peer's own run."""
-    spec = lambda k: {"model": cfg.online.peers[k].model, "args": cfg.online.peers[k].args,  # noqa: E731
-                      "num_classes": num_classes}
+    specs = [{"model": p.model, "args": p.args, "num_classes": num_classes} for p in cfg.online.peers]
     final = {f"peer{k}_test_top1": a for k, a in enumerate(accs)}
     final["test_top1"] = mean_acc
     if isinstance(logger, PeerRuns):
         stage_logger, peer_loggers = logger.loggers[0], logger.loggers[1:]
         for k, peer_logger in enumerate(peer_loggers):
             peer_logger.finish({"test_top1": accs[k]}, [PeerRuns.peer_view(h, k) for h in history], weights[k],
-                               spec(k))
+                               specs[k])
     else:
         stage_logger = logger
     if history:
@@ -241,7 +240,7 @@ def _finish_runs(cfg: Config, logger, accs: list[float], history: list[dict], we
 
         stage_logger.client.log_figure(stage_logger.run_id, peer_curves(history, len(accs), "val top-1 per peer"),
                                        "peer_curves.png")
-    stage_logger.finish(final, history, weights[0], spec(0))
+    stage_logger.finish(final, history, weights[0], specs[0])
 
 
 @torch.no_grad()
