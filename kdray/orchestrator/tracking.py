@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 RUNS_FILE = "mlflow_runs.json"
@@ -171,7 +172,11 @@ class JobTracking:
         if run.info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
         if FAILURE_TAG in run.data.tags:
-            self.client.delete_tag(run_id, FAILURE_TAG)
+            try:
+                self.client.delete_tag(run_id, FAILURE_TAG)
+            except MlflowException as err:  # removed meanwhile by another process: that is the goal
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]

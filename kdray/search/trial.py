@@ -182,6 +182,7 @@ def mark_early_stopped(tracking_uri: str | None, run_dir: str, epoch: int | None
     saved = _read_json(os.path.join(run_dir, RUNS_FILE))
     if not saved:
         return
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -193,7 +194,11 @@ def mark_early_stopped(tracking_uri: str | None, run_dir: str, epoch: int | None
         if run.info.status in ("RUNNING", "FAILED", "KILLED"):
             client.set_tag(run_id, "kdray.early_stopped", "asha" if epoch is None else f"asha@epoch{epoch}")
             if "kdray.failure_reason" in run.data.tags:
-                client.delete_tag(run_id, "kdray.failure_reason")
+                try:  # the stopped trial's own process may still be closing this run: idempotent removal
+                    client.delete_tag(run_id, "kdray.failure_reason")
+                except MlflowException as err:
+                    if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
             if run.info.status != "KILLED":
                 client.set_terminated(run_id, "KILLED")
 
