@@ -36,6 +36,15 @@ def expand_points(model: nn.Module, points, role: str) -> list[str]:
     return out
 
 
+def forward_with_features(model: nn.Module, tap: FeatureTap | None, inputs: torch.Tensor) -> ModelOutput:
+    """``model(inputs)`` plus the features ``tap`` captures at its points (none when ``tap`` is ``None``)."""
+    if tap is None:
+        return ModelOutput(model(inputs))
+    with tap.capture() as feats:
+        logits = model(inputs)
+    return ModelOutput(logits, dict(feats))
+
+
 class ClassOrderError(ValueError):
     """A teacher whose output classes are not the dataset's classes."""
 
@@ -81,11 +90,9 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> ModelOutput:
-        if self._tap is None:
-            return ModelOutput(self._reorder(self.model(inputs)))
-        with self._tap.capture() as feats:
-            logits = self.model(inputs)
-        return ModelOutput(self._reorder(logits), dict(feats))
+        out = forward_with_features(self.model, self._tap, inputs)
+        out.logits = self._reorder(out.logits)
+        return out
 
     def _reorder(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.class_order is None else logits.index_select(1, self.class_order)
@@ -174,11 +181,7 @@ class Distiller(nn.Module):
         return points
 
     def student_forward(self, inputs: torch.Tensor) -> ModelOutput:
-        if self._tap is None:
-            return ModelOutput(self.student(inputs))
-        with self._tap.capture() as feats:
-            logits = self.student(inputs)
-        return ModelOutput(logits, dict(feats))
+        return forward_with_features(self.student, self._tap, inputs)
 
     @torch.no_grad()
     def build(self, example_inputs: torch.Tensor, teacher: Teacher | None, num_samples: int = 0) -> None:

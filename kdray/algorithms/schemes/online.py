@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch, KnowledgeTerm, ModelOutput
-from kdray.algorithms.distiller import expand_points
+from kdray.algorithms.distiller import expand_points, forward_with_features
 from kdray.algorithms.response.kd import kl_div_with_temperature
 from kdray.models.features import FeatureTap, resolve_points
 
@@ -96,11 +96,7 @@ class PeerLearner(nn.Module):
         self._tap = FeatureTap(peer, capture, role=f"peer {index}") if capture else None
 
     def run(self, inputs: torch.Tensor) -> ModelOutput:
-        if self._tap is None:
-            return ModelOutput(self.peer(inputs))
-        with self._tap.capture() as feats:
-            logits = self.peer(inputs)
-        return ModelOutput(logits, dict(feats))
+        return forward_with_features(self.peer, self._tap, inputs)
 
     def set_epoch(self, epoch: int) -> None:
         for terms in self.links.values():
@@ -213,12 +209,8 @@ class PeerReplica(nn.Module):
             mode = model.training
             model.eval()
             tap = FeatureTap(model, self.plan.capture[i], role=f"peer {i}") if self.plan.capture[i] else None
-            if tap is None:
-                outs.append(ModelOutput(model(example)))
-            else:
-                with tap.capture() as feats:
-                    logits = model(example)
-                outs.append(ModelOutput(logits, dict(feats)))
+            outs.append(forward_with_features(model, tap, example))
+            if tap is not None:
                 tap.remove()
             model.train(mode)
         self.layout = [[("logits", tuple(o.logits.shape[1:]))] +
