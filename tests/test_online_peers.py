@@ -99,3 +99,19 @@ def test_online_job_with_pkt_between_peers_logs_one_run_per_peer(tmp_path, mlflo
         assert [m.step for m in client.get_metric_history(peer.info.run_id, "val_top1")] == [0, 1, 2]
         assert "train_pkt" in peer.data.metrics and "train_dml" in peer.data.metrics
         assert "model/state_dict.pt" in [a.path for a in client.list_artifacts(peer.info.run_id, "model")]
+
+
+def test_output_layout_round_trip_keeps_shapes_and_dtypes():
+    from kdray.algorithms.base import ModelOutput
+    from kdray.algorithms.packing import OutputLayout
+
+    out = ModelOutput(torch.randn(4, 10), {"stage1": torch.randn(4, 3, 2, 2), "mask": torch.ones(4, 5).half()})
+    layout = OutputLayout.of(out, ["stage1", "mask"])
+    assert layout.width == 10 + 12 + 5
+    flat = layout.pack(out)
+    assert flat.shape == (4, 27) and flat.dtype == torch.float32
+    back = OutputLayout.from_description(layout.describe()).unpack(torch.nn.functional.pad(flat, (0, 3)))
+    assert torch.equal(back.logits, out.logits) and torch.equal(back.features["stage1"], out.features["stage1"])
+    assert back.features["mask"].dtype == torch.float16 and torch.equal(back.features["mask"], out.features["mask"])
+    with pytest.raises(TypeError, match="feature point 'bad' gives a tuple"):
+        OutputLayout.of(ModelOutput(torch.zeros(1, 2), {"bad": (1, 2)}))

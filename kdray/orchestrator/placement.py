@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from kdray.algorithms.base import ModelOutput
 from kdray.algorithms.distiller import Teacher
+from kdray.algorithms.packing import OutputLayout
 from kdray.algorithms.schemes.multi_teacher import COMBINE_RULES, ensemble_output
 
 
@@ -92,28 +93,17 @@ class ShardedTeacherEnsemble(nn.Module):
                                     for m in self.local_ids])  # the others are dropped here
         self.rule, self.weights = rule, weights
         self.generator = torch.Generator().manual_seed(seed)  # same on every rank: 'random' picks agree
-        self.layout: list[list[tuple[str, tuple[int, ...], torch.dtype]]] | None = None
+        self.layouts: list[OutputLayout] | None = None  # learned on the first call
 
     def train(self, mode: bool = True):
         return super().train(False)
 
-    def _learn_layout(self, outs: dict[int, ModelOutput]) -> None:
-        """Per teacher: ``[("logits", shape, dtype), (point, shape, dtype), ...]`` (shapes without the batch)."""
-        mine = {}
-        for m, out in outs.items():
-            entries = [("logits", out.logits)] + list(out.features.items())
-            for name, value in entries:
-                if not isinstance(value, torch.Tensor):
-                    raise TypeError(f"teacher {m} feature point {name!r} gives a {type(value).__name__}, "
-                                    f"not a tensor; choose a module whose output is a tensor")
-            mine[m] = [(name, tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for name, v in entries]
+    def _learn_layouts(self, outs: dict[int, ModelOutput]) -> None:
+        """Each teacher's :class:`OutputLayout`, gathered once from the ranks hosting them."""
         gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
-        layout: dict[int, list] = {}
-        for part in gathered:
-            layout.update(part)
-        self.layout = [[(n, shape, getattr(torch, dtype)) for n, shape, dtype in layout[m]]
-                       for m in range(self.num_teachers)]
+        dist.all_gather_object(gathered, {m: OutputLayout.of(out).describe() for m, out in outs.items()})
+        described = {m: rows for part in gathered for m, rows in part.items()}
+        self.layouts = [OutputLayout.from_description(described[m]) for m in range(self.num_teachers)]
 
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> ModelOutput:
@@ -133,33 +123,20 @@ class ShardedTeacherEnsemble(nn.Module):
         for m, teacher in zip(self.local_ids, self.local):
             device = next(teacher.parameters(), everything).device
             outs[m] = teacher(everything.to(device))
-        if self.layout is None:
-            self._learn_layout(outs)
-        # One flat buffer holds every teacher's logits and features for the global batch.
-        n = everything.shape[0]
+        if self.layouts is None:
+            self._learn_layouts(outs)
+        # One (global batch, sum of widths) buffer: teacher m's packed outputs in its column block, filled by
+        # the rank hosting it (zeros elsewhere), so one all-reduce hands every rank every teacher's outputs.
         dtype = torch.float32
-        for entries in self.layout:
-            for _name, _shape, d in entries:
+        for layout in self.layouts:
+            for _name, _shape, d in layout.entries:
                 dtype = torch.promote_types(dtype, d)
-        slices, offset = [], 0
-        for m, entries in enumerate(self.layout):
-            for name, shape, d in entries:
-                size = n * int(torch.Size(shape).numel())
-                slices.append((m, name, shape, d, offset, size))
-                offset += size
-        flat = torch.zeros(offset, dtype=dtype, device=comm)
-        for m, name, _shape, _d, start, size in slices:
-            if m in outs:
-                value = outs[m].logits if name == "logits" else outs[m].features[name]
-                flat[start: start + size] = value.reshape(-1).to(device=comm, dtype=dtype)
-        dist.all_reduce(flat)  # each slice is filled by exactly one rank, zeros elsewhere
+        starts = [sum(lay.width for lay in self.layouts[:m]) for m in range(self.num_teachers + 1)]
+        flat = torch.zeros(everything.shape[0], starts[-1], dtype=dtype, device=comm)
+        for m, out in outs.items():
+            flat[:, starts[m]: starts[m + 1]] = self.layouts[m].pack(out, dtype).to(comm)
+        dist.all_reduce(flat)
         first = sum(sizes[: self.rank])
-        rows = slice(first, first + sizes[self.rank])
-        members = [ModelOutput(torch.empty(0)) for _ in range(self.num_teachers)]
-        for m, name, shape, d, start, size in slices:
-            value = flat[start: start + size].view(n, *shape)[rows].to(device=home, dtype=d)
-            if name == "logits":
-                members[m].logits = value
-            else:
-                members[m].features[name] = value
+        mine = flat[first: first + sizes[self.rank]].to(home)
+        members = [lay.unpack(mine[:, starts[m]: starts[m + 1]]) for m, lay in enumerate(self.layouts)]
         return ensemble_output(members, self.rule, self.weights, self.generator)

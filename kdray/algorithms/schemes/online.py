@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch, KnowledgeTerm, ModelOutput
 from kdray.algorithms.distiller import expand_points, forward_with_features
+from kdray.algorithms.packing import OutputLayout
 from kdray.algorithms.response.kd import kl_div_with_temperature
 from kdray.models.features import FeatureTap, resolve_points
 
@@ -196,7 +197,7 @@ class PeerReplica(nn.Module):
                                    temperature)
         self.peer = self.learner.peer
         self._others = models  # dropped after build; only needed to learn the others' feature shapes
-        self.layout: list[list[tuple[str, tuple[int, ...]]]] = []
+        self.layouts: list[OutputLayout] = []  # each peer's packed output, learned at build
 
     def set_epoch(self, epoch: int) -> None:
         self.learner.set_epoch(epoch)
@@ -213,33 +214,17 @@ class PeerReplica(nn.Module):
             if tap is not None:
                 tap.remove()
             model.train(mode)
-        self.layout = [[("logits", tuple(o.logits.shape[1:]))] +
-                       [(p, tuple(o.features[p].shape[1:])) for p in self.plan.export[i]] for i, o in enumerate(outs)]
+        self.layouts = [OutputLayout.of(o, self.plan.export[i]) for i, o in enumerate(outs)]
         self.learner.build(outs, num_samples, seed)
         self._others = None
-
-    def _pack(self, out: ModelOutput) -> torch.Tensor:
-        parts = [out.logits.detach().flatten(1)]
-        parts += [out.features[p].detach().flatten(1) for p in self.plan.export[self.index]]
-        return torch.cat(parts, 1)
-
-    def _unpack(self, flat: torch.Tensor, i: int) -> ModelOutput:
-        tensors, at = {}, 0
-        for name, shape in self.layout[i]:
-            size = int(torch.tensor(shape).prod()) if shape else 1
-            tensors[name] = flat[:, at: at + size].reshape(flat.shape[0], *shape)
-            at += size
-        logits = tensors.pop("logits")
-        return ModelOutput(logits, tensors)
 
     def forward(self, batch: Batch, teacher_out=None):
         if self._others is not None:
             raise RuntimeError("PeerReplica.build(example) must run before training")
         own = self.learner.run(batch.inputs)
-        width = max(sum(int(torch.tensor(s).prod()) if s else 1 for _, s in lay) for lay in self.layout)
-        packed = self._pack(own)
-        padded = F.pad(packed, (0, width - packed.shape[1]))
-        outs = [self._unpack(flat, i) for i, flat in enumerate(self.gather(padded))]
+        packed = self.layouts[self.index].pack(own)
+        padded = F.pad(packed, (0, max(lay.width for lay in self.layouts) - packed.shape[1]))
+        outs = [lay.unpack(flat) for lay, flat in zip(self.layouts, self.gather(padded))]
         outs[self.index] = own
         return own.logits, self.learner.losses(outs, batch)
 
