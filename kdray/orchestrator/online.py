@@ -65,8 +65,9 @@ class PeerMetrics:
         self.world_size, self.num_peers = world_size, num_peers
 
     def on_epoch_end(self, epoch, metrics, loop):
-        local = {f"peer{k}_val_top1": evaluate(m, self.val_loader, self.device, self.num_classes,
-                                               reduce=False)["top1"] for k, m in self.peers.items()}
+        local = {f"peer{k}_val_top1": metrics["val_top1"] if m is loop.eval_model else  # the loop evaluated it
+                 evaluate(m, self.val_loader, self.device, self.num_classes, reduce=False)["top1"]
+                 for k, m in self.peers.items()}
         if self.world_size > 1:
             local.update({k: v for k, v in metrics.items() if k.startswith("train_peer")})
             gathered = [None] * self.world_size
