@@ -168,11 +168,10 @@ def checkpoint_teacher_top1(cfg) -> float:
     from torch.utils.data import DataLoader
 
     from kdray.algorithms.engine import evaluate
-    from kdray.data import build_datasets
     from kdray.models import create_model
-    from kdray.orchestrator.job import _data_options, load_weights
+    from kdray.orchestrator.job import build_splits, load_weights
 
-    splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
+    splits = build_splits(cfg)
     model = create_model(cfg.teacher.model, splits.num_classes, **cfg.teacher.args)
     state = torch.load(cfg.teacher.checkpoint, map_location="cpu", weights_only=True)
     model = load_weights(model, state, f"teacher.checkpoint {cfg.teacher.checkpoint}", splits.num_classes)

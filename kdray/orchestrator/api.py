@@ -55,12 +55,11 @@ def preflight(cfg: Config) -> None:
     feature points resolve. Each failure is a one-line :class:`ConfigError`."""
     from kdray.algorithms.base import create_method
     from kdray.algorithms.distiller import Distiller, Teacher
-    from kdray.data import build_datasets
     from kdray.models import create_model
-    from kdray.orchestrator.job import _data_options, build_teacher_model, teacher_class_order
+    from kdray.orchestrator.job import build_splits, build_teacher_model, teacher_class_order
 
     try:
-        splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
+        splits = build_splits(cfg)
     except TypeError as err:
         raise ConfigError(f"data.options: {err}") from None
     except (FileNotFoundError, ValueError) as err:

@@ -362,7 +362,7 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
 
 def run_job(cfg: Config, ctx: WorkerContext) -> list[dict]:
     """Run every stage not already done (per the latest checkpoint); return one result per stage."""
-    splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
+    splits = build_splits(cfg)
     saved = ctx.checkpoints.latest() or {}
     job_state = {"done": dict(saved.get("done", {})), "weights": dict(saved.get("weights", {}))}
     start = time.perf_counter()
@@ -378,6 +378,11 @@ def run_job(cfg: Config, ctx: WorkerContext) -> list[dict]:
 
         evaluate_generation_ensembles(cfg, stages, splits, ctx, job_state)
     return [job_state["done"][s["name"]] for s in stages]
+
+
+def build_splits(cfg: Config):
+    """The job's dataset splits, as every worker, task and check builds them."""
+    return build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
 
 
 def _data_options(cfg: Config) -> dict:

@@ -30,7 +30,7 @@ import torch
 
 from kdray.config import Config, ConfigError
 from kdray.orchestrator.checkpoints import STATE_FILE, load_state, save_atomic
-from kdray.orchestrator.job import WorkerContext, _data_options, plan_stages, run_stage
+from kdray.orchestrator.job import WorkerContext, build_splits, plan_stages, run_stage
 
 STAGES_DIR = "stages"
 TASK_TAG = "kdray.ray_task_id"
@@ -79,6 +79,11 @@ class StageCheckpoints:
                                 "ray_task_id": context.get_task_id() or ""}}, self.path)
 
 
+def _task_device() -> torch.device:
+    """The GPU Ray gave this task, else the CPU."""
+    return torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+
+
 def _stage_task(cfg_json: dict, stage: dict, run_dir: str, tracking_uri: str | None, stage_run_ids: dict,
                 teacher_names: list[str], *teacher_weights) -> tuple[dict, dict | None]:
     """One stage in its own Ray task: returns (result row, its weights if later stages need them).
@@ -87,8 +92,6 @@ def _stage_task(cfg_json: dict, stage: dict, run_dir: str, tracking_uri: str | N
     (and waited for those tasks) before this runs.
     """
     started_at = time.time()
-    from kdray.data import build_datasets
-
     cfg = Config.model_validate(cfg_json)
     name = stage["name"]
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
@@ -105,10 +108,9 @@ def _stage_task(cfg_json: dict, stage: dict, run_dir: str, tracking_uri: str | N
         from mlflow.tracking import MlflowClient
 
         MlflowClient(tracking_uri).set_tag(stage_run_ids[name], TASK_TAG, stage["ray_task_id"])
-    device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-    ctx = WorkerContext(device=device, checkpoints=checkpoints, tracking_uri=tracking_uri,
+    ctx = WorkerContext(device=_task_device(), checkpoints=checkpoints, tracking_uri=tracking_uri,
                         stage_run_ids=stage_run_ids, log=lambda msg: print(msg, flush=True))
-    splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
+    splits = build_splits(cfg)
     job_state = {"done": {}, "weights": dict(zip(teacher_names, teacher_weights))}
     result = run_stage(cfg, stage, splits, ctx, job_state, loop)
     row = {**result, "finished_at": checkpoints.finished_at}
@@ -118,16 +120,13 @@ def _stage_task(cfg_json: dict, stage: dict, run_dir: str, tracking_uri: str | N
 def _ensemble_task(cfg_json: dict, stages: list[dict], names: list[str], *rows_then_weights) -> dict:
     """Born-again: the ensemble of all generations, evaluated once they have all finished; returns the
     last generation's row of each seed with ``ensemble_test_top1`` added."""
-    from kdray.data import build_datasets
     from kdray.orchestrator.online import evaluate_generation_ensembles
 
     cfg = Config.model_validate(cfg_json)
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     rows, weights = rows_then_weights[:len(names)], rows_then_weights[len(names):]
     job_state = {"done": {n: dict(r) for n, r in zip(names, rows)}, "weights": dict(zip(names, weights))}
-    device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-    splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
-    evaluate_generation_ensembles(cfg, stages, splits, WorkerContext(device=device), job_state)
+    evaluate_generation_ensembles(cfg, stages, build_splits(cfg), WorkerContext(device=_task_device()), job_state)
     return {n: r for n, r in job_state["done"].items() if "ensemble_test_top1" in r}
 
 

@@ -246,8 +246,7 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
     import pyarrow.parquet as pq
     import ray
 
-    from kdray.data import build_datasets
-    from kdray.orchestrator.job import _data_options
+    from kdray.orchestrator.job import _data_options, build_splits
     from kdray.orchestrator.ray_runner import ensure_ray
 
     start = time.perf_counter()
@@ -262,7 +261,7 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
     views = views if views is not None else spec.cache_views
     if views is not None and views < 1:
         raise ConfigError(f"--views must be >= 1 (recorded augmentations per sample), got {views}")
-    splits = build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
+    splits = build_splits(cfg)
     transform = train_transform(splits.train)
     if transform["random"] and views is None:
         raise ConfigError(f"the training transform of {cfg.data.name!r} is random ({', '.join(transform['random'])}): "

@@ -237,16 +237,15 @@ def validate(space, base: Config, search: SearchSpec) -> dict:
     Returns facts the sweep needs (class count, input shape, Optuna distributions, ASHA schedule)."""
     import torch
 
-    from kdray.data import build_datasets
     from kdray.models import create_model
     from kdray.orchestrator.api import preflight
-    from kdray.orchestrator.job import _data_options
+    from kdray.orchestrator.job import build_splits
 
     if base.scheme != "offline" or base.teacher is None:
         raise ConfigError(f"base: a sweep distils from one teacher (scheme: offline with teacher:), "
                           f"got scheme {base.scheme!r}")
     preflight(base)
-    splits = build_datasets(base.data.name, root=base.data.root, **_data_options(base))
+    splits = build_splits(base)
     if len(splits.val) == 0:
         raise ConfigError("data: a sweep optimises val_top1 but the validation split is empty; "
                           "set data.options.val_fraction > 0")
