@@ -11,7 +11,6 @@ Run: ``python bench/cache.py [--device cuda] [--batch 64] [--repeats 10] [--thre
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import header, time_interleaved  # noqa: E402
+from common import header, step_parser, time_interleaved  # noqa: E402
 
 from kdray.algorithms import create_method  # noqa: E402
 from kdray.algorithms.base import Batch  # noqa: E402
@@ -91,12 +90,7 @@ def view_rebuild_us(views: int, repeats: int = 300) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--teacher", default="resnet56")
-    parser.add_argument("--student", default="resnet20")
+    parser = step_parser()
     parser.add_argument("--samples", type=int, default=50_000, help="rows of the cached table (CIFAR train set)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--views", type=int, default=4, help="recorded views per sample (shard memory figure)")

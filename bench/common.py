@@ -1,12 +1,24 @@
 """Shared benchmark helpers: machine/version header and a robust step timer."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
 import time
 
 import torch
+
+
+def step_parser() -> argparse.ArgumentParser:
+    """The options every teacher -> student step benchmark takes (device, batch, repeats, the pair)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--teacher", default="resnet56")
+    parser.add_argument("--student", default="resnet20")
+    return parser
 
 
 def header(title: str) -> str:

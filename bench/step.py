@@ -7,14 +7,13 @@ distillation machinery itself. Run: ``python bench/step.py [--device cuda] [--ba
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import header, time_interleaved  # noqa: E402
+from common import header, step_parser, time_interleaved  # noqa: E402
 
 from kdray.algorithms import create_method  # noqa: E402
 from kdray.algorithms.base import Batch  # noqa: E402
@@ -23,12 +22,7 @@ from kdray.models import create_model  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--teacher", default="resnet56")
-    parser.add_argument("--student", default="resnet20")
+    parser = step_parser()
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)

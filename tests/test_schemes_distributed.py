@@ -28,14 +28,18 @@ def _batches():
             for _ in range(STEPS)]
 
 
-def _dml_single_process():
-    cohort = PeerCohort([_peer(0), _peer(1)], "dml", weight=1.0, temperature=2.0)
-    opt = torch.optim.SGD(cohort.parameters(), lr=0.1, momentum=0.9)
-    for batch in _batches():
-        _, losses = cohort(batch)
+def _train(module, batches, params):
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for batch in batches:
+        _, losses = module(batch)
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
+
+
+def _dml_single_process():
+    cohort = PeerCohort([_peer(0), _peer(1)], "dml", weight=1.0, temperature=2.0)
+    _train(cohort, _batches(), cohort.parameters())
     return [{k: v.clone() for k, v in p.state_dict().items()} for p in cohort.peers]
 
 
@@ -43,12 +47,7 @@ def _dml_worker(rank, world, init, out_dir):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     module = PeerReplica([_peer(0), _peer(1)], rank, gather_peer_logits, "dml", weight=1.0, temperature=2.0)
     module.build(_batches()[0].inputs)
-    opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
-    for batch in _batches():
-        _, losses = module(batch)
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
+    _train(module, _batches(), module.parameters())
     torch.save(module.peer.state_dict(), os.path.join(out_dir, f"peer{rank}.pt"))
     dist.destroy_process_group()
 
@@ -112,15 +111,6 @@ def _fitnet():
     from kdray.algorithms.base import create_method
 
     return [create_method("fitnet", weight=1.0)]
-
-
-def _train(module, batches, params):
-    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    for batch in batches:
-        _, losses = module(batch)
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
 
 
 def _grid_worker(rank, world, init, out_dir):

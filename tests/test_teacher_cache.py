@@ -125,6 +125,18 @@ def _live_teacher(ckpt) -> Teacher:
     return Teacher(model)
 
 
+def _assert_cached_kd_equals_live(kd, student, batch, live, exact, half) -> None:
+    """KD loss from the float32 cache equals the live teacher's to 1e-6 (float16 cache: FP16_REL), and so
+    do the looked-up logits."""
+    s_out = ModelOutput(student(batch.inputs))
+    want = kd(s_out, live(batch.inputs), batch)
+    got, got16 = kd(s_out, exact(batch), batch), kd(s_out, half(batch), batch)
+    for key in want:
+        assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6, abs=1e-7)
+        assert float(got16[key]) == pytest.approx(float(want[key]), rel=FP16_REL, abs=1e-5)
+    assert torch.allclose(exact(batch).logits, live(batch.inputs).logits, atol=1e-5, rtol=0)
+
+
 def _one_line(err) -> str:
     text = str(err.value)
     assert "\n" not in text and text, text
@@ -154,14 +166,7 @@ def test_cached_kd_loss_equals_live_kd_loss(caches, ckpt, splits):
     student = create_model("digits_mlp", 10, hidden=16)
     with torch.no_grad():
         for x, y, idx in DataLoader(splits.train, batch_size=32, shuffle=True):  # shuffled: lookup by index
-            batch = Batch(x, y, idx)
-            s_out = ModelOutput(student(x))
-            want = kd(s_out, live(x), batch)
-            got, got16 = kd(s_out, exact(batch), batch), kd(s_out, half(batch), batch)
-            for key in want:
-                assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6, abs=1e-7)
-                assert float(got16[key]) == pytest.approx(float(want[key]), rel=FP16_REL, abs=1e-5)
-            assert torch.allclose(exact(batch).logits, live(x).logits, atol=1e-5, rtol=0)
+            _assert_cached_kd_equals_live(kd, student, Batch(x, y, idx), live, exact, half)
 
 
 def test_topk_encoding_keeps_top_probabilities(tmp_path, caches):
@@ -370,15 +375,8 @@ def test_recorded_views_kd_loss_equals_live_kd_loss(view_caches, ckpt):
         for epoch in range(2):
             sampler.set_epoch(epoch)
             for x, y, rows in DataLoader(dataset, batch_size=64, sampler=sampler):
-                batch = Batch(x, y, rows)
                 views_seen |= set((rows % VIEWS).tolist())
-                s_out = ModelOutput(student(x))
-                want = kd(s_out, live(x), batch)
-                got, got16 = kd(s_out, exact(batch), batch), kd(s_out, half(batch), batch)
-                for key in want:
-                    assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6, abs=1e-7)
-                    assert float(got16[key]) == pytest.approx(float(want[key]), rel=FP16_REL, abs=1e-5)
-                assert torch.allclose(exact(batch).logits, live(x).logits, atol=1e-5, rtol=0)
+                _assert_cached_kd_equals_live(kd, student, Batch(x, y, rows), live, exact, half)
     assert views_seen == set(range(VIEWS))
     plain = torch.stack([splits.train[i][0] for i in range(20)])  # a fresh random shift is not a recorded view
     recorded = torch.stack([dataset[i * VIEWS][0] for i in range(20)])
