@@ -271,6 +271,56 @@ def test_ctrl_c_exits_130_and_marks_the_run_killed(tmp_path, mlflow_uri):
     assert all(r.info.status != "RUNNING" for r in stages.values())
 
 
+def test_ctrl_c_waits_for_the_tracking_write_then_stops(tmp_path, mlflow_uri):
+    """Ctrl-C arriving inside an MLflow write: the write completes, then KeyboardInterrupt, and the runs can
+    still be marked KILLED. Raised mid-write, it once left SQLite locked and the driver hung marking them."""
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(client.create_experiment("ctrl-c-write")).info.run_id
+    logger = StageLogger(mlflow_uri, run_id)
+    real_log_batch, calls = logger.client.log_batch, []
+
+    def log_batch_hit_by_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to Python at the next bytecode: in the middle of the write
+        calls.append("after the signal")
+        return real_log_batch(*args, **kwargs)
+
+    logger.client.log_batch = log_batch_hit_by_ctrl_c
+    logger.buffer(0, {"val_top1": 0.5})
+    with pytest.raises(KeyboardInterrupt):
+        logger.flush()
+    assert calls == ["after the signal"]
+    assert [m.value for m in client.get_metric_history(run_id, "val_top1")] == [0.5]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the guard put Python's handler back
+    client.set_terminated(run_id, "KILLED")  # the store is not left locked
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_second_ctrl_c_during_a_write_stops_at_once():
+    from kdray.orchestrator.interrupts import sigint_held
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("held")
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("not reached")
+    assert reached == ["held"]
+    errors = []
+
+    def off_main_thread():  # only the main thread owns signal handlers: elsewhere the guard is a no-op
+        try:
+            with sigint_held():
+                errors.append(None)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    worker = threading.Thread(target=off_main_thread)
+    worker.start()
+    worker.join()
+    assert errors == [None]
+
+
 # --- NaN ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,6 @@
 """The same job as one Ray Train run with 2 CPU workers (DDP over gloo) reaches the in-process band."""
+import signal
+
 import pytest
 
 import kdray
@@ -15,6 +17,8 @@ def test_two_worker_job_matches_in_process_band(tmp_path, ray_session, mlflow_ur
         a, b = local.accuracies(kind)[0], on_ray.accuracies(kind)[0]
         assert abs(a - b) <= 0.04, (kind, a, b)
     assert on_ray.accuracies("distill")[0] > 0.85
+    # TorchTrainer.fit() runs Tune, which leaves its Ctrl-C handler installed: kdray puts Python's back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     # rank 0 logged into the driver's runs: the job run is finished and its stages hold epoch metrics
     from mlflow.tracking import MlflowClient
 

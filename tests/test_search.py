@@ -150,6 +150,12 @@ def test_asha_stops_trials_early(mo_sweep):
 
 
 @pytest.mark.ray
+def test_ctrl_c_handler_is_python_s_again_after_a_sweep(mo_sweep):
+    """Tune's fit() leaves its own SIGINT handler installed; after kdray.sweep, Ctrl-C interrupts again."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.ray
 def test_pareto_set_is_not_dominated(mo_sweep):
     result, _ = mo_sweep
     trials, pareto = result.trials, result.pareto

@@ -176,11 +176,13 @@ def distill(config: str | dict | Config, *, overrides: list[str] | None = None, 
                 results = run_on_ray(cfg, uri, stage_ids)
         outcome = DistillResult(results, uri, tracking.parent_id if tracking else None, cfg.run_dir())
         if tracking:
+            from kdray.orchestrator.interrupts import sigint_held
             from kdray.orchestrator.plots import grouped_bars
 
-            groups = {k: outcome.accuracies(k) for k in outcome.kinds()}
-            tracking.finish(outcome.summary(), outcome.table(),
-                            grouped_bars(groups, "test top-1", f"{cfg.name}: test accuracy"))
+            with sigint_held():  # a Ctrl-C inside matplotlib's C init would surface as an ImportError
+                groups = {k: outcome.accuracies(k) for k in outcome.kinds()}
+                tracking.finish(outcome.summary(), outcome.table(),
+                                grouped_bars(groups, "test top-1", f"{cfg.name}: test accuracy"))
         return outcome
     except BaseException as err:
         if tracking:

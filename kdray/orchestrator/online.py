@@ -19,6 +19,7 @@ from kdray.algorithms.engine import TrainLoop, evaluate, seed_everything
 from kdray.algorithms.optim import make_optimizer, make_schedule
 from kdray.algorithms.schemes.online import PeerCohort, PeerReplica
 from kdray.config import Config, ConfigError
+from kdray.orchestrator.interrupts import sigint_held
 from kdray.models import create_model
 
 
@@ -239,8 +240,9 @@ def _finish_runs(cfg: Config, logger, accs: list[float], history: list[dict], we
     if history:
         from kdray.orchestrator.plots import peer_curves
 
-        stage_logger.client.log_figure(stage_logger.run_id, peer_curves(history, len(accs), "val top-1 per peer"),
-                                       "peer_curves.png")
+        with sigint_held():  # see kdray.orchestrator.interrupts
+            stage_logger.client.log_figure(stage_logger.run_id, peer_curves(history, len(accs), "val top-1 per peer"),
+                                           "peer_curves.png")
     stage_logger.finish(final, history, weights[0], specs[0])
 
 

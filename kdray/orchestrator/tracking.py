@@ -18,6 +18,8 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from kdray.orchestrator.interrupts import holds_sigint
+
 RUNS_FILE = "mlflow_runs.json"
 FAILURE_TAG = "kdray.failure_reason"
 
@@ -98,6 +100,7 @@ class JobTracking:
     def runs_file(self) -> str:
         return os.path.join(self.run_dir, RUNS_FILE)
 
+    @holds_sigint
     def start(self, job_name: str, config: dict, stages: list[dict], resume: bool) -> dict[str, str]:
         saved = self._load_ids() if resume else None
         # Who drives the job: `kdray runs --stale` closes RUNNING runs whose driver process is gone.
@@ -136,6 +139,7 @@ class JobTracking:
         self._save_ids()
         return dict(self.stage_ids)
 
+    @holds_sigint
     def finish(self, summary: dict[str, float], table_md: str, figure=None) -> None:
         metrics = [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in summary.items()]
         if metrics:
@@ -148,6 +152,7 @@ class JobTracking:
                 self.client.set_terminated(run_id, "FINISHED")
         self.client.set_terminated(self.parent_id, "FINISHED")
 
+    @holds_sigint
     def fail(self, error: BaseException) -> None:
         """Mark the job and its unfinished children FAILED (KILLED on Ctrl-C), with the reason as a tag."""
         if self.parent_id is None:
@@ -228,6 +233,7 @@ class StageLogger:
         self._pending = [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
                          for r in rows] + self._pending
 
+    @holds_sigint
     def flush(self) -> None:
         new = self._not_logged(self._pending)
         for i in range(0, len(new), 1000):
@@ -247,6 +253,7 @@ class StageLogger:
                 out.append(m)
         return out
 
+    @holds_sigint
     def finish(self, final: dict[str, float], history: list[dict], model_state: dict, model_spec: dict) -> None:
         import torch
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdray.config import Config, ConfigError, load_config
+from kdray.orchestrator.interrupts import signal_handlers_restored
 from kdray.search.space import CallableSpace, Space, apply_params, make_space
 from kdray.search.spec import SearchSpec, auto_grace, base_raw, load_sweep_spec
 from kdray.search.tracking import read_state, write_state
@@ -467,7 +468,8 @@ def _fit(tuner):
     previous = os.environ.get(key)
     os.environ[key] = previous or "1"
     try:
-        return tuner.fit()
+        with signal_handlers_restored():  # Tune leaves its Ctrl-C handler behind (see interrupts.py)
+            return tuner.fit()
     finally:
         if previous is None:
             os.environ.pop(key, None)

@@ -12,6 +12,8 @@ import json
 import os
 import time
 
+from kdray.orchestrator.interrupts import holds_sigint
+
 SWEEP_ROLE = "sweep"
 
 
@@ -27,6 +29,7 @@ class SweepTracking:
         self.parent_id: str | None = None
 
     # --- the parent run ----------------------------------------------------------------------
+    @holds_sigint
     def start(self, saved_id: str | None, params: dict[str, str], texts: dict[str, str], resume: bool) -> str:
         """Reopen ``saved_id`` (or, resuming, a RUNNING parent left for this directory) or create the parent."""
         from mlflow.entities import Param
@@ -70,6 +73,7 @@ class SweepTracking:
                 out.setdefault(job, []).append(run)
         return out
 
+    @holds_sigint
     def reconcile(self, keep: dict[str, str | None]) -> list[str]:
         """Keep one run per trial Tune knows (``keep``: trial name -> its job run id); delete the rest:
         runs of trials Tune never recorded (started just before a driver died) and duplicates. Returns the
@@ -95,11 +99,13 @@ class SweepTracking:
             self.client.set_terminated(run_id, "KILLED")
         self.client.delete_run(run_id)
 
+    @holds_sigint
     def tag_trial(self, run_id: str, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(run_id, k, str(v))
 
     # --- outcome -----------------------------------------------------------------------------
+    @holds_sigint
     def log_outcome(self, metrics: dict[str, float], params: dict[str, str], texts: dict[str, str],
                     figures: dict) -> None:
         from mlflow.entities import Metric, Param
@@ -117,6 +123,7 @@ class SweepTracking:
         for name, fig in figures.items():
             self.client.log_figure(self.parent_id, fig, name)
 
+    @holds_sigint
     def register(self, model, model_name: str, source_run: str, description: str) -> dict:
         """Log the best student (an ``nn.Module``, pickled so it loads as itself) on the parent and register
         it; the new version gets the alias ``champion``."""
@@ -150,9 +157,11 @@ class SweepTracking:
         self.client.set_model_version_tag(model_name, version, "kdray.sweep_run", self.parent_id)
         return {"name": model_name, "version": version, "uri": f"models:/{model_name}/{version}"}
 
+    @holds_sigint
     def finish(self) -> None:
         self.client.set_terminated(self.parent_id, "FINISHED")
 
+    @holds_sigint
     def fail(self, error: BaseException) -> None:
         if self.parent_id is None:
             return
