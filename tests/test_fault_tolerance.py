@@ -271,6 +271,47 @@ def test_ctrl_c_exits_130_and_marks_the_run_killed(tmp_path, mlflow_uri):
     assert all(r.info.status != "RUNNING" for r in stages.values())
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ctrl_c_on_a_ray_train_job_is_killed_not_failed_and_resumes(tmp_path, mlflow_uri):
+    """Ray Train answers Ctrl-C by aborting its run, then raises SystemExit(1) in the driver: kdray reports
+    it as an interruption (exit 130, runs KILLED) and ``--resume`` finishes the same job run."""
+    epochs = 6
+    job = digits_job(tmp_path, mlflow_uri, name="ctrl-c-ray", teacher__train__epochs=epochs, train__epochs=epochs,
+                     checkpoint__every_epochs=2, ray__num_workers=2)
+    proc, log = _start_cli(tmp_path, job)
+    try:
+        _wait_for(tmp_path / "runs" / "ctrl-c-ray" / "checkpoint_manager_snapshot.json", proc, timeout_s=240)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    output = (tmp_path / "driver.log").read_text()
+    assert proc.returncode == 130, output[-3000:]
+    assert "kdray: interrupted (Ctrl-C: Ray Train stopped the run; `--resume`" in output
+    client = MlflowClient(mlflow_uri)
+    [parent] = job_runs(client)
+    assert parent.info.status == "KILLED" and parent.data.tags[FAILURE_TAG].startswith("KeyboardInterrupt")
+    assert all(r.info.status != "RUNNING" for r in stage_runs(client, parent).values())
+
+    proc, log = _start_cli(tmp_path, job, "--resume", log_name="resume.log")
+    try:
+        proc.wait(240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    output = (tmp_path / "resume.log").read_text()
+    assert proc.returncode == 0, output[-3000:]
+    [resumed] = job_runs(client)
+    assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
+    for run in stage_runs(client, resumed).values():
+        assert run.info.status == "FINISHED" and FAILURE_TAG not in run.data.tags
+        assert_each_epoch_once(client, run.info.run_id, epochs)
+
+
 def test_ctrl_c_waits_for_the_tracking_write_then_stops(tmp_path, mlflow_uri):
     """Ctrl-C arriving inside an MLflow write: the write completes, then KeyboardInterrupt, and the runs can
     still be marked KILLED. Raised mid-write, it once left SQLite locked and the driver hung marking them."""

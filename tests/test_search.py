@@ -290,6 +290,13 @@ def _running_in_tune(sweep_dir) -> set[str]:
     return {name for name, status in _saved_trials(sweep_dir).items() if status == "RUNNING"}
 
 
+def _latest_tune_trials(sweep_dir) -> list[dict]:
+    """Tune's trials in the experiment state of its latest session (``experiment_state-<session>.json``)."""
+    latest = sorted((sweep_dir / "tune").glob("experiment_state-*.json"))[-1]
+    return [json.loads(item[0] if isinstance(item, list) else item)
+            for item in json.loads(latest.read_text())["trial_data"]]
+
+
 def _in_flight(sweep_dir, trials_dir: str, before_epoch: int | None = None) -> set[str]:
     """Trials Tune saved as RUNNING that have started their job (MLflow runs) and not finished it; with
     ``before_epoch``, only those not past that epoch (far from their end, so still running at the kill)."""
@@ -356,10 +363,7 @@ def test_resume_after_killing_the_driver(ray_session, workdir):
 
     assert main(["sweep", "sweep.yaml", "--resume"]) == 0
 
-    # Tune's results: the experiment state of the latest session (``experiment_state-<session>.json``)
-    latest = sorted((sweep_dir / "tune").glob("experiment_state-*.json"))[-1]
-    trials = [json.loads(item[0] if isinstance(item, list) else item)
-              for item in json.loads(latest.read_text())["trial_data"]]
+    trials = _latest_tune_trials(sweep_dir)
     ids = [t["trial_id"] for t in trials]
     assert len(ids) == n and len(set(ids)) == n and {t["status"] for t in trials} == {"TERMINATED"}
     exp = client.get_experiment_by_name("kdray")
@@ -381,6 +385,55 @@ def test_resume_after_killing_the_driver(ray_session, workdir):
         for stage in stage_runs:
             steps = [m.step for m in client.get_metric_history(stage.info.run_id, "val_top1")]
             assert len(steps) == len(set(steps)), (name, steps)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_as_killed_and_resume_finishes_it(ray_session, workdir):
+    """Tune answers Ctrl-C by stopping its trials and returning partial results; kdray must not rank and
+    register them as a finished sweep: exit 130, sweep run KILLED, then ``--resume`` ends all trials."""
+    from mlflow.tracking import MlflowClient
+
+    from kdray.orchestrator.cli import main
+
+    tmp_path, n = workdir, 4
+    base = small_base(tmp_path, epochs=8)
+    base["mlflow"] = {"enabled": True}
+    base["data"]["options"]["train_fraction"] = 1.0
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "ctrl-c", "output_dir": str(tmp_path / "out"), "base": base, "space": SPACE,
+        "search": {"num_samples": n, "asha": None, "max_concurrent": 2, "verbose": 0, "register_model": False},
+    }))
+    sweep_dir = tmp_path / "out" / "ctrl-c"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "kdray.orchestrator.cli", "sweep", "sweep.yaml"],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  cwd=tmp_path)
+        deadline = time.time() + 300
+        while time.time() < deadline and driver.poll() is None and not _in_flight(
+                sweep_dir, str(sweep_dir / "trials"), before_epoch=4):
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGINT)
+        try:
+            driver.wait(120)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    output = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 130, output[-3000:]
+    assert "kdray: interrupted (Ctrl-C: Tune stopped the sweep with" in output
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    stopped = client.get_run(state["parent_run_id"])
+    assert stopped.info.status == "KILLED" and stopped.data.tags["kdray.failure_reason"].startswith(
+        "KeyboardInterrupt")
+    assert not state.get("finished") and not state.get("logged")  # nothing ranked or logged as an outcome
+
+    assert main(["sweep", "sweep.yaml", "--resume"]) == 0
+    trials = _latest_tune_trials(sweep_dir)
+    assert len(trials) == n and {t["status"] for t in trials} == {"TERMINATED"}, trials
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
 
 
 # --- Train inside Tune ---------------------------------------------------------------------------

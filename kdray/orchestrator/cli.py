@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("kdray: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"kdray: interrupted{f' ({err})' if str(err) else ''}", file=sys.stderr)
         return 130
     except USER_ERRORS as err:
         if args.debug:

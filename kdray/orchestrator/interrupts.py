@@ -10,10 +10,10 @@ raised as soon as the write returns; a second one during the same write raises a
 Only the main thread can own signal handlers; elsewhere (Ray Train runs the training function in a thread)
 the guard does nothing.
 
-:func:`signal_handlers_restored` exists because Ray Tune's ``fit()`` (also under ``TorchTrainer.fit()``)
-leaves its own SIGINT handler installed after it returns (ray 2.60, ``tune.py: _setup_signal_catching``):
-without it, Ctrl-C during a later in-process ``kdray.distill`` would only print Tune's "ending Ray Tune run"
-and keep training.
+:func:`signal_handlers_restored` exists because Ray Tune's ``Tuner.fit()`` and Train's ``TorchTrainer.fit()``
+leave their own SIGINT handlers installed after they return (ray 2.60: ``tune.py: _setup_signal_catching``,
+``DataParallelTrainer._register_sigint_handler``): without it, Ctrl-C during a later in-process
+``kdray.distill`` would only log "ending Ray Tune run" or try to abort a finished Train run.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import signal
 import threading
 
 _held = threading.local()
+RESUME_HINT = "Ctrl-C: Ray Train stopped the run; `--resume` continues it from its last checkpoint"
 
 
 @contextlib.contextmanager
@@ -81,3 +82,38 @@ def signal_handlers_restored(*signals: int):
         for s, handler in before.items():
             if handler is not None:  # None: installed outside Python, cannot be put back
                 signal.signal(s, handler)
+
+
+def fit_as_interruptible(trainer):
+    """``trainer.fit()`` for a Ray Train trainer, where Ctrl-C ends as ``KeyboardInterrupt``.
+
+    Train V2 (ray 2.60) answers Ctrl-C by aborting the run gracefully (workers stopped, checkpoints kept),
+    after which its ``ray.get`` raises ``SystemExit(1)``: a job stopped on purpose would read as a crash
+    (runs FAILED with "SystemExit: 1", exit code 1, no word on resuming). The handler Train installs
+    (``_register_sigint_handler``, called inside ``fit``) is wrapped to remember the Ctrl-C, so the job
+    is marked KILLED and the CLI exits 130 instead. Train's handler is left in charge of the abort.
+    """
+    seen: list[int] = []
+    register = getattr(trainer, "_register_sigint_handler", None)
+    if register is not None:
+        def register_and_watch(controller):
+            register(controller)
+            train_handler = signal.getsignal(signal.SIGINT)
+
+            def watch(signum, frame):
+                seen.append(signum)
+                train_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, watch)
+
+        trainer._register_sigint_handler = register_and_watch
+    with signal_handlers_restored():  # Train's handler would outlive fit() (see the module docstring)
+        try:
+            result = trainer.fit()
+        except SystemExit:
+            if seen:
+                raise KeyboardInterrupt(RESUME_HINT) from None
+            raise
+    if seen:
+        raise KeyboardInterrupt(RESUME_HINT)
+    return result

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from kdray.config import Config, ConfigError
-from kdray.orchestrator.interrupts import signal_handlers_restored
+from kdray.orchestrator.interrupts import fit_as_interruptible
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -142,6 +142,4 @@ def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, s
         ),
         **data,
     )
-    with signal_handlers_restored():  # fit() runs Tune underneath, which leaves its Ctrl-C handler behind
-        result = trainer.fit()
-    return result.return_value
+    return fit_as_interruptible(trainer).return_value

@@ -372,17 +372,17 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
     path = os.path.join(sweep_dir, "tune")
     repair_tune_state(path, log)
-    if tune.Tuner.can_restore(path):
-        log(f"resuming Tune experiment {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
-        return _fit(tuner)
     num_samples = search.num_samples
     if search.sampler == "grid":
         size = math.prod(len(v) for v in space.grid().values())
         num_samples = size if num_samples is None else min(num_samples, size)
     if num_samples is None:
         raise ConfigError("search.num_samples: give a number of trials")
+    if tune.Tuner.can_restore(path):
+        log(f"resuming Tune experiment {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+        return _fit(tuner, num_samples)
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrent = (max(1, int(cpus // per_trial)) if search.max_concurrent == "auto"
                   else int(search.max_concurrent))
@@ -411,7 +411,7 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   callbacks=[_progress_callback(num_samples)]),
     )
-    return _fit(tuner)
+    return _fit(tuner, num_samples)
 
 
 def _readable(path: str) -> bool:
@@ -460,19 +460,29 @@ def repair_tune_state(path: str, log=print) -> list[str]:
     return changed
 
 
-def _fit(tuner):
+def _fit(tuner, num_samples: int):
     """``tuner.fit()`` with the experiment state saved every second (Tune's default period is adaptive,
     >= 10 s): a killed driver loses at most the trials it started in its last second, whose runs the resumed
-    sweep removes (:meth:`SweepTracking.reconcile`) while Tune samples as many new ones."""
+    sweep removes (:meth:`SweepTracking.reconcile`) while Tune samples as many new ones.
+
+    Tune answers Ctrl-C by stopping the trials, saving its state and *returning* the partial results; read
+    as a finished sweep they would be ranked, logged and a best student registered. Fewer than
+    ``num_samples`` trials ended (terminated or errored) means the sweep was stopped: it raises
+    ``KeyboardInterrupt``, so the sweep run is marked KILLED and ``--resume`` continues it."""
     key = "TUNE_GLOBAL_CHECKPOINT_S"
     previous = os.environ.get(key)
     os.environ[key] = previous or "1"
     try:
         with signal_handlers_restored():  # Tune leaves its Ctrl-C handler behind (see interrupts.py)
-            return tuner.fit()
+            results = tuner.fit()
     finally:
         if previous is None:
             os.environ.pop(key, None)
+    ended = results.num_terminated + results.num_errors
+    if ended < num_samples:
+        raise KeyboardInterrupt(f"Ctrl-C: Tune stopped the sweep with {ended} of {num_samples} trials ended; "
+                                f"`kdray sweep FILE --resume` (or resume=True) continues it")
+    return results
 
 
 def _trial_rows(results, setup: TrialSetup, space, search: SearchSpec, info: dict):
