@@ -19,8 +19,8 @@ from kdray.algorithms.engine import TrainLoop, evaluate, seed_everything
 from kdray.algorithms.optim import make_optimizer, make_schedule
 from kdray.algorithms.schemes.online import PeerCohort, PeerReplica
 from kdray.config import Config, ConfigError
-from kdray.orchestrator.interrupts import sigint_held
 from kdray.models import create_model
+from kdray.orchestrator.interrupts import sigint_held
 
 
 def build_peers(cfg: Config, seed: int, num_classes: int) -> list[torch.nn.Module]:
@@ -241,8 +241,8 @@ def _finish_runs(cfg: Config, logger, accs: list[float], history: list[dict], we
         from kdray.orchestrator.plots import peer_curves
 
         with sigint_held():  # see kdray.orchestrator.interrupts
-            stage_logger.client.log_figure(stage_logger.run_id, peer_curves(history, len(accs), "val top-1 per peer"),
-                                           "peer_curves.png")
+            figure = peer_curves(history, len(accs), "val top-1 per peer")
+            stage_logger.client.log_figure(stage_logger.run_id, figure, "peer_curves.png")
     stage_logger.finish(final, history, weights[0], specs[0])
 
 
