@@ -60,12 +60,14 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _start_cli(tmp_path, job: dict, *extra: str, log_name: str = "driver.log") -> tuple[subprocess.Popen, object]:
+def _start_cli(tmp_path, job: dict, *extra: str, log_name: str = "driver.log",
+               ray_address: str | None = None) -> tuple[subprocess.Popen, object]:
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     log = open(tmp_path / log_name, "w")
+    env = {**_env(), "RAY_ADDRESS": ray_address} if ray_address else _env()
     proc = subprocess.Popen([sys.executable, "-m", "kdray.orchestrator.cli", "run", str(path), *extra],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=_env())
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
     return proc, log
 
 
@@ -273,13 +275,14 @@ def test_ctrl_c_exits_130_and_marks_the_run_killed(tmp_path, mlflow_uri):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ctrl_c_on_a_ray_train_job_is_killed_not_failed_and_resumes(tmp_path, mlflow_uri):
+def test_ctrl_c_on_a_ray_train_job_is_killed_not_failed_and_resumes(tmp_path, ray_session, mlflow_uri):
     """Ray Train answers Ctrl-C by aborting its run, then raises SystemExit(1) in the driver: kdray reports
     it as an interruption (exit 130, runs KILLED) and ``--resume`` finishes the same job run."""
     epochs = 6
     job = digits_job(tmp_path, mlflow_uri, name="ctrl-c-ray", teacher__train__epochs=epochs, train__epochs=epochs,
                      checkpoint__every_epochs=2, ray__num_workers=2)
-    proc, log = _start_cli(tmp_path, job)
+    address = ray_session.get_runtime_context().gcs_address  # this session's Ray: no start-up per driver
+    proc, log = _start_cli(tmp_path, job, ray_address=address)
     try:
         _wait_for(tmp_path / "runs" / "ctrl-c-ray" / "checkpoint_manager_snapshot.json", proc, timeout_s=240)
         proc.send_signal(signal.SIGINT)
@@ -296,7 +299,7 @@ def test_ctrl_c_on_a_ray_train_job_is_killed_not_failed_and_resumes(tmp_path, ml
     assert parent.info.status == "KILLED" and parent.data.tags[FAILURE_TAG].startswith("KeyboardInterrupt")
     assert all(r.info.status != "RUNNING" for r in stage_runs(client, parent).values())
 
-    proc, log = _start_cli(tmp_path, job, "--resume", log_name="resume.log")
+    proc, log = _start_cli(tmp_path, job, "--resume", log_name="resume.log", ray_address=address)
     try:
         proc.wait(240)
     finally:
