@@ -60,15 +60,27 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _start_cli(tmp_path, job: dict, *extra: str, log_name: str = "driver.log",
-               ray_address: str | None = None) -> tuple[subprocess.Popen, object]:
+def _drive_cli(tmp_path, job: dict, *extra: str, wait_s: float, signal_when=None, send=signal.SIGINT,
+               appear_timeout_s: float = 120, log_name: str = "driver.log",
+               ray_address: str | None = None) -> tuple[subprocess.Popen, str]:
+    """``kdray run`` in a subprocess; with ``signal_when``, ``send`` is sent once that file appears. Waits
+    ``wait_s`` for the exit (a driver still alive then is killed) and returns it with its output."""
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     log = open(tmp_path / log_name, "w")
     env = {**_env(), "RAY_ADDRESS": ray_address} if ray_address else _env()
     proc = subprocess.Popen([sys.executable, "-m", "kdray.orchestrator.cli", "run", str(path), *extra],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
-    return proc, log
+    try:
+        if signal_when is not None:
+            _wait_for(signal_when, proc, appear_timeout_s)
+            proc.send_signal(send)
+        proc.wait(wait_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    return proc, (tmp_path / log_name).read_text()
 
 
 def _wait_for(path, proc: subprocess.Popen, timeout_s: float = 120) -> None:
@@ -168,15 +180,8 @@ def test_killed_driver_is_stale_then_resumes_into_the_same_run(tmp_path, mlflow_
     job = digits_job(tmp_path, mlflow_uri, name="driver-kill", teacher__train__epochs=epochs, train__epochs=epochs,
                      checkpoint__every_epochs=2)
     run_dir = tmp_path / "runs" / "driver-kill"
-    proc, log = _start_cli(tmp_path, job)
-    try:
-        _wait_for(run_dir / "checkpoint" / "state.pt", proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
+    proc, _ = _drive_cli(tmp_path, job, signal_when=run_dir / "checkpoint" / "state.pt", send=signal.SIGKILL,
+                         wait_s=30)
     assert proc.returncode == -signal.SIGKILL
 
     client = MlflowClient(mlflow_uri)
@@ -191,14 +196,7 @@ def test_killed_driver_is_stale_then_resumes_into_the_same_run(tmp_path, mlflow_
     assert all(r.info.status in ("FAILED", "FINISHED") for r in stage_runs(client, parent).values())
     assert stale_runs.stale_runs(client) == []
 
-    proc, log = _start_cli(tmp_path, job, "--resume", log_name="resume.log")
-    try:
-        proc.wait(180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    output = (tmp_path / "resume.log").read_text()
+    proc, output = _drive_cli(tmp_path, job, "--resume", log_name="resume.log", wait_s=180)
     assert proc.returncode == 0, output[-3000:]
     assert "resumed at epoch" in output
     [resumed] = job_runs(client)  # one job run: the same one, reopened
@@ -252,16 +250,8 @@ def test_stale_runs_only_local_dead_drivers(tmp_path, mlflow_uri):
 def test_ctrl_c_exits_130_and_marks_the_run_killed(tmp_path, mlflow_uri):
     job = digits_job(tmp_path, mlflow_uri, name="ctrl-c", teacher__train__epochs=60, train__epochs=60,
                      checkpoint__every_epochs=1)
-    proc, log = _start_cli(tmp_path, job)
-    try:
-        _wait_for(tmp_path / "runs" / "ctrl-c" / "checkpoint" / "state.pt", proc)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    output = (tmp_path / "driver.log").read_text()
+    proc, output = _drive_cli(tmp_path, job, signal_when=tmp_path / "runs" / "ctrl-c" / "checkpoint" / "state.pt",
+                              wait_s=60)
     assert proc.returncode == 130, output[-3000:]
     assert "kdray: interrupted" in output
     client = MlflowClient(mlflow_uri)
@@ -282,16 +272,9 @@ def test_ctrl_c_on_a_ray_train_job_is_killed_not_failed_and_resumes(tmp_path, ra
     job = digits_job(tmp_path, mlflow_uri, name="ctrl-c-ray", teacher__train__epochs=epochs, train__epochs=epochs,
                      checkpoint__every_epochs=2, ray__num_workers=2)
     address = ray_session.get_runtime_context().gcs_address  # this session's Ray: no start-up per driver
-    proc, log = _start_cli(tmp_path, job, ray_address=address)
-    try:
-        _wait_for(tmp_path / "runs" / "ctrl-c-ray" / "checkpoint_manager_snapshot.json", proc, timeout_s=240)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    output = (tmp_path / "driver.log").read_text()
+    snapshot = tmp_path / "runs" / "ctrl-c-ray" / "checkpoint_manager_snapshot.json"  # the first Train checkpoint
+    proc, output = _drive_cli(tmp_path, job, signal_when=snapshot, appear_timeout_s=240, wait_s=120,
+                              ray_address=address)
     assert proc.returncode == 130, output[-3000:]
     assert "kdray: interrupted (Ctrl-C: Ray Train stopped the run; `--resume`" in output
     client = MlflowClient(mlflow_uri)
@@ -299,14 +282,7 @@ def test_ctrl_c_on_a_ray_train_job_is_killed_not_failed_and_resumes(tmp_path, ra
     assert parent.info.status == "KILLED" and parent.data.tags[FAILURE_TAG].startswith("KeyboardInterrupt")
     assert all(r.info.status != "RUNNING" for r in stage_runs(client, parent).values())
 
-    proc, log = _start_cli(tmp_path, job, "--resume", log_name="resume.log", ray_address=address)
-    try:
-        proc.wait(240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    output = (tmp_path / "resume.log").read_text()
+    proc, output = _drive_cli(tmp_path, job, "--resume", log_name="resume.log", wait_s=240, ray_address=address)
     assert proc.returncode == 0, output[-3000:]
     [resumed] = job_runs(client)
     assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
