@@ -202,6 +202,10 @@ class RaySpec(_Strict):
     cpus_per_worker: float = Field(1, gt=0)
     address: str | None = None
     max_failures: int = Field(0, ge=-1)
+    # Seconds Ray Train waits for its worker group's resources before failing (after max_failures retries):
+    # a cluster that may autoscale gets this long to add nodes; a fixed-size one that can never fit the
+    # workers is refused before training.
+    start_timeout_s: float = Field(600, gt=0)
     sync_batchnorm: bool = False  # BatchNorm statistics across data-parallel replicas (SyncBN)
     # Run the job's stages as dependent Ray tasks (kdray/orchestrator/stage_graph.py) instead of one after
     # another in one Train run: each stage is one single-process task that starts when the stages teaching it
