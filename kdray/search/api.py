@@ -414,48 +414,59 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
     return _fit(tuner, num_samples)
 
 
-def _readable(path: str) -> bool:
-    import pickle
+def is_complete_pickle(path: str) -> bool:
+    """Whether ``path`` holds a whole pickle stream, judged by walking its opcodes to ``STOP``
+    (``pickletools.genops``) without executing any: loading a pickle to test it would run its code."""
+    import pickletools
 
     try:
         with open(path, "rb") as fh:
-            if path.endswith(".json"):
-                json.load(fh)
-            else:
-                pickle.load(fh)
+            return any(op.name == "STOP" for op, _, _ in pickletools.genops(fh))
+    except Exception:  # noqa: BLE001  (cut short inside an opcode, an unknown opcode, unreadable)
+        return False
+
+
+def _is_complete_json(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            json.load(fh)
         return True
     except Exception:  # noqa: BLE001  (truncated, empty, undecodable)
         return False
 
 
+#: Tune's state files in an experiment directory and how each is written (``search_gen_state`` is a
+#: cloudpickle despite its name). Tune restores each kind from the file whose name sorts last.
+_TUNE_STATE = {"experiment_state-*.json": _is_complete_json, "search_gen_state-*.json": is_complete_pickle,
+               "searcher-state-*.pkl": is_complete_pickle, "callback-states-*.pkl": is_complete_pickle,
+               "tuner.pkl": is_complete_pickle}
+
+
 def repair_tune_state(path: str, log=print) -> list[str]:
-    """Tune writes its experiment and searcher state in place (not atomically): a driver killed during a
-    write leaves a truncated file that ``Tuner.restore`` cannot read. Replace such a file with the complete
-    copy in the dead driver's staging directory (Ray's session dir), else set it aside so Tune restores
-    from an earlier session's state. Returns the files it repaired or set aside."""
+    """Tune copies its state into the sweep's ``tune/`` directory in place (not atomically): a driver killed
+    during a copy leaves a file cut short that ``Tuner.restore`` cannot read. Such a file is set aside
+    (``*.unreadable``), so that Tune restores that kind from the newest intact file left, the state of an
+    earlier driver session (each session writes its own ``*-<session time>`` files). Nothing is taken from
+    outside the sweep's directory: Ray's session directories are world-writable, and a pickle found there
+    would run its code. Nothing is unpickled either (see :func:`is_complete_pickle`). When no intact file
+    of a kind is left, Tune would fail with a traceback or start its searcher afresh: ``ConfigError``.
+    Returns the files set aside."""
     import glob
-    import shutil
-    import tempfile
 
     changed = []
     if not os.path.isdir(path):
         return changed
-    patterns = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
-    roots = {os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "/tmp"}
-    for pattern in patterns:
-        for file in glob.glob(os.path.join(path, pattern)):
-            if _readable(file):
-                continue
-            name = os.path.basename(file)
-            staged = [c for root in roots for c in glob.glob(
-                os.path.join(root, "ray", "session_*", "artifacts", "*", os.path.basename(path), "driver_artifacts",
-                             name)) if _readable(c)]
-            if staged:
-                shutil.copyfile(max(staged, key=os.path.getmtime), file)
-                log(f"Tune state: {name} was cut short by the interruption; restored from the driver's copy")
-            else:
-                os.replace(file, file + ".unreadable")
-                log(f"Tune state: {name} was cut short by the interruption and has no intact copy; set aside")
+    for pattern, complete in _TUNE_STATE.items():
+        files = sorted(glob.glob(os.path.join(path, pattern)))
+        broken = [f for f in files if not complete(f)]
+        if broken and len(broken) == len(files):
+            raise ConfigError(f"Tune state: {broken[-1]} was cut short when the sweep was interrupted and "
+                              f"{path} holds no intact copy; move {path} aside and rerun with --resume to run "
+                              f"the trials afresh (the base job and teacher are kept)")
+        for file in broken:
+            os.replace(file, file + ".unreadable")
+            log(f"Tune state: {os.path.basename(file)} was cut short by the interruption; set aside, Tune "
+                f"restores from the earlier copy in {path}")
             changed.append(file)
     return changed
 

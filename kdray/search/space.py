@@ -526,6 +526,10 @@ class CallableSpace:
                 cloudpickle.unregister_pickle_by_value(module)
 
     def __setstate__(self, state):
+        """Runs only inside an unpickling by Ray or Tune, of bytes that came with the outer pickle (so no
+        trust is added): Ray's transport of the space to its workers, and ``Tuner.restore`` loading the
+        searcher state (``OptunaSearch`` pickles its ``__dict__``, this space included) from the sweep's own
+        ``tune/`` directory; kdray loads none from elsewhere (see ``repair_tune_state``)."""
         import cloudpickle
 
         self.fn = cloudpickle.loads(state["fn"])
