@@ -226,8 +226,17 @@ class MLflowSpec(_Strict):
     enabled: bool = True
 
 
+def check_job_name(name: Any) -> str:
+    """A job's (or sweep's) files go to ``<output_dir>/<name>/``: the name must be one directory name.
+    ``..`` would put them in ``output_dir``'s parent, ``.`` in ``output_dir`` itself, ``a/b`` deeper."""
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+    if not isinstance(name, str) or name in ("", ".", "..") or not set(name) <= allowed:
+        raise ValueError("must be one directory name of letters, digits, '_', '-' and '.', not '.' or '..'")
+    return name
+
+
 class Config(_Strict):
-    name: str = Field("kdray-job", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = "kdray-job"
     output_dir: str = "kdray-runs"
     scheme: Literal[SCHEMES] = "offline"
     data: DataSpec = Field(default_factory=DataSpec)
@@ -246,6 +255,11 @@ class Config(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     mlflow: MLflowSpec = Field(default_factory=MLflowSpec)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _one_directory(cls, name: Any) -> str:
+        return check_job_name(name)
 
     @field_validator("seeds")
     @classmethod

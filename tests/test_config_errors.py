@@ -32,7 +32,7 @@ CASES = [
     ("unknown model knob", dict(student={"model": "digits_mlp", "args": {"widht": 3}}), r"has no knob\(s\) \['widht'\]"),
     ("num_classes in args", dict(student={"model": "digits_mlp", "args": {"num_classes": 3}}), r"num_classes comes from the dataset"),
     ("duplicate seeds", dict(seeds=[1, 1]), r"seeds: seeds must be distinct"),
-    ("bad job name", dict(name="a/b"), r"name: String should match pattern"),
+    ("bad job name", dict(name="a/b"), r"name: must be one directory name .*\(got 'a/b'\)"),
 ]
 
 

@@ -8,7 +8,10 @@ import pickle
 
 import pytest
 
+import kdray
+from jobs import digits_job
 from kdray.config import ConfigError
+from kdray.orchestrator.cli import main
 from kdray.search.api import is_complete_pickle, repair_tune_state
 
 SESSION = "2026-01-02_03-04-05"
@@ -92,3 +95,54 @@ def test_a_state_cut_short_is_set_aside_for_the_sweeps_own_earlier_copy(tmp_path
     assert len(lines) == 1 and "set aside" in lines[0]
     # the intact search-generator states (pickles named .json) are left alone
     assert len(list(tune.glob("search_gen_state-*.json"))) == 2
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", ""])
+def test_a_job_name_that_is_not_one_directory_is_refused(workdir, capsys, name):
+    assert main(["run", "digits", f"name={name}", "output_dir=out"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdray: error: name: ") and "not '.' or '..'" in err and "\n" not in err
+    assert not os.listdir(workdir)
+
+
+@pytest.mark.parametrize("name", ["..", "a/b"])
+def test_a_sweep_name_that_is_not_one_directory_is_refused(workdir, capsys, name):
+    assert main(["sweep", "digits_sweep", f"name={name}", "output_dir=out"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdray: error: name: ") and "\n" not in err
+    with pytest.raises(ConfigError, match=r"^name: .*\(got '\.\.'\)$"):
+        kdray.sweep({"train.lr": {"float": [0.01, 0.1]}}, "digits", name="..",
+                    output_dir="out")
+    assert not os.listdir(workdir)
+
+
+def _tree(root) -> set[str]:
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files}
+
+
+def _outside_the_job(tmp_path, **over) -> tuple[set[str], set[str]]:
+    """Run a tiny job from ``tmp_path`` (relative writes land there) with its MLflow store in
+    ``tmp_path/store``; returns the new files outside ``out/j/`` and those inside."""
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    before = _tree(tmp_path)
+    cfg = digits_job(tmp_path, uri, name="j", output_dir=str(tmp_path / "out"), train__epochs=1,
+                     teacher__train__epochs=1, checkpoint__every_epochs=1, **over)
+    kdray.distill(cfg)
+    new = _tree(tmp_path) - before
+    inside = {p for p in new if p.startswith(os.path.join("out", "j") + os.sep)}
+    return {p for p in new - inside if not p.startswith("store" + os.sep)}, inside
+
+
+def test_an_in_process_job_writes_only_inside_its_directory(workdir):
+    outside, inside = _outside_the_job(workdir)
+    assert not outside, sorted(outside)
+    assert any(p.endswith("state.pt") for p in inside)
+
+
+@pytest.mark.ray
+def test_a_ray_train_job_writes_only_inside_its_directory(workdir, ray_session):
+    outside, inside = _outside_the_job(workdir, ray__num_workers=1)
+    assert not outside, sorted(outside)
+    assert any(os.sep + "checkpoint_" in p for p in inside), sorted(inside)

@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdray.config import Config, ConfigError, load_config
+from kdray.config import Config, ConfigError, check_job_name, load_config
 from kdray.orchestrator.interrupts import signal_handlers_restored
 from kdray.search.space import CallableSpace, Space, apply_params, make_space
 from kdray.search.spec import SearchSpec, auto_grace, base_raw, load_sweep_spec
@@ -133,6 +133,10 @@ def sweep(space, base_config, *, num_samples: int | None = 20, objectives=None, 
         spec = SearchSpec.model_validate(fields)
     except ValidationError as err:
         raise ConfigError("search." + format_error(err)) from None
+    try:
+        check_job_name(name)
+    except ValueError as err:
+        raise ConfigError(f"name: {err} (got {name!r})") from None
     if isinstance(base_config, Config):
         raw = base_config.model_dump(mode="json")
     else:

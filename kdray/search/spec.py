@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kdray.config import ConfigError, format_error, packaged_examples, read_yaml
+from kdray.config import ConfigError, check_job_name, format_error, packaged_examples, read_yaml
 
 #: Objective metrics a trial reports, with their natural direction.
 OBJECTIVES = {"val_top1": "max", "params": "min", "latency_ms": "min"}
@@ -120,11 +120,16 @@ class SearchSpec(_Strict):
 
 
 class SweepSpec(_Strict):
-    name: str = Field("kdray-sweep", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = "kdray-sweep"
     output_dir: str | None = None
     base: str | dict[str, Any]
     space: dict[str, Any]
     search: SearchSpec = Field(default_factory=SearchSpec)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _one_directory(cls, name: Any) -> str:
+        return check_job_name(name)  # the sweep's files go to <output_dir>/<name>/
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
