@@ -1,7 +1,6 @@
 """``kdray.distill``: validate, check everything checkable, open MLflow runs, run the job, close the runs."""
 from __future__ import annotations
 
-import os
 import statistics
 from dataclasses import dataclass
 
@@ -9,6 +8,7 @@ import torch
 
 from kdray.config import Config, ConfigError, load_config
 from kdray.orchestrator.job import WorkerContext, plan_stages, run_job
+from kdray.orchestrator.run_dir import RunDir
 
 
 @dataclass
@@ -118,20 +118,22 @@ def _tracking_uri(cfg: Config) -> str | None:
     return resolve_tracking_uri(cfg.mlflow.tracking_uri)
 
 
-def _check_run_dir(cfg: Config, resume: bool) -> None:
-    from kdray.orchestrator.tracking import RUNS_FILE
-
-    existing = cfg.run_dir()  # resolved to an absolute path; its nearest existing folder must be writable
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir: cannot write {cfg.run_dir()} ({existing} is not a writable directory)")
-    marker = os.path.join(cfg.run_dir(), RUNS_FILE)
-    has_ckpt = any(os.path.exists(os.path.join(cfg.run_dir(), d)) for d in ("checkpoint", "stages")) or any(
-        n.startswith("checkpoint_") for n in (os.listdir(cfg.run_dir()) if os.path.isdir(cfg.run_dir()) else []))
-    if not resume and (os.path.exists(marker) or has_ckpt):
+def _check_run_dir(cfg: Config, job_dir: RunDir, resume: bool, log) -> None:
+    """Under the job's lock: a job with results needs ``--resume``, and ``--resume`` needs the config that
+    made the job (and its MLflow store); a ``--resume`` of a job that never ran says so and starts it."""
+    if not job_dir.has_results():
+        if resume:
+            log(f"job {cfg.name!r} has not run in {cfg.run_dir()} yet: starting it")
+        return
+    if not resume:
         raise ConfigError(f"job {cfg.name!r} already has results in {cfg.run_dir()}; pass --resume to continue it "
                           f"or choose another name=")
+    job_dir.check_same_config(cfg.model_dump(mode="json"),
+                              normalize=lambda saved: type(cfg).model_validate(saved).model_dump(mode="json"))
+    tracked, uri = job_dir.tracked_in(), _tracking_uri(cfg)
+    if tracked and uri and tracked != uri:
+        raise ConfigError(f"job {cfg.name!r} in {cfg.run_dir()} is tracked in {tracked}, not {uri}; resume with "
+                          f"mlflow.tracking_uri={tracked}, or choose another name=")
 
 
 def distill(config: str | dict | Config, *, overrides: list[str] | None = None, resume: bool = False,
@@ -144,8 +146,17 @@ def distill(config: str | dict | Config, *, overrides: list[str] | None = None, 
     MLflow run under another (a sweep's).
     """
     cfg = load_config(config, overrides)
-    _check_run_dir(cfg, resume)
-    preflight(cfg)
+    job_dir = RunDir(cfg.run_dir(), cfg.name)
+    job_dir.check_writable()
+    with job_dir.lock():  # one driver per job directory, from the first check to the last write
+        _check_run_dir(cfg, job_dir, resume, log)
+        preflight(cfg)
+        if job_dir.saved_config() is None or not job_dir.has_results():
+            job_dir.save_config(cfg.model_dump(mode="json"))
+        return _run(cfg, resume, log, callbacks, parent_run_id)
+
+
+def _run(cfg: Config, resume: bool, log, callbacks: list | None, parent_run_id: str | None) -> DistillResult:
     uri = _tracking_uri(cfg)
     tracking = None
     if uri is not None:

@@ -19,8 +19,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kdray.orchestrator.interrupts import holds_sigint
+from kdray.orchestrator.run_dir import RUNS_FILE, file_lock  # noqa: F401  (RUNS_FILE: re-exported)
 
-RUNS_FILE = "mlflow_runs.json"
 FAILURE_TAG = "kdray.failure_reason"
 
 
@@ -72,11 +72,31 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+def open_client(uri: str) -> MlflowClient:
+    """An ``MlflowClient`` on ``uri``, creating a new local SQLite store safely.
+
+    MLflow creates a SQLite store's schema (alembic migrations) when the first client opens it; two processes
+    doing that at once on a new file fail with a schema-creation traceback (reproduced: 5 of 5 pairs of
+    processes, one or both). The first use therefore runs under an ``flock`` on ``<db>.lock`` beside the store.
+    """
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if path is None or not os.path.isdir(os.path.dirname(path) or "."):
+        return MlflowClient(uri)
+    with file_lock(path + ".lock"):
+        return MlflowClient(uri)
+
+
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    """The experiment's id, created when missing; another process creating it at the same time is fine."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_root(uri))
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_root(uri))
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def peer_run_key(stage: str, peer: int) -> str:
@@ -90,7 +110,7 @@ class JobTracking:
     def __init__(self, uri: str, experiment: str, run_dir: str, parent_run_id: str | None = None):
         self.uri = uri
         self.outer_parent = parent_run_id
-        self.client = MlflowClient(uri)
+        self.client = open_client(uri)
         self.experiment = experiment
         self.run_dir = run_dir
         self.parent_id: str | None = None

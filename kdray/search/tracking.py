@@ -19,12 +19,10 @@ SWEEP_ROLE = "sweep"
 
 class SweepTracking:
     def __init__(self, uri: str, experiment: str, sweep_dir: str, name: str):
-        from mlflow.tracking import MlflowClient
-
-        from kdray.orchestrator.tracking import experiment_id
+        from kdray.orchestrator.tracking import experiment_id, open_client
 
         self.uri, self.sweep_dir, self.name = uri, sweep_dir, name
-        self.client = MlflowClient(uri)
+        self.client = open_client(uri)  # creates a new local store safely when two commands start at once
         self.experiment_id = experiment_id(self.client, experiment, uri)
         self.parent_id: str | None = None
 
