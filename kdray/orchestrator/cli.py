@@ -1,10 +1,13 @@
-"""``kdray`` command line: ``run``, ``list``, ``ui``. User errors are one line (``--debug`` for a traceback)."""
+"""``kdray`` command line: ``run``, ``list``, ``ui``. User errors are one line (``--debug`` for a traceback).
+
+Exit codes: 0 done, 2 a user error, 130 Ctrl-C, 143 SIGTERM (the runs KILLED, ``--resume`` continues)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from kdray.orchestrator import stale_runs
+from kdray.orchestrator.interrupts import TERM_EXIT_CODE, Terminated, sigterm_handled
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ConnectionError, FloatingPointError)
 
@@ -102,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with sigterm_handled():  # SIGTERM (`ray job stop`, Kubernetes) stops a job like Ctrl-C, not mid-write
+            return args.func(args)
     except KeyboardInterrupt as err:
         print(f"kdray: interrupted{f' ({err})' if str(err) else ''}", file=sys.stderr)
-        return 130
+        return TERM_EXIT_CODE if isinstance(err, Terminated) else 130
     except USER_ERRORS as err:
         if args.debug:
             raise

@@ -15,13 +15,14 @@ import copy
 import json
 import math
 import os
+import signal
 import statistics
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from kdray.config import Config, ConfigError, check_job_name, load_config
-from kdray.orchestrator.interrupts import signal_handlers_restored
+from kdray.orchestrator.interrupts import interruption, reclaim_sigterm, sigterm_forwarded, signal_handlers_restored
 from kdray.search.space import CallableSpace, Space, apply_params, make_space
 from kdray.search.spec import SearchSpec, auto_grace, base_raw, load_sweep_spec
 from kdray.search.tracking import read_state, write_state
@@ -302,6 +303,7 @@ def _ensure_ray(base: Config, search: SearchSpec) -> None:
     per_trial = _per_trial_cpus(base, search)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(per_trial)), include_dashboard=True,
              log_to_driver=True)
+    reclaim_sigterm()  # ray.init replaced the CLI's SIGTERM handler
 
 
 def _per_trial_cpus(base: Config, search: SearchSpec) -> float:
@@ -483,20 +485,22 @@ def _fit(tuner, num_samples: int):
     Tune answers Ctrl-C by stopping the trials, saving its state and *returning* the partial results; read
     as a finished sweep they would be ranked, logged and a best student registered. Fewer than
     ``num_samples`` trials ended (terminated or errored) means the sweep was stopped: it raises
-    ``KeyboardInterrupt``, so the sweep run is marked KILLED and ``--resume`` continues it."""
+    ``KeyboardInterrupt``, so the sweep run is marked KILLED and ``--resume`` continues it. SIGTERM takes the
+    same way (Tune's SIGUSR1 stop) and raises ``Terminated``."""
     key = "TUNE_GLOBAL_CHECKPOINT_S"
     previous = os.environ.get(key)
     os.environ[key] = previous or "1"
+    reclaim_sigterm()  # ray.init (in _ensure_ray) replaced it
     try:
-        with signal_handlers_restored():  # Tune leaves its Ctrl-C handler behind (see interrupts.py)
-            results = tuner.fit()
+        with signal_handlers_restored(), sigterm_forwarded(signal.SIGUSR1) as terms:  # Tune leaves its Ctrl-C
+            results = tuner.fit()                                     # handler behind (see interrupts.py)
     finally:
         if previous is None:
             os.environ.pop(key, None)
     ended = results.num_terminated + results.num_errors
     if ended < num_samples:
-        raise KeyboardInterrupt(f"Ctrl-C: Tune stopped the sweep with {ended} of {num_samples} trials ended; "
-                                f"`kdray sweep FILE --resume` (or resume=True) continues it")
+        raise interruption(terms, f"Ctrl-C: Tune stopped the sweep with {ended} of {num_samples} trials ended; "
+                                  f"`kdray sweep FILE --resume` (or resume=True) continues it")
     return results
 
 
