@@ -3,7 +3,8 @@
 The cached teacher is what ``teacher.cache`` gives a training stage: a CIFAR-100-sized ``[50000, 100]`` table
 of teacher logits, looked up by the batch's (shuffled) sample indices. Steps are timed round-robin
 (``time_interleaved``) so that a shared machine's load hits all three alike. Goal: cached within 1.05x of
-the plain student step. Also reports how long reading such a cache from Parquet takes, the rows and bytes one
+the plain student step. Also reports how long reading such a cache from Parquet takes and what verifying its
+recorded SHA-256 adds to every open (against a CRC-32 of the same bytes), the rows and bytes one
 data-parallel worker holds when it reads only its shard (``--views`` recorded views per sample, ``--world``
 workers) against the whole cache, and what rebuilding a recorded view from its key costs per sample
 (CIFAR-style random crop + flip) against drawing a fresh augmentation.
@@ -11,7 +12,6 @@ Run: ``python bench/cache.py [--device cuda] [--batch 64] [--repeats 10] [--thre
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -29,9 +29,11 @@ from kdray.algorithms.distiller import Distiller, Teacher  # noqa: E402
 from kdray.models import create_model  # noqa: E402
 
 
-def parquet_read_seconds(logits: torch.Tensor, float16: bool) -> tuple[float, float]:
-    """Write ``logits`` as a cache file (one pyarrow table) and time reading it back into a CachedTeacher."""
-    import pyarrow.parquet as pq
+def parquet_read_seconds(logits: torch.Tensor, float16: bool, repeats: int = 3) -> dict:
+    """Write ``logits`` as a cache (``save_cache``: Parquet + manifest.json with the file's SHA-256) and time, best
+    of ``repeats``: reading it back into a CachedTeacher, verifying the checksum as every open does
+    (``read_manifest``), and a CRC-32 of the same bytes (the cheaper checksum that was not chosen)."""
+    import zlib
 
     from kdray.orchestrator import teacher_cache as tc
 
@@ -39,13 +41,23 @@ def parquet_read_seconds(logits: torch.Tensor, float16: bool) -> tuple[float, fl
     manifest = {"format": tc.FORMAT_VERSION, "dataset": {"size": n, "num_classes": classes},
                 "logits": {"stored": "full", "topk": None, "dtype": "float16" if float16 else "float32"}}
     with tempfile.TemporaryDirectory() as out:
-        table = tc.outputs_table(torch.arange(n).numpy(), logits, None, float16)
-        pq.write_table(table.replace_schema_metadata({tc.META_KEY: json.dumps(manifest).encode()}),
-                       os.path.join(out, tc.CACHE_FILE))
-        size = os.path.getsize(os.path.join(out, tc.CACHE_FILE)) / 2**20
-        start = time.perf_counter()
-        tc.load_cached_teacher(out, manifest)
-        return time.perf_counter() - start, size
+        tc.save_cache(out, tc.outputs_table(torch.arange(n).numpy(), logits, None, float16), manifest)
+        file = os.path.join(out, tc.CACHE_FILE)
+
+        def crc32():
+            with open(file, "rb") as fh:
+                zlib.crc32(fh.read())
+
+        times = {}
+        for name, fn in (("read", lambda: tc.load_cached_teacher(out, manifest)),
+                         ("verify", lambda: tc.read_manifest(out)), ("crc32", crc32)):
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - start)
+            times[name] = best
+        return {**times, "mb": os.path.getsize(file) / 2**20}
 
 
 def shard_memory(samples: int, classes: int, views: int, world: int) -> dict:
@@ -127,8 +139,8 @@ def main() -> None:
         "cached": lambda: step("cached", cached_kd, cache(batch)),  # what TrainLoop does for wants_batch
     }
     t = time_interleaved(fns, device, repeats=args.repeats)
-    read32, mb32 = parquet_read_seconds(torch.randn(args.samples, classes), float16=False)
-    read16, mb16 = parquet_read_seconds(torch.randn(args.samples, classes), float16=True)
+    r32 = parquet_read_seconds(torch.randn(args.samples, classes), float16=False)
+    r16 = parquet_read_seconds(torch.randn(args.samples, classes), float16=True)
 
     print(header(f"Teacher-output cache: {args.teacher} -> {args.student}, batch {args.batch}, {device}"))
     print("| step | ms / step | images / s |\n|---|---|---|")
@@ -138,8 +150,11 @@ def main() -> None:
     print(f"\ncached / plain = {t['cached'] / t['plain']:.3f}  (goal <= 1.05)")
     print(f"live / plain   = {t['live'] / t['plain']:.3f}")
     print(f"live / cached  = {t['live'] / t['cached']:.3f}  (speed-up of training from the cache)")
-    print(f"\nreading a {args.samples} x {classes} cache into an index-addressed tensor: float32 {read32 * 1e3:.0f} ms "
-          f"({mb32:.1f} MiB), float16 {read16 * 1e3:.0f} ms ({mb16:.1f} MiB)")
+    print(f"\nreading a {args.samples} x {classes} cache into an index-addressed tensor: float32 "
+          f"{r32['read'] * 1e3:.0f} ms ({r32['mb']:.1f} MiB), float16 {r16['read'] * 1e3:.0f} ms ({r16['mb']:.1f} MiB)")
+    for label, r in (("float32", r32), ("float16", r16)):
+        print(f"verifying its SHA-256 on open ({label}): {r['verify'] * 1e3:.0f} ms = {r['verify'] / r['read']:.2f}x "
+              f"the read (CRC-32 of the same bytes: {r['crc32'] * 1e3:.0f} ms)")
 
     mem = shard_memory(args.samples, classes, args.views, args.world)
     print(f"\nsharded reading, {args.samples} samples x {args.views} recorded views x {classes} classes, "

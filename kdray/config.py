@@ -318,11 +318,26 @@ def format_error(err: ValidationError) -> str:
     return f"{loc}: {msg}{shown}{more}"
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's own words for a syntax error, in one line: what it expected, and while parsing what."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    return f"{problem} {context}" if context else problem
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.path=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    path = key.strip().split(".")
+    if not all(part.strip() for part in path):
+        raise ConfigError(f"override {text!r} has no key{' part' if key.strip() else ''} before '='; write "
+                          f"key.path=value, e.g. train.epochs=3")
+    try:
+        return [part.strip() for part in path], yaml.safe_load(raw)
+    except yaml.YAMLError as err:  # e.g. seeds=[0,1 : the shell passed an unclosed bracket
+        raise ConfigError(f"override {text!r}: the value {raw!r} is not valid YAML ({_yaml_problem(err)}); close "
+                          f"its brackets or quote it, e.g. seeds=[0,1]") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -346,6 +361,11 @@ def packaged_examples() -> list[str]:
 
 def read_yaml(source: str) -> dict:
     """A YAML file path, or the name of an example shipped in the package (``digits``)."""
+    if os.path.isdir(source):
+        found = sorted(n for n in os.listdir(source) if n.endswith((".yaml", ".yml")))
+        hint = f" such as {os.path.join(source, found[0])}" if found else ""
+        raise ConfigError(f"config {source!r} is a directory; give a YAML file{hint} or a packaged example "
+                          f"({', '.join(packaged_examples())})")
     if os.path.isfile(source):
         with open(source) as fh:
             text = fh.read()
@@ -357,8 +377,10 @@ def read_yaml(source: str) -> dict:
         )
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except yaml.YAMLError as err:  # file:line:col of the problem, as editors and compilers print it
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(err)}; fix the syntax there") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of config keys")
     return raw

@@ -171,8 +171,6 @@ def test_cached_kd_loss_equals_live_kd_loss(caches, ckpt, splits):
 
 def test_topk_encoding_keeps_top_probabilities(tmp_path, caches):
     """Top-k rows (values, classes, logsumexp) decode to logits whose T=1 softmax keeps the top-k mass exactly."""
-    import pyarrow.parquet as pq
-
     torch.manual_seed(0)
     logits = torch.randn(20, 10) * 3
     p = logits.softmax(1)
@@ -183,10 +181,7 @@ def test_topk_encoding_keeps_top_probabilities(tmp_path, caches):
         manifest["dataset"].update(size=20)
         manifest["logits"] = {"stored": "topk", "topk": k, "dtype": "float16" if float16 else "float32"}
         out = tmp_path / f"k{k}"
-        out.mkdir()
-        pq.write_table(table.replace_schema_metadata({tc.META_KEY: json.dumps(manifest).encode()}),
-                       out / tc.CACHE_FILE)
-        (out / tc.MANIFEST).write_text(json.dumps(manifest))
+        tc.save_cache(str(out), table, manifest)
         q = tc.load_cached_teacher(str(out)).lookup(torch.arange(20)).logits.softmax(1)
         top = p.topk(k, 1).indices
         tol = 2e-3 if float16 else 1e-5
@@ -419,12 +414,9 @@ def test_mismatched_views_are_refused(view_caches, caches, tmp_path):
     import pyarrow.parquet as pq  # a cache whose manifest seed no longer derives its stored keys
 
     bad = tmp_path / "bad"
-    bad.mkdir()
     manifest = tc.read_manifest(v32)
     manifest["views"]["seed"] = 4
-    table = pq.read_table(view_caches / "v32" / tc.CACHE_FILE)
-    pq.write_table(table.replace_schema_metadata({tc.META_KEY: json.dumps(manifest).encode()}), bad / tc.CACHE_FILE)
-    (bad / tc.MANIFEST).write_text(json.dumps(manifest))
+    tc.save_cache(str(bad), pq.read_table(view_caches / "v32" / tc.CACHE_FILE), manifest)
     with pytest.raises(kdray.ConfigError) as err:
         kdray.distill(_aug_job(tmp_path, cache=str(bad)))
     assert "augmentation keys differ" in _one_line(err)

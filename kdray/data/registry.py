@@ -21,6 +21,14 @@ class DatasetFilesMissingError(FileNotFoundError):
     pass
 
 
+class EmptySplitError(ValueError):
+    """A dataset whose options leave no training samples (a model cannot be built or trained on none)."""
+
+
+class UnreadableFileError(ValueError):
+    """A dataset file that the dataset's loader cannot read (e.g. a non-image in an ImageFolder class)."""
+
+
 class IndexedDataset(Dataset):
     """Wraps a ``(x, y)`` dataset so items are ``(x, y, index)``, the index into this split."""
 
@@ -46,6 +54,9 @@ class DatasetSplits:
     fingerprint: str
     # Class names in label order (label i is classes[i]); the student's output order. Default "0".."n-1".
     classes: list[str] = field(default_factory=list)
+    # Checks the dataset's files up front (raises UnreadableFileError naming the file); preflight runs it once
+    # on the driver, so a bad file fails before training instead of in a batch mid-run.
+    check_files: Callable[[], None] | None = None
 
     def __post_init__(self):
         self.classes = [str(c) for c in self.classes] or [str(i) for i in range(self.num_classes)]
@@ -79,7 +90,13 @@ def build_datasets(name: str, *, root: str | None = None, seed: int = 0, **optio
         raise UnknownDatasetError(f"unknown dataset {name!r}{hint}; allowed: {', '.join(sorted(_DATASETS))}")
     if root is not None:
         root = os.path.abspath(os.path.expanduser(root))
-    return _DATASETS[name](root=root, seed=seed, **options)
+    splits = _DATASETS[name](root=root, seed=seed, **options)
+    if len(splits.train) == 0:
+        where = f" under {root}" if root else ""
+        raise EmptySplitError(f"dataset {name!r}{where} has no training samples with options {options or {}}; give "
+                              f"it some: a larger data.options.train_fraction, smaller val_fraction + test_fraction, "
+                              f"or files in its training folder")
+    return splits
 
 
 def split_indices(n: int, fractions: tuple[float, float], seed: int) -> tuple[list[int], list[int], list[int]]:

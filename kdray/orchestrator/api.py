@@ -55,11 +55,12 @@ def preflight(cfg: Config) -> None:
     feature points resolve. Each failure is a one-line :class:`ConfigError`."""
     from kdray.algorithms.base import create_method
     from kdray.algorithms.distiller import Distiller, Teacher
-    from kdray.models import create_model
-    from kdray.orchestrator.job import build_splits, build_teacher_model, teacher_class_order
+    from kdray.orchestrator.job import build_splits, build_teacher_model, create_spec_model, teacher_class_order
 
     try:
         splits = build_splits(cfg)
+        if splits.check_files is not None:  # e.g. every ImageFolder file opens as an image, before any training
+            splits.check_files()
     except TypeError as err:
         raise ConfigError(f"data.options: {err}") from None
     except (FileNotFoundError, ValueError) as err:
@@ -74,18 +75,20 @@ def preflight(cfg: Config) -> None:
     try:
         teacher_models = []
         for path, spec in zip(paths, cfg.teacher_specs()):
-            teacher_models.append(create_model(spec.model, splits.num_classes, **spec.args) if spec.train is not None
+            teacher_models.append(create_spec_model(spec, path, splits.num_classes) if spec.train is not None
                                   else build_teacher_model(cfg, f"spec:{path}", splits.num_classes, {},
                                                            _tracking_uri(cfg)))
-        for spec in [*cfg.assistants, *cfg.online.peers]:
-            teacher_models.append(create_model(spec.model, splits.num_classes, **spec.args))
+        others = [(f"assistants.{i}", s) for i, s in enumerate(cfg.assistants)]
+        others += [(f"online.peers.{i}", s) for i, s in enumerate(cfg.online.peers)]
+        for path, spec in others:
+            teacher_models.append(create_spec_model(spec, path, splits.num_classes))
         with torch.no_grad():
             for model in teacher_models:
                 classes = model.eval()(example).shape[1]
                 if classes != splits.num_classes:
                     raise ConfigError(f"a teacher ({type(model).__name__}) outputs {classes} classes but dataset "
                                       f"{cfg.data.name!r} has {splits.num_classes}")
-        student = create_model(cfg.student.model, splits.num_classes, **cfg.student.args)
+        student = create_spec_model(cfg.student, "student", splits.num_classes)
         if cfg.scheme == "self" and cfg.self_distill.method == "byot":
             from kdray.algorithms.schemes.byot import BYOTDistiller
 

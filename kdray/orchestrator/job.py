@@ -150,6 +150,43 @@ def load_weights(model: nn.Module, state: dict, source: str, num_classes: int) -
     return model
 
 
+def read_weights(path: str, what: str) -> dict:
+    """A state_dict from a file, read with ``torch.load(weights_only=True)``: tensors and plain containers only,
+    never pickled code (a checkpoint that holds objects is refused, not unpickled). A file that cannot be read
+    is a one-line :class:`ConfigError` naming ``what`` (the config key) and the file."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln), "it holds pickled objects")
+        raise ConfigError(f"{what} {path} was refused: it holds pickled objects, not only weights ({detail}); "
+                          f"kdray reads only tensors / state_dicts, never pickled code: save the model with "
+                          f"torch.save(model.state_dict(), path)") from None
+    except (OSError, EOFError, RuntimeError, ValueError) as err:  # cut short, or not a torch file at all
+        raise ConfigError(f"{what} {path} is not a readable torch checkpoint (truncated or corrupt: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}); save it again with "
+                          f"torch.save(model.state_dict(), path)") from None
+
+
+def create_spec_model(spec, key: str, num_classes: int) -> nn.Module:
+    """``create_model`` for the ModelSpec at config path ``key``; a model constructor that rejects the config's
+    args (``Trying to create tensor with negative dimension -4``) is a one-line :class:`ConfigError` naming the
+    arg: the one whose removal lets the model build (found by building it once without each), else ``key.args``."""
+    try:
+        return create_model(spec.model, num_classes, **spec.args)
+    except (ValueError, TypeError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        for name in spec.args:
+            try:
+                create_model(spec.model, num_classes, **{k: v for k, v in spec.args.items() if k != name})
+            except (ValueError, TypeError, RuntimeError):
+                continue
+            raise ConfigError(f"{key}.args.{name}={spec.args[name]!r}: {spec.model} cannot be built with it "
+                              f"({reason}); give a valid value or remove it for the default") from None
+        raise ConfigError(f"{key}.args: {spec.model} cannot be built with {dict(spec.args)} ({reason})") from None
+
+
 def build_teacher_model(cfg: Config, source: str, num_classes: int, weights: dict[str, dict],
                         tracking_uri: str | None) -> nn.Module:
     """The frozen model behind a teacher source: weights from an earlier stage, a checkpoint or MLflow."""
@@ -161,9 +198,9 @@ def build_teacher_model(cfg: Config, source: str, num_classes: int, weights: dic
         model = create_model(spec.model, num_classes, **spec.args)
         return load_weights(model, weights[ref], f"stage {ref}", num_classes)
     spec = model_spec(cfg, ref)
-    model = create_model(spec.model, num_classes, **spec.args)
+    model = create_spec_model(spec, ref, num_classes)
     if spec.checkpoint is not None:
-        state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
+        state = read_weights(spec.checkpoint, f"{ref}.checkpoint")
         return load_weights(model, state, f"{ref}.checkpoint {spec.checkpoint}", num_classes)
     from kdray.orchestrator.tracking import download_model
 

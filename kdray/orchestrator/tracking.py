@@ -37,7 +37,27 @@ def resolve_tracking_uri(configured: str | None) -> str:
         uri = "file://" + os.path.abspath(uri.removeprefix("file:"))
     elif "://" not in uri:
         uri = "file://" + os.path.abspath(uri)
+    _check_scheme(uri, "mlflow.tracking_uri" if configured else "MLFLOW_TRACKING_URI")
     return uri
+
+
+# URI schemes MLflow builds a tracking store for (mlflow/tracking/_tracking_service/utils.py), besides plugins.
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc",
+                    "uc")
+
+
+def _check_scheme(uri: str, origin: str) -> None:
+    """A URI MLflow has no store for fails here in one line, not as a registry traceback once runs are opened."""
+    from importlib.metadata import entry_points
+
+    from kdray.config import ConfigError
+
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2:// is postgresql
+    if scheme in TRACKING_SCHEMES or scheme in {e.name for e in entry_points(group="mlflow.tracking_store")}:
+        return
+    raise ConfigError(f"{origin}={uri!r}: MLflow has no tracking store for scheme {scheme!r}; use "
+                      f"sqlite:///path/mlflow.db, file:///dir, http(s)://server or a database URI (postgresql://...), "
+                      f"or unset it for ./mlflow.db")
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -295,9 +315,11 @@ class StageLogger:
 
 
 def download_model(uri: str, tracking_uri: str) -> tuple[dict, dict]:
-    """Read a model logged by :class:`StageLogger` from ``runs:/<run_id>/model``: (spec, state_dict)."""
+    """Read a model logged by :class:`StageLogger` from ``runs:/<run_id>/model``: (spec, state_dict).
+    The weights are read as tensors only (``read_weights``): an artifact holding pickled objects is refused."""
     import mlflow
-    import torch
+
+    from kdray.orchestrator.job import read_weights
 
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
@@ -308,5 +330,5 @@ def download_model(uri: str, tracking_uri: str) -> tuple[dict, dict]:
         raise FileNotFoundError(f"teacher.mlflow_uri {uri!r} holds no kdray model (model_spec.json missing)")
     with open(spec_path) as fh:
         spec = json.load(fh)
-    state = torch.load(os.path.join(local, "state_dict.pt"), map_location="cpu", weights_only=True)
+    state = read_weights(os.path.join(local, "state_dict.pt"), f"teacher.mlflow_uri {uri!r}: artifact")
     return spec, state
