@@ -137,15 +137,17 @@ _ensemble_remote = ray.remote(_ensemble_task)
 def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, str], log=print) -> list[dict]:
     """Submit every unfinished stage as a task wired to its teachers' tasks, wait for all, return one
     row per stage in plan order. Independent stages keep running when one fails (their results are
-    persisted for ``--resume``); the first failure is raised at the end. On Ctrl-C, unfinished tasks are
-    cancelled."""
-    from kdray.orchestrator.ray_runner import _use_gpu, ensure_ray
+    persisted for ``--resume``); the first failure is raised at the end. On Ctrl-C or SIGTERM (the CLI
+    raises it as ``Terminated``, a ``KeyboardInterrupt``), unfinished tasks are cancelled."""
+    from kdray.orchestrator.ray_runner import _use_gpu, check_fits, ensure_ray
 
     ensure_ray(cfg.ray.address)
     run_dir = cfg.run_dir()
     stages = plan_stages(cfg)
     cfg_json = cfg.model_dump(mode="json")
-    resources = {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": 1 if _use_gpu(cfg) else 0}
+    use_gpu = _use_gpu(cfg)
+    check_fits(cfg, 1, use_gpu)  # a task no node can hold would wait forever
+    resources = {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": 1 if use_gpu else 0}
     rows: dict[str, object] = {}  # name -> result row, or the ObjectRef of the task that computes it
     weights: dict[str, object] = {}  # name -> ObjectRef of a kept stage's weights
 
