@@ -49,7 +49,8 @@ def files(tmp_path_factory):
         for cls in ("a", "b"):
             os.makedirs(root / "imgs" / split / cls)
             for i in range(2):
-                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "imgs" / split / cls / f"{i}.png")
+                pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "imgs" / split / cls / f"{i}.png")
     (root / "imgs" / "train" / "a" / "notes.png").write_text("not an image")
     os.makedirs(root / "empty" / "train" / "a")
     (root / "bad.yaml").write_text("name: x\nstudent: {model: digits_mlp}\nteacher: {model: [1, 2}\n")

@@ -11,7 +11,7 @@ as one Parquet file with pyarrow, sorted by index, with the cache's identity in 
 (key ``kdray.cache``) and in a small ``manifest.json`` beside it, which also records the Parquet file's size and
 SHA-256. Every reader verifies both before it trusts the file: Parquet itself reads a data page whose bytes were
 flipped without complaint (its footer is intact), and a student would train on the wrong logits. The hash costs
-15 ms for a CIFAR-100-sized 20 MiB float32 cache here, 0.15x of reading it (``bench/cache.py`` prints the figures).
+15-21 ms for a CIFAR-100-sized 20 MiB float32 cache here, 0.15-0.2x of reading it (``bench/cache.py``).
 
 Identity: the teacher (model, args and a SHA-256 of its state_dict bytes), the dataset
 (``DatasetSplits.fingerprint``, size, class count) and the training transform (a fingerprint of its repr).
