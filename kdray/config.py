@@ -224,6 +224,9 @@ class MLflowSpec(_Strict):
     tracking_uri: str | None = None
     experiment: str = "kdray"
     enabled: bool = True
+    # CPU, memory, disk, network (GPU with the `gpu` extra) sampled into each stage run as system/* metrics,
+    # every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default)
+    system_metrics: bool = True
 
 
 def check_job_name(name: Any) -> str:

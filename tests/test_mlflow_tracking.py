@@ -70,3 +70,122 @@ def test_default_store_is_absolute_sqlite_in_cwd(workdir):
     assert resolve_tracking_uri(None) == f"sqlite:///{workdir}/mlflow.db"
     assert resolve_tracking_uri("sqlite:///rel.db") == f"sqlite:///{workdir}/rel.db"
     assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_models_datasets_description_and_system_metrics_in_mlflow(tmp_path, mlflow_uri, monkeypatch):
+    """What the MLflow UI shows: a training experiment, each trained model as a loadable logged model with a
+    registry version pointing at it, the datasets on each stage run, the results table as the job run's
+    description, and system metrics sampled during training."""
+    import json as _json
+
+    import mlflow
+    import torch
+    from torch.utils.data import DataLoader
+
+    from kdray.algorithms.engine import evaluate
+    from kdray.config import load_config
+    from kdray.orchestrator.job import build_splits
+    from kdray.orchestrator.tracking import fluent_store
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    cfg = digits_job(tmp_path, mlflow_uri, name="ui", train__epochs=2, teacher__train__epochs=2)
+    result = kdray.distill(cfg)
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(result.parent_run_id)
+    exp = parent.info.experiment_id
+    assert client.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.data.tags["mlflow.note.content"] == result.table()
+
+    splits = build_splits(load_config(cfg))
+    test = DataLoader(splits.test, batch_size=256)
+    stages = {r.info.run_name: r for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert set(stages) == {"teacher", "kd-seed0"}
+    for name, kind in (("teacher", "teacher"), ("kd-seed0", "distill")):
+        run = stages[name]
+        [output] = run.outputs.model_outputs
+        logged = client.get_logged_model(output.model_id)
+        assert (logged.name, logged.source_run_id, logged.experiment_id) == (name, run.info.run_id, exp)
+        with fluent_store(mlflow_uri):
+            model = mlflow.pytorch.load_model(f"models:/{output.model_id}")
+        # the trained model itself: its test accuracy is the one kdray reported, its logits those of the weights
+        accuracy = evaluate(model, test, torch.device("cpu"), splits.num_classes)["top1"]
+        assert accuracy == result.accuracies(kind)[0]
+        from kdray.models import create_model
+
+        spec = _json.load(open(client.download_artifacts(run.info.run_id, "model/model_spec.json")))
+        trained = create_model(spec["model"], spec["num_classes"], **spec["args"]).eval()
+        trained.load_state_dict(torch.load(client.download_artifacts(run.info.run_id, "model/state_dict.pt"),
+                                           weights_only=True))
+        x = torch.stack([splits.test[i][0] for i in range(8)])
+        with torch.no_grad():
+            assert torch.equal(model(x), trained(x))
+        [version] = client.search_model_versions(f"name = 'ui-{kind}'")
+        assert (version.run_id, version.source) == (run.info.run_id, f"models:/{output.model_id}")
+        assert {"name": f"ui-{kind}", "version": version.version} in _json.loads(logged.tags["mlflow.modelVersions"])
+        inputs = {[t.value for t in i.tags if t.key == "mlflow.data.context"][0]: i.dataset
+                  for i in run.inputs.dataset_inputs}
+        assert set(inputs) == {"training", "validation", "test"}
+        assert {d.name for d in inputs.values()} == {"digits"}
+        assert _json.loads(inputs["training"].profile)["num_rows"] == len(splits.train)
+        assert _json.loads(inputs["test"].profile)["num_rows"] == len(splits.test)
+        assert len({d.digest for d in inputs.values()}) == 3
+        assert run.data.metrics["system/cpu_utilization_percentage"] >= 0
+        assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_system_metrics_can_be_turned_off(tmp_path, mlflow_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    result = kdray.distill(digits_job(tmp_path, mlflow_uri, train__epochs=1, teacher__train__epochs=1,
+                                      mlflow__system_metrics=False))
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_run(result.parent_run_id).info.experiment_id
+    runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert not [k for r in runs for k in r.data.metrics if k.startswith("system/")]
+
+
+def test_stage_end_repeated_after_a_crash_logs_one_model_and_one_version(tmp_path, mlflow_uri):
+    """A restart between the stage's MLflow writes and its checkpoint replays ``finish``: still one logged
+    model and one registry version for the run."""
+    import torch
+
+    from kdray.data import build_datasets
+    from kdray.models import create_model
+    from kdray.orchestrator.tracking import REGISTERED_MODEL_TAG, StageLogger
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.create_experiment("replay")
+    run_id = client.create_run(exp, run_name="kd-seed0", tags={REGISTERED_MODEL_TAG: "job-distill",
+                                                               "kdray.job": "job"}).info.run_id
+    splits = build_datasets("digits", train_fraction=0.2)
+    weights = create_model("digits_mlp", 10, hidden=8).state_dict()
+    spec = {"model": "digits_mlp", "args": {"hidden": 8}, "num_classes": 10}
+    example = torch.stack([splits.train[i][0] for i in range(2)])
+    for _ in range(2):
+        client.update_run(run_id, status="RUNNING")
+        StageLogger(mlflow_uri, run_id).finish({"test_top1": 0.5}, [], weights, spec, example=example,
+                                                dataset="digits", splits=splits)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(run.outputs.model_outputs) == 1
+    assert len(run.inputs.dataset_inputs) == 3
+    assert [int(v.version) for v in client.search_model_versions("name = 'job-distill'")] == [1]
+
+
+def test_sweep_and_existing_experiments_get_the_training_kind(tmp_path, mlflow_uri):
+    """Experiments made before kdray tagged them, and a sweep's, open on training runs; a kind someone chose
+    explicitly for an experiment stays."""
+    from kdray.orchestrator.tracking import mark_training_experiment
+    from kdray.search.tracking import SweepTracking
+
+    client = MlflowClient(mlflow_uri)
+    old = client.create_experiment("old-kdray")
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    inferred = client.create_experiment("inferred", tags={"mlflow.experimentKind": "genai_development_inferred"})
+    for exp in (old, chosen, inferred):
+        mark_training_experiment(client, exp)
+    kind = {e: client.get_experiment(e).tags.get("mlflow.experimentKind") for e in (old, chosen, inferred)}
+    assert kind == {old: "custom_model_development", chosen: "genai_development",
+                    inferred: "custom_model_development"}
+    sweep = SweepTracking(mlflow_uri, "sweeps", str(tmp_path / "sweep"), "s")
+    assert client.get_experiment(sweep.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -362,7 +362,7 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
     if ctx.rank == 0 and ctx.tracking_uri and stage["name"] in ctx.stage_run_ids:
         from kdray.orchestrator.tracking import StageLogger
 
-        logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage["name"]])
+        logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage["name"]], cfg.mlflow.system_metrics)
     callbacks = [_Checkpointer(ctx, job_state, stage["name"], cfg.checkpoint.every_epochs, logger)]
     if ctx.rank == 0:
         callbacks.append(_Progress(ctx, stage["name"], optim.epochs))
@@ -391,7 +391,8 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
     if logger is not None:  # before the stage-end checkpoint: a crash in between redoes (idempotent) logging
         final = {f"test_{k}": v for k, v in test.items()}
         logger.finish(final, history, weights, {"model": spec.model, "args": spec.args,
-                                                "num_classes": splits.num_classes})
+                                                "num_classes": splits.num_classes},
+                      example=example, dataset=cfg.data.name, splits=splits)
     ctx.checkpoints.save({**job_state, "stage": stage["name"], "loop": None},
                          {"stage": stage["name"], "test_top1": result["test_top1"]})
     return result

@@ -113,14 +113,15 @@ class PeerRuns:
             logger.flush()
 
 
-def _open_loggers(ctx, stage: dict, num_peers: int):
+def _open_loggers(ctx, stage: dict, num_peers: int, system_metrics: bool = False):
     if ctx.rank != 0 or not ctx.tracking_uri or stage["name"] not in ctx.stage_run_ids:
         return None
     from kdray.orchestrator.tracking import StageLogger, peer_run_key
 
     peers = [StageLogger(ctx.tracking_uri, ctx.stage_run_ids[peer_run_key(stage["name"], k)])
              for k in range(num_peers) if peer_run_key(stage["name"], k) in ctx.stage_run_ids]
-    stage_logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage["name"]])
+    # system metrics on the stage run only: the peers train in the same process
+    stage_logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage["name"]], system_metrics)
     return PeerRuns(stage_logger, peers) if len(peers) == num_peers else stage_logger
 
 
@@ -176,7 +177,7 @@ def run_online_stage(cfg: Config, stage: dict, splits, ctx, job_state: dict, res
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], opt.optimizer, opt.lr,
                                opt.weight_decay, opt.momentum)
     scheduler = make_schedule(optimizer, opt.schedule, opt.epochs, opt.milestones, opt.gamma)
-    logger = _open_loggers(ctx, stage, num_peers)
+    logger = _open_loggers(ctx, stage, num_peers, cfg.mlflow.system_metrics)
     # Peer-parallel, each rank holds different weights: a checkpoint gathers every rank's loop state.
     loop_state = (lambda loop: {"ranks": _gather_to_rank0(loop.state_dict(), ctx)}) if peer_parallel else None
     callbacks = [PeerMetrics(local_peers, val_loader, ctx.device, splits.num_classes, ctx.world_size, num_peers),
@@ -218,23 +219,24 @@ def run_online_stage(cfg: Config, stage: dict, splits, ctx, job_state: dict, res
               "epoch_time_s": statistics.mean(h["epoch_time_s"] for h in history) if history else 0.0}
     job_state["done"][stage["name"]] = result
     if logger is not None:
-        _finish_runs(cfg, logger, accs, history, weights, splits.num_classes, result["test_top1"])
+        _finish_runs(cfg, logger, accs, history, weights, splits, result["test_top1"], example)
     ctx.checkpoints.save({**job_state, "stage": stage["name"], "loop": None},
                          {"stage": stage["name"], "test_top1": result["test_top1"]})
     return result
 
 
-def _finish_runs(cfg: Config, logger, accs: list[float], history: list[dict], weights: dict, num_classes: int,
-                 mean_acc: float) -> None:
+def _finish_runs(cfg: Config, logger, accs: list[float], history: list[dict], weights: dict, splits,
+                 mean_acc: float, example) -> None:
     """Close the stage run (peer 0's weights, every peer's accuracy) and each peer's own run."""
-    specs = [{"model": p.model, "args": p.args, "num_classes": num_classes} for p in cfg.online.peers]
+    specs = [{"model": p.model, "args": p.args, "num_classes": splits.num_classes} for p in cfg.online.peers]
+    data = {"example": example, "dataset": cfg.data.name, "splits": splits}
     final = {f"peer{k}_test_top1": a for k, a in enumerate(accs)}
     final["test_top1"] = mean_acc
     if isinstance(logger, PeerRuns):
         stage_logger, peer_loggers = logger.loggers[0], logger.loggers[1:]
         for k, peer_logger in enumerate(peer_loggers):
             peer_logger.finish({"test_top1": accs[k]}, [PeerRuns.peer_view(h, k) for h in history], weights[k],
-                               specs[k])
+                               specs[k], **data)
     else:
         stage_logger = logger
     if history:
@@ -243,7 +245,7 @@ def _finish_runs(cfg: Config, logger, accs: list[float], history: list[dict], we
         with sigint_held():  # see kdray.orchestrator.interrupts
             figure = peer_curves(history, len(accs), "val top-1 per peer")
             stage_logger.client.log_figure(stage_logger.run_id, figure, "peer_curves.png")
-    stage_logger.finish(final, history, weights[0], specs[0])
+    stage_logger.finish(final, history, weights[0], specs[0], **data)
 
 
 @torch.no_grad()

@@ -3,10 +3,19 @@
 Ray workers run in other working directories, so the driver resolves the tracking URI to an absolute
 one and creates every run (one parent per job, one child per trained model) before any worker starts.
 Run ids are written to ``<run_dir>/mlflow_runs.json`` so ``--resume`` reopens the same runs.
+
+What the MLflow UI shows (3.x): the experiment is tagged as model training (``mlflow.experimentKind``) so it
+opens on its training runs, not the GenAI view; every trained model is an MLflow *logged model* (and a
+registry version) beside the weights-only ``model/`` artifact kdray itself reads; stage runs list their
+datasets and carry system metrics (CPU, memory, GPU where present); the job run's description is its
+results table.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -14,14 +23,20 @@ import time
 import urllib.error
 import urllib.request
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from kdray.orchestrator.interrupts import holds_sigint
 from kdray.orchestrator.run_dir import RUNS_FILE, file_lock  # noqa: F401  (RUNS_FILE: re-exported)
 
 FAILURE_TAG = "kdray.failure_reason"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow UI to pick the experiment's view
+TRAINING_KIND = "custom_model_development"  # the UI's "Training runs" view
+NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a logged model: the registry versions made from it
+REGISTERED_MODEL_TAG = "kdray.registered_model"  # on a stage run: the registry name its model is entered under
 
 
 class TrackingUnreachableError(ConnectionError):
@@ -124,6 +139,116 @@ def peer_run_key(stage: str, peer: int) -> str:
     return f"{stage}.peer{peer}"
 
 
+def mark_training_experiment(client: MlflowClient, exp_id: str) -> None:
+    """Tag the experiment as model training so the MLflow UI opens it on "Training runs" (untagged, MLflow 3
+    opens the GenAI view: traces, sessions, evaluation runs). A kind the UI merely inferred is replaced; an
+    explicit ``genai_development`` someone chose for the experiment is kept."""
+    kind = client.get_experiment(exp_id).tags.get(EXPERIMENT_KIND_TAG)
+    if kind not in (TRAINING_KIND, "genai_development"):
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+
+
+def training_runs_links(uri: str, base: str) -> list[tuple[str, str]]:
+    """(experiment, link) for each kdray experiment in the store: its runs in the UI's "Model training" view.
+
+    MLflow 3.17.2's UI picks the view from its GenAI / Model training switch (the ``workflowType`` URL
+    parameter, else the browser's saved choice, GenAI by default), not from the experiment's kind tag: a
+    plain ``#/experiments/<id>`` link opens the GenAI overview. Empty when the store cannot be read."""
+    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+        return []  # do not create a store just to list it
+    try:
+        exps = MlflowClient(uri).search_experiments(
+            filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = '{TRAINING_KIND}'")
+    except Exception:  # noqa: BLE001  (links are a convenience; the UI itself reports store errors)
+        return []
+    return [(e.name, f"{base.rstrip('/')}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning")
+            for e in exps]
+
+
+@contextlib.contextmanager
+def fluent_store(uri: str):
+    """Point mlflow's fluent functions (``mlflow.pytorch.log_model`` takes no store argument) at ``uri`` for
+    the block, then put the process's tracking URI and ``MLFLOW_TRACKING_URI`` (which ``set_tracking_uri``
+    exports) back exactly as they were: in-process jobs share the caller's process."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous, previous_env = getattr(tracking_utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+def dataset_inputs(name: str, splits) -> list[DatasetInput]:
+    """The job's splits as MLflow dataset inputs (the runs table's Datasets column): one per split, with its
+    row count and the input shape. The digest comes from the splits' fingerprint (data and transforms, as
+    teacher caches check it) and the split's size: the same data gives the same digest in every run."""
+    out = []
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+        rows = len(getattr(splits, split))
+        digest = hashlib.sha256(f"{splits.fingerprint}:{split}:{rows}".encode()).hexdigest()[:10]
+        source = json.dumps({"tags": {"kdray.dataset": name, "kdray.split": split}})
+        profile = json.dumps({"num_rows": rows, "num_classes": splits.num_classes,
+                              "input_shape": list(splits.input_shape)})
+        out.append(DatasetInput(Dataset(name, digest, "code", source, None, profile),
+                                [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return out
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int):
+    """Raise logger ``name``'s level for the block: MLflow's per-model chatter would fill a job's output."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+_MONITORS: dict[str, object] = {}  # run id -> its system-metrics monitor in this process
+
+
+def start_system_metrics(uri: str, run_id: str):
+    """Sample CPU, memory, disk, network (and GPU with ``nvidia-ml-py``) into ``run_id`` as ``system/*``
+    metrics every ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (10 by default).
+
+    This is the monitor ``mlflow.start_run(run_id=..., log_system_metrics=True)`` starts, driven directly
+    with the store's URI: a fluent run is per-thread state that a failing stage would leave active in the
+    caller's process (the next ``mlflow.start_run`` there then refuses), and its end sets the run's status.
+    The monitor never changes the status; it stops itself once the run is no longer RUNNING (the driver
+    marks it FAILED/KILLED), and a monitor left by an earlier attempt at the same run is stopped first.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    stop_system_metrics(run_id)
+    with quiet_logger("mlflow.system_metrics", logging.WARNING):  # "Started monitoring", "Skip GPU metrics"
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
+        monitor.start()
+    _MONITORS[run_id] = monitor
+    return monitor
+
+
+def stop_system_metrics(run_id: str) -> None:
+    """Stop ``run_id``'s monitor and log what it sampled since its last write (a stage shorter than the
+    sampling interval still gets one row: MLflow's own stop drops that tail)."""
+    monitor = _MONITORS.pop(run_id, None)
+    if monitor is None:
+        return
+    with quiet_logger("mlflow.system_metrics", logging.WARNING):
+        monitor.finish()
+    monitor.collect_metrics()
+    monitor.publish_metrics(monitor.aggregate_metrics())
+    monitor.mlflow_logger.flush()
+
+
 class JobTracking:
     """Driver side: create or reopen the parent and child runs, close them with the job's outcome."""
 
@@ -161,10 +286,12 @@ class JobTracking:
             self._log_params(self.parent_id, flatten("", config, {}))
             self._log_text(self.parent_id, "config.json", json.dumps(config, indent=2, default=str))
         exp_id = self.client.get_run(self.parent_id).info.experiment_id
+        mark_training_experiment(self.client, exp_id)
         for stage in stages:
             if stage["name"] not in self.stage_ids:
                 run = self.client.create_run(exp_id, run_name=stage["name"], tags={
-                    "mlflow.parentRunId": self.parent_id, "kdray.job": job_name, "kdray.role": stage["kind"]})
+                    "mlflow.parentRunId": self.parent_id, "kdray.job": job_name, "kdray.role": stage["kind"],
+                    **self._registry_tag(job_name, stage["kind"])})
                 self.stage_ids[stage["name"]] = run.info.run_id
                 self._log_params(run.info.run_id, flatten("", stage, {}))
             for k, model in enumerate(stage.get("peers", [])):  # online stages: one nested run per peer
@@ -173,11 +300,17 @@ class JobTracking:
                     continue
                 run = self.client.create_run(exp_id, run_name=key, tags={
                     "mlflow.parentRunId": self.stage_ids[stage["name"]], "kdray.job": job_name,
-                    "kdray.role": "peer"})
+                    "kdray.role": "peer", **self._registry_tag(job_name, "peer")})
                 self.stage_ids[key] = run.info.run_id
                 self._log_params(run.info.run_id, {"peer": str(k), "model": model, "seed": str(stage["seed"])})
         self._save_ids()
         return dict(self.stage_ids)
+
+    def _registry_tag(self, job_name: str, role: str) -> dict[str, str]:
+        """Where a stage's model is registered: ``<job>-<role>`` (``t-teacher``, ``t-distill``, one version
+        per seed/method, tagged with its stage); none for a sweep's trials, whose best student the sweep
+        registers itself."""
+        return {} if self.outer_parent else {REGISTERED_MODEL_TAG: f"{job_name}-{role}"}
 
     @holds_sigint
     def finish(self, summary: dict[str, float], table_md: str, figure=None) -> None:
@@ -185,6 +318,7 @@ class JobTracking:
         if metrics:
             self.client.log_batch(self.parent_id, metrics=metrics)
         self._log_text(self.parent_id, "results.md", table_md)
+        self.client.set_tag(self.parent_id, NOTE_TAG, table_md)  # the run's description in the UI
         if figure is not None:
             self.client.log_figure(self.parent_id, figure, "test_accuracy.png")
         for run_id in self.stage_ids.values():
@@ -255,11 +389,14 @@ class StageLogger:
     ``(key, step)`` the run already holds: each epoch is in the run exactly once.
     """
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, system_metrics: bool = False):
         self.client = MlflowClient(uri)
+        self.uri = uri
         self.run_id = run_id
         self._pending: list[Metric] = []
         self._logged: set[tuple[str, int]] | None = None  # read from the run on the first flush
+        if system_metrics:  # from here to :meth:`finish`: the stage's training (``mlflow.system_metrics``)
+            start_system_metrics(uri, run_id)
 
     def buffer(self, epoch: int, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
@@ -294,9 +431,14 @@ class StageLogger:
         return out
 
     @holds_sigint
-    def finish(self, final: dict[str, float], history: list[dict], model_state: dict, model_spec: dict) -> None:
+    def finish(self, final: dict[str, float], history: list[dict], model_state: dict, model_spec: dict,
+               example=None, dataset: str | None = None, splits=None) -> None:
+        """Write the final metrics, the weights (``model/``, what kdray reads back), the datasets (``dataset``
+        named, ``splits`` sized) and, given an input ``example`` batch, the model as an MLflow logged model
+        (and registry version); then mark the run FINISHED. Every step is safe to repeat after a crash."""
         import torch
 
+        stop_system_metrics(self.run_id)
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, 0) for k, v in final.items()]
         self.flush()
@@ -307,11 +449,102 @@ class StageLogger:
             with open(os.path.join(model_dir, "model_spec.json"), "w") as fh:
                 json.dump(model_spec, fh, indent=2)
             self.client.log_artifacts(self.run_id, model_dir, "model")
+        if splits is not None:
+            self.client.log_inputs(self.run_id, dataset_inputs(dataset or "data", splits))  # repeats are no-ops
+        if example is not None:
+            self._log_model(model_state, model_spec, example)
         if history:
             from kdray.orchestrator.plots import accuracy_curve
 
             self.client.log_figure(self.run_id, accuracy_curve(history), "accuracy_curve.png")
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def _log_model(self, state: dict, spec: dict, example) -> None:
+        """The trained model as an MLflow logged model, so the UI lists it under "Logged models" and
+        ``mlflow.pytorch.load_model("models:/<id>")`` returns it; registered under the run's
+        ``kdray.registered_model`` tag.
+
+        The module is rebuilt from its spec and weights on the CPU: the trained one may carry feature hooks
+        (not picklable), sit on a GPU or inside a wrapper. It is saved in ``pickle`` format, which gives the
+        kdray module itself back (``pt2`` gives a GraphModule without its methods, costs a ``torch.export``
+        per model and fails on models export cannot trace). Loading a pickle runs code from the store: load
+        these only from a store you trust. kdray never loads them; it reads teachers from the weights-only
+        ``model/state_dict.pt``. A model that cannot be logged leaves a warning and a tag, not a failed stage.
+        """
+        from mlflow.entities import LoggedModelStatus
+
+        run = self.client.get_run(self.run_id)
+        logged = [o.model_id for o in (run.outputs.model_outputs if run.outputs else [])]
+        model_id = next((i for i in logged if self.client.get_logged_model(i).status == LoggedModelStatus.READY),
+                        None)
+        try:
+            if model_id is None:
+                model_id = self._save_model(run, state, spec, example)
+            name = run.data.tags.get(REGISTERED_MODEL_TAG)
+            if name:
+                self._register(name, model_id, run)
+        except Exception as err:  # noqa: BLE001  (the weights are logged; the MLflow model is a view on them)
+            reason = f"{type(err).__name__}: {err}"[:5000]
+            logging.getLogger(__name__).warning("run %s: the model was not logged as an MLflow model (%s)",
+                                                run.info.run_name, reason)
+            self.client.set_tag(self.run_id, "kdray.model_log_error", reason)
+
+    def _save_model(self, run, state: dict, spec: dict, example) -> str:
+        from importlib.metadata import PackageNotFoundError, version
+
+        import mlflow
+        import torch
+        from mlflow.models import infer_signature
+
+        from kdray.models import create_model
+
+        model = create_model(spec["model"], spec["num_classes"], **spec.get("args", {}))
+        model.load_state_dict(state)
+        model.eval()
+        example = example[:2].detach().cpu()
+        with torch.no_grad():
+            out = model(example)
+        signature = infer_signature(example.numpy(), out.numpy() if torch.is_tensor(out) else None)
+        # Stated, not inferred: MLflow infers requirements by loading the model in a subprocess (seconds).
+        requirements = []
+        for package in ("torch", "mlflow", "kdray"):
+            try:
+                requirements.append(f"{package}=={version(package)}")
+            except PackageNotFoundError:
+                pass
+        # An explicit experiment: left to itself, log_model outside an active run files the model under
+        # the process's active experiment (the Default one), not the run's.
+        logged = self.client.create_logged_model(run.info.experiment_id, name=run.info.run_name,
+                                                 source_run_id=self.run_id, tags={"kdray.model": spec["model"]})
+        # quiet: the pickle-format caution (said in the docstring above)
+        with fluent_store(self.uri), quiet_logger("mlflow.pytorch", logging.ERROR):
+            mlflow.pytorch.log_model(model, name=run.info.run_name, model_id=logged.model_id, run_id=self.run_id,
+                                     input_example=example.numpy(), signature=signature,
+                                     serialization_format="pickle", pip_requirements=requirements)
+        return logged.model_id
+
+    def _register(self, name: str, model_id: str, run) -> None:
+        """One registry version per run, pointing at its logged model (``source`` ``models:/<id>``), and the
+        logged model's ``mlflow.modelVersions`` tag naming it back (what ``mlflow.register_model`` writes;
+        the UI's "Registered models" column reads it)."""
+        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{self.run_id}'")
+        if not versions:
+            try:
+                job = run.data.tags.get("kdray.job")
+                self.client.create_registered_model(name, description=f"kdray job {job}: one version per trained "
+                                                                      f"{name.removeprefix(f'{job}-')} model")
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            with fluent_store(self.uri):  # the registry resolves ``models:/<id>`` through the process's store
+                versions = [self.client.create_model_version(
+                    name, f"models:/{model_id}", run_id=self.run_id, model_id=model_id,
+                    tags={"kdray.stage": run.info.run_name, "kdray.job": run.data.tags.get("kdray.job", "")})]
+        linked = json.loads(self.client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG, "[]"))
+        wanted = linked + [{"name": v.name, "version": v.version} for v in versions
+                           if {"name": v.name, "version": v.version} not in linked]
+        if wanted != linked:
+            self.client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(wanted)})
 
 
 def download_model(uri: str, tracking_uri: str) -> tuple[dict, dict]:

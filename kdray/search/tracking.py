@@ -19,11 +19,12 @@ SWEEP_ROLE = "sweep"
 
 class SweepTracking:
     def __init__(self, uri: str, experiment: str, sweep_dir: str, name: str):
-        from kdray.orchestrator.tracking import experiment_id, open_client
+        from kdray.orchestrator.tracking import experiment_id, mark_training_experiment, open_client
 
         self.uri, self.sweep_dir, self.name = uri, sweep_dir, name
         self.client = open_client(uri)  # creates a new local store safely when two commands start at once
         self.experiment_id = experiment_id(self.client, experiment, uri)
+        mark_training_experiment(self.client, self.experiment_id)  # the UI opens it on its training runs
         self.parent_id: str | None = None
 
     # --- the parent run ----------------------------------------------------------------------
