@@ -110,7 +110,7 @@ def imagefolder(root=None, seed: int = 0, image_size: int = 224, train_fraction:
         try:
             return datasets.ImageFolder(path, transform=tf)
         except FileNotFoundError as err:  # no class folders, or classes without image files
-            raise DatasetFilesMissingError(f"imagefolder {path}: {str(err).split('. ')[0]}; put images in "
+            raise DatasetFilesMissingError(f"imagefolder {path}: {str(err).split('. ')[0].rstrip('.')}; put images in "
                                            f"{path}/<class>/") from None
 
     train = folder(os.path.join(root, "train"))
