@@ -184,6 +184,7 @@ STORE_USER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # four Python processes importing MLflow: 17-50 s on a busy 2-core machine
 def test_two_processes_creating_a_new_mlflow_store_at_once_both_succeed(tmp_path):
     """Two fresh stores, two processes each, released together (before the fix one or both of a pair died
     in MLflow's schema creation, or in a duplicate experiment creation)."""
@@ -209,3 +210,19 @@ def test_two_processes_creating_a_new_mlflow_store_at_once_both_succeed(tmp_path
         assert proc.returncode == 0, err[-3000:]
         ids.setdefault(store, set()).add(out.strip())
     assert all(len(found) == 1 for found in ids.values()), ids  # both processes found the same experiment
+
+
+def test_an_experiment_created_meanwhile_by_another_process_is_read_back(mlflow_uri):
+    """The window between "no such experiment" and creating it: another command created it there."""
+    from kdray.orchestrator.tracking import experiment_id
+
+    theirs = MlflowClient(mlflow_uri).create_experiment("kdray")
+
+    class LookedTooEarly(MlflowClient):
+        looks = 0
+
+        def get_experiment_by_name(self, name):
+            self.looks += 1
+            return None if self.looks == 1 else super().get_experiment_by_name(name)
+
+    assert experiment_id(LookedTooEarly(mlflow_uri), "kdray", mlflow_uri) == theirs
