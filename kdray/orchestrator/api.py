@@ -160,6 +160,7 @@ def distill(config: str | dict | Config, *, overrides: list[str] | None = None, 
 
 
 def _run(cfg: Config, resume: bool, log, callbacks: list | None, parent_run_id: str | None) -> DistillResult:
+    """The job, under its lock: open (or reopen) its MLflow runs, run its stages, close the runs."""
     uri = _tracking_uri(cfg)
     tracking = None
     if uri is not None:
