@@ -1,5 +1,14 @@
-"""Small job configs shared by the tests."""
+"""Small job configs shared by the tests, and a driver for ``kdray`` subprocesses."""
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
 
 
 def digits_job(tmp_path, mlflow_uri=None, **over) -> dict:
@@ -24,3 +33,47 @@ def digits_job(tmp_path, mlflow_uri=None, **over) -> dict:
             node = node.setdefault(part, {})
         node[last] = value
     return cfg
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    # one intra-op thread: tiny models gain nothing from more, and spinning threads crawl on a busy 2-core box
+    return {**env, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def drive_cli(tmp_path, job: dict, *extra: str, wait_s: float, signal_when=None, send=signal.SIGINT,
+              appear_timeout_s: float = 120, log_name: str = "driver.log", ray_address: str | None = None,
+              command: str = "run", stderr_name: str | None = None) -> tuple[subprocess.Popen, str]:
+    """``kdray <command>`` (default ``run``) in a subprocess; with ``signal_when``, ``send`` is sent once that
+    file appears. Waits ``wait_s`` for the exit (a driver still alive then is killed) and returns it with its
+    output (stdout and stderr; stderr alone goes to ``tmp_path / stderr_name`` when that is given)."""
+    path = tmp_path / ("job.yaml" if command == "run" else f"{command}.yaml")
+    path.write_text(yaml.safe_dump(job))
+    log = open(tmp_path / log_name, "w")
+    err = open(tmp_path / stderr_name, "w") if stderr_name else subprocess.STDOUT
+    env = {**cli_env(), "RAY_ADDRESS": ray_address} if ray_address else cli_env()
+    proc = subprocess.Popen([sys.executable, "-m", "kdray.orchestrator.cli", command, str(path), *extra],
+                            stdout=log, stderr=err, cwd=tmp_path, env=env)
+    try:
+        if signal_when is not None:
+            wait_for(signal_when, proc, appear_timeout_s)
+            proc.send_signal(send)
+        proc.wait(wait_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        if stderr_name:
+            err.close()
+    return proc, (tmp_path / log_name).read_text()
+
+
+def wait_for(path, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            pytest.fail(f"the driver ended (rc {proc.returncode}) before {path} appeared")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} did not appear in {timeout_s}s")
+        time.sleep(0.01)

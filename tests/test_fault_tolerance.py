@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 import kdray
 from jobs import digits_job
+from jobs import drive_cli as _drive_cli
 from kdray.orchestrator import stale_runs
 from kdray.orchestrator.cli import main as cli_main
 from kdray.orchestrator.tracking import FAILURE_TAG, StageLogger
@@ -46,52 +47,12 @@ def assert_each_epoch_once(client: MlflowClient, run_id: str, epochs: int) -> No
     assert len(client.get_metric_history(run_id, "test_top1")) == 1
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    # one intra-op thread: tiny models gain nothing from more, and spinning threads crawl on a busy 2-core box
-    return {**env, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _drive_cli(tmp_path, job: dict, *extra: str, wait_s: float, signal_when=None, send=signal.SIGINT,
-               appear_timeout_s: float = 120, log_name: str = "driver.log",
-               ray_address: str | None = None) -> tuple[subprocess.Popen, str]:
-    """``kdray run`` in a subprocess; with ``signal_when``, ``send`` is sent once that file appears. Waits
-    ``wait_s`` for the exit (a driver still alive then is killed) and returns it with its output."""
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    log = open(tmp_path / log_name, "w")
-    env = {**_env(), "RAY_ADDRESS": ray_address} if ray_address else _env()
-    proc = subprocess.Popen([sys.executable, "-m", "kdray.orchestrator.cli", "run", str(path), *extra],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
-    try:
-        if signal_when is not None:
-            _wait_for(signal_when, proc, appear_timeout_s)
-            proc.send_signal(send)
-        proc.wait(wait_s)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    return proc, (tmp_path / log_name).read_text()
-
-
-def _wait_for(path, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            pytest.fail(f"the driver ended (rc {proc.returncode}) before {path} appeared")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path} did not appear in {timeout_s}s")
-        time.sleep(0.01)
 
 
 # --- a Ray Train worker killed mid-run ---------------------------------------------------------------
