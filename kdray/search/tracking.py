@@ -167,10 +167,21 @@ class SweepTracking:
         try:
             if self.client.get_run(self.parent_id).info.status == "RUNNING":
                 status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-                self.client.set_tag(self.parent_id, "kdray.failure_reason", f"{type(error).__name__}: {error}"[:5000])
-                self.client.set_terminated(self.parent_id, status)
+                # trials stopped with the driver cannot close their own runs (Tune ends their actors)
+                for run_id in [*self._running_below(self.parent_id), self.parent_id]:
+                    self.client.set_tag(run_id, "kdray.failure_reason", f"{type(error).__name__}: {error}"[:5000])
+                    self.client.set_terminated(run_id, status)
         except Exception:  # noqa: BLE001
             pass
+
+    def _running_below(self, run_id: str) -> list[str]:
+        """RUNNING runs nested under ``run_id``: trials' job runs and their stage runs (``--resume`` reopens them)."""
+        out, parents = [], [run_id]
+        while parents:
+            for run in self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{parents.pop()}'"):
+                parents.append(run.info.run_id)
+                out += [run.info.run_id] if run.info.status == "RUNNING" else []
+        return out
 
 
 def read_state(path: str) -> dict:
