@@ -61,13 +61,17 @@ def _cmd_list(args) -> int:
 def _cmd_ui(args) -> int:
     import subprocess
 
-    from kdray.orchestrator.tracking import resolve_tracking_uri
+    from kdray.orchestrator.tracking import resolve_tracking_uri, training_runs_links
 
     uri = resolve_tracking_uri(args.store)
     if uri.startswith(("http://", "https://")):
         print(f"MLflow UI: {uri}")
+        for name, link in training_runs_links(uri, uri):
+            print(f"  {name}: {link}")
         return 0
     print(f"MLflow UI for {uri}: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    for name, link in training_runs_links(uri, f"http://{args.host}:{args.port}"):  # the training-runs view
+        print(f"  {name}: {link}", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
     return subprocess.call(cmd)
