@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import signal
 import threading
@@ -187,7 +188,15 @@ def fit_as_interruptible(trainer):
 
             def watch(signum, frame):
                 seen.append(signum)
-                train_handler(signal.SIGINT, frame)
+                if signum == signal.SIGINT:
+                    return train_handler(signum, frame)
+                quiet = logging.getLogger(train_handler.__module__)  # its "Received SIGINT" would be wrong
+                level = quiet.level
+                quiet.setLevel(logging.WARNING)
+                try:
+                    train_handler(signal.SIGINT, frame)
+                finally:
+                    quiet.setLevel(level)
 
             signal.signal(signal.SIGINT, watch)
             if _sigterm["wanted"]:
