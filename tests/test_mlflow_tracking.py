@@ -146,7 +146,8 @@ def test_system_metrics_can_be_turned_off(tmp_path, mlflow_uri, monkeypatch):
 
 def test_stage_end_repeated_after_a_crash_logs_one_model_and_one_version(tmp_path, mlflow_uri):
     """A restart between the stage's MLflow writes and its checkpoint replays ``finish``: still one logged
-    model and one registry version for the run."""
+    model and one registry version for the run. A peer's run name ("dml-seed0.peer1") holds a '.', which
+    MLflow refuses in a model's name."""
     import torch
 
     from kdray.data import build_datasets
@@ -155,7 +156,7 @@ def test_stage_end_repeated_after_a_crash_logs_one_model_and_one_version(tmp_pat
 
     client = MlflowClient(mlflow_uri)
     exp = client.create_experiment("replay")
-    run_id = client.create_run(exp, run_name="kd-seed0", tags={REGISTERED_MODEL_TAG: "job-distill",
+    run_id = client.create_run(exp, run_name="dml-seed0.peer1", tags={REGISTERED_MODEL_TAG: "job-distill",
                                                                "kdray.job": "job"}).info.run_id
     splits = build_datasets("digits", train_fraction=0.2)
     weights = create_model("digits_mlp", 10, hidden=8).state_dict()
@@ -167,7 +168,9 @@ def test_stage_end_repeated_after_a_crash_logs_one_model_and_one_version(tmp_pat
                                                 dataset="digits", splits=splits)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert len(run.outputs.model_outputs) == 1
+    assert "kdray.model_log_error" not in run.data.tags
+    [output] = run.outputs.model_outputs
+    assert client.get_logged_model(output.model_id).name == "dml-seed0-peer1"
     assert len(run.inputs.dataset_inputs) == 3
     assert [int(v.version) for v in client.search_model_versions("name = 'job-distill'")] == [1]
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -36,7 +37,8 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow UI to pick t
 TRAINING_KIND = "custom_model_development"  # the UI's "Training runs" view
 NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a logged model: the registry versions made from it
-REGISTERED_MODEL_TAG = "kdray.registered_model"  # on a stage run: the registry name its model is entered under
+REGISTERED_MODEL_TAG = "kdray.registered_model"
+MODEL_LOG_ERROR_TAG = "kdray.model_log_error"  # why a stage's model is not an MLflow logged model  # on a stage run: the registry name its model is entered under
 
 
 class TrackingUnreachableError(ConnectionError):
@@ -483,11 +485,13 @@ class StageLogger:
             name = run.data.tags.get(REGISTERED_MODEL_TAG)
             if name:
                 self._register(name, model_id, run)
+            if MODEL_LOG_ERROR_TAG in run.data.tags:  # an earlier attempt failed; this one did not
+                self.client.delete_tag(self.run_id, MODEL_LOG_ERROR_TAG)
         except Exception as err:  # noqa: BLE001  (the weights are logged; the MLflow model is a view on them)
             reason = f"{type(err).__name__}: {err}"[:5000]
             logging.getLogger(__name__).warning("run %s: the model was not logged as an MLflow model (%s)",
                                                 run.info.run_name, reason)
-            self.client.set_tag(self.run_id, "kdray.model_log_error", reason)
+            self.client.set_tag(self.run_id, MODEL_LOG_ERROR_TAG, reason)
 
     def _save_model(self, run, state: dict, spec: dict, example) -> str:
         from importlib.metadata import PackageNotFoundError, version
@@ -513,12 +517,14 @@ class StageLogger:
             except PackageNotFoundError:
                 pass
         # An explicit experiment: left to itself, log_model outside an active run files the model under
-        # the process's active experiment (the Default one), not the run's.
-        logged = self.client.create_logged_model(run.info.experiment_id, name=run.info.run_name,
-                                                 source_run_id=self.run_id, tags={"kdray.model": spec["model"]})
+        # the process's active experiment (the Default one), not the run's. A logged model's name may not
+        # hold '/', ':', '.', '%' or quotes: a peer's run "dml-seed0.peer1" gives the model "dml-seed0-peer1".
+        name = re.sub(r"[/:.%\"']", "-", run.info.run_name)
+        logged = self.client.create_logged_model(run.info.experiment_id, name=name, source_run_id=self.run_id,
+                                                 tags={"kdray.model": spec["model"]})
         # quiet: the pickle-format caution (said in the docstring above)
         with fluent_store(self.uri), quiet_logger("mlflow.pytorch", logging.ERROR):
-            mlflow.pytorch.log_model(model, name=run.info.run_name, model_id=logged.model_id, run_id=self.run_id,
+            mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, run_id=self.run_id,
                                      input_example=example.numpy(), signature=signature,
                                      serialization_format="pickle", pip_requirements=requirements)
         return logged.model_id
