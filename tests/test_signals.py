@@ -117,6 +117,25 @@ def test_sigterm_on_ray_train_aborts_train_kills_the_runs_and_resumes(tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.ray
+def test_sigterm_with_stage_tasks_cancels_them_kills_the_runs_and_resumes(tmp_path, ray_session, mlflow_uri):
+    job = digits_job(tmp_path, mlflow_uri, name="term-tasks", teacher__train__epochs=30, train__epochs=2,
+                     checkpoint__every_epochs=1, ray={"num_workers": 1, "stage_tasks": True})
+    address = ray_session.get_runtime_context().gcs_address
+    first = tmp_path / "runs" / "term-tasks" / "stages" / "teacher" / "state.pt"  # the teacher task's checkpoint
+    proc, output = drive_cli(tmp_path, job, signal_when=first, send=signal.SIGTERM, appear_timeout_s=240,
+                             wait_s=120, ray_address=address, stderr_name="stderr.log")
+    stderr = (tmp_path / "stderr.log").read_text()
+    assert proc.returncode == 143, output[-3000:] + stderr[-3000:]
+    assert TERMINATED_LINE in stderr
+    assert_all_killed_by_sigterm(mlflow_uri, {"term-tasks", "teacher", "kd-seed0"})
+
+    proc, output = drive_cli(tmp_path, job, "--resume", log_name="resume.log", wait_s=240, ray_address=address)
+    assert proc.returncode == 0, output[-3000:]
+    assert_all_finished(mlflow_uri)
+
+
+@pytest.mark.slow
 def test_ray_job_stop_kills_the_runs_then_resume_finishes(ray_head, tmp_path):
     """`ray job stop` sends SIGTERM to the entry point, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (read by
     the job's supervisor actor, which gets the job's runtime_env env_vars)."""

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from kdray.orchestrator import stale_runs
-from kdray.orchestrator.interrupts import TERM_EXIT_CODE, Terminated, sigterm_handled
+from kdray.orchestrator.interrupts import TERM_EXIT_CODE, Terminated, as_received, sigterm_handled
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ConnectionError, FloatingPointError)
 
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_handled():  # SIGTERM (`ray job stop`, Kubernetes) stops a job like Ctrl-C, not mid-write
             return args.func(args)
-    except KeyboardInterrupt as err:
+    except KeyboardInterrupt as caught:
+        err = as_received(caught)
         print(f"kdray: interrupted{f' ({err})' if str(err) else ''}", file=sys.stderr)
         return TERM_EXIT_CODE if isinstance(err, Terminated) else 130
     except USER_ERRORS as err:

@@ -42,7 +42,16 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame):
+    _sigterm["received"] = True
     raise Terminated(TERM_HINT)
+
+
+def as_received(err: BaseException) -> BaseException:
+    """``err``, or :class:`Terminated` for a plain ``KeyboardInterrupt`` that SIGTERM caused: Ray's blocking
+    calls (``ray.wait``, ``ray.get``) replace whatever a signal handler raised by a ``KeyboardInterrupt``."""
+    if type(err) is KeyboardInterrupt and _sigterm.get("received"):
+        return Terminated(TERM_HINT)
+    return err
 
 
 @contextlib.contextmanager
@@ -52,7 +61,7 @@ def sigterm_handled():
         yield
         return
     previous, wanted = signal.signal(signal.SIGTERM, _raise_terminated), _sigterm["wanted"]
-    _sigterm["wanted"] = True
+    _sigterm.update(wanted=True, received=False)
     try:
         yield
     finally:
@@ -82,7 +91,7 @@ def sigterm_forwarded(target: int):
         handler = signal.getsignal(target)
         seen.append(signum)
         if len(seen) > 1 or not callable(handler):
-            raise Terminated(TERM_HINT)
+            _raise_terminated(signum, frame)
         handler(target, frame)
 
     signal.signal(signal.SIGTERM, forward)
@@ -111,7 +120,9 @@ def sigint_held():
 
     def hold(signum, frame):
         if received:  # the second signal: stop now
-            raise Terminated(TERM_HINT) if signal.SIGTERM in (signum, *received) else KeyboardInterrupt
+            if signal.SIGTERM in (signum, *received):
+                _raise_terminated(signum, frame)
+            raise KeyboardInterrupt
         received.append(signum)
 
     for s in HELD:

@@ -30,6 +30,7 @@ import torch
 
 from kdray.config import Config, ConfigError
 from kdray.orchestrator.checkpoints import STATE_FILE, load_state, save_atomic
+from kdray.orchestrator.interrupts import as_received
 from kdray.orchestrator.job import WorkerContext, build_splits, plan_stages, run_stage
 
 STAGES_DIR = "stages"
@@ -191,10 +192,13 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
                 ensemble = value
             else:
                 rows[label] = value
-    except BaseException:
+    except BaseException as err:
         for ref in pending:
             ray.cancel(ref, force=True)
-        raise
+        stop = as_received(err)  # SIGTERM's Terminated arrives from ray.wait as a plain KeyboardInterrupt
+        if stop is err:
+            raise
+        raise stop from None
     if errors:
         cause = getattr(errors[0], "cause", None)  # a RayTaskError: a config error stays the user's one line
         if isinstance(cause, ConfigError):
