@@ -34,7 +34,7 @@ _held = threading.local()
 RESUME_HINT = "Ctrl-C: Ray Train stopped the run; `--resume` continues it from its last checkpoint"
 TERM_HINT = "SIGTERM: the job was stopped; `--resume` continues it from its last checkpoint"
 TERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a process ended by SIGTERM reports
-_sigterm = {"wanted": False}
+_sigterm = {"wanted": False, "received": False}  # the CLI asked for SIGTERM handling; one came
 
 
 class Terminated(KeyboardInterrupt):
