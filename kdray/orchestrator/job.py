@@ -39,82 +39,17 @@ class WorkerContext:
 
 
 def method_label(cfg: Config) -> str:
-    return "+".join(m.name for m in cfg.methods)
+    from kdray.orchestrator.schemes import method_label as label
 
-
-def _stage(name: str, kind: str, seed: int, spec: str, model: str, teachers: list[str] | None = None,
-           **extra) -> dict:
-    """A stage row: ``spec`` is the config path of its model (``student``, ``teachers.1``, ...), ``teachers``
-    its teacher sources (``stage:<name>`` = weights trained earlier in the job, ``spec:<path>`` = a
-    teacher given by checkpoint / MLflow URI)."""
-    row = {"name": name, "kind": kind, "seed": seed, "spec": spec, "model": model, **extra}
-    if teachers:
-        row["teachers"] = teachers
-    return row
-
-
-def _teacher_sources(cfg: Config, stages: list[dict]) -> list[str]:
-    """Train the configured teachers that need training (as stages), and name every teacher's source."""
-    sources = []
-    specs = cfg.teacher_specs()
-    for i, spec in enumerate(specs):
-        path = f"teachers.{i}" if cfg.scheme == "multi_teacher" else "teacher"
-        name = f"teacher-{i}" if len(specs) > 1 else "teacher"
-        if spec.train is not None:
-            stages.append(_stage(name, "teacher", cfg.seeds[0], path, spec.model, keep=True))
-            sources.append(f"stage:{name}")
-        else:
-            sources.append(f"spec:{path}")
-    return sources
+    return label(cfg)
 
 
 def plan_stages(cfg: Config) -> list[dict]:
-    """The ordered stages of a job, by scheme; each becomes one MLflow child run.
+    """The ordered stages of a job, planned by its scheme (kdray/orchestrator/schemes); each becomes one MLflow
+    child run. A stage row names its model's config path (``spec``) and its teacher sources (``teachers``)."""
+    from kdray.orchestrator.schemes import get_scheme
 
-    offline: [teacher] -> per seed [scratch] + distilled student. assistant (TAKD): teacher -> assistant 1
-    -> ... -> per seed the student, each taught by the previous model. multi_teacher: [teachers] -> per seed
-    the student taught by their ensemble. online: per seed [peers trained independently] + the cohort.
-    self: per seed born-again generations (each taught by the previous) or BYOT, with [scratch].
-    """
-    stages: list[dict] = []
-    student = ("student", cfg.student.model)
-    if cfg.scheme == "online":
-        peers = [p.model for p in cfg.online.peers]  # each peer gets its own MLflow run under the stage's
-        for seed in cfg.seeds:
-            if cfg.baseline:
-                stages.append(_stage(f"independent-seed{seed}", "independent", seed, "online.peers", "peers",
-                                     peers=peers))
-            stages.append(_stage(f"{cfg.online.mode}-seed{seed}", "online", seed, "online.peers", "peers",
-                                 peers=peers, methods=method_label(cfg)))
-        return stages
-    if cfg.scheme == "self":
-        for seed in cfg.seeds:
-            if cfg.baseline:
-                stages.append(_stage(f"scratch-seed{seed}", "scratch", seed, *student))
-            if cfg.self_distill.method == "byot":
-                stages.append(_stage(f"byot-seed{seed}", "byot", seed, *student))
-                continue
-            previous = None
-            for gen in range(cfg.self_distill.generations):
-                name = f"gen{gen}-seed{seed}"
-                kind = "generation" if gen else "scratch"
-                stages.append(_stage(name, kind, seed, *student, [f"stage:{previous}"] if previous else None,
-                                     keep=True, generation=gen))
-                previous = name
-        return stages
-    sources = _teacher_sources(cfg, stages)
-    if cfg.scheme == "assistant":
-        for i, spec in enumerate(cfg.assistants):
-            name = f"assistant-{i}"
-            stages.append(_stage(name, "assistant", cfg.seeds[0], f"assistants.{i}", spec.model, sources,
-                                 keep=True, methods=method_label(cfg)))
-            sources = [f"stage:{name}"]
-    for seed in cfg.seeds:
-        if cfg.baseline:
-            stages.append(_stage(f"scratch-seed{seed}", "scratch", seed, *student))
-        stages.append(_stage(f"{method_label(cfg)}-seed{seed}", "distill", seed, *student, sources,
-                             methods=method_label(cfg)))
-    return stages
+    return get_scheme(cfg.scheme).plan(cfg)
 
 
 def model_spec(cfg: Config, path: str):
@@ -318,13 +253,17 @@ class _WithStage:
 
 def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: dict,
               resume_loop: dict | None) -> dict:
+    """Run one stage the way its scheme runs it (most: :func:`train_stage`; online: the peer cohort)."""
+    from kdray.orchestrator.schemes import get_scheme
+
+    return get_scheme(cfg.scheme).run_stage(cfg, stage, splits, ctx, job_state, resume_loop)
+
+
+def train_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: dict,
+                resume_loop: dict | None) -> dict:
     """Train one model (teacher, student from scratch, or distilled student), record it in ``job_state``
     and checkpoint that; return its result row."""
     kind, seed = stage["kind"], stage["seed"]
-    if kind in ("online", "independent"):
-        from kdray.orchestrator.online import run_online_stage
-
-        return run_online_stage(cfg, stage, splits, ctx, job_state, resume_loop)
     seed_everything(seed)
     spec = model_spec(cfg, stage["spec"])
     optim = spec.train if kind == "teacher" else cfg.train
@@ -411,10 +350,11 @@ def run_job(cfg: Config, ctx: WorkerContext) -> list[dict]:
         resume_loop = saved.get("loop") if saved.get("stage") == stage["name"] else None
         run_stage(cfg, stage, splits, ctx, job_state, resume_loop)
     ctx.log(f"job {cfg.name}: {len(job_state['done'])} stages done in {time.perf_counter() - start:.1f}s")
-    if cfg.scheme == "self" and cfg.self_distill.method == "born_again":
-        from kdray.orchestrator.online import evaluate_generation_ensembles
+    from kdray.orchestrator.schemes import get_scheme
 
-        evaluate_generation_ensembles(cfg, stages, splits, ctx, job_state)
+    scheme = get_scheme(cfg.scheme)
+    if scheme.finish_inputs(cfg, stages):  # a job-level step after the stages (born-again's ensemble)
+        scheme.finish(cfg, stages, splits, ctx, job_state)
     return [job_state["done"][s["name"]] for s in stages]
 
 
