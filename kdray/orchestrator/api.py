@@ -134,9 +134,15 @@ def distill(config: str | dict | Config, *, overrides: list[str] | None = None, 
     cfg = load_config(config, overrides)
     job_dir = RunDir(cfg.run_dir(), cfg.name)
     job_dir.check_writable()
+    _check_run_dir(cfg, job_dir, resume, log)
+    preflight(cfg)  # every check before the lock, which creates the job directory: a refused job writes nothing
+    uri = _tracking_uri(cfg)
+    if uri is not None:
+        from kdray.orchestrator.tracking import check_reachable
+
+        check_reachable(uri)
     with job_dir.lock():  # one driver per job directory, from the first check to the last write
-        _check_run_dir(cfg, job_dir, resume, log)
-        preflight(cfg)
+        _check_run_dir(cfg, job_dir, resume, lambda message: None)  # again: another driver may have run meanwhile
         if job_dir.saved_config() is None or not job_dir.has_results():
             job_dir.save_config(cfg.model_dump(mode="json"))
         return _run(cfg, resume, log, callbacks, parent_run_id)
@@ -147,9 +153,8 @@ def _run(cfg: Config, resume: bool, log, callbacks: list | None, parent_run_id: 
     uri = _tracking_uri(cfg)
     tracking = None
     if uri is not None:
-        from kdray.orchestrator.tracking import JobTracking, check_reachable
+        from kdray.orchestrator.tracking import JobTracking
 
-        check_reachable(uri)
         tracking = JobTracking(uri, cfg.mlflow.experiment, cfg.run_dir(), parent_run_id)
     stages = plan_stages(cfg)
     try:

@@ -20,6 +20,7 @@ from kdray.algorithms.engine import TrainLoop, evaluate, seed_everything
 from kdray.algorithms.optim import make_optimizer, make_schedule
 from kdray.config import Config, ConfigError
 from kdray.data import build_datasets
+from kdray.orchestrator.callbacks import Checkpointer, Progress, WithStage
 from kdray.models import create_model
 
 
@@ -60,7 +61,7 @@ def model_spec(cfg: Config, path: str):
     return node
 
 
-def _unwrap_state(state: dict) -> dict:
+def unwrap_state(state: dict) -> dict:
     """RepDistiller / mdistiller save ``{"model": state_dict, ...}``; accept those and plain state_dicts."""
     for key in ("model", "state_dict", "student"):
         if key in state and isinstance(state[key], dict):
@@ -70,7 +71,7 @@ def _unwrap_state(state: dict) -> dict:
 
 def load_weights(model: nn.Module, state: dict, source: str, num_classes: int) -> nn.Module:
     """Load ``state`` into ``model``; a class-count or architecture mismatch is a one-line error."""
-    state = _unwrap_state(state)
+    state = unwrap_state(state)
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
@@ -212,45 +213,6 @@ def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_
     return train, val, test
 
 
-class _Checkpointer:
-    """Epoch-end callback: every ``every`` epochs, checkpoint the job state plus this stage's loop state,
-    then flush the epoch metrics it covers to MLflow (never before: a restart would log them twice).
-    The unflushed metrics ride in the checkpoint, so a crash right after it loses none; epochs that a
-    restart replays are skipped by :class:`StageLogger`. The last epoch is left to the stage end."""
-
-    def __init__(self, ctx: WorkerContext, job_state: dict, stage: str, every: int, logger=None, loop_state=None):
-        self.ctx, self.job_state, self.stage, self.every, self.logger = ctx, job_state, stage, every, logger
-        self.loop_state = loop_state or (lambda loop: loop.state_dict())  # peer-parallel: every rank's state
-
-    def on_epoch_end(self, epoch, metrics, loop):
-        if self.logger is not None:
-            self.logger.buffer(epoch, metrics)
-        if (epoch + 1) % self.every or epoch + 1 >= loop.epochs:
-            return
-        pending = self.logger.pending() if self.logger is not None else []
-        payload = {**self.job_state, "stage": self.stage, "loop": {**self.loop_state(loop), "mlflow_pending": pending}}
-        self.ctx.checkpoints.save(payload, {**metrics, "stage": self.stage})
-        if self.logger is not None:
-            self.logger.flush()
-
-
-class _Progress:
-    def __init__(self, ctx: WorkerContext, stage: str, epochs: int):
-        self.ctx, self.stage, self.epochs = ctx, stage, epochs
-
-    def on_epoch_end(self, epoch, metrics, loop):
-        self.ctx.log(f"[{self.stage}] epoch {epoch + 1}/{self.epochs}  loss {metrics['train_loss']:.4f}  "
-                     f"val top1 {metrics['val_top1']:.4f}  {metrics['epoch_time_s']:.1f}s")
-
-
-class _WithStage:
-    def __init__(self, callback, stage: dict):
-        self.callback, self.stage = callback, stage
-
-    def on_epoch_end(self, epoch, metrics, loop):
-        self.callback.on_epoch_end(epoch, {**metrics, "stage": self.stage["name"], "kind": self.stage["kind"]}, loop)
-
-
 def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: dict,
               resume_loop: dict | None) -> dict:
     """Run one stage the way its scheme runs it (most: :func:`train_stage`; online: the peer cohort)."""
@@ -302,10 +264,10 @@ def train_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state:
         from kdray.orchestrator.tracking import StageLogger
 
         logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage["name"]], cfg.mlflow.system_metrics)
-    callbacks = [_Checkpointer(ctx, job_state, stage["name"], cfg.checkpoint.every_epochs, logger)]
+    callbacks = [Checkpointer(ctx, job_state, stage["name"], cfg.checkpoint.every_epochs, logger)]
     if ctx.rank == 0:
-        callbacks.append(_Progress(ctx, stage["name"], optim.epochs))
-    callbacks += [_WithStage(cb, stage) for cb in ctx.callbacks]
+        callbacks.append(Progress(ctx, stage["name"], optim.epochs))
+    callbacks += [WithStage(cb, stage) for cb in ctx.callbacks]
     loop = TrainLoop(trainable, teacher, optimizer, scheduler, train_loader, val_loader, splits.num_classes,
                      optim.epochs, ctx.device, callbacks, eval_model=model)
     if resume_loop is not None:
@@ -360,10 +322,12 @@ def run_job(cfg: Config, ctx: WorkerContext) -> list[dict]:
 
 def build_splits(cfg: Config):
     """The job's dataset splits, as every worker, task and check builds them."""
-    return build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
+    return build_datasets(cfg.data.name, root=cfg.data.root, **data_options(cfg))
 
 
-def _data_options(cfg: Config) -> dict:
+def data_options(cfg: Config) -> dict:
+    """The dataset's builder options as every split is built with them (CIFAR's ``download`` comes from
+    ``data.download``); a teacher cache records them to tell whether it was made from the same data."""
     opts = dict(cfg.data.options)
     if cfg.data.name in ("cifar10", "cifar100"):
         opts.setdefault("download", cfg.data.download)

@@ -141,13 +141,13 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
     row per stage in plan order. Independent stages keep running when one fails (their results are
     persisted for ``--resume``); the first failure is raised at the end. On Ctrl-C or SIGTERM (the CLI
     raises it as ``Terminated``, a ``KeyboardInterrupt``), unfinished tasks are cancelled."""
-    from kdray.orchestrator.ray_runner import _use_gpu, check_fits, ensure_ray
+    from kdray.orchestrator.ray_runner import check_fits, ensure_ray, resolve_use_gpu
 
     ensure_ray(cfg.ray.address)
     run_dir = cfg.run_dir()
     stages = plan_stages(cfg)
     cfg_json = cfg.model_dump(mode="json")
-    use_gpu = _use_gpu(cfg)
+    use_gpu = resolve_use_gpu(cfg)
     check_fits(cfg, 1, use_gpu)  # a task no node can hold would wait forever
     resources = {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": 1 if use_gpu else 0}
     rows: dict[str, object] = {}  # name -> result row, or the ObjectRef of the task that computes it
