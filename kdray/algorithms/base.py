@@ -63,6 +63,13 @@ class KnowledgeTerm(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Called at the start of each epoch; terms with warm-up or pre-training phases override it."""
 
+    def set_process_group(self, group) -> None:
+        """The ``torch.distributed`` group this term's collectives must use, handed by the orchestrator
+        (``None``: communicate nothing). Terms that communicate (CRD's memory bank) override it and use
+        only this group: which ranks share a term's data depends on the placement (in peer-parallel
+        online training the world holds other peers), which only the orchestrator knows. Default: no-op.
+        """
+
     def uses_hard_labels(self) -> bool:
         """``False`` during a pre-training phase (FitNet hints, FT paraphraser): the distiller then
         drops the hard-label CE for that step, so only this term's loss trains."""

@@ -201,6 +201,11 @@ class Distiller(nn.Module):
         for term in self.terms:
             term.set_epoch(epoch)
 
+    def set_process_group(self, group) -> None:
+        """Hand every term the group of the ranks that split this distiller's batches (its DDP group)."""
+        for term in self.terms:
+            term.set_process_group(group)
+
     def forward(self, batch: Batch, teacher_out: ModelOutput | None = None):
         s_out = self.student_forward(batch.inputs)
         losses: dict[str, torch.Tensor] = {}

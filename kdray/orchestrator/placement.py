@@ -9,7 +9,7 @@
 - Peer-parallel online distillation (:class:`PeerGrid`): K peers x D data-parallel replicas; the ranks of
   one cohort (one replica of each peer) read the same batch and all-gather their logits (and the features
   the peers' terms exchange) every step; each peer's D replicas all-reduce its gradients in their own
-  process group.
+  process group, which is also the group its knowledge terms communicate in (:meth:`PeerGrid.hand_term_group`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from kdray.algorithms.base import ModelOutput
+from kdray.algorithms.base import KnowledgeTerm, ModelOutput
 from kdray.algorithms.distiller import Teacher
 from kdray.algorithms.packing import OutputLayout
 from kdray.algorithms.schemes.multi_teacher import COMBINE_RULES, ensemble_output
@@ -64,6 +64,18 @@ class PeerGrid:
     def gather(self, own: torch.Tensor) -> list[torch.Tensor]:
         """Every peer's tensor from this rank's cohort, in peer order."""
         return gather_peer_logits(own, self.cohort_group)
+
+    def hand_term_group(self, module: nn.Module) -> None:
+        """Give the knowledge terms of this rank's peer (in ``module``) the group they communicate in.
+
+        Peer k's term towards peer j must see what it sees in one process with the global batch: the
+        global batch is split over peer k's D replicas (data shard d each), so its terms gather in the
+        peer group; the cohort group would mix in the other peers' embeddings (and the world both). With
+        D = 1 this rank holds the whole batch: nothing to gather (``None``).
+        """
+        for term in module.modules():
+            if isinstance(term, KnowledgeTerm):
+                term.set_process_group(self.peer_group)
 
 
 class ShardedTeacherEnsemble(nn.Module):

@@ -98,8 +98,7 @@ def _startup_timeout(err: BaseException) -> bool:
     return False
 
 
-def resolve_use_gpu(cfg: Config) -> bool:
-    """``ray.use_gpu`` decided: ``auto`` is whether the cluster has a GPU for every worker."""
+def _use_gpu(cfg: Config) -> bool:
     if cfg.ray.use_gpu == "auto":
         import ray
 
@@ -114,11 +113,14 @@ def _gpus() -> int:
 
 
 def _prepare(module, sync_batchnorm: bool = False):
-    """DDP-wrap the trainable module. Terms with pre-training phases (FitNet hints, FT paraphraser, AB)
-    leave some parameters without gradient for a while, which DDP must be told about."""
+    """DDP-wrap the trainable module (a distiller) and hand its terms the world, the group that splits its
+    batches. Terms with pre-training phases (FitNet hints, FT paraphraser, AB) leave some parameters without
+    gradient for a while, which DDP must be told about."""
     import ray.train.torch
     import torch.distributed as dist
 
+    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank holds part of each batch
+        module.set_process_group(dist.group.WORLD)
     if sync_batchnorm and dist.is_initialized() and dist.get_world_size() > 1:
         if ray.train.torch.get_device().type != "cuda":
             raise ConfigError("ray.sync_batchnorm needs GPU workers (torch's SyncBatchNorm runs on CUDA only)")
@@ -187,7 +189,7 @@ def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, s
     from ray.train.torch import TorchTrainer
 
     ensure_ray(cfg.ray.address)
-    use_gpu = resolve_use_gpu(cfg)
+    use_gpu = _use_gpu(cfg)
     if cfg.ray.sync_batchnorm and cfg.ray.num_workers > 1 and not use_gpu:
         raise ConfigError(f"ray.sync_batchnorm needs GPU workers (torch's SyncBatchNorm runs on CUDA only) and "
                           f"this cluster has {_gpus()} GPU(s) for {cfg.ray.num_workers} workers; set "

@@ -23,18 +23,20 @@ class Embed(nn.Module):
         return F.normalize(self.linear(x.flatten(1)), p=2, dim=1)
 
 
-def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (rows) from every rank, tolerating different row counts; identity when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate ``x`` (rows) from every rank of ``group``, tolerating different row counts; identity when
+    ``group`` is ``None`` (nothing to gather) or has one rank."""
+    if group is None or dist.get_world_size(group) == 1:
         return x
+    world = dist.get_world_size(group)
     n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
     top = int(max(s.item() for s in sizes))
     padded = x.new_zeros((top, *x.shape[1:]))
     padded[: x.shape[0]] = x
     chunks = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(chunks, padded)
+    dist.all_gather(chunks, padded.contiguous(), group=group)
     return torch.cat([c[: int(s.item())] for c, s in zip(chunks, sizes)])
 
 
@@ -51,8 +53,12 @@ class CRD(KnowledgeTerm):
     symmetrically: teacher embeddings against the student bank and student embeddings against the
     teacher bank, summed. Banks are then updated for the batch's indices with momentum ``m``:
     ``bank[i] = normalise(m * bank[i] + (1 - m) * embedding_i)``. Banks and ``Z`` are buffers, so they
-    are checkpointed with the term; under ``torch.distributed`` the updates are all-gathered so every
-    rank keeps identical banks.
+    are checkpointed with the term. The banks and ``Z`` must cover the whole batch the one-process run
+    would see: when that batch is split over ranks, the orchestrator hands the term the process group of
+    those ranks (:meth:`set_process_group`; offline data-parallel: the world; peer-parallel online: the
+    peer's replicas, never the cohort, whose ranks hold other peers' embeddings), the updates are
+    all-gathered in it and ``Z`` is estimated over it, so every rank of it keeps identical banks.
+    Without a group (one process) nothing is communicated.
 
     Paper vs. code: Eq. 19 is printed with the raw ``exp(<a, m>/tau)``; the authors' code (RepDistiller)
     divides it by a partition-function estimate ``Z = M * mean(exp(<a, m>/tau))`` taken on the first
@@ -90,6 +96,11 @@ class CRD(KnowledgeTerm):
         self.num_samples = 0
         self.embed_s: Embed | None = None
         self.embed_t: Embed | None = None
+        self.process_group = None
+
+    def set_process_group(self, group) -> None:
+        """Gather bank updates and estimate ``Z`` in ``group`` (see the class notes); ``None``: locally."""
+        self.process_group = group
 
     def build(self, student: ModelOutput, teacher: ModelOutput, num_samples: int) -> None:
         if num_samples < 2:
@@ -135,10 +146,11 @@ class CRD(KnowledgeTerm):
         z = self.z
         if bool((z < 0).any()):  # first batch: estimate Z (frozen from then on once training)
             with torch.no_grad():
-                estimate = torch.stack([exp_s.mean(), exp_t.mean()]) * self.num_samples
-                if self.training and dist.is_available() and dist.is_initialized():
-                    dist.all_reduce(estimate)
-                    estimate /= dist.get_world_size()
+                # sums and row count over the group's ranks: the mean over the whole (split) batch
+                totals = torch.stack([exp_s.sum(), exp_t.sum(), exp_s.new_tensor(float(exp_s.numel()))])
+                if self.training and self.process_group is not None:
+                    dist.all_reduce(totals, group=self.process_group)
+                estimate = totals[:2] / totals[2] * self.num_samples
                 z = torch.where(z < 0, estimate, z)
                 if self.training:
                     self.z.copy_(z)
@@ -150,7 +162,8 @@ class CRD(KnowledgeTerm):
 
     @torch.no_grad()
     def _update_banks(self, pos: torch.Tensor, v_s: torch.Tensor, v_t: torch.Tensor) -> None:
-        pos, v_s, v_t = _all_gather_rows(pos), _all_gather_rows(v_s), _all_gather_rows(v_t)
+        group = self.process_group
+        pos, v_s, v_t = _all_gather_rows(pos, group), _all_gather_rows(v_s, group), _all_gather_rows(v_t, group)
         m = self.momentum
         self.bank_s.index_copy_(0, pos, F.normalize(self.bank_s[pos] * m + v_s * (1 - m), p=2, dim=1))
         self.bank_t.index_copy_(0, pos, F.normalize(self.bank_t[pos] * m + v_t * (1 - m), p=2, dim=1))
