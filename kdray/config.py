@@ -13,17 +13,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SCHEMES = ("offline", "online", "self", "assistant", "multi_teacher")
-# One line per scheme for `kdray list schemes`: who teaches whom, and the config keys that shape it.
-SCHEME_HELP = {
-    "offline": "a trained teacher teaches the student (teacher: train | checkpoint | mlflow_uri | cache)",
-    "online": "K peers learn from each other: DML or their ensemble (online.peers, online.mode; "
-              "methods between peers; ray.num_workers = K x D)",
-    "self": "the network teaches itself: born-again generations or BYOT exits (self_distill.method)",
-    "assistant": "TAKD: teacher -> assistants -> student, each taught by the previous (assistants: [...])",
-    "multi_teacher": "M teachers combined by mean | weights | confidence | random, one connector per teacher "
-                     "for feature methods (teachers: [...], ensemble.combine)",
-}
+
+
+def __getattr__(name: str):
+    """``SCHEMES`` / ``SCHEME_HELP``: read from the scheme registry (kdray/orchestrator/schemes) on use, since
+    its built-in schemes are registered by modules that import this one."""
+    if name in ("SCHEMES", "SCHEME_HELP"):
+        from kdray.orchestrator.schemes import list_schemes
+
+        schemes = list_schemes()
+        return tuple(schemes) if name == "SCHEMES" else {n: s.help for n, s in schemes.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -241,7 +241,7 @@ def check_job_name(name: Any) -> str:
 class Config(_Strict):
     name: str = "kdray-job"
     output_dir: str = "kdray-runs"
-    scheme: Literal[SCHEMES] = "offline"
+    scheme: str = "offline"  # a registered scheme (kdray/orchestrator/schemes, `kdray list schemes`)
     data: DataSpec = Field(default_factory=DataSpec)
     teacher: TeacherSpec | None = None
     teachers: list[TeacherSpec] = Field(default_factory=list)
@@ -264,6 +264,14 @@ class Config(_Strict):
     def _one_directory(cls, name: Any) -> str:
         return check_job_name(name)
 
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _registered(cls, name: Any) -> str:
+        from kdray.orchestrator.schemes import get_scheme
+
+        get_scheme(name)  # unknown: the allowed names, in pydantic's Literal words
+        return name
+
     @field_validator("seeds")
     @classmethod
     def _distinct(cls, seeds: list[int]) -> list[int]:
@@ -273,34 +281,23 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _scheme_needs(self):
-        """Each scheme names what it needs; a config giving the wrong parts fails here, in one line."""
-        if self.scheme == "online" and "methods" not in self.model_fields_set:
-            self.__dict__["methods"] = []  # peers learn from each other's logits; terms between them are opt-in
-        needs_teacher = self.scheme in ("offline", "assistant")
-        if needs_teacher and self.teacher is None:
-            raise ValueError(f"scheme {self.scheme!r} needs a teacher (teacher: {{model, train|checkpoint|mlflow_uri}})")
-        if self.scheme in ("offline", "assistant", "multi_teacher") and not self.methods:
-            raise ValueError(f"scheme {self.scheme!r} needs at least one method (methods: [{{name: kd}}]; "
-                             f"see `kdray list methods`)")
-        if self.scheme == "assistant" and not self.assistants:
-            raise ValueError("scheme 'assistant' needs assistants: [{model: ...}, ...] (teacher -> assistants -> student)")
-        if self.scheme == "multi_teacher":
-            if len(self.teachers) < 2:
-                raise ValueError(f"scheme 'multi_teacher' needs at least 2 teachers, got {len(self.teachers)}")
-            if self.teacher is not None:
-                raise ValueError("scheme 'multi_teacher' takes teachers: [...], not teacher:")
-            w = self.ensemble.weights
-            if self.ensemble.combine == "weights" and (w is None or len(w) != len(self.teachers)):
-                raise ValueError(f"ensemble.weights needs one weight per teacher ({len(self.teachers)}), got {w}")
-        if self.scheme == "online" and len(self.online.peers) < 2:
-            raise ValueError(f"scheme 'online' needs at least 2 online.peers, got {len(self.online.peers)}")
-        k = len(self.online.peers)
-        if self.scheme == "online" and self.ray.num_workers > 1 and self.ray.num_workers % k:
-            raise ValueError(f"scheme 'online' with {k} peers needs ray.num_workers = {k} x D (one peer per worker, "
-                             f"D data-parallel replicas of each) or 0/1 (all peers in one process), "
-                             f"got {self.ray.num_workers}")
-        if self.scheme in ("online", "self") and (self.teacher is not None or self.teachers):
-            raise ValueError(f"scheme {self.scheme!r} trains without a pre-trained teacher; remove teacher/teachers")
+        """Each scheme names what it needs (its ``check``); a config giving the wrong parts fails here, in one
+        line. A section only another scheme reads, given with a value of its own, fails too: it would be ignored."""
+        from kdray.orchestrator.schemes import get_scheme, section_owners
+
+        scheme = get_scheme(self.scheme)
+        scheme.check(self)
+        for section, owners in section_owners().items():
+            if section in scheme.sections or section not in self.model_fields_set:
+                continue
+            default = type(self).model_fields[section].get_default(call_default_factory=True)
+            value = getattr(self, section)
+            if (value.model_dump() if isinstance(value, BaseModel) else value) == (
+                    default.model_dump() if isinstance(default, BaseModel) else default):
+                continue  # a dumped config (model_dump) gives every section, at its default
+            belongs = " or ".join(repr(o) for o in owners)
+            raise ValueError(f"{section}: is a section of scheme {belongs}, not of scheme {self.scheme!r}; remove "
+                             f"it or set scheme: {owners[0]} (see `kdray list schemes`)")
         return self
 
     def teacher_specs(self) -> list[TeacherSpec]:

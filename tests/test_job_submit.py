@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from jobs import digits_job
 from ray_cluster import JOB_TIMEOUT_S, ray_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # a real `ray start` head
 
 
 def test_ray_job_submit_runs_kdray_on_a_real_head(ray_head, tmp_path):

@@ -136,6 +136,7 @@ def test_sigterm_with_stage_tasks_cancels_them_kills_the_runs_and_resumes(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # a real `ray start` head
 def test_ray_job_stop_kills_the_runs_then_resume_finishes(ray_head, tmp_path):
     """`ray job stop` sends SIGTERM to the entry point, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (read by
     the job's supervisor actor, which gets the job's runtime_env env_vars)."""

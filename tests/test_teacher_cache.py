@@ -143,6 +143,7 @@ def _one_line(err) -> str:
     return text
 
 
+@pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_cache_files_hold_identity(caches, ckpt, splits):
     manifest = json.loads((caches / "c32" / tc.MANIFEST).read_text())
     assert manifest == tc.read_manifest(str(caches / "c32"))  # schema metadata == manifest.json
@@ -157,6 +158,7 @@ def test_cache_files_hold_identity(caches, ckpt, splits):
     assert table.column("index").to_pylist() == list(range(len(splits.train)))
 
 
+@pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_cached_kd_loss_equals_live_kd_loss(caches, ckpt, splits):
     live = _live_teacher(ckpt)
     exact = tc.load_cached_teacher(str(caches / "c32"))
@@ -169,6 +171,7 @@ def test_cached_kd_loss_equals_live_kd_loss(caches, ckpt, splits):
             _assert_cached_kd_equals_live(kd, student, Batch(x, y, idx), live, exact, half)
 
 
+@pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_topk_encoding_keeps_top_probabilities(tmp_path, caches):
     """Top-k rows (values, classes, logsumexp) decode to logits whose T=1 softmax keeps the top-k mass exactly."""
     torch.manual_seed(0)
@@ -189,6 +192,7 @@ def test_topk_encoding_keeps_top_probabilities(tmp_path, caches):
         assert torch.allclose(q.sum(1), torch.ones(20), atol=1e-5)
 
 
+@pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_cli_cache_then_distill_trains_student_without_teacher(caches, tmp_path, monkeypatch):
     import kdray.orchestrator.job as job
 
@@ -214,6 +218,7 @@ def test_cli_cache_then_distill_trains_student_without_teacher(caches, tmp_path,
     assert stage["test_top1"] > 0.6, stage  # chance is 0.1; the teacher is ~0.9
 
 
+@pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_stale_cache_is_refused(caches, ckpt, tmp_path):
     other = tmp_path / "other.pt"
     torch.manual_seed(5)
@@ -236,6 +241,7 @@ def test_stale_cache_is_refused(caches, ckpt, tmp_path):
     assert "stale" in _one_line(err) and "fingerprint" in str(err.value)
 
 
+@pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 @pytest.mark.parametrize("method", [{"name": "at"}, {"name": "rkd"}])
 def test_feature_or_relation_method_needs_features(caches, tmp_path, method):
     with pytest.raises(kdray.ConfigError) as err:
@@ -349,6 +355,7 @@ def test_view_keys_and_samplers():
     assert list(shards[0]) != first  # reshuffled per epoch, reproducibly
 
 
+@pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_recorded_views_kd_loss_equals_live_kd_loss(view_caches, ckpt):
     """The student's loader rebuilds each row's view from its key; the teacher saw that exact view in another
     process, so cached and live KD losses agree (float32 1e-6, float16 2e-3) on every recorded view."""
@@ -378,6 +385,7 @@ def test_recorded_views_kd_loss_equals_live_kd_loss(view_caches, ckpt):
     assert not torch.equal(plain, recorded)
 
 
+@pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_random_transform_trains_from_views_cache(view_caches, tmp_path, monkeypatch):
     import kdray.orchestrator.job as job
 
@@ -397,6 +405,7 @@ def test_random_transform_trains_from_views_cache(view_caches, tmp_path, monkeyp
     assert stage["test_top1"] > 0.6, stage  # chance is 0.1; the teacher gets ~0.67 on the shifted views
 
 
+@pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_mismatched_views_are_refused(view_caches, caches, tmp_path):
     v32 = str(view_caches / "v32")
     with pytest.raises(kdray.ConfigError) as err:  # more views than recorded
@@ -433,6 +442,7 @@ def _shard_teachers(path, world: int = 2):
             for r in range(world)]
 
 
+@pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_sharded_cache_holds_only_its_rows(caches, view_caches):
     from torch.utils.data import DistributedSampler
 
@@ -456,6 +466,7 @@ def test_sharded_cache_holds_only_its_rows(caches, view_caches):
             assert len(rows) == math.ceil(n / 2) and bool(torch.isin(rows, shard.rows).all())
 
 
+@pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_data_parallel_run_reads_cache_shards(caches, tmp_path, monkeypatch):
     """One 2-worker Ray Train run from the cache: each worker materialises only its Ray Data shard (half the
     rows) and trains on exactly those samples. The same batches in one process (each step = rank 0's half-batch

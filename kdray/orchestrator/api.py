@@ -53,8 +53,6 @@ class DistillResult:
 def preflight(cfg: Config) -> None:
     """Checks that need data or models but no training: files exist, shapes and class counts agree,
     feature points resolve. Each failure is a one-line :class:`ConfigError`."""
-    from kdray.algorithms.base import create_method
-    from kdray.algorithms.distiller import Distiller, Teacher
     from kdray.orchestrator.job import build_splits, build_teacher_model, create_spec_model, teacher_class_order
 
     try:
@@ -89,24 +87,9 @@ def preflight(cfg: Config) -> None:
                     raise ConfigError(f"a teacher ({type(model).__name__}) outputs {classes} classes but dataset "
                                       f"{cfg.data.name!r} has {splits.num_classes}")
         student = create_spec_model(cfg.student, "student", splits.num_classes)
-        if cfg.scheme == "self" and cfg.self_distill.method == "byot":
-            from kdray.algorithms.schemes.byot import BYOTDistiller
+        from kdray.orchestrator.schemes import get_scheme
 
-            BYOTDistiller(student).build(example, None, len(splits.train))
-        elif cfg.scheme in ("offline", "assistant", "multi_teacher"):
-            terms = [create_method(m.name, **m.params()) for m in cfg.methods]
-            if cfg.scheme == "multi_teacher":  # every teacher's feature points and connector shapes
-                from kdray.algorithms.schemes.multi_teacher import TeacherEnsemble
-
-                distiller = Distiller(student, terms, cfg.ce_weight, num_teachers=len(paths))
-                teacher = TeacherEnsemble([Teacher(m, distiller.resolve_teacher_points(m, member=i), orders[i])
-                                           for i, m in enumerate(teacher_models[: len(paths)])],
-                                          cfg.ensemble.combine, cfg.ensemble.weights)
-            else:
-                distiller = Distiller(student, terms, cfg.ce_weight)
-                first = teacher_models[0]
-                teacher = Teacher(first, distiller.resolve_teacher_points(first), orders[0])
-            distiller.build(example, teacher, len(splits.train))
+        get_scheme(cfg.scheme).preflight(cfg, splits, example, student, teacher_models[: len(paths)], orders)
     except ConfigError:
         raise
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
@@ -151,9 +134,15 @@ def distill(config: str | dict | Config, *, overrides: list[str] | None = None, 
     cfg = load_config(config, overrides)
     job_dir = RunDir(cfg.run_dir(), cfg.name)
     job_dir.check_writable()
+    _check_run_dir(cfg, job_dir, resume, log)
+    preflight(cfg)  # every check before the lock, which creates the job directory: a refused job writes nothing
+    uri = _tracking_uri(cfg)
+    if uri is not None:
+        from kdray.orchestrator.tracking import check_reachable
+
+        check_reachable(uri)
     with job_dir.lock():  # one driver per job directory, from the first check to the last write
-        _check_run_dir(cfg, job_dir, resume, log)
-        preflight(cfg)
+        _check_run_dir(cfg, job_dir, resume, lambda message: None)  # again: another driver may have run meanwhile
         if job_dir.saved_config() is None or not job_dir.has_results():
             job_dir.save_config(cfg.model_dump(mode="json"))
         return _run(cfg, resume, log, callbacks, parent_run_id)
@@ -164,9 +153,8 @@ def _run(cfg: Config, resume: bool, log, callbacks: list | None, parent_run_id: 
     uri = _tracking_uri(cfg)
     tracking = None
     if uri is not None:
-        from kdray.orchestrator.tracking import JobTracking, check_reachable
+        from kdray.orchestrator.tracking import JobTracking
 
-        check_reachable(uri)
         tracking = JobTracking(uri, cfg.mlflow.experiment, cfg.run_dir(), parent_run_id)
     stages = plan_stages(cfg)
     try:

@@ -51,10 +51,10 @@ def _cmd_list(args) -> int:
         for name, cls in list_methods().items():
             print(f"{name}\t{cls.kind}\t{cls.paper}")
     elif args.what == "schemes":
-        from kdray.config import SCHEME_HELP
+        from kdray.orchestrator.schemes import list_schemes
 
-        for name, desc in SCHEME_HELP.items():
-            print(f"{name}\t{desc}")
+        for name, scheme in list_schemes().items():
+            print(f"{name}\t{scheme.help}")
     return 0
 
 

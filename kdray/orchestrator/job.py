@@ -20,6 +20,7 @@ from kdray.algorithms.engine import TrainLoop, evaluate, seed_everything
 from kdray.algorithms.optim import make_optimizer, make_schedule
 from kdray.config import Config, ConfigError
 from kdray.data import build_datasets
+from kdray.orchestrator.callbacks import Checkpointer, Progress, WithStage
 from kdray.models import create_model
 
 
@@ -39,82 +40,17 @@ class WorkerContext:
 
 
 def method_label(cfg: Config) -> str:
-    return "+".join(m.name for m in cfg.methods)
+    from kdray.orchestrator.schemes import method_label as label
 
-
-def _stage(name: str, kind: str, seed: int, spec: str, model: str, teachers: list[str] | None = None,
-           **extra) -> dict:
-    """A stage row: ``spec`` is the config path of its model (``student``, ``teachers.1``, ...), ``teachers``
-    its teacher sources (``stage:<name>`` = weights trained earlier in the job, ``spec:<path>`` = a
-    teacher given by checkpoint / MLflow URI)."""
-    row = {"name": name, "kind": kind, "seed": seed, "spec": spec, "model": model, **extra}
-    if teachers:
-        row["teachers"] = teachers
-    return row
-
-
-def _teacher_sources(cfg: Config, stages: list[dict]) -> list[str]:
-    """Train the configured teachers that need training (as stages), and name every teacher's source."""
-    sources = []
-    specs = cfg.teacher_specs()
-    for i, spec in enumerate(specs):
-        path = f"teachers.{i}" if cfg.scheme == "multi_teacher" else "teacher"
-        name = f"teacher-{i}" if len(specs) > 1 else "teacher"
-        if spec.train is not None:
-            stages.append(_stage(name, "teacher", cfg.seeds[0], path, spec.model, keep=True))
-            sources.append(f"stage:{name}")
-        else:
-            sources.append(f"spec:{path}")
-    return sources
+    return label(cfg)
 
 
 def plan_stages(cfg: Config) -> list[dict]:
-    """The ordered stages of a job, by scheme; each becomes one MLflow child run.
+    """The ordered stages of a job, planned by its scheme (kdray/orchestrator/schemes); each becomes one MLflow
+    child run. A stage row names its model's config path (``spec``) and its teacher sources (``teachers``)."""
+    from kdray.orchestrator.schemes import get_scheme
 
-    offline: [teacher] -> per seed [scratch] + distilled student. assistant (TAKD): teacher -> assistant 1
-    -> ... -> per seed the student, each taught by the previous model. multi_teacher: [teachers] -> per seed
-    the student taught by their ensemble. online: per seed [peers trained independently] + the cohort.
-    self: per seed born-again generations (each taught by the previous) or BYOT, with [scratch].
-    """
-    stages: list[dict] = []
-    student = ("student", cfg.student.model)
-    if cfg.scheme == "online":
-        peers = [p.model for p in cfg.online.peers]  # each peer gets its own MLflow run under the stage's
-        for seed in cfg.seeds:
-            if cfg.baseline:
-                stages.append(_stage(f"independent-seed{seed}", "independent", seed, "online.peers", "peers",
-                                     peers=peers))
-            stages.append(_stage(f"{cfg.online.mode}-seed{seed}", "online", seed, "online.peers", "peers",
-                                 peers=peers, methods=method_label(cfg)))
-        return stages
-    if cfg.scheme == "self":
-        for seed in cfg.seeds:
-            if cfg.baseline:
-                stages.append(_stage(f"scratch-seed{seed}", "scratch", seed, *student))
-            if cfg.self_distill.method == "byot":
-                stages.append(_stage(f"byot-seed{seed}", "byot", seed, *student))
-                continue
-            previous = None
-            for gen in range(cfg.self_distill.generations):
-                name = f"gen{gen}-seed{seed}"
-                kind = "generation" if gen else "scratch"
-                stages.append(_stage(name, kind, seed, *student, [f"stage:{previous}"] if previous else None,
-                                     keep=True, generation=gen))
-                previous = name
-        return stages
-    sources = _teacher_sources(cfg, stages)
-    if cfg.scheme == "assistant":
-        for i, spec in enumerate(cfg.assistants):
-            name = f"assistant-{i}"
-            stages.append(_stage(name, "assistant", cfg.seeds[0], f"assistants.{i}", spec.model, sources,
-                                 keep=True, methods=method_label(cfg)))
-            sources = [f"stage:{name}"]
-    for seed in cfg.seeds:
-        if cfg.baseline:
-            stages.append(_stage(f"scratch-seed{seed}", "scratch", seed, *student))
-        stages.append(_stage(f"{method_label(cfg)}-seed{seed}", "distill", seed, *student, sources,
-                             methods=method_label(cfg)))
-    return stages
+    return get_scheme(cfg.scheme).plan(cfg)
 
 
 def model_spec(cfg: Config, path: str):
@@ -125,7 +61,7 @@ def model_spec(cfg: Config, path: str):
     return node
 
 
-def _unwrap_state(state: dict) -> dict:
+def unwrap_state(state: dict) -> dict:
     """RepDistiller / mdistiller save ``{"model": state_dict, ...}``; accept those and plain state_dicts."""
     for key in ("model", "state_dict", "student"):
         if key in state and isinstance(state[key], dict):
@@ -135,7 +71,7 @@ def _unwrap_state(state: dict) -> dict:
 
 def load_weights(model: nn.Module, state: dict, source: str, num_classes: int) -> nn.Module:
     """Load ``state`` into ``model``; a class-count or architecture mismatch is a one-line error."""
-    state = _unwrap_state(state)
+    state = unwrap_state(state)
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
@@ -277,54 +213,19 @@ def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_
     return train, val, test
 
 
-class _Checkpointer:
-    """Epoch-end callback: every ``every`` epochs, checkpoint the job state plus this stage's loop state,
-    then flush the epoch metrics it covers to MLflow (never before: a restart would log them twice).
-    The unflushed metrics ride in the checkpoint, so a crash right after it loses none; epochs that a
-    restart replays are skipped by :class:`StageLogger`. The last epoch is left to the stage end."""
-
-    def __init__(self, ctx: WorkerContext, job_state: dict, stage: str, every: int, logger=None, loop_state=None):
-        self.ctx, self.job_state, self.stage, self.every, self.logger = ctx, job_state, stage, every, logger
-        self.loop_state = loop_state or (lambda loop: loop.state_dict())  # peer-parallel: every rank's state
-
-    def on_epoch_end(self, epoch, metrics, loop):
-        if self.logger is not None:
-            self.logger.buffer(epoch, metrics)
-        if (epoch + 1) % self.every or epoch + 1 >= loop.epochs:
-            return
-        pending = self.logger.pending() if self.logger is not None else []
-        payload = {**self.job_state, "stage": self.stage, "loop": {**self.loop_state(loop), "mlflow_pending": pending}}
-        self.ctx.checkpoints.save(payload, {**metrics, "stage": self.stage})
-        if self.logger is not None:
-            self.logger.flush()
-
-
-class _Progress:
-    def __init__(self, ctx: WorkerContext, stage: str, epochs: int):
-        self.ctx, self.stage, self.epochs = ctx, stage, epochs
-
-    def on_epoch_end(self, epoch, metrics, loop):
-        self.ctx.log(f"[{self.stage}] epoch {epoch + 1}/{self.epochs}  loss {metrics['train_loss']:.4f}  "
-                     f"val top1 {metrics['val_top1']:.4f}  {metrics['epoch_time_s']:.1f}s")
-
-
-class _WithStage:
-    def __init__(self, callback, stage: dict):
-        self.callback, self.stage = callback, stage
-
-    def on_epoch_end(self, epoch, metrics, loop):
-        self.callback.on_epoch_end(epoch, {**metrics, "stage": self.stage["name"], "kind": self.stage["kind"]}, loop)
-
-
 def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: dict,
               resume_loop: dict | None) -> dict:
+    """Run one stage the way its scheme runs it (most: :func:`train_stage`; online: the peer cohort)."""
+    from kdray.orchestrator.schemes import get_scheme
+
+    return get_scheme(cfg.scheme).run_stage(cfg, stage, splits, ctx, job_state, resume_loop)
+
+
+def train_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: dict,
+                resume_loop: dict | None) -> dict:
     """Train one model (teacher, student from scratch, or distilled student), record it in ``job_state``
     and checkpoint that; return its result row."""
     kind, seed = stage["kind"], stage["seed"]
-    if kind in ("online", "independent"):
-        from kdray.orchestrator.online import run_online_stage
-
-        return run_online_stage(cfg, stage, splits, ctx, job_state, resume_loop)
     seed_everything(seed)
     spec = model_spec(cfg, stage["spec"])
     optim = spec.train if kind == "teacher" else cfg.train
@@ -363,10 +264,10 @@ def run_stage(cfg: Config, stage: dict, splits, ctx: WorkerContext, job_state: d
         from kdray.orchestrator.tracking import StageLogger
 
         logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage["name"]], cfg.mlflow.system_metrics)
-    callbacks = [_Checkpointer(ctx, job_state, stage["name"], cfg.checkpoint.every_epochs, logger)]
+    callbacks = [Checkpointer(ctx, job_state, stage["name"], cfg.checkpoint.every_epochs, logger)]
     if ctx.rank == 0:
-        callbacks.append(_Progress(ctx, stage["name"], optim.epochs))
-    callbacks += [_WithStage(cb, stage) for cb in ctx.callbacks]
+        callbacks.append(Progress(ctx, stage["name"], optim.epochs))
+    callbacks += [WithStage(cb, stage) for cb in ctx.callbacks]
     loop = TrainLoop(trainable, teacher, optimizer, scheduler, train_loader, val_loader, splits.num_classes,
                      optim.epochs, ctx.device, callbacks, eval_model=model)
     if resume_loop is not None:
@@ -411,19 +312,22 @@ def run_job(cfg: Config, ctx: WorkerContext) -> list[dict]:
         resume_loop = saved.get("loop") if saved.get("stage") == stage["name"] else None
         run_stage(cfg, stage, splits, ctx, job_state, resume_loop)
     ctx.log(f"job {cfg.name}: {len(job_state['done'])} stages done in {time.perf_counter() - start:.1f}s")
-    if cfg.scheme == "self" and cfg.self_distill.method == "born_again":
-        from kdray.orchestrator.online import evaluate_generation_ensembles
+    from kdray.orchestrator.schemes import get_scheme
 
-        evaluate_generation_ensembles(cfg, stages, splits, ctx, job_state)
+    scheme = get_scheme(cfg.scheme)
+    if scheme.finish_inputs(cfg, stages):  # a job-level step after the stages (born-again's ensemble)
+        scheme.finish(cfg, stages, splits, ctx, job_state)
     return [job_state["done"][s["name"]] for s in stages]
 
 
 def build_splits(cfg: Config):
     """The job's dataset splits, as every worker, task and check builds them."""
-    return build_datasets(cfg.data.name, root=cfg.data.root, **_data_options(cfg))
+    return build_datasets(cfg.data.name, root=cfg.data.root, **data_options(cfg))
 
 
-def _data_options(cfg: Config) -> dict:
+def data_options(cfg: Config) -> dict:
+    """The dataset's builder options as every split is built with them (CIFAR's ``download`` comes from
+    ``data.download``); a teacher cache records them to tell whether it was made from the same data."""
     opts = dict(cfg.data.options)
     if cfg.data.name in ("cifar10", "cifar100"):
         opts.setdefault("download", cfg.data.download)

@@ -20,6 +20,7 @@ from kdray.algorithms.optim import make_optimizer, make_schedule
 from kdray.algorithms.schemes.online import PeerCohort, PeerReplica
 from kdray.config import Config, ConfigError
 from kdray.models import create_model
+from kdray.orchestrator.callbacks import Checkpointer, Progress, WithStage
 from kdray.orchestrator.interrupts import sigint_held
 
 
@@ -136,7 +137,6 @@ def _gather_to_rank0(obj, ctx) -> list | None:
 
 def run_online_stage(cfg: Config, stage: dict, splits, ctx, job_state: dict, resume_loop: dict | None) -> dict:
     """Train one cohort of peers (or the same peers independently) and record every peer's result."""
-    from kdray.orchestrator.job import _Checkpointer, _Progress, _WithStage
     from kdray.orchestrator.placement import PeerGrid
 
     num_peers, seed = len(cfg.online.peers), stage["seed"]
@@ -182,10 +182,10 @@ def run_online_stage(cfg: Config, stage: dict, splits, ctx, job_state: dict, res
     # Peer-parallel, each rank holds different weights: a checkpoint gathers every rank's loop state.
     loop_state = (lambda loop: {"ranks": _gather_to_rank0(loop.state_dict(), ctx)}) if peer_parallel else None
     callbacks = [PeerMetrics(local_peers, val_loader, ctx.device, splits.num_classes, ctx.world_size, num_peers),
-                 _Checkpointer(ctx, job_state, stage["name"], cfg.checkpoint.every_epochs, logger, loop_state)]
+                 Checkpointer(ctx, job_state, stage["name"], cfg.checkpoint.every_epochs, logger, loop_state)]
     if ctx.rank == 0:
-        callbacks.append(_Progress(ctx, stage["name"], opt.epochs))
-    callbacks += [_WithStage(cb, stage) for cb in ctx.callbacks]
+        callbacks.append(Progress(ctx, stage["name"], opt.epochs))
+    callbacks += [WithStage(cb, stage) for cb in ctx.callbacks]
     first_peer = next(iter(local_peers.values()))
     loop = TrainLoop(trainable, None, optimizer, scheduler, train_loader, val_loader, splits.num_classes, opt.epochs,
                      ctx.device, callbacks, eval_model=first_peer, eval_reduce=False)

@@ -98,7 +98,8 @@ def _startup_timeout(err: BaseException) -> bool:
     return False
 
 
-def _use_gpu(cfg: Config) -> bool:
+def resolve_use_gpu(cfg: Config) -> bool:
+    """``ray.use_gpu`` decided: ``auto`` is whether the cluster has a GPU for every worker."""
     if cfg.ray.use_gpu == "auto":
         import ray
 
@@ -189,7 +190,7 @@ def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, s
     from ray.train.torch import TorchTrainer
 
     ensure_ray(cfg.ray.address)
-    use_gpu = _use_gpu(cfg)
+    use_gpu = resolve_use_gpu(cfg)
     if cfg.ray.sync_batchnorm and cfg.ray.num_workers > 1 and not use_gpu:
         raise ConfigError(f"ray.sync_batchnorm needs GPU workers (torch's SyncBatchNorm runs on CUDA only) and "
                           f"this cluster has {_gpus()} GPU(s) for {cfg.ray.num_workers} workers; set "

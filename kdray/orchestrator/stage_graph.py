@@ -118,21 +118,22 @@ def _stage_task(cfg_json: dict, stage: dict, run_dir: str, tracking_uri: str | N
     return row, job_state["weights"].get(name) if stage.get("keep") else None
 
 
-def _ensemble_task(cfg_json: dict, stages: list[dict], names: list[str], *rows_then_weights) -> dict:
-    """Born-again: the ensemble of all generations, evaluated once they have all finished; returns the
-    last generation's row of each seed with ``ensemble_test_top1`` added."""
-    from kdray.orchestrator.online import evaluate_generation_ensembles
+def _finish_task(cfg_json: dict, stages: list[dict], names: list[str], *rows_then_weights) -> dict:
+    """The scheme's finish step (born-again: the ensemble of all generations), run once the stages it reads
+    (``names``) have finished; returns the result rows it changed (born-again: each seed's last generation
+    with ``ensemble_test_top1`` added)."""
+    from kdray.orchestrator.schemes import get_scheme
 
     cfg = Config.model_validate(cfg_json)
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     rows, weights = rows_then_weights[:len(names)], rows_then_weights[len(names):]
     job_state = {"done": {n: dict(r) for n, r in zip(names, rows)}, "weights": dict(zip(names, weights))}
-    evaluate_generation_ensembles(cfg, stages, build_splits(cfg), WorkerContext(device=_task_device()), job_state)
-    return {n: r for n, r in job_state["done"].items() if "ensemble_test_top1" in r}
+    get_scheme(cfg.scheme).finish(cfg, stages, build_splits(cfg), WorkerContext(device=_task_device()), job_state)
+    return {n: r for n, r in job_state["done"].items() if r != dict(rows[names.index(n)])}
 
 
 _stage_remote = ray.remote(num_returns=2)(_stage_task)
-_ensemble_remote = ray.remote(_ensemble_task)
+_finish_remote = ray.remote(_finish_task)
 
 
 def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, str], log=print) -> list[dict]:
@@ -140,13 +141,13 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
     row per stage in plan order. Independent stages keep running when one fails (their results are
     persisted for ``--resume``); the first failure is raised at the end. On Ctrl-C or SIGTERM (the CLI
     raises it as ``Terminated``, a ``KeyboardInterrupt``), unfinished tasks are cancelled."""
-    from kdray.orchestrator.ray_runner import _use_gpu, check_fits, ensure_ray
+    from kdray.orchestrator.ray_runner import check_fits, ensure_ray, resolve_use_gpu
 
     ensure_ray(cfg.ray.address)
     run_dir = cfg.run_dir()
     stages = plan_stages(cfg)
     cfg_json = cfg.model_dump(mode="json")
-    use_gpu = _use_gpu(cfg)
+    use_gpu = resolve_use_gpu(cfg)
     check_fits(cfg, 1, use_gpu)  # a task no node can hold would wait forever
     resources = {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": 1 if use_gpu else 0}
     rows: dict[str, object] = {}  # name -> result row, or the ObjectRef of the task that computes it
@@ -171,11 +172,13 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
             **resources,
         ).remote(cfg_json, stage, run_dir, tracking_uri, stage_run_ids, deps, *[weights_ref(d) for d in deps])
         rows[name], pending[row_ref] = row_ref, name
-    if cfg.scheme == "self" and cfg.self_distill.method == "born_again":
-        gens = [s["name"] for s in stages if "generation" in s]
-        ensemble_ref = _ensemble_remote.options(name=f"kdray:{cfg.name}:ensemble", **resources).remote(
-            cfg_json, stages, gens, *[rows[g] for g in gens], *[weights_ref(g) for g in gens])
-        pending[ensemble_ref] = "generation ensemble"
+    from kdray.orchestrator.schemes import get_scheme
+
+    reads = get_scheme(cfg.scheme).finish_inputs(cfg, stages)  # the stages its finish step reads
+    if reads:  # born-again: after every generation (the task keeps its name, kdray:<job>:ensemble)
+        finish_ref = _finish_remote.options(name=f"kdray:{cfg.name}:ensemble", **resources).remote(
+            cfg_json, stages, reads, *[rows[n] for n in reads], *[weights_ref(n) for n in reads])
+        pending[finish_ref] = "generation ensemble"
     log(f"job {cfg.name}: {len(pending)} Ray tasks submitted ({len(stages)} stages)")
     errors, ensemble, start = [], {}, time.perf_counter()
     try:

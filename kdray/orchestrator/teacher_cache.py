@@ -122,28 +122,22 @@ def _teacher_spec(cfg: Config):
 
 def teacher_state(spec, tracking_uri: str | None) -> tuple[dict, str, str]:
     """The teacher's raw state_dict (unwrapped, as loaded into the model), its source kind and its source."""
-    from kdray.orchestrator.job import _unwrap_state, read_weights
+    from kdray.orchestrator.job import read_weights, unwrap_state
 
     if spec.checkpoint is not None:
         state = read_weights(spec.checkpoint, "teacher.checkpoint")
-        return _unwrap_state(state), "checkpoint", spec.checkpoint
+        return unwrap_state(state), "checkpoint", spec.checkpoint
     if spec.mlflow_uri is not None:
         from kdray.orchestrator.tracking import download_model
 
         logged, state = download_model(spec.mlflow_uri, tracking_uri)
         if logged.get("model") != spec.model:
             raise ConfigError(f"teacher.mlflow_uri holds a {logged.get('model')!r}, config says {spec.model!r}")
-        return _unwrap_state(state), "mlflow_uri", spec.mlflow_uri
+        return unwrap_state(state), "mlflow_uri", spec.mlflow_uri
     if spec.train is not None:
         raise ConfigError("teacher.train: this teacher must be trained first (kdray run), then cached from its "
                           "weights via teacher.checkpoint or teacher.mlflow_uri")
     raise ConfigError("kdray cache needs the teacher's weights: set teacher.checkpoint or teacher.mlflow_uri")
-
-
-def _tracking_uri(cfg: Config) -> str | None:
-    from kdray.orchestrator.api import _tracking_uri as resolve
-
-    return resolve(cfg)
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -246,8 +240,9 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
     import pyarrow as pa
     import ray
 
-    from kdray.orchestrator.job import _data_options, build_splits
+    from kdray.orchestrator.job import build_splits, data_options
     from kdray.orchestrator.ray_runner import ensure_ray
+    from kdray.orchestrator.tracking import tracking_uri_for
 
     start = time.perf_counter()
     cfg = load_config(config, overrides)
@@ -274,7 +269,7 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
                           f"view would be the same; cache fixed views (drop --views / teacher.cache_views)")
     if topk is not None and not 0 < topk <= splits.num_classes:
         raise ConfigError(f"--topk must be in [1, {splits.num_classes}] (the class count), got {topk}")
-    state, source_kind, source = teacher_state(spec, _tracking_uri(cfg))
+    state, source_kind, source = teacher_state(spec, tracking_uri_for(cfg))
     n = len(splits.train)
     rows = n * (views or 1)
 
@@ -287,7 +282,7 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
     try:  # actors get the driver's training split (no data files needed on other nodes) ...
         data = ray.put(splits.train)
     except Exception:  # noqa: BLE001  ... unless it cannot be pickled: then each actor rebuilds it
-        data = {"name": cfg.data.name, "root": cfg.data.root, "options": _data_options(cfg),
+        data = {"name": cfg.data.name, "root": cfg.data.root, "options": data_options(cfg),
                 "fingerprint": splits.fingerprint}
     blocks = np.array_split(np.arange(rows, dtype=np.int64), max(size, min(n_batches, 4 * size)))
     ds = ray.data.from_numpy([b for b in blocks if len(b)]).rename_columns({"data": "index"})
@@ -308,7 +303,7 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "teacher": {"model": spec.model, "args": dict(spec.args), "source_kind": source_kind, "source": source,
                     "state_sha256": state_dict_hash(state)},
-        "dataset": {"name": cfg.data.name, "options": _data_options(cfg), "split": "train", "size": n,
+        "dataset": {"name": cfg.data.name, "options": data_options(cfg), "split": "train", "size": n,
                     "num_classes": splits.num_classes, "fingerprint": splits.fingerprint},
         "transform": {"fingerprint": transform["fingerprint"], "description": transform["description"]},
         "views": ({"kind": "fixed", "count": 1} if views is None else
@@ -543,10 +538,10 @@ def check_cache(manifest: dict, cfg: Config, splits, distiller=None, tracking_ur
         raise ConfigError(f"teacher.cache {path} holds outputs of {mt['model']} {mt['args']}, but teacher is "
                           f"{spec.model} {dict(spec.args)}")
     if md["name"] != cfg.data.name or md["fingerprint"] != splits.fingerprint:
-        from kdray.orchestrator.job import _data_options
+        from kdray.orchestrator.job import data_options
 
         raise ConfigError(f"teacher.cache {path} is stale: it covers dataset {md['name']} {md['options']} "
-                          f"(fingerprint {md['fingerprint']}), this run uses {cfg.data.name} {_data_options(cfg)} "
+                          f"(fingerprint {md['fingerprint']}), this run uses {cfg.data.name} {data_options(cfg)} "
                           f"(fingerprint {splits.fingerprint}); {rebuild}")
     if md["size"] != len(splits.train) or md["num_classes"] != splits.num_classes:
         raise ConfigError(f"teacher.cache {path} covers {md['size']} samples x {md['num_classes']} classes, this "

@@ -58,6 +58,14 @@ def resolve_tracking_uri(configured: str | None) -> str:
     return uri
 
 
+def tracking_uri_for(cfg) -> str | None:
+    """The job's resolved tracking URI (see :func:`resolve_tracking_uri`), or None with ``mlflow.enabled: false``;
+    the one reading of ``cfg.mlflow`` that distill, the teacher cache and sweeps share."""
+    if not cfg.mlflow.enabled:
+        return None
+    return resolve_tracking_uri(cfg.mlflow.tracking_uri)
+
+
 # URI schemes MLflow builds a tracking store for (mlflow/tracking/_tracking_service/utils.py), besides plugins.
 TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc",
                     "uc")

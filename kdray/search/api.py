@@ -701,8 +701,6 @@ def run_sweep(name: str, output_dir: str | None, raw: dict, space: Space | Calla
               resume: bool = False, log=print, texts: dict | None = None) -> SweepResult:
     import torch
 
-    from kdray.orchestrator.api import _tracking_uri
-
     base = _base_config(raw, search)
     sweep_dir = os.path.join(os.path.abspath(os.path.expanduser(output_dir or base.output_dir)), name)
     state_path = os.path.join(sweep_dir, STATE_FILE)
@@ -714,7 +712,9 @@ def run_sweep(name: str, output_dir: str | None, raw: dict, space: Space | Calla
     state = read_state(state_path) if resume else {}
     os.makedirs(sweep_dir, exist_ok=True)
     _ensure_ray(base, search)
-    uri = _tracking_uri(base)
+    from kdray.orchestrator.tracking import tracking_uri_for
+
+    uri = tracking_uri_for(base)
     tracking = None
     if uri:
         from kdray.orchestrator.tracking import check_reachable

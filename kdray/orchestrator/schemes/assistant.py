@@ -1,0 +1,32 @@
+"""assistant (TAKD): teacher -> assistant 1 -> ... -> the student, each taught by the previous model."""
+from __future__ import annotations
+
+from kdray.orchestrator.schemes import (Scheme, distill_preflight, method_label, needs_methods, needs_teacher,
+                                        register_scheme, stage, taught_students, teacher_sources)
+
+
+@register_scheme
+class Assistant(Scheme):
+    name = "assistant"
+    help = "TAKD: teacher -> assistants -> student, each taught by the previous (assistants: [...])"
+    sections = ("teacher", "assistants")
+
+    def check(self, cfg):
+        needs_teacher(cfg)
+        needs_methods(cfg)
+        if not cfg.assistants:
+            raise ValueError("scheme 'assistant' needs assistants: [{model: ...}, ...] "
+                             "(teacher -> assistants -> student)")
+
+    def plan(self, cfg):
+        stages: list[dict] = []
+        sources = teacher_sources(cfg, stages)
+        for i, spec in enumerate(cfg.assistants):
+            name = f"assistant-{i}"
+            stages.append(stage(name, "assistant", cfg.seeds[0], f"assistants.{i}", spec.model, sources,
+                                keep=True, methods=method_label(cfg)))
+            sources = [f"stage:{name}"]
+        return taught_students(cfg, stages, sources)
+
+    def preflight(self, cfg, splits, example, student, teachers, orders):
+        distill_preflight(cfg, splits, example, student, teachers[0], orders[0])

@@ -1,0 +1,24 @@
+"""offline: a trained teacher teaches the student (the classic KD setting)."""
+from __future__ import annotations
+
+from kdray.orchestrator.schemes import (Scheme, distill_preflight, needs_methods, needs_teacher, register_scheme,
+                                        taught_students, teacher_sources)
+
+
+@register_scheme
+class Offline(Scheme):
+    name = "offline"
+    help = "a trained teacher teaches the student (teacher: train | checkpoint | mlflow_uri | cache)"
+    sections = ("teacher",)
+
+    def check(self, cfg):
+        needs_teacher(cfg)
+        needs_methods(cfg)
+
+    def plan(self, cfg):
+        """[teacher] -> per seed [scratch] + the distilled student."""
+        stages: list[dict] = []
+        return taught_students(cfg, stages, teacher_sources(cfg, stages))
+
+    def preflight(self, cfg, splits, example, student, teachers, orders):
+        distill_preflight(cfg, splits, example, student, teachers[0], orders[0])
