@@ -301,7 +301,16 @@ class Config(_Strict):
         return self
 
     def teacher_specs(self) -> list[TeacherSpec]:
-        return list(self.teachers) if self.scheme == "multi_teacher" else ([self.teacher] if self.teacher else [])
+        """The pre-trained teachers: ``teachers:`` for a scheme that reads that section, else ``teacher:``."""
+        return [spec for _, spec in self.teacher_paths()]
+
+    def teacher_paths(self) -> list[tuple[str, TeacherSpec]]:
+        """Each teacher with its config path (``teacher``, ``teachers.1``, ...)."""
+        from kdray.orchestrator.schemes import get_scheme
+
+        if "teachers" in get_scheme(self.scheme).sections:
+            return [(f"teachers.{i}", spec) for i, spec in enumerate(self.teachers)]
+        return [("teacher", self.teacher)] if self.teacher else []
 
     def run_dir(self) -> str:
         return os.path.join(os.path.abspath(os.path.expanduser(self.output_dir)), self.name)

@@ -68,17 +68,17 @@ def preflight(cfg: Config) -> None:
     if uses_cache(cfg):  # teacher outputs come from a cache: check it, build no teacher
         return preflight_cache(cfg, splits, _tracking_uri(cfg))
     example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
-    paths = [f"teachers.{i}" if cfg.scheme == "multi_teacher" else "teacher" for i in range(len(cfg.teacher_specs()))]
+    paths = [path for path, _ in cfg.teacher_paths()]
     orders = [teacher_class_order(cfg, f"spec:{path}", splits.classes) for path in paths]  # before loading weights
     try:
         teacher_models = []
-        for path, spec in zip(paths, cfg.teacher_specs()):
+        for path, spec in cfg.teacher_paths():
             teacher_models.append(create_spec_model(spec, path, splits.num_classes) if spec.train is not None
                                   else build_teacher_model(cfg, f"spec:{path}", splits.num_classes, {},
                                                            _tracking_uri(cfg)))
-        others = [(f"assistants.{i}", s) for i, s in enumerate(cfg.assistants)]
-        others += [(f"online.peers.{i}", s) for i, s in enumerate(cfg.online.peers)]
-        for path, spec in others:
+        from kdray.orchestrator.schemes import get_scheme
+
+        for path, spec in get_scheme(cfg.scheme).models(cfg):  # assistants, peers: they build, classes agree
             teacher_models.append(create_spec_model(spec, path, splits.num_classes))
         with torch.no_grad():
             for model in teacher_models:
@@ -87,8 +87,6 @@ def preflight(cfg: Config) -> None:
                     raise ConfigError(f"a teacher ({type(model).__name__}) outputs {classes} classes but dataset "
                                       f"{cfg.data.name!r} has {splits.num_classes}")
         student = create_spec_model(cfg.student, "student", splits.num_classes)
-        from kdray.orchestrator.schemes import get_scheme
-
         get_scheme(cfg.scheme).preflight(cfg, splits, example, student, teacher_models[: len(paths)], orders)
     except ConfigError:
         raise

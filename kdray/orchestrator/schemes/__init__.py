@@ -12,7 +12,7 @@ schemes import the job's machinery inside their methods.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kdray.config import Config
@@ -36,6 +36,11 @@ class Scheme:
     def plan(self, cfg: "Config") -> list[dict]:
         """The ordered stages of a job; each becomes one MLflow child run (see ``kdray.orchestrator.job``)."""
         raise NotImplementedError
+
+    def models(self, cfg: "Config") -> list[tuple[str, Any]]:
+        """The models it trains besides the student and the teachers, by config path (``assistants.0``):
+        preflight builds each and checks it outputs the dataset's classes."""
+        return []
 
     def run_stage(self, cfg: "Config", stage: dict, splits, ctx, job_state: dict, resume_loop: dict | None) -> dict:
         """Train one stage; the default is the generic single-model training of ``job.train_stage``."""
@@ -115,10 +120,9 @@ def teacher_sources(cfg: "Config", stages: list[dict]) -> list[str]:
     """Train the configured teachers that need training (as stages appended to ``stages``), and name every
     teacher's source."""
     sources = []
-    specs = cfg.teacher_specs()
-    for i, spec in enumerate(specs):
-        path = f"teachers.{i}" if cfg.scheme == "multi_teacher" else "teacher"
-        name = f"teacher-{i}" if len(specs) > 1 else "teacher"
+    paths = cfg.teacher_paths()
+    for i, (path, spec) in enumerate(paths):
+        name = f"teacher-{i}" if len(paths) > 1 else "teacher"
         if spec.train is not None:
             stages.append(stage(name, "teacher", cfg.seeds[0], path, spec.model, keep=True))
             sources.append(f"stage:{name}")

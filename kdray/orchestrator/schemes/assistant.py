@@ -28,5 +28,8 @@ class Assistant(Scheme):
             sources = [f"stage:{name}"]
         return taught_students(cfg, stages, sources)
 
+    def models(self, cfg):
+        return [(f"assistants.{i}", spec) for i, spec in enumerate(cfg.assistants)]
+
     def preflight(self, cfg, splits, example, student, teachers, orders):
         distill_preflight(cfg, splits, example, student, teachers[0], orders[0])

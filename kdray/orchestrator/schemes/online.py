@@ -35,6 +35,9 @@ class Online(Scheme):
                                 peers=peers, methods=method_label(cfg)))
         return stages
 
+    def models(self, cfg):
+        return [(f"online.peers.{i}", spec) for i, spec in enumerate(cfg.online.peers)]
+
     def run_stage(self, cfg, stage, splits, ctx, job_state, resume_loop):
         from kdray.orchestrator.online import run_online_stage
 
