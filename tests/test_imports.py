@@ -73,3 +73,17 @@ def test_unmarked_test_using_a_ray_fixture_is_refused():
         conftest.pytest_runtest_setup(item(False, ["tmp_path", "ray_session"]))
     conftest.pytest_runtest_setup(item(True, ["ray_session"]))
     conftest.pytest_runtest_setup(item(False, ["tmp_path"]))
+
+
+def test_import_layers_hold():
+    """The import-linter contracts in pyproject.toml (function-level imports count) are kept."""
+    out = subprocess.run(["lint-imports", "--no-cache"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "0 broken" in out.stdout
+
+
+def test_old_cli_entry_point_is_the_cli():
+    import kdray.cli
+    import kdray.orchestrator.cli
+
+    assert kdray.orchestrator.cli.main is kdray.cli.main
