@@ -129,3 +129,14 @@ def test_a_dumped_config_and_a_default_section_are_not_foreign(tmp_path):
     assert cfg.scheme == "offline"
     again = load_config(cfg, ["train.epochs=2"])  # model_dump() gives every section, at its default
     assert again.train.epochs == 2 and again.online == cfg.online
+
+
+def test_teacher_sources_are_typed_and_checked():
+    from kdray.orchestrator.schemes import TeacherSource, from_stage, stage_teachers
+
+    assert TeacherSource.parse("spec:teachers.1") == TeacherSource("spec", "teachers.1")
+    assert str(TeacherSource.parse(from_stage("gen0-seed0"))) == "stage:gen0-seed0"
+    row = stage("s", "distill", 0, "student", "m", [from_stage("a"), "spec:teacher", from_stage("b")])
+    assert stage_teachers(row) == ["a", "b"] and stage_teachers(stage("t", "teacher", 0, "teacher", "m")) == []
+    with pytest.raises(ValueError, match="neither stage:<name> nor spec:<config path>"):
+        TeacherSource.parse("teacher")

@@ -126,7 +126,10 @@ def create_spec_model(spec, key: str, num_classes: int) -> nn.Module:
 def build_teacher_model(cfg: Config, source: str, num_classes: int, weights: dict[str, dict],
                         tracking_uri: str | None) -> nn.Module:
     """The frozen model behind a teacher source: weights from an earlier stage, a checkpoint or MLflow."""
-    kind, ref = source.split(":", 1)
+    from kdray.orchestrator.schemes import TeacherSource
+
+    parsed = TeacherSource.parse(source)
+    kind, ref = parsed.kind, parsed.ref
     if kind == "stage":
         if ref not in weights:
             raise RuntimeError(f"stage {ref!r} has not run yet")
@@ -150,8 +153,10 @@ def teacher_class_order(cfg: Config, source: str, classes: list[str]) -> list[in
     """How a teacher's logits are reordered into the dataset's class order (from its spec's ``classes``);
     a teacher whose classes are not the dataset's is a one-line :class:`ConfigError` naming it."""
     from kdray.algorithms.distiller import ClassOrderError, class_order
+    from kdray.orchestrator.schemes import TeacherSource
 
-    kind, ref = source.split(":", 1)
+    parsed = TeacherSource.parse(source)
+    kind, ref = parsed.kind, parsed.ref
     path = {s["name"]: s["spec"] for s in plan_stages(cfg)}[ref] if kind == "stage" else ref
     declared = getattr(model_spec(cfg, path), "classes", None)
     if declared is None:

@@ -142,6 +142,7 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
     persisted for ``--resume``); the first failure is raised at the end. On Ctrl-C or SIGTERM (the CLI
     raises it as ``Terminated``, a ``KeyboardInterrupt``), unfinished tasks are cancelled."""
     from kdray.orchestrator.ray_runner import check_fits, ensure_ray, resolve_use_gpu
+    from kdray.orchestrator.schemes import stage_teachers
 
     ensure_ray(cfg.ray.address)
     run_dir = cfg.run_dir()
@@ -166,7 +167,7 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
             rows[name] = saved["done"][name]
             log(f"[{name}] finished in an earlier run; skipped")
             continue
-        deps = [src.split(":", 1)[1] for src in stage.get("teachers", []) if src.startswith("stage:")]
+        deps = stage_teachers(stage)
         row_ref, weights[name] = _stage_remote.options(
             name=f"kdray:{cfg.name}:{name}", max_retries=cfg.ray.max_failures, retry_exceptions=False,
             **resources,

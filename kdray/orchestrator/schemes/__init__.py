@@ -12,7 +12,8 @@ schemes import the job's machinery inside their methods.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from kdray.config import Config
@@ -101,6 +102,37 @@ def section_owners() -> dict[str, list[str]]:
     return owners
 
 
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a stage's teacher comes from: ``stage`` = the weights of an earlier stage of the job (``ref`` its
+    name), ``spec`` = a teacher given by checkpoint / MLflow URI / cache (``ref`` its config path). Stage rows
+    hold it as its string ``kind:ref``: rows go into checkpoints read with ``weights_only`` and into MLflow."""
+
+    kind: Literal["stage", "spec"]
+    ref: str
+
+    @classmethod
+    def parse(cls, text: str) -> "TeacherSource":
+        kind, sep, ref = text.partition(":")
+        if not sep or kind not in ("stage", "spec") or not ref:
+            raise ValueError(f"teacher source {text!r} is neither stage:<name> nor spec:<config path>")
+        return cls(kind, ref)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.ref}"
+
+
+def from_stage(name: str) -> str:
+    """The teacher source of the weights stage ``name`` trains."""
+    return str(TeacherSource("stage", name))
+
+
+def stage_teachers(row: dict) -> list[str]:
+    """The names of the stages whose weights teach this stage (the ones it must wait for)."""
+    sources = [TeacherSource.parse(text) for text in row.get("teachers", [])]
+    return [src.ref for src in sources if src.kind == "stage"]
+
+
 def stage(name: str, kind: str, seed: int, spec: str, model: str, teachers: list[str] | None = None,
           **extra) -> dict:
     """A stage row: ``spec`` is the config path of its model (``student``, ``teachers.1``, ...), ``teachers``
@@ -125,9 +157,9 @@ def teacher_sources(cfg: "Config", stages: list[dict]) -> list[str]:
         name = f"teacher-{i}" if len(paths) > 1 else "teacher"
         if spec.train is not None:
             stages.append(stage(name, "teacher", cfg.seeds[0], path, spec.model, keep=True))
-            sources.append(f"stage:{name}")
+            sources.append(from_stage(name))
         else:
-            sources.append(f"spec:{path}")
+            sources.append(str(TeacherSource("spec", path)))
     return sources
 
 

@@ -1,8 +1,8 @@
 """assistant (TAKD): teacher -> assistant 1 -> ... -> the student, each taught by the previous model."""
 from __future__ import annotations
 
-from kdray.orchestrator.schemes import (Scheme, distill_preflight, method_label, needs_methods, needs_teacher,
-                                        register_scheme, stage, taught_students, teacher_sources)
+from kdray.orchestrator.schemes import (Scheme, distill_preflight, from_stage, method_label, needs_methods,
+                                        needs_teacher, register_scheme, stage, taught_students, teacher_sources)
 
 
 @register_scheme
@@ -25,7 +25,7 @@ class Assistant(Scheme):
             name = f"assistant-{i}"
             stages.append(stage(name, "assistant", cfg.seeds[0], f"assistants.{i}", spec.model, sources,
                                 keep=True, methods=method_label(cfg)))
-            sources = [f"stage:{name}"]
+            sources = [from_stage(name)]
         return taught_students(cfg, stages, sources)
 
     def models(self, cfg):

@@ -2,7 +2,7 @@
 ensemble evaluated) or as BYOT auxiliary exits."""
 from __future__ import annotations
 
-from kdray.orchestrator.schemes import Scheme, no_teacher, register_scheme, stage
+from kdray.orchestrator.schemes import Scheme, from_stage, no_teacher, register_scheme, stage
 
 
 @register_scheme
@@ -28,7 +28,7 @@ class SelfDistill(Scheme):
             for gen in range(cfg.self_distill.generations):
                 name = f"gen{gen}-seed{seed}"
                 kind = "generation" if gen else "scratch"
-                stages.append(stage(name, kind, seed, *student, [f"stage:{previous}"] if previous else None,
+                stages.append(stage(name, kind, seed, *student, [from_stage(previous)] if previous else None,
                                     keep=True, generation=gen))
                 previous = name
         return stages
