@@ -41,9 +41,9 @@ def assert_gradients_reach_student_and_connectors(method: str, **params):
     term = distiller.terms[0]
     s_out = distiller.student_forward(batch.inputs)
     t_out = teacher(batch.inputs)
-    from kdray.algorithms.distiller import _select
+    from kdray.algorithms.distiller import select_points
 
-    losses = term(_select(s_out, term.student_points), _select(t_out, term.teacher_points), batch)
+    losses = term(select_points(s_out, term.student_points), select_points(t_out, term.teacher_points), batch)
     total = sum(v for k, v in losses.items() if k != "ce")
     total.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters()), \

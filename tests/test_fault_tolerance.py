@@ -178,7 +178,7 @@ def test_stale_runs_only_local_dead_drivers(tmp_path, mlflow_uri):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, timeout=30)
     dead_pid = gone.stdout.strip()
-    me_started_ms = int(stale_runs._process_start_s(os.getpid())[0] * 1000)
+    me_started_ms = int(stale_runs.process_start_s(os.getpid())[0] * 1000)
 
     def job(name, pid, host, status="RUNNING", start_time=None):
         run = client.create_run(exp, run_name=name, start_time=start_time, tags={

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import kdray
 from kdray.algorithms.base import Batch, create_method
-from kdray.algorithms.distiller import ClassOrderError, Distiller, Teacher, _select, class_order
+from kdray.algorithms.distiller import ClassOrderError, Distiller, Teacher, class_order
 from kdray.algorithms.engine import seed_everything
 from kdray.algorithms.schemes.multi_teacher import TeacherEnsemble, combine
 from kdray.config import ConfigError, load_config

@@ -7,8 +7,8 @@ level or inside a function) or an attribute use through a module (``job._helper`
 ``kdray.orchestrator.job._helper``) breaks that promise silently, so CI refuses it. A name that another
 module needs gets a public name where it belongs.
 
-Usage: ``python tools/check_private_imports.py [ROOT ...]`` (default ``kdray``; ROOTs are package
-directories or files; ``tests`` and ``bench`` may be checked the same way). Lines: ``file:line: what``.
+Usage: ``python tools/check_private_imports.py [ROOT ...]`` (default: ``kdray``, ``tests`` and ``bench``; ROOTs
+are directories or files). Lines: ``file:line: what``. Tests use public seams too.
 Only kdray's own modules count; private names of other libraries are another check's business.
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def check_file(path: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    roots = [Path(a) for a in argv] or [REPO / PACKAGE]
+    roots = [Path(a) for a in argv] or [REPO / PACKAGE, REPO / "tests", REPO / "bench"]
     files = sorted({f for r in roots for f in ([r] if r.is_file() else r.rglob("*.py"))})
     problems = []
     for f in files:

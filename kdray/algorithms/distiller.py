@@ -193,7 +193,7 @@ class Distiller(nn.Module):
         s_out = self.student_forward(example_inputs)
         t_out = teacher(example_inputs) if teacher is not None else ModelOutput(s_out.logits)
         for term, slot in zip(self.terms, self.term_teachers):
-            term.build(_select(s_out, term.student_points), _teacher_view(t_out, slot, term), num_samples)
+            term.build(select_points(s_out, term.student_points), _teacher_view(t_out, slot, term), num_samples)
         self.student.train(was_training)
         self._built = True
 
@@ -215,7 +215,7 @@ class Distiller(nn.Module):
         for term, slot in zip(self.terms, self.term_teachers):
             if teacher_out is None:
                 raise ValueError(f"method {term.name!r} needs a teacher, but this stage has none")
-            out = term(_select(s_out, term.student_points), _teacher_view(teacher_out, slot, term), batch)
+            out = term(select_points(s_out, term.student_points), _teacher_view(teacher_out, slot, term), batch)
             if slot is not None:
                 if member_weights is None:
                     member_weights = getattr(teacher_out, "member_weights", None)
@@ -233,16 +233,17 @@ class Distiller(nn.Module):
         return unwrap(self.student)
 
 
-def _select(out: ModelOutput, points: list[str]) -> ModelOutput:
+def select_points(out: ModelOutput, points: list[str]) -> ModelOutput:
+    """``out`` with only the feature points a term asked for (what the term is called with)."""
     return ModelOutput(out.logits, {p: out.features[p] for p in points})
 
 
 def _teacher_view(out: ModelOutput, member: int | None, term: KnowledgeTerm) -> ModelOutput:
     """What ``term`` sees of the teacher: teacher ``member``'s own output, or the (combined) output."""
     if member is None:
-        return _select(out, term.teacher_points)
+        return select_points(out, term.teacher_points)
     members = getattr(out, "members", None)
     if members is None or member >= len(members):
         raise ValueError(f"method {term.name!r} is taught per teacher, but the teacher output holds "
                          f"{0 if members is None else len(members)} teachers' outputs (an ensemble's members)")
-    return _select(members[member], term.teacher_points)
+    return select_points(members[member], term.teacher_points)

@@ -11,8 +11,9 @@ from __future__ import annotations
 class Checkpointer:
     """Epoch-end callback: every ``every`` epochs, checkpoint the job state plus this stage's loop state,
     then flush the epoch metrics it covers to MLflow (never before: a restart would log them twice).
-    The unflushed metrics ride in the checkpoint, so a crash right after it loses none; epochs that a
-    restart replays are skipped by :class:`~kdray.orchestrator.tracking.StageLogger`. The last epoch is left to the stage end."""
+    The unflushed metrics ride in the checkpoint, so a crash right after it loses none; epochs that a restart
+    replays are skipped by :class:`~kdray.orchestrator.tracking.StageLogger`. The last epoch is left to the
+    stage end."""
 
     def __init__(self, ctx, job_state: dict, stage: str, every: int, logger=None, loop_state=None):
         self.ctx, self.job_state, self.stage, self.every, self.logger = ctx, job_state, stage, every, logger

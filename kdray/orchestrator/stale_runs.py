@@ -41,7 +41,7 @@ class JobRun:
         return self.start_time_ms / 1000
 
 
-def _process_start_s(pid: int) -> tuple[float | None, str | None]:
+def process_start_s(pid: int) -> tuple[float | None, str | None]:
     """(start time in epoch seconds, state letter) of a process, from Linux ``/proc``; (None, None) elsewhere."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -63,7 +63,7 @@ def driver_alive(pid: int, since_s: float | None = None) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
-    started, state = _process_start_s(pid)
+    started, state = process_start_s(pid)
     if state in ("Z", "X"):  # killed, not yet reaped by its parent
         return False
     if started is not None and since_s is not None and started > since_s + 1.0:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch, KnowledgeTerm, ModelOutput
-from kdray.algorithms.distiller import expand_points, forward_with_features
+from kdray.algorithms.distiller import expand_points, forward_with_features, select_points
 from kdray.algorithms.packing import OutputLayout
 from kdray.algorithms.response.kd import kl_div_with_temperature
 from kdray.models.features import FeatureTap, resolve_points
@@ -112,8 +112,8 @@ class PeerLearner(nn.Module):
             torch.manual_seed(7919 * seed + self.index)
             for j, terms in self.links.items():
                 for term in terms:
-                    term.build(_select(outs[self.index], term.student_points),
-                               _select(outs[int(j)], term.teacher_points), num_samples)
+                    term.build(select_points(outs[self.index], term.student_points),
+                               select_points(outs[int(j)], term.teacher_points), num_samples)
 
     def losses(self, outs: list[ModelOutput], batch: Batch) -> dict[str, torch.Tensor]:
         """Named losses of this peer; ``outs[self.index]`` carries the graph, the others are detached."""
@@ -126,8 +126,8 @@ class PeerLearner(nn.Module):
         for j, terms in self.links.items():
             teacher = _detached(outs[int(j)])
             for term in terms:
-                out = term(_select(outs[self.index], term.student_points), _select(teacher, term.teacher_points),
-                           batch)
+                out = term(select_points(outs[self.index], term.student_points),
+                           select_points(teacher, term.teacher_points), batch)
                 for key, value in out.items():
                     losses[key] = losses[key] + share * value if key in losses else share * value
         return {f"peer{self.index}_{k}": v for k, v in losses.items()}
@@ -227,10 +227,6 @@ class PeerReplica(nn.Module):
         outs = [lay.unpack(flat) for lay, flat in zip(self.layouts, self.gather(padded))]
         outs[self.index] = own
         return own.logits, self.learner.losses(outs, batch)
-
-
-def _select(out: ModelOutput, points: list[str]) -> ModelOutput:
-    return ModelOutput(out.logits, {p: out.features[p] for p in points})
 
 
 def _detached(out: ModelOutput) -> ModelOutput:
