@@ -3,11 +3,13 @@
 CRD's memory banks (and its partition-function estimate ``Z``) must cover the batch the one-process run sees.
 Peer-parallel online training puts other peers on the other ranks of the world: gathering there (the old
 behaviour) wrote peer 1's embeddings into rank 0's banks. Checked on gloo CPU processes, without Ray:
-2 peers on 2 ranks, 2 peers x 2 replicas on 4 ranks, and an offline data-parallel distiller on 2 ranks.
+2 peers on 2 ranks, 2 peers x 2 replicas on 4 ranks, and an offline data-parallel distiller on 2 ranks;
+then (``ray`` mark) that the Ray Train runner hands an offline distiller's CRD the world.
 """
 import inspect
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -182,3 +184,44 @@ def test_terms_that_import_torch_distributed_take_their_process_group():
     for name, cls in list_methods().items():
         if "torch.distributed" in inspect.getsource(inspect.getmodule(cls)):
             assert cls.set_process_group is not KnowledgeTerm.set_process_group, name
+
+
+# --- the Ray Train runner hands the world to an offline distiller's terms -------------------------------------
+class _BankProbe:
+    """Epoch callback run in each Ray Train worker: saves its rank's CRD buffers after each student epoch."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_epoch_end(self, epoch, metrics, loop):
+        from kdray.algorithms.relation.crd import CRD
+
+        if metrics.get("kind") == "teacher":
+            return
+        crd = next(m for m in loop.distiller.modules() if isinstance(m, CRD))
+        torch.save({b: getattr(crd, b).detach().cpu() for b in BUFFERS},
+                   os.path.join(self.out_dir, f"ray-bank-{dist.get_rank()}.pt"))
+
+
+@pytest.mark.ray
+def test_offline_crd_on_two_ray_train_workers_updates_every_bank_row_on_every_rank(tmp_path, ray_session):
+    """One epoch visits every training sample once over the two workers: with the world handed to CRD, each
+    rank's banks hold every sample's (unit-norm) update and both ranks' banks are equal."""
+    import sys
+
+    from ray import cloudpickle
+
+    from jobs import digits_job
+    from kdray.config import load_config
+    from kdray.orchestrator.ray_runner import run_on_ray
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    cfg = load_config(digits_job(tmp_path, name="crd2", ray__num_workers=2, teacher__train__epochs=1,
+                                 train__epochs=1, methods=[{"name": "crd", "feat_dim": 8, "nce_k": 16}]))
+    run_on_ray(cfg, None, {}, epoch_callbacks=[_BankProbe(str(tmp_path))], quiet=True)
+    banks = [torch.load(tmp_path / f"ray-bank-{r}.pt", weights_only=True) for r in range(2)]
+    for name in BUFFERS:
+        assert torch.allclose(banks[0][name], banks[1][name], atol=1e-6), name
+    for name in ("bank_s", "bank_t"):
+        norms = banks[0][name].norm(dim=1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), (name, int((norms - 1).abs().gt(1e-5).sum()))
