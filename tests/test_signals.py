@@ -56,7 +56,7 @@ def one_line(stderr: str) -> str:
 
 
 def test_sigterm_during_a_tracking_write_waits_for_it_then_raises_terminated():
-    reached = []
+    reached, before = [], signal.getsignal(signal.SIGTERM)  # Ray's handler once the session's Ray has started
     with sigterm_handled():
         with pytest.raises(Terminated, match="SIGTERM"):
             with sigint_held():
@@ -69,7 +69,7 @@ def test_sigterm_during_a_tracking_write_waits_for_it_then_raises_terminated():
                 os.kill(os.getpid(), signal.SIGTERM)
                 reached.append("not reached")
     assert reached == ["the write went on"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back after the CLI's block
+    assert signal.getsignal(signal.SIGTERM) is before  # put back after the CLI's block
 
 
 # --- SIGTERM to `kdray run` ----------------------------------------------------------------------------

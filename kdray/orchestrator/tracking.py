@@ -166,6 +166,11 @@ def training_runs_links(uri: str, base: str) -> list[tuple[str, str]]:
     plain ``#/experiments/<id>`` link opens the GenAI overview. Empty when the store cannot be read."""
     if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
         return []  # do not create a store just to list it
+    if uri.startswith(("http://", "https://")):
+        try:  # MLflow's client retries an unreachable server for minutes
+            check_reachable(uri, timeout_s=2.0)
+        except TrackingUnreachableError:
+            return []
     try:
         exps = MlflowClient(uri).search_experiments(
             filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = '{TRAINING_KIND}'")
