@@ -95,11 +95,10 @@ def preflight(cfg: Config) -> None:
 
 
 def _tracking_uri(cfg: Config) -> str | None:
-    if not cfg.mlflow.enabled:
-        return None
-    from kdray.orchestrator.tracking import resolve_tracking_uri
+    """:func:`~kdray.orchestrator.tracking.tracking_uri_for`, imported late: the tracking module loads MLflow."""
+    from kdray.orchestrator.tracking import tracking_uri_for
 
-    return resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    return tracking_uri_for(cfg)
 
 
 def _check_run_dir(cfg: Config, job_dir: RunDir, resume: bool, log) -> None:
