@@ -11,23 +11,14 @@ import tempfile
 
 import torch
 
+from kdray.orchestrator.run_dir import write_atomic
+
 STATE_FILE = "state.pt"
 
 
 def save_atomic(payload: dict, path: str) -> None:
     """Write ``payload`` to ``path`` so a crash leaves either the old or the new file, never half of one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda fh: torch.save(payload, fh), suffix=".pt")
 
 
 def load_state(path: str) -> dict:

@@ -25,7 +25,7 @@ import os
 import socket
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from kdray.config import ConfigError
 
@@ -66,14 +66,15 @@ class JobLockedError(ConfigError):
     """Another live driver holds the job's lock."""
 
 
-def write_json_atomic(obj: Any, path: str) -> None:
-    """Write ``obj`` as JSON to ``path`` so a crash leaves either the old or the new file, never half of one."""
+def write_atomic(path: str, write: Callable[[IO[bytes]], None], suffix: str = "") -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it and rename it over ``path``, so a crash
+    leaves either the old or the new file, never half of one."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -81,6 +82,12 @@ def write_json_atomic(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json_atomic(obj: Any, path: str) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`write_atomic`)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    write_atomic(path, lambda fh: fh.write(text), suffix=".json")
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:

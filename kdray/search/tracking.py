@@ -129,27 +129,16 @@ class SweepTracking:
         import logging
 
         import mlflow
-        from mlflow.tracking._tracking_service import utils as tracking_utils
 
-        # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: put both back exactly as they were
-        previous, previous_env = getattr(tracking_utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(self.uri)
-        quiet = logging.getLogger("mlflow.pytorch")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # the pickle-format caution: these are the user's own modules
-        try:
+        from kdray.orchestrator.tracking import fluent_store, quiet_logger
+
+        # quiet: the pickle-format caution (these are the user's own modules)
+        with fluent_store(self.uri), quiet_logger("mlflow.pytorch", logging.ERROR):
             with mlflow.start_run(run_id=self.parent_id):
                 info = mlflow.pytorch.log_model(model, name="best_student", serialization_format="pickle",
                                                 registered_model_name=model_name)
-            version = str(info.registered_model_version)
-            self.client.update_run(self.parent_id, status="RUNNING")  # start_run's exit closed it
-        finally:
-            mlflow.set_tracking_uri(previous)
-            if previous_env is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = previous_env
-            quiet.setLevel(level)
+        version = str(info.registered_model_version)
+        self.client.update_run(self.parent_id, status="RUNNING")  # start_run's exit closed it
         self.client.set_registered_model_alias(model_name, "champion", version)
         self.client.update_model_version(model_name, version, description=description)
         self.client.set_model_version_tag(model_name, version, "kdray.source_run", source_run)
