@@ -30,11 +30,15 @@ def all_runs(uri: str) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def assert_all_killed_by_sigterm(uri: str, expected: set[str]) -> None:
+def assert_all_killed_by_sigterm(uri: str, expected: set[str], may_finish: frozenset = frozenset()) -> None:
+    """Every run in ``expected`` KILLED naming SIGTERM, none left RUNNING; a run in ``may_finish`` may instead
+    have FINISHED cleanly (a stage that ended while the abort reached the workers)."""
     runs = {r.info.run_name: r for r in all_runs(uri)}
     assert expected <= set(runs), sorted(runs)
     for name, run in runs.items():
-        if name in expected:
+        if name in may_finish and run.info.status == "FINISHED":
+            assert FAILURE_TAG not in run.data.tags, name
+        elif name in expected:
             assert run.info.status == "KILLED", (name, run.info.status, run.data.tags.get(FAILURE_TAG))
             assert "SIGTERM" in run.data.tags[FAILURE_TAG], (name, run.data.tags[FAILURE_TAG])
         assert run.info.status != "RUNNING", name
@@ -99,7 +103,7 @@ def test_sigterm_in_process_kills_every_run_exits_143_and_resumes(tmp_path, mlfl
 @pytest.mark.ray
 def test_sigterm_on_ray_train_aborts_train_kills_the_runs_and_resumes(tmp_path, ray_session, mlflow_uri):
     """Was: exit 134 (SIGABRT) with Ray's C++ dump and the runs FAILED "SystemExit: 1"."""
-    job = digits_job(tmp_path, mlflow_uri, name="term-ray", teacher__train__epochs=6, train__epochs=2,
+    job = digits_job(tmp_path, mlflow_uri, name="term-ray", teacher__train__epochs=40, train__epochs=2,
                      checkpoint__every_epochs=2, ray__num_workers=1)
     address = ray_session.get_runtime_context().gcs_address  # the session's Ray: no start-up per driver
     snapshot = tmp_path / "runs" / "term-ray" / "checkpoint_manager_snapshot.json"  # the first Train checkpoint
@@ -109,7 +113,9 @@ def test_sigterm_on_ray_train_aborts_train_kills_the_runs_and_resumes(tmp_path, 
     assert proc.returncode == 143, output[-3000:] + stderr[-3000:]
     assert "SIGTERM: Ray Train stopped the run; `--resume`" in stderr
     assert "Aborted" not in stderr and "*** SIGTERM received" not in stderr and "Received SIGINT" not in stderr
-    assert_all_killed_by_sigterm(mlflow_uri, {"term-ray", "teacher", "kd-seed0"})
+    # Train registers a checkpoint after the worker reported it and aborts at the controller's next poll: the
+    # teacher (signalled at its epoch 2 of 40) may end first on a fast machine; the student's stage cannot
+    assert_all_killed_by_sigterm(mlflow_uri, {"term-ray", "teacher", "kd-seed0"}, may_finish=frozenset({"teacher"}))
 
     proc, output = drive_cli(tmp_path, job, "--resume", log_name="resume.log", wait_s=240, ray_address=address)
     assert proc.returncode == 0, output[-3000:]
