@@ -85,7 +85,7 @@ def test_models_datasets_description_and_system_metrics_in_mlflow(tmp_path, mlfl
     from kdray.algorithms.engine import evaluate
     from kdray.config import load_config
     from kdray.orchestrator.job import build_splits
-    from kdray.orchestrator.tracking import fluent_store
+    from kdray.orchestrator.mlflow_internals import fluent_store
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     cfg = digits_job(tmp_path, mlflow_uri, name="ui", train__epochs=2, teacher__train__epochs=2)

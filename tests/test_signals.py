@@ -253,9 +253,9 @@ def test_too_many_workers_for_one_node_fails_before_stage_tasks(ray_session, tmp
 
 @pytest.mark.ray
 def test_a_cluster_that_may_autoscale_waits_at_most_start_timeout_s(ray_session, tmp_path, monkeypatch, capsys):
-    from kdray.orchestrator import ray_runner
+    from kdray.orchestrator import runtime
 
-    monkeypatch.setattr(ray_runner, "cluster_may_autoscale", lambda: True)
+    monkeypatch.setattr(runtime, "cluster_may_autoscale", lambda: True)
     job = digits_job(tmp_path, None, name="wait", ray__num_workers=8, ray__start_timeout_s=3)
     started = time.monotonic()
     with pytest.raises(ConfigError) as err:
@@ -265,4 +265,4 @@ def test_a_cluster_that_may_autoscale_waits_at_most_start_timeout_s(ray_session,
     message = str(err.value)
     assert "\n" not in message and "ray.start_timeout_s=3" in message and "ray.num_workers=8" in message, message
     assert "waiting up to ray.start_timeout_s=3" in capsys.readouterr().out
-    assert os.environ.get(ray_runner.START_TIMEOUT_VAR) is None  # not left behind for later jobs
+    assert os.environ.get(runtime.START_TIMEOUT_VAR) is None  # not left behind for later jobs

@@ -141,7 +141,7 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
     row per stage in plan order. Independent stages keep running when one fails (their results are
     persisted for ``--resume``); the first failure is raised at the end. On Ctrl-C or SIGTERM (the CLI
     raises it as ``Terminated``, a ``KeyboardInterrupt``), unfinished tasks are cancelled."""
-    from kdray.orchestrator.ray_runner import check_fits, ensure_ray, resolve_use_gpu
+    from kdray.orchestrator.runtime import check_fits, ensure_ray, resolve_use_gpu
     from kdray.orchestrator.schemes import stage_teachers
 
     ensure_ray(cfg.ray.address)

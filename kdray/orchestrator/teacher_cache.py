@@ -241,7 +241,7 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
     import ray
 
     from kdray.orchestrator.job import build_splits, data_options
-    from kdray.orchestrator.ray_runner import ensure_ray
+    from kdray.orchestrator.runtime import ensure_ray
     from kdray.orchestrator.tracking import tracking_uri_for
 
     start = time.perf_counter()

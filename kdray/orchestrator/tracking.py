@@ -12,7 +12,6 @@ results table.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from kdray.orchestrator.interrupts import holds_sigint
+from kdray.orchestrator.mlflow_internals import fluent_store, quiet_logger, start_system_metrics, stop_system_metrics
 from kdray.orchestrator.run_dir import RUNS_FILE, file_lock  # noqa: F401  (RUNS_FILE: re-exported)
 
 FAILURE_TAG = "kdray.failure_reason"
@@ -180,26 +180,6 @@ def training_runs_links(uri: str, base: str) -> list[tuple[str, str]]:
             for e in exps]
 
 
-@contextlib.contextmanager
-def fluent_store(uri: str):
-    """Point mlflow's fluent functions (``mlflow.pytorch.log_model`` takes no store argument) at ``uri`` for
-    the block, then put the process's tracking URI and ``MLFLOW_TRACKING_URI`` (which ``set_tracking_uri``
-    exports) back exactly as they were: in-process jobs share the caller's process."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    previous, previous_env = getattr(tracking_utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
-
-
 def dataset_inputs(name: str, splits) -> list[DatasetInput]:
     """The job's splits as MLflow dataset inputs (the runs table's Datasets column): one per split, with its
     row count and the input shape. The digest comes from the splits' fingerprint (data and transforms, as
@@ -214,54 +194,6 @@ def dataset_inputs(name: str, splits) -> list[DatasetInput]:
         out.append(DatasetInput(Dataset(name, digest, "code", source, None, profile),
                                 [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
     return out
-
-
-@contextlib.contextmanager
-def quiet_logger(name: str, level: int):
-    """Raise logger ``name``'s level for the block: MLflow's per-model chatter would fill a job's output."""
-    logger = logging.getLogger(name)
-    previous = logger.level
-    logger.setLevel(max(level, previous))
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
-
-
-_MONITORS: dict[str, object] = {}  # run id -> its system-metrics monitor in this process
-
-
-def start_system_metrics(uri: str, run_id: str):
-    """Sample CPU, memory, disk, network (and GPU with ``nvidia-ml-py``) into ``run_id`` as ``system/*``
-    metrics every ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (10 by default).
-
-    This is the monitor ``mlflow.start_run(run_id=..., log_system_metrics=True)`` starts, driven directly
-    with the store's URI: a fluent run is per-thread state that a failing stage would leave active in the
-    caller's process (the next ``mlflow.start_run`` there then refuses), and its end sets the run's status.
-    The monitor never changes the status; it stops itself once the run is no longer RUNNING (the driver
-    marks it FAILED/KILLED), and a monitor left by an earlier attempt at the same run is stopped first.
-    """
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    stop_system_metrics(run_id)
-    with quiet_logger("mlflow.system_metrics", logging.WARNING):  # "Started monitoring", "Skip GPU metrics"
-        monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
-        monitor.start()
-    _MONITORS[run_id] = monitor
-    return monitor
-
-
-def stop_system_metrics(run_id: str) -> None:
-    """Stop ``run_id``'s monitor and log what it sampled since its last write (a stage shorter than the
-    sampling interval still gets one row: MLflow's own stop drops that tail)."""
-    monitor = _MONITORS.pop(run_id, None)
-    if monitor is None:
-        return
-    with quiet_logger("mlflow.system_metrics", logging.WARNING):
-        monitor.finish()
-    monitor.collect_metrics()
-    monitor.publish_metrics(monitor.aggregate_metrics())
-    monitor.mlflow_logger.flush()
 
 
 class JobTracking:

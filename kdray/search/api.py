@@ -23,6 +23,7 @@ from typing import Any
 
 from kdray.config import Config, ConfigError, check_job_name, load_config
 from kdray.orchestrator.interrupts import interruption, reclaim_sigterm, sigterm_forwarded, signal_handlers_restored
+from kdray.orchestrator.runtime import ensure_ray
 from kdray.search.space import CallableSpace, Space, apply_params, make_space
 from kdray.search.spec import SearchSpec, auto_grace, base_raw, load_sweep_spec
 from kdray.search.tracking import read_state, write_state
@@ -288,22 +289,8 @@ def validate(space, base: Config, search: SearchSpec) -> dict:
 
 
 def _ensure_ray(base: Config, search: SearchSpec) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    from kdray.orchestrator.ray_runner import ensure_ray
-
-    address = base.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ensure_ray(address)
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    per_trial = _per_trial_cpus(base, search)
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(per_trial)), include_dashboard=True,
-             log_to_driver=True)
-    reclaim_sigterm()  # ray.init replaced the CLI's SIGTERM handler
+    """Ray for the sweep: a local one gets at least one trial's CPUs (a trial may ask for more than the cores)."""
+    ensure_ray(base.ray.address, num_cpus=math.ceil(_per_trial_cpus(base, search)))
 
 
 def _per_trial_cpus(base: Config, search: SearchSpec) -> float:

@@ -130,7 +130,7 @@ class SweepTracking:
 
         import mlflow
 
-        from kdray.orchestrator.tracking import fluent_store, quiet_logger
+        from kdray.orchestrator.mlflow_internals import fluent_store, quiet_logger
 
         # quiet: the pickle-format caution (these are the user's own modules)
         with fluent_store(self.uri), quiet_logger("mlflow.pytorch", logging.ERROR):
