@@ -97,13 +97,13 @@ def register_method(cls: type[KnowledgeTerm]) -> type[KnowledgeTerm]:
 
 
 def _load_builtin_methods():
+    """Import every module of the built-in method packages (``kdray.algorithms.<kind>``) by name: each
+    registers its terms. The registry depends on no method; the methods depend on it."""
     import importlib
     import pkgutil
 
-    import kdray.algorithms as pkg
-
     for kind in KINDS:
-        sub = importlib.import_module(f"{pkg.__name__}.{kind}")
+        sub = importlib.import_module(f"{__package__}.{kind}")
         for info in pkgutil.iter_modules(sub.__path__):
             importlib.import_module(f"{sub.__name__}.{info.name}")
 

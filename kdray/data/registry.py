@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -79,7 +80,8 @@ def list_datasets() -> dict[str, str]:
 
 
 def _ensure_builtin():
-    from kdray.data import builtin  # noqa: F401  (registers the built-in datasets)
+    """Import the built-in datasets' module by name (it registers them): the registry depends on no dataset."""
+    importlib.import_module(f"{__package__}.builtin")
 
 
 def build_datasets(name: str, *, root: str | None = None, seed: int = 0, **options) -> DatasetSplits:
