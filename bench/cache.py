@@ -35,6 +35,7 @@ def parquet_read_seconds(logits: torch.Tensor, float16: bool, repeats: int = 3) 
     (``read_manifest``), and a CRC-32 of the same bytes (the cheaper checksum that was not chosen)."""
     import zlib
 
+    from kdray.orchestrator import cache_store as cs
     from kdray.orchestrator import teacher_cache as tc
 
     n, classes = logits.shape
@@ -49,7 +50,7 @@ def parquet_read_seconds(logits: torch.Tensor, float16: bool, repeats: int = 3) 
                 zlib.crc32(fh.read())
 
         times = {}
-        for name, fn in (("read", lambda: tc.load_cached_teacher(out, manifest)),
+        for name, fn in (("read", lambda: cs.load_cached_teacher(out, manifest)),
                          ("verify", lambda: tc.read_manifest(out)), ("crc32", crc32)):
             best = float("inf")
             for _ in range(repeats):
@@ -64,6 +65,7 @@ def shard_memory(samples: int, classes: int, views: int, world: int) -> dict:
     """Rows and logits bytes held by the whole cache vs by each worker's shard (what a sharded run holds)."""
     import numpy as np
 
+    from kdray.orchestrator import cache_store as cs
     from kdray.orchestrator import teacher_cache as tc
 
     index = np.repeat(np.arange(samples), views)
@@ -72,8 +74,8 @@ def shard_memory(samples: int, classes: int, views: int, world: int) -> dict:
                              np.zeros(samples * views, dtype=np.int64))
     manifest = {"dataset": {"size": samples, "num_classes": classes},
                 "views": {"kind": "recorded", "count": views, "seed": 0}, "logits": {"stored": "full"}}
-    full = tc.teacher_from_table(table, manifest, "bench")
-    shards = [tc.teacher_from_table(tc.keep_shard(table, r, world), manifest, "bench", shard=(r, world))
+    full = cs.teacher_from_table(table, manifest, "bench")
+    shards = [cs.teacher_from_table(cs.keep_shard(table, r, world), manifest, "bench", shard=(r, world))
               for r in range(world)]
     return {"full_rows": full.num_rows, "full_mb": full.logits.nbytes / 2**20,
             "shard_rows": [s.num_rows for s in shards],

@@ -121,7 +121,7 @@ def build_config(pair: str, args, checkpoints: dict[str, str]):
 
 
 def plan_text(pair: str, cfg) -> str:
-    from kdray.orchestrator.job import plan_stages
+    from kdray.orchestrator.plan import plan_stages
 
     t = cfg.train
     teacher = (f"{cfg.teacher.model} from checkpoint {cfg.teacher.checkpoint}" if cfg.teacher.checkpoint else
@@ -137,7 +137,7 @@ def plan_text(pair: str, cfg) -> str:
         f"  run      seeds {cfg.seeds}, ray.num_workers {cfg.ray.num_workers} "
         f"({'in-process' if cfg.ray.num_workers == 0 else 'Ray Train'}), use_gpu {cfg.ray.use_gpu}, "
         f"output {cfg.run_dir()}",
-        "  stages   " + ", ".join(f"{s['name']} ({s['kind']})" for s in plan_stages(cfg)),
+        "  stages   " + ", ".join(f"{s.name} ({s.kind})" for s in plan_stages(cfg)),
     ]
     return "\n".join(lines)
 
@@ -169,7 +169,8 @@ def checkpoint_teacher_top1(cfg) -> float:
 
     from kdray.algorithms.engine import evaluate
     from kdray.models import create_model
-    from kdray.orchestrator.job import build_splits, load_weights
+    from kdray.orchestrator.build import build_splits
+    from kdray.orchestrator.weights import load_weights
 
     splits = build_splits(cfg)
     model = create_model(cfg.teacher.model, splits.num_classes, **cfg.teacher.args)

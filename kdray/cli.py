@@ -52,7 +52,7 @@ def _cmd_list(args) -> int:
         for name, cls in list_methods().items():
             print(f"{name}\t{cls.kind}\t{cls.paper}")
     elif args.what == "schemes":
-        from kdray.orchestrator.schemes import list_schemes
+        from kdray.orchestrator.plan import list_schemes
 
         for name, scheme in list_schemes().items():
             print(f"{name}\t{scheme.help}")

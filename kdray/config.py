@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 def __getattr__(name: str):
-    """``SCHEMES`` / ``SCHEME_HELP``: read from the scheme registry (kdray/orchestrator/schemes) on use, since
+    """``SCHEMES`` / ``SCHEME_HELP``: read from the scheme registry (kdray/orchestrator/plan.py) on use, since
     its built-in schemes are registered by modules that import this one."""
     if name in ("SCHEMES", "SCHEME_HELP"):
-        from kdray.orchestrator.schemes import list_schemes
+        from kdray.orchestrator.plan import list_schemes
 
         schemes = list_schemes()
         return tuple(schemes) if name == "SCHEMES" else {n: s.help for n, s in schemes.items()}
@@ -142,6 +142,14 @@ class DataSpec(_Strict):
     download: bool = False
     options: dict[str, Any] = Field(default_factory=dict)
     loader_workers: int = Field(0, ge=0)
+
+    def builder_options(self) -> dict:
+        """The dataset builder's options as every split is built with them (CIFAR's ``download`` comes from
+        ``download``); a teacher cache records them to tell whether it was made from the same data."""
+        opts = dict(self.options)
+        if self.name in ("cifar10", "cifar100"):
+            opts.setdefault("download", self.download)
+        return opts
 
     @field_validator("root")
     @classmethod
@@ -267,7 +275,7 @@ class Config(_Strict):
     @field_validator("scheme", mode="before")
     @classmethod
     def _registered(cls, name: Any) -> str:
-        from kdray.orchestrator.schemes import get_scheme
+        from kdray.orchestrator.plan import get_scheme
 
         get_scheme(name)  # unknown: the allowed names, in pydantic's Literal words
         return name
@@ -283,7 +291,7 @@ class Config(_Strict):
     def _scheme_needs(self):
         """Each scheme names what it needs (its ``check``); a config giving the wrong parts fails here, in one
         line. A section only another scheme reads, given with a value of its own, fails too: it would be ignored."""
-        from kdray.orchestrator.schemes import get_scheme, section_owners
+        from kdray.orchestrator.plan import get_scheme, section_owners
 
         scheme = get_scheme(self.scheme)
         scheme.check(self)
@@ -306,7 +314,7 @@ class Config(_Strict):
 
     def teacher_paths(self) -> list[tuple[str, TeacherSpec]]:
         """Each teacher with its config path (``teacher``, ``teachers.1``, ...)."""
-        from kdray.orchestrator.schemes import get_scheme
+        from kdray.orchestrator.plan import get_scheme
 
         if "teachers" in get_scheme(self.scheme).sections:
             return [(f"teachers.{i}", spec) for i, spec in enumerate(self.teachers)]

@@ -18,6 +18,7 @@ import torch
 
 from kdray.models import create_model
 from kdray.orchestrator import cli
+from kdray.orchestrator import cache_store as cs
 from kdray.orchestrator import teacher_cache as tc
 
 TINY = ["train.epochs=2", "teacher.train.epochs=2", "seeds=[0]", "ray.num_workers=0", "baseline=false",
@@ -211,6 +212,6 @@ def test_truncated_cache_names_its_file(cache, tmp_path, monkeypatch, capsys):
 def test_intact_cache_opens_and_records_its_checksum(cache):
     manifest = tc.read_manifest(str(cache))
     entry = manifest["files"][tc.CACHE_FILE]
-    assert entry == {"bytes": os.path.getsize(cache / tc.CACHE_FILE), "sha256": tc.file_sha256(cache / tc.CACHE_FILE)}
-    teacher = tc.load_cached_teacher(str(cache), manifest)
+    assert entry == {"bytes": os.path.getsize(cache / tc.CACHE_FILE), "sha256": cs.file_sha256(cache / tc.CACHE_FILE)}
+    teacher = cs.load_cached_teacher(str(cache), manifest)
     assert teacher.num_rows == manifest["dataset"]["size"] and torch.isfinite(teacher.logits).all()

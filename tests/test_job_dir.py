@@ -20,7 +20,7 @@ import kdray
 from jobs import digits_job
 from kdray.config import load_config
 from kdray.orchestrator.checkpoints import load_state
-from kdray.orchestrator.job import plan_stages
+from kdray.orchestrator.plan import plan_stages
 from kdray.orchestrator.run_dir import CONFIG_FILE, LOCK_FILE, RunDir
 
 TINY = dict(teacher__train__epochs=1, train__epochs=1)
@@ -123,7 +123,7 @@ def _assert_one_intact_job(mlflow_uri: str, run_dir, job: dict, pid: int) -> Non
     assert ids["parent"] == run.info.run_id
     assert {client.get_run(i).info.status for i in ids["stages"].values()} == {"FINISHED"}
     state = load_state(str(run_dir / "checkpoint" / "state.pt"))
-    assert sorted(state["done"]) == sorted(s["name"] for s in plan_stages(load_config(job)))
+    assert sorted(state["done"]) == sorted(s.name for s in plan_stages(load_config(job)))
     assert (run_dir / LOCK_FILE).read_text() == ""  # released: the next driver may take it
 
 

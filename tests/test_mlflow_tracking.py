@@ -84,7 +84,7 @@ def test_models_datasets_description_and_system_metrics_in_mlflow(tmp_path, mlfl
 
     from kdray.algorithms.engine import evaluate
     from kdray.config import load_config
-    from kdray.orchestrator.job import build_splits
+    from kdray.orchestrator.build import build_splits
     from kdray.orchestrator.mlflow_internals import fluent_store
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")

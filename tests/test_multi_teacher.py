@@ -210,13 +210,15 @@ def _class_job(tmp_path, classes, **over):
 
 def test_permuted_teacher_through_the_job(tmp_path):
     from kdray.orchestrator.api import preflight
-    from kdray.orchestrator.job import WorkerContext, build_teacher, plan_stages
+    from kdray.orchestrator.build import build_teacher
+    from kdray.orchestrator.placement import WorkerContext
+    from kdray.orchestrator.plan import plan_stages
 
     model = _checkpoints(tmp_path)
     cfg = load_config(_class_job(tmp_path, [str(c) for c in PERM], methods=[{"name": "kd"}, {"name": "at"}]))
     preflight(cfg)
     stage = plan_stages(cfg)[-1]
-    assert stage["teachers"] == ["spec:teachers.0", "spec:teachers.1"]
+    assert stage.row()["teachers"] == ["spec:teachers.0", "spec:teachers.1"]
     distiller = Distiller(_student(), [create_method("kd"), create_method("at")])
     ensemble = build_teacher(cfg, stage, distiller, 10, {}, WorkerContext(), classes=[str(c) for c in range(10)])
     x = _inputs(5, 2)

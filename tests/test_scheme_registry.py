@@ -7,8 +7,8 @@ import pytest
 
 import kdray
 from kdray.config import ConfigError, load_config
-from kdray.orchestrator.schemes import (Scheme, get_scheme, list_schemes, method_label, register_scheme, stage,
-                                        unregister_scheme)
+from kdray.orchestrator.plan import (Scheme, get_scheme, list_schemes, method_label, register_scheme, stage,
+                                     unregister_scheme)
 from jobs import digits_job
 
 NAME = "student_pair"
@@ -35,7 +35,7 @@ class StudentPair(Scheme):
         return stages
 
     def finish_inputs(self, cfg, stages):
-        return [s["name"] for s in stages]
+        return [s.name for s in stages]
 
     def finish(self, cfg, stages, splits, ctx, job_state):
         done = job_state["done"]
@@ -131,12 +131,15 @@ def test_a_dumped_config_and_a_default_section_are_not_foreign(tmp_path):
     assert again.train.epochs == 2 and again.online == cfg.online
 
 
-def test_teacher_sources_are_typed_and_checked():
-    from kdray.orchestrator.schemes import TeacherSource, from_stage, stage_teachers
+def test_stages_and_teacher_sources_are_typed_and_checked():
+    from kdray.orchestrator.plan import TeacherSource, from_stage
 
     assert TeacherSource.parse("spec:teachers.1") == TeacherSource("spec", "teachers.1")
     assert str(TeacherSource.parse(from_stage("gen0-seed0"))) == "stage:gen0-seed0"
-    row = stage("s", "distill", 0, "student", "m", [from_stage("a"), "spec:teacher", from_stage("b")])
-    assert stage_teachers(row) == ["a", "b"] and stage_teachers(stage("t", "teacher", 0, "teacher", "m")) == []
+    planned = stage("s", "distill", 0, "student", "m", [from_stage("a"), "spec:teacher", from_stage("b")])
+    assert planned.stage_teachers() == ["a", "b"] and stage("t", "teacher", 0, "teacher", "m").stage_teachers() == []
+    assert planned.row()["teachers"] == ["stage:a", "spec:teacher", "stage:b"]  # plain values: weights_only, MLflow
+    assert "teachers" not in stage("t", "teacher", 0, "teacher", "m").row()
+    assert stage("t", "teacher", 0, "teacher", "m", keep=True).row()["keep"] is True
     with pytest.raises(ValueError, match="neither stage:<name> nor spec:<config path>"):
         TeacherSource.parse("teacher")

@@ -192,7 +192,8 @@ class _StopAfter:
 
 def _online_job_worker(rank, world, init, out_dir, label, stop_after):
     from kdray.config import load_config
-    from kdray.orchestrator.job import WorkerContext, run_job
+    from kdray.orchestrator.job import run_job
+    from kdray.orchestrator.placement import WorkerContext
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)

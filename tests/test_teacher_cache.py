@@ -24,8 +24,9 @@ from kdray.algorithms.distiller import Teacher
 from kdray.data import build_datasets
 from kdray.models import create_model
 from kdray.orchestrator import cli
+from kdray.orchestrator import cache_store as cs
 from kdray.orchestrator import teacher_cache as tc
-from kdray.orchestrator.job import load_weights
+from kdray.orchestrator.weights import load_weights
 from jobs import digits_job
 
 DIGITS = {"train_fraction": 0.2}
@@ -161,8 +162,8 @@ def test_cache_files_hold_identity(caches, ckpt, splits):
 @pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_cached_kd_loss_equals_live_kd_loss(caches, ckpt, splits):
     live = _live_teacher(ckpt)
-    exact = tc.load_cached_teacher(str(caches / "c32"))
-    half = tc.load_cached_teacher(str(caches / "c16"))
+    exact = cs.load_cached_teacher(str(caches / "c32"))
+    half = cs.load_cached_teacher(str(caches / "c16"))
     kd = create_method("kd", alpha=0.9, temperature=4.0)
     torch.manual_seed(1)
     student = create_model("digits_mlp", 10, hidden=16)
@@ -185,7 +186,7 @@ def test_topk_encoding_keeps_top_probabilities(tmp_path, caches):
         manifest["logits"] = {"stored": "topk", "topk": k, "dtype": "float16" if float16 else "float32"}
         out = tmp_path / f"k{k}"
         tc.save_cache(str(out), table, manifest)
-        q = tc.load_cached_teacher(str(out)).lookup(torch.arange(20)).logits.softmax(1)
+        q = cs.load_cached_teacher(str(out)).lookup(torch.arange(20)).logits.softmax(1)
         top = p.topk(k, 1).indices
         tol = 2e-3 if float16 else 1e-5
         assert torch.allclose(q.gather(1, top), p.gather(1, top), atol=tol)
@@ -365,8 +366,8 @@ def test_recorded_views_kd_loss_equals_live_kd_loss(view_caches, ckpt):
 
     splits = build_datasets(AUG, **DIGITS)
     live = _live_teacher(ckpt)
-    exact = tc.load_cached_teacher(str(view_caches / "v32"))
-    half = tc.load_cached_teacher(str(view_caches / "v16"))
+    exact = cs.load_cached_teacher(str(view_caches / "v32"))
+    half = cs.load_cached_teacher(str(view_caches / "v16"))
     assert exact.views == VIEWS and exact.num_rows == VIEWS * len(splits.train) and exact.view_seed == 3
     dataset, sampler = cached_train_data(splits.train, exact, DistributedSampler(splits.train, 1, 0, seed=0), 0, 1)
     kd = create_method("kd", alpha=0.9, temperature=4.0)
@@ -437,8 +438,8 @@ def _shard_teachers(path, world: int = 2):
     import pyarrow.parquet as pq
 
     manifest = tc.read_manifest(str(path))
-    table = pq.read_table(path / tc.CACHE_FILE, columns=tc.logits_columns(manifest))
-    return [tc.teacher_from_table(tc.keep_shard(table, r, world), manifest, str(path), shard=(r, world))
+    table = pq.read_table(path / tc.CACHE_FILE, columns=cs.logits_columns(manifest))
+    return [cs.teacher_from_table(cs.keep_shard(table, r, world), manifest, str(path), shard=(r, world))
             for r in range(world)]
 
 
@@ -450,7 +451,7 @@ def test_sharded_cache_holds_only_its_rows(caches, view_caches):
 
     for name in ("c32", "v32"):
         root = caches if name == "c32" else view_caches
-        full = tc.load_cached_teacher(str(root / name))
+        full = cs.load_cached_teacher(str(root / name))
         shards = _shard_teachers(root / name)
         n, views = full.num_samples, full.views
         assert [s.num_rows for s in shards] == [math.ceil(n / 2) * views, n // 2 * views]  # 1/world of the rows

@@ -7,8 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from kdray.config import Config, ConfigError, load_config
-from kdray.orchestrator.job import WorkerContext, plan_stages, run_job
+from kdray.orchestrator.build import (build_splits, build_teacher_model, create_spec_model, example_batch,
+                                      teacher_class_order)
+from kdray.orchestrator.cache_store import uses_cache
+from kdray.orchestrator.job import run_job
+from kdray.orchestrator.placement import WorkerContext
+from kdray.orchestrator.plan import TeacherSource, get_scheme, plan_stages
 from kdray.orchestrator.run_dir import RunDir
+from kdray.orchestrator.teacher_cache import preflight_cache
+from kdray.orchestrator.tracking import tracking_uri_for
 
 
 @dataclass
@@ -53,8 +60,6 @@ class DistillResult:
 def preflight(cfg: Config) -> None:
     """Checks that need data or models but no training: files exist, shapes and class counts agree,
     feature points resolve. Each failure is a one-line :class:`ConfigError`."""
-    from kdray.orchestrator.job import build_splits, build_teacher_model, create_spec_model, teacher_class_order
-
     try:
         splits = build_splits(cfg)
         if splits.check_files is not None:  # e.g. every ImageFolder file opens as an image, before any training
@@ -63,22 +68,20 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"data.options: {err}") from None
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data: {err}") from None
-    from kdray.orchestrator.teacher_cache import preflight_cache, uses_cache
-
     if uses_cache(cfg):  # teacher outputs come from a cache: check it, build no teacher
-        return preflight_cache(cfg, splits, _tracking_uri(cfg))
-    example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
+        return preflight_cache(cfg, splits, tracking_uri_for(cfg))
+    example = example_batch(splits.train)
     paths = [path for path, _ in cfg.teacher_paths()]
-    orders = [teacher_class_order(cfg, f"spec:{path}", splits.classes) for path in paths]  # before loading weights
+    sources = [TeacherSource("spec", path) for path in paths]
+    orders = [teacher_class_order(cfg, src, splits.classes) for src in sources]  # before loading weights
+    scheme = get_scheme(cfg.scheme)
     try:
         teacher_models = []
-        for path, spec in cfg.teacher_paths():
+        for (path, spec), source in zip(cfg.teacher_paths(), sources):
             teacher_models.append(create_spec_model(spec, path, splits.num_classes) if spec.train is not None
-                                  else build_teacher_model(cfg, f"spec:{path}", splits.num_classes, {},
-                                                           _tracking_uri(cfg)))
-        from kdray.orchestrator.schemes import get_scheme
-
-        for path, spec in get_scheme(cfg.scheme).models(cfg):  # assistants, peers: they build, classes agree
+                                  else build_teacher_model(cfg, source, splits.num_classes, {},
+                                                           tracking_uri_for(cfg)))
+        for path, spec in scheme.models(cfg):  # assistants, peers: they build, classes agree
             teacher_models.append(create_spec_model(spec, path, splits.num_classes))
         with torch.no_grad():
             for model in teacher_models:
@@ -87,18 +90,11 @@ def preflight(cfg: Config) -> None:
                     raise ConfigError(f"a teacher ({type(model).__name__}) outputs {classes} classes but dataset "
                                       f"{cfg.data.name!r} has {splits.num_classes}")
         student = create_spec_model(cfg.student, "student", splits.num_classes)
-        get_scheme(cfg.scheme).preflight(cfg, splits, example, student, teacher_models[: len(paths)], orders)
+        scheme.preflight(cfg, splits, example, student, teacher_models[: len(paths)], orders)
     except ConfigError:
         raise
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
         raise ConfigError(str(err).splitlines()[0]) from None
-
-
-def _tracking_uri(cfg: Config) -> str | None:
-    """:func:`~kdray.orchestrator.tracking.tracking_uri_for`, imported late: the tracking module loads MLflow."""
-    from kdray.orchestrator.tracking import tracking_uri_for
-
-    return tracking_uri_for(cfg)
 
 
 def _check_run_dir(cfg: Config, job_dir: RunDir, resume: bool, log) -> None:
@@ -113,7 +109,7 @@ def _check_run_dir(cfg: Config, job_dir: RunDir, resume: bool, log) -> None:
                           f"or choose another name=")
     job_dir.check_same_config(cfg.model_dump(mode="json"),
                               normalize=lambda saved: type(cfg).model_validate(saved).model_dump(mode="json"))
-    tracked, uri = job_dir.tracked_in(), _tracking_uri(cfg)
+    tracked, uri = job_dir.tracked_in(), tracking_uri_for(cfg)
     if tracked and uri and tracked != uri:
         raise ConfigError(f"job {cfg.name!r} in {cfg.run_dir()} is tracked in {tracked}, not {uri}; resume with "
                           f"mlflow.tracking_uri={tracked}, or choose another name=")
@@ -133,7 +129,7 @@ def distill(config: str | dict | Config, *, overrides: list[str] | None = None, 
     job_dir.check_writable()
     _check_run_dir(cfg, job_dir, resume, log)
     preflight(cfg)  # every check before the lock, which creates the job directory: a refused job writes nothing
-    uri = _tracking_uri(cfg)
+    uri = tracking_uri_for(cfg)
     if uri is not None:
         from kdray.orchestrator.tracking import check_reachable
 
@@ -147,7 +143,7 @@ def distill(config: str | dict | Config, *, overrides: list[str] | None = None, 
 
 def _run(cfg: Config, resume: bool, log, callbacks: list | None, parent_run_id: str | None) -> DistillResult:
     """The job, under its lock: open (or reopen) its MLflow runs, run its stages, close the runs."""
-    uri = _tracking_uri(cfg)
+    uri = tracking_uri_for(cfg)
     tracking = None
     if uri is not None:
         from kdray.orchestrator.tracking import JobTracking

@@ -3,7 +3,7 @@
 Every runner (the offline/assistant/self stages in :mod:`kdray.orchestrator.job`, the online cohort in
 :mod:`kdray.orchestrator.online`) checkpoints, reports progress and passes the user's callbacks the stage
 the same way, so the three live here, once. ``ctx`` is the worker's
-:class:`~kdray.orchestrator.job.WorkerContext` (its checkpoints, its ``log``).
+:class:`~kdray.orchestrator.placement.WorkerContext` (its checkpoints, its ``log``).
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ class Progress:
 class WithStage:
     """Wraps a user's epoch callback so its metrics name the stage (``stage``, ``kind``) they belong to."""
 
-    def __init__(self, callback, stage: dict):
+    def __init__(self, callback, stage):
         self.callback, self.stage = callback, stage
 
     def on_epoch_end(self, epoch, metrics, loop):
-        self.callback.on_epoch_end(epoch, {**metrics, "stage": self.stage["name"], "kind": self.stage["kind"]}, loop)
+        self.callback.on_epoch_end(epoch, {**metrics, "stage": self.stage.name, "kind": self.stage.kind}, loop)

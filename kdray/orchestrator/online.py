@@ -13,46 +13,29 @@ import statistics
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
+from torch.nn.parallel import DistributedDataParallel
+
+from kdray.algorithms.base import KnowledgeTerm
 from kdray.algorithms.engine import TrainLoop, evaluate, seed_everything
-from kdray.algorithms.optim import make_optimizer, make_schedule
 from kdray.algorithms.schemes.online import PeerCohort, PeerReplica
 from kdray.config import Config, ConfigError
-from kdray.models import create_model
+from kdray.orchestrator.build import build_optimizer, build_peers, build_teacher_model, build_terms, example_batch
 from kdray.orchestrator.callbacks import Checkpointer, Progress, WithStage
 from kdray.orchestrator.interrupts import sigint_held
+from kdray.orchestrator.placement import PeerGrid, WorkerContext, same_batch_loaders
+from kdray.orchestrator.plan import Stage, from_stage
 
 
-def build_peers(cfg: Config, seed: int, num_classes: int) -> list[torch.nn.Module]:
-    """Peer k is initialised from seed ``1000 * seed + k``, wherever it is built (so placements agree)."""
-    peers = []
-    for k, spec in enumerate(cfg.online.peers):
-        seed_everything(1000 * seed + k)
-        peers.append(create_model(spec.model, num_classes, **spec.args))
-    return peers
-
-
-def _same_batch_loaders(splits, batch_size: int, seed: int, loader_workers: int, shard: int = 0, shards: int = 1):
-    """Training batches of data shard ``shard`` of ``shards``: identical on every rank of one cohort."""
-    sampler = DistributedSampler(splits.train, shards, shard, shuffle=True, seed=seed)
-    train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, num_workers=loader_workers)
-    return (train, DataLoader(splits.val, batch_size=256, num_workers=loader_workers),
-            DataLoader(splits.test, batch_size=256, num_workers=loader_workers))
-
-
-def _term_factory(cfg: Config, stage: dict):
+def _term_factory(cfg: Config, stage: Stage):
     """Knowledge terms between peers (``methods:`` of an online config); none for the independent baseline."""
-    if stage["kind"] != "online" or not cfg.methods:
+    if stage.kind != "online" or not cfg.methods:
         return None
-    from kdray.algorithms.base import create_method
-
-    return lambda: [create_method(m.name, **m.params()) for m in cfg.methods]
+    return lambda: build_terms(cfg)
 
 
 def _phased(module) -> bool:
-    from kdray.algorithms.base import KnowledgeTerm
-
     return any(type(t).uses_hard_labels is not KnowledgeTerm.uses_hard_labels for t in module.modules()
                if isinstance(t, KnowledgeTerm))
 
@@ -114,15 +97,15 @@ class PeerRuns:
             logger.flush()
 
 
-def _open_loggers(ctx, stage: dict, num_peers: int, system_metrics: bool = False):
-    if ctx.rank != 0 or not ctx.tracking_uri or stage["name"] not in ctx.stage_run_ids:
+def _open_loggers(ctx, stage: Stage, num_peers: int, system_metrics: bool = False):
+    if ctx.rank != 0 or not ctx.tracking_uri or stage.name not in ctx.stage_run_ids:
         return None
     from kdray.orchestrator.tracking import StageLogger, peer_run_key
 
-    peers = [StageLogger(ctx.tracking_uri, ctx.stage_run_ids[peer_run_key(stage["name"], k)])
-             for k in range(num_peers) if peer_run_key(stage["name"], k) in ctx.stage_run_ids]
+    peers = [StageLogger(ctx.tracking_uri, ctx.stage_run_ids[peer_run_key(stage.name, k)])
+             for k in range(num_peers) if peer_run_key(stage.name, k) in ctx.stage_run_ids]
     # system metrics on the stage run only: the peers train in the same process
-    stage_logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage["name"]], system_metrics)
+    stage_logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage.name], system_metrics)
     return PeerRuns(stage_logger, peers) if len(peers) == num_peers else stage_logger
 
 
@@ -135,18 +118,17 @@ def _gather_to_rank0(obj, ctx) -> list | None:
     return out
 
 
-def run_online_stage(cfg: Config, stage: dict, splits, ctx, job_state: dict, resume_loop: dict | None) -> dict:
+def run_online_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: dict,
+                     resume_loop: dict | None) -> dict:
     """Train one cohort of peers (or the same peers independently) and record every peer's result."""
-    from kdray.orchestrator.placement import PeerGrid
-
-    num_peers, seed = len(cfg.online.peers), stage["seed"]
-    weight = cfg.online.weight if stage["kind"] == "online" else 0.0
+    num_peers, seed = len(cfg.online.peers), stage.seed
+    weight = cfg.online.weight if stage.kind == "online" else 0.0
     peer_parallel = ctx.world_size > 1
     if peer_parallel and ctx.world_size % num_peers:
         raise ConfigError(f"scheme 'online' with {num_peers} peers needs ray.num_workers = {num_peers} x D "
                           f"(D replicas of each peer) or 0/1 (all peers in one process); got {ctx.world_size}")
     make_terms = _term_factory(cfg, stage)
-    example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
+    example = example_batch(splits.train)
     models = build_peers(cfg, seed, splits.num_classes)
     grid = PeerGrid(num_peers, ctx.rank, ctx.world_size) if peer_parallel else None
     if peer_parallel:
@@ -162,8 +144,6 @@ def run_online_stage(cfg: Config, stage: dict, splits, ctx, job_state: dict, res
     module.to(ctx.device)
     trainable = module
     if grid is not None and grid.replicas > 1:  # D replicas of this peer: gradients all-reduced in its group
-        from torch.nn.parallel import DistributedDataParallel
-
         if cfg.ray.sync_batchnorm and ctx.device.type == "cuda":  # BN statistics over this peer's replicas
             module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=grid.peer_group)
         trainable = DistributedDataParallel(
@@ -172,19 +152,17 @@ def run_online_stage(cfg: Config, stage: dict, splits, ctx, job_state: dict, res
     seed_everything(seed)
     opt = cfg.train
     replicas = grid.replicas if grid is not None else 1
-    train_loader, val_loader, test_loader = _same_batch_loaders(
+    train_loader, val_loader, test_loader = same_batch_loaders(
         splits, max(1, opt.batch_size // replicas), seed, cfg.data.loader_workers,
         grid.replica if grid is not None else 0, replicas)
-    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], opt.optimizer, opt.lr,
-                               opt.weight_decay, opt.momentum)
-    scheduler = make_schedule(optimizer, opt.schedule, opt.epochs, opt.milestones, opt.gamma)
+    optimizer, scheduler = build_optimizer((p for p in module.parameters() if p.requires_grad), opt)
     logger = _open_loggers(ctx, stage, num_peers, cfg.mlflow.system_metrics)
     # Peer-parallel, each rank holds different weights: a checkpoint gathers every rank's loop state.
     loop_state = (lambda loop: {"ranks": _gather_to_rank0(loop.state_dict(), ctx)}) if peer_parallel else None
     callbacks = [PeerMetrics(local_peers, val_loader, ctx.device, splits.num_classes, ctx.world_size, num_peers),
-                 Checkpointer(ctx, job_state, stage["name"], cfg.checkpoint.every_epochs, logger, loop_state)]
+                 Checkpointer(ctx, job_state, stage.name, cfg.checkpoint.every_epochs, logger, loop_state)]
     if ctx.rank == 0:
-        callbacks.append(Progress(ctx, stage["name"], opt.epochs))
+        callbacks.append(Progress(ctx, stage.name, opt.epochs))
     callbacks += [WithStage(cb, stage) for cb in ctx.callbacks]
     first_peer = next(iter(local_peers.values()))
     loop = TrainLoop(trainable, None, optimizer, scheduler, train_loader, val_loader, splits.num_classes, opt.epochs,
@@ -193,13 +171,13 @@ def run_online_stage(cfg: Config, stage: dict, splits, ctx, job_state: dict, res
         own = resume_loop
         if "ranks" in resume_loop:
             if len(resume_loop["ranks"]) != ctx.world_size:
-                raise ConfigError(f"stage {stage['name']!r} was checkpointed with {len(resume_loop['ranks'])} "
+                raise ConfigError(f"stage {stage.name!r} was checkpointed with {len(resume_loop['ranks'])} "
                                   f"workers; resume it with ray.num_workers={len(resume_loop['ranks'])}")
             own = resume_loop["ranks"][ctx.rank]
         loop.load_state_dict(own)
         if logger is not None:
             logger.restore(resume_loop.get("mlflow_pending", []))
-        ctx.log(f"[{stage['name']}] resumed at epoch {loop.epoch}")
+        ctx.log(f"[{stage.name}] resumed at epoch {loop.epoch}")
     history = loop.run()
     local_acc = {k: evaluate(m, test_loader, ctx.device, splits.num_classes, reduce=False)["top1"]
                  for k, m in local_peers.items()}
@@ -214,15 +192,15 @@ def run_online_stage(cfg: Config, stage: dict, splits, ctx, job_state: dict, res
         dist.broadcast_object_list(box, src=0)
         accs = box[0]
     accs = [float(accs[k]) for k in range(num_peers)]
-    result = {**stage, "test_top1": statistics.mean(accs), "peer_test_top1": accs,
+    result = {**stage.row(), "test_top1": statistics.mean(accs), "peer_test_top1": accs,
               "val_top1": history[-1]["val_top1"] if history else float("nan"),
               "params": sum(p.numel() for m in models for p in m.parameters()),
               "epoch_time_s": statistics.mean(h["epoch_time_s"] for h in history) if history else 0.0}
-    job_state["done"][stage["name"]] = result
+    job_state["done"][stage.name] = result
     if logger is not None:
         _finish_runs(cfg, logger, accs, history, weights, splits, result["test_top1"], example)
-    ctx.checkpoints.save({**job_state, "stage": stage["name"], "loop": None},
-                         {"stage": stage["name"], "test_top1": result["test_top1"]})
+    ctx.checkpoints.save({**job_state, "stage": stage.name, "loop": None},
+                         {"stage": stage.name, "test_top1": result["test_top1"]})
     return result
 
 
@@ -250,14 +228,13 @@ def _finish_runs(cfg: Config, logger, accs: list[float], history: list[dict], we
 
 
 @torch.no_grad()
-def evaluate_generation_ensembles(cfg: Config, stages: list[dict], splits, ctx, job_state: dict) -> None:
+def evaluate_generation_ensembles(cfg: Config, stages: list[Stage], splits, ctx: WorkerContext,
+                                  job_state: dict) -> None:
     """Born-again networks: test accuracy of the ensemble (mean logits) of all generations, per seed."""
-    from kdray.orchestrator.job import build_teacher_model
-
     test = DataLoader(splits.test, batch_size=256)
     for seed in cfg.seeds:
-        gens = [s for s in stages if s["seed"] == seed and "generation" in s]
-        models = [build_teacher_model(cfg, f"stage:{s['name']}", splits.num_classes, job_state["weights"],
+        gens = [s for s in stages if s.seed == seed and s.generation is not None]
+        models = [build_teacher_model(cfg, from_stage(s.name), splits.num_classes, job_state["weights"],
                                       None).to(ctx.device).eval() for s in gens]
         correct = total = 0
         for x, y, _ in test:
@@ -265,4 +242,4 @@ def evaluate_generation_ensembles(cfg: Config, stages: list[dict], splits, ctx, 
             logits = torch.stack([m(x) for m in models]).mean(0)
             correct += int((logits.argmax(1) == y).sum())
             total += y.numel()
-        job_state["done"][gens[-1]["name"]]["ensemble_test_top1"] = correct / max(total, 1)
+        job_state["done"][gens[-1].name]["ensemble_test_top1"] = correct / max(total, 1)

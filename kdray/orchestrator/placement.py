@@ -10,17 +10,73 @@
   one cohort (one replica of each peer) read the same batch and all-gather their logits (and the features
   the peers' terms exchange) every step; each peer's D replicas all-reduce its gradients in their own
   process group, which is also the group its knowledge terms communicate in (:meth:`PeerGrid.hand_term_group`).
+- Loaders: each worker's share of the training batches (:func:`make_loaders`; a cohort's ranks read the same
+  batches, :func:`same_batch_loaders`) and disjoint evaluation shards.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from kdray.algorithms.base import KnowledgeTerm, ModelOutput
 from kdray.algorithms.distiller import Teacher
 from kdray.algorithms.packing import OutputLayout
 from kdray.algorithms.schemes.multi_teacher import COMBINE_RULES, ensemble_output
+
+
+@dataclass
+class WorkerContext:
+    """Where a job's code runs: its rank among ``world_size`` workers, its device, where its checkpoints go,
+    how its trainable module is wrapped (DDP on Ray Train) and where it logs. The same stage runners run
+    in-process, in a Ray Train worker and in a stage task; this is all that differs."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    checkpoints: object = None  # LocalCheckpoints | RayCheckpoints
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m
+    tracking_uri: str | None = None
+    stage_run_ids: dict[str, str] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+    # Extra epoch-end callbacks (e.g. a Tune reporter); each gets (epoch, metrics, loop) with
+    # ``metrics["stage"]`` added.
+    callbacks: list = field(default_factory=list)
+
+
+def _shard(dataset, rank: int, world: int):
+    return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
+
+
+def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_workers: int = 0, cache=None):
+    """Training batches of ``batch_size // world_size`` per worker (so the global batch is the configured
+    one); evaluation on disjoint shards whose counts are summed across ranks (no padding duplicates)."""
+    per_worker = max(1, batch_size // ctx.world_size)
+    # Shuffling is a function of (seed, epoch) via set_epoch, also with one worker, so a stage resumed
+    # at epoch k sees exactly the batches the uninterrupted run saw.
+    sampler = DistributedSampler(splits.train, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
+    train_set = splits.train
+    if cache is not None:  # a teacher cache: batches carry cache row ids (recorded views, this worker's shard)
+        from kdray.data.views import cached_train_data
+
+        train_set, sampler = cached_train_data(splits.train, cache, sampler, seed, ctx.world_size)
+    kw = {"num_workers": loader_workers, "pin_memory": ctx.device.type == "cuda"}
+    train = DataLoader(train_set, batch_size=per_worker, sampler=sampler, drop_last=False, **kw)
+    val = DataLoader(_shard(splits.val, ctx.rank, ctx.world_size), batch_size=256, **kw)
+    test = DataLoader(_shard(splits.test, ctx.rank, ctx.world_size), batch_size=256, **kw)
+    return train, val, test
+
+
+def same_batch_loaders(splits, batch_size: int, seed: int, loader_workers: int, shard: int = 0, shards: int = 1):
+    """Training batches of data shard ``shard`` of ``shards``: identical on every rank of one cohort."""
+    sampler = DistributedSampler(splits.train, shards, shard, shuffle=True, seed=seed)
+    train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, num_workers=loader_workers)
+    return (train, DataLoader(splits.val, batch_size=256, num_workers=loader_workers),
+            DataLoader(splits.test, batch_size=256, num_workers=loader_workers))
 
 
 def teacher_ranks(num_teachers: int, world_size: int) -> list[int]:

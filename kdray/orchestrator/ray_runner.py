@@ -62,7 +62,8 @@ def train_worker(loop_config: dict) -> list[dict]:
     import ray.train.torch
 
     from kdray.orchestrator.checkpoints import RayCheckpoints
-    from kdray.orchestrator.job import WorkerContext, run_job
+    from kdray.orchestrator.job import run_job
+    from kdray.orchestrator.placement import WorkerContext
 
     quiet_train_reports()
     cfg = Config.model_validate(loop_config["config"])
@@ -99,7 +100,7 @@ def run_on_ray(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, s
                           f"this cluster has {gpus()} GPU(s) for {cfg.ray.num_workers} workers; set "
                           f"ray.sync_batchnorm: false or ray.use_gpu: true on a GPU cluster")
     check_fits(cfg, cfg.ray.num_workers, use_gpu)
-    from kdray.orchestrator.teacher_cache import shard_datasets
+    from kdray.orchestrator.cache_store import shard_datasets
 
     data = shard_datasets(cfg)  # a teacher cache, as one Ray Dataset per rank (each worker holds its shard)
     trainer = TorchTrainer(

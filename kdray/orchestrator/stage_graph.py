@@ -21,6 +21,7 @@ The run directory must be visible to every node (the same assumption Ray Train m
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -29,9 +30,13 @@ import ray
 import torch
 
 from kdray.config import Config, ConfigError
+from kdray.orchestrator.build import build_splits
 from kdray.orchestrator.checkpoints import STATE_FILE, load_state, save_atomic
 from kdray.orchestrator.interrupts import as_received
-from kdray.orchestrator.job import WorkerContext, build_splits, plan_stages, run_stage
+from kdray.orchestrator.job import run_stage
+from kdray.orchestrator.placement import WorkerContext
+from kdray.orchestrator.plan import Stage, get_scheme, plan_stages
+from kdray.orchestrator.runtime import check_fits, ensure_ray, resolve_use_gpu
 
 STAGES_DIR = "stages"
 TASK_TAG = "kdray.ray_task_id"
@@ -94,7 +99,7 @@ def _stage_task(cfg_json: dict, stage: dict, run_dir: str, tracking_uri: str | N
     """
     started_at = time.time()
     cfg = Config.model_validate(cfg_json)
-    name = stage["name"]
+    name = stage.name
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     checkpoints = StageCheckpoints(run_dir, name)
     saved = checkpoints.latest() or {}
@@ -102,28 +107,26 @@ def _stage_task(cfg_json: dict, stage: dict, run_dir: str, tracking_uri: str | N
         return saved["done"][name], saved["weights"].get(name)
     context = ray.get_runtime_context()
     loop = saved.get("loop")
-    stage = {**stage, "ray_task_id": context.get_task_id(), "ray_node_id": context.get_node_id(),
-             "worker_pid": os.getpid(), "started_at": started_at,
-             "resumed_from_epoch": int(loop["epoch"]) if loop is not None else 0}
+    stage = dataclasses.replace(stage, run_facts={
+        "ray_task_id": context.get_task_id(), "ray_node_id": context.get_node_id(), "worker_pid": os.getpid(),
+        "started_at": started_at, "resumed_from_epoch": int(loop["epoch"]) if loop is not None else 0})
     if tracking_uri and name in stage_run_ids:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri).set_tag(stage_run_ids[name], TASK_TAG, stage["ray_task_id"])
+        MlflowClient(tracking_uri).set_tag(stage_run_ids[name], TASK_TAG, stage.run_facts["ray_task_id"])
     ctx = WorkerContext(device=_task_device(), checkpoints=checkpoints, tracking_uri=tracking_uri,
                         stage_run_ids=stage_run_ids, log=lambda msg: print(msg, flush=True))
     splits = build_splits(cfg)
     job_state = {"done": {}, "weights": dict(zip(teacher_names, teacher_weights))}
     result = run_stage(cfg, stage, splits, ctx, job_state, loop)
     row = {**result, "finished_at": checkpoints.finished_at}
-    return row, job_state["weights"].get(name) if stage.get("keep") else None
+    return row, job_state["weights"].get(name) if stage.keep else None
 
 
-def _finish_task(cfg_json: dict, stages: list[dict], names: list[str], *rows_then_weights) -> dict:
+def _finish_task(cfg_json: dict, stages: list[Stage], names: list[str], *rows_then_weights) -> dict:
     """The scheme's finish step (born-again: the ensemble of all generations), run once the stages it reads
     (``names``) have finished; returns the result rows it changed (born-again: each seed's last generation
     with ``ensemble_test_top1`` added)."""
-    from kdray.orchestrator.schemes import get_scheme
-
     cfg = Config.model_validate(cfg_json)
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     rows, weights = rows_then_weights[:len(names)], rows_then_weights[len(names):]
@@ -141,9 +144,6 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
     row per stage in plan order. Independent stages keep running when one fails (their results are
     persisted for ``--resume``); the first failure is raised at the end. On Ctrl-C or SIGTERM (the CLI
     raises it as ``Terminated``, a ``KeyboardInterrupt``), unfinished tasks are cancelled."""
-    from kdray.orchestrator.runtime import check_fits, ensure_ray, resolve_use_gpu
-    from kdray.orchestrator.schemes import stage_teachers
-
     ensure_ray(cfg.ray.address)
     run_dir = cfg.run_dir()
     stages = plan_stages(cfg)
@@ -161,20 +161,18 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
 
     pending: dict = {}
     for stage in stages:
-        name = stage["name"]
+        name = stage.name
         saved = finished_stage(run_dir, name)
         if saved is not None:
             rows[name] = saved["done"][name]
             log(f"[{name}] finished in an earlier run; skipped")
             continue
-        deps = stage_teachers(stage)
+        deps = stage.stage_teachers()
         row_ref, weights[name] = _stage_remote.options(
             name=f"kdray:{cfg.name}:{name}", max_retries=cfg.ray.max_failures, retry_exceptions=False,
             **resources,
         ).remote(cfg_json, stage, run_dir, tracking_uri, stage_run_ids, deps, *[weights_ref(d) for d in deps])
         rows[name], pending[row_ref] = row_ref, name
-    from kdray.orchestrator.schemes import get_scheme
-
     reads = get_scheme(cfg.scheme).finish_inputs(cfg, stages)  # the stages its finish step reads
     if reads:  # born-again: after every generation (the task keeps its name, kdray:<job>:ensemble)
         finish_ref = _finish_remote.options(name=f"kdray:{cfg.name}:ensemble", **resources).remote(
@@ -209,4 +207,4 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
             raise cause from None
         raise errors[0]
     log(f"job {cfg.name}: {len(stages)} stages done in {time.perf_counter() - start:.1f}s")
-    return [{**rows[s["name"]], **ensemble.get(s["name"], {})} for s in stages]
+    return [{**rows[s.name], **ensemble.get(s.name, {})} for s in stages]

@@ -235,21 +235,21 @@ class JobTracking:
         exp_id = self.client.get_run(self.parent_id).info.experiment_id
         mark_training_experiment(self.client, exp_id)
         for stage in stages:
-            if stage["name"] not in self.stage_ids:
-                run = self.client.create_run(exp_id, run_name=stage["name"], tags={
-                    "mlflow.parentRunId": self.parent_id, "kdray.job": job_name, "kdray.role": stage["kind"],
-                    **self._registry_tag(job_name, stage["kind"])})
-                self.stage_ids[stage["name"]] = run.info.run_id
-                self._log_params(run.info.run_id, flatten("", stage, {}))
-            for k, model in enumerate(stage.get("peers", [])):  # online stages: one nested run per peer
-                key = peer_run_key(stage["name"], k)
+            if stage.name not in self.stage_ids:
+                run = self.client.create_run(exp_id, run_name=stage.name, tags={
+                    "mlflow.parentRunId": self.parent_id, "kdray.job": job_name, "kdray.role": stage.kind,
+                    **self._registry_tag(job_name, stage.kind)})
+                self.stage_ids[stage.name] = run.info.run_id
+                self._log_params(run.info.run_id, flatten("", stage.row(), {}))
+            for k, model in enumerate(stage.peers or ()):  # online stages: one nested run per peer
+                key = peer_run_key(stage.name, k)
                 if key in self.stage_ids:
                     continue
                 run = self.client.create_run(exp_id, run_name=key, tags={
-                    "mlflow.parentRunId": self.stage_ids[stage["name"]], "kdray.job": job_name,
+                    "mlflow.parentRunId": self.stage_ids[stage.name], "kdray.job": job_name,
                     "kdray.role": "peer", **self._registry_tag(job_name, "peer")})
                 self.stage_ids[key] = run.info.run_id
-                self._log_params(run.info.run_id, {"peer": str(k), "model": model, "seed": str(stage["seed"])})
+                self._log_params(run.info.run_id, {"peer": str(k), "model": model, "seed": str(stage.seed)})
         self._save_ids()
         return dict(self.stage_ids)
 
@@ -503,7 +503,7 @@ def download_model(uri: str, tracking_uri: str) -> tuple[dict, dict]:
     The weights are read as tensors only (``read_weights``): an artifact holding pickled objects is refused."""
     import mlflow
 
-    from kdray.orchestrator.job import read_weights
+    from kdray.orchestrator.weights import read_weights
 
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)

@@ -246,7 +246,7 @@ def validate(space, base: Config, search: SearchSpec) -> dict:
 
     from kdray.models import create_model
     from kdray.orchestrator.api import preflight
-    from kdray.orchestrator.job import build_splits
+    from kdray.orchestrator.build import build_splits
 
     if base.scheme != "offline" or base.teacher is None:
         raise ConfigError(f"base: a sweep distils from one teacher (scheme: offline with teacher:), "
@@ -855,7 +855,7 @@ def _log_outcome(tracking, result: SweepResult, info: dict, search: SearchSpec, 
 
 def _register_best(tracking, result: SweepResult, search: SearchSpec, setup: TrialSetup) -> dict:
     from kdray.models import create_model
-    from kdray.orchestrator.job import load_weights
+    from kdray.orchestrator.weights import load_weights
     from kdray.orchestrator.tracking import RUNS_FILE, download_model
 
     best = result.best

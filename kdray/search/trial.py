@@ -96,7 +96,7 @@ def measure_latency(model, shape: tuple, repeats: int = 30, warmup: int = 5) -> 
 
 
 def first_stage(cfg) -> str:
-    from kdray.orchestrator.job import method_label
+    from kdray.orchestrator.plan import method_label
 
     return f"{method_label(cfg)}-seed{cfg.seeds[0]}"
 
@@ -206,7 +206,7 @@ def mark_early_stopped(tracking_uri: str | None, run_dir: str, epoch: int | None
 def _finished_rows(cfg, tracking_uri: str | None) -> list[dict] | None:
     """Rows of a job whose stages all finished and whose MLflow run is closed (nothing left to do)."""
     from kdray.orchestrator.checkpoints import LocalCheckpoints
-    from kdray.orchestrator.job import plan_stages
+    from kdray.orchestrator.plan import plan_stages
 
     try:
         state = LocalCheckpoints(cfg.run_dir()).latest()
@@ -214,7 +214,7 @@ def _finished_rows(cfg, tracking_uri: str | None) -> list[dict] | None:
         return None
     done = (state or {}).get("done", {})
     stages = plan_stages(cfg)
-    if not state or any(s["name"] not in done for s in stages):
+    if not state or any(s.name not in done for s in stages):
         return None
     if tracking_uri:
         run_id = job_run_id(cfg.run_dir())
@@ -224,7 +224,7 @@ def _finished_rows(cfg, tracking_uri: str | None) -> list[dict] | None:
 
         if MlflowClient(tracking_uri).get_run(run_id).info.status != "FINISHED":
             return None
-    return [done[s["name"]] for s in stages]
+    return [done[s.name] for s in stages]
 
 
 def summarize(rows: list[dict], cfg, extra: dict) -> dict:
@@ -361,7 +361,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
 def run_train_trial(cfg, setup: TrialSetup, stage: str, extra: dict) -> list[dict]:
     """Train-inside-Tune: this trial's job as a ``TorchTrainer`` run named after the trial."""
     from kdray.orchestrator.api import DistillResult
-    from kdray.orchestrator.job import plan_stages
+    from kdray.orchestrator.plan import plan_stages
     from kdray.orchestrator.ray_runner import run_on_ray
 
     tracking = None

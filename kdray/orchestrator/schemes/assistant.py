@@ -1,8 +1,9 @@
 """assistant (TAKD): teacher -> assistant 1 -> ... -> the student, each taught by the previous model."""
 from __future__ import annotations
 
-from kdray.orchestrator.schemes import (Scheme, distill_preflight, from_stage, method_label, needs_methods,
-                                        needs_teacher, register_scheme, stage, taught_students, teacher_sources)
+from kdray.orchestrator.build import check_distiller_builds
+from kdray.orchestrator.plan import (Scheme, from_stage, method_label, needs_methods,
+                                     needs_teacher, register_scheme, stage, taught_students, teacher_sources)
 
 
 @register_scheme
@@ -19,7 +20,7 @@ class Assistant(Scheme):
                              "(teacher -> assistants -> student)")
 
     def plan(self, cfg):
-        stages: list[dict] = []
+        stages: list = []
         sources = teacher_sources(cfg, stages)
         for i, spec in enumerate(cfg.assistants):
             name = f"assistant-{i}"
@@ -32,4 +33,4 @@ class Assistant(Scheme):
         return [(f"assistants.{i}", spec) for i, spec in enumerate(cfg.assistants)]
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
-        distill_preflight(cfg, splits, example, student, teachers[0], orders[0])
+        check_distiller_builds(cfg, splits, example, student, teachers[:1], orders[:1])

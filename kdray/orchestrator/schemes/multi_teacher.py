@@ -1,7 +1,8 @@
 """multi_teacher: M teachers, combined into one ensemble, teach the student."""
 from __future__ import annotations
 
-from kdray.orchestrator.schemes import Scheme, needs_methods, register_scheme, taught_students, teacher_sources
+from kdray.orchestrator.build import check_distiller_builds
+from kdray.orchestrator.plan import Scheme, needs_methods, register_scheme, taught_students, teacher_sources
 
 
 @register_scheme
@@ -23,17 +24,9 @@ class MultiTeacher(Scheme):
 
     def plan(self, cfg):
         """[teachers] -> per seed [scratch] + the student taught by their ensemble."""
-        stages: list[dict] = []
+        stages: list = []
         return taught_students(cfg, stages, teacher_sources(cfg, stages))
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
-        """Every teacher's feature points and connector shapes."""
-        from kdray.algorithms.base import create_method
-        from kdray.algorithms.distiller import Distiller, Teacher
-        from kdray.algorithms.schemes.multi_teacher import TeacherEnsemble
-
-        terms = [create_method(m.name, **m.params()) for m in cfg.methods]
-        distiller = Distiller(student, terms, cfg.ce_weight, num_teachers=len(teachers))
-        teacher = TeacherEnsemble([Teacher(m, distiller.resolve_teacher_points(m, member=i), orders[i])
-                                   for i, m in enumerate(teachers)], cfg.ensemble.combine, cfg.ensemble.weights)
-        distiller.build(example, teacher, len(splits.train))
+        """Every teacher's feature points and connector shapes (one connector per teacher)."""
+        check_distiller_builds(cfg, splits, example, student, teachers, orders)

@@ -1,8 +1,9 @@
 """offline: a trained teacher teaches the student (the classic KD setting)."""
 from __future__ import annotations
 
-from kdray.orchestrator.schemes import (Scheme, distill_preflight, needs_methods, needs_teacher, register_scheme,
-                                        taught_students, teacher_sources)
+from kdray.orchestrator.build import check_distiller_builds
+from kdray.orchestrator.plan import (Scheme, needs_methods, needs_teacher, register_scheme,
+                                     taught_students, teacher_sources)
 
 
 @register_scheme
@@ -17,8 +18,8 @@ class Offline(Scheme):
 
     def plan(self, cfg):
         """[teacher] -> per seed [scratch] + the distilled student."""
-        stages: list[dict] = []
+        stages: list = []
         return taught_students(cfg, stages, teacher_sources(cfg, stages))
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
-        distill_preflight(cfg, splits, example, student, teachers[0], orders[0])
+        check_distiller_builds(cfg, splits, example, student, teachers[:1], orders[:1])

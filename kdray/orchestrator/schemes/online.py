@@ -1,7 +1,8 @@
 """online: K peers learn from each other (DML) or from their ensemble; no pre-trained teacher."""
 from __future__ import annotations
 
-from kdray.orchestrator.schemes import Scheme, method_label, no_teacher, register_scheme, stage
+from kdray.orchestrator.online import run_online_stage
+from kdray.orchestrator.plan import Scheme, method_label, no_teacher, register_scheme, stage
 
 
 @register_scheme
@@ -10,6 +11,7 @@ class Online(Scheme):
     help = ("K peers learn from each other: DML or their ensemble (online.peers, online.mode; "
             "methods between peers; ray.num_workers = K x D)")
     sections = ("online",)
+    own_stage_kinds = ("online", "independent")
 
     def check(self, cfg):
         if "methods" not in cfg.model_fields_set:
@@ -39,6 +41,4 @@ class Online(Scheme):
         return [(f"online.peers.{i}", spec) for i, spec in enumerate(cfg.online.peers)]
 
     def run_stage(self, cfg, stage, splits, ctx, job_state, resume_loop):
-        from kdray.orchestrator.online import run_online_stage
-
         return run_online_stage(cfg, stage, splits, ctx, job_state, resume_loop)

@@ -2,7 +2,9 @@
 ensemble evaluated) or as BYOT auxiliary exits."""
 from __future__ import annotations
 
-from kdray.orchestrator.schemes import Scheme, from_stage, no_teacher, register_scheme, stage
+from kdray.algorithms.schemes.byot import BYOTDistiller
+from kdray.orchestrator.online import evaluate_generation_ensembles
+from kdray.orchestrator.plan import Scheme, from_stage, no_teacher, register_scheme, stage
 
 
 @register_scheme
@@ -35,16 +37,12 @@ class SelfDistill(Scheme):
 
     def finish_inputs(self, cfg, stages):
         """Born-again: every generation (rows and weights); BYOT has no finish step."""
-        return [s["name"] for s in stages if "generation" in s] if cfg.self_distill.method == "born_again" else []
+        return [s.name for s in stages if s.generation is not None] if cfg.self_distill.method == "born_again" else []
 
     def finish(self, cfg, stages, splits, ctx, job_state):
         """The test accuracy of the ensemble of all generations, on each seed's last generation row."""
-        from kdray.orchestrator.online import evaluate_generation_ensembles
-
         evaluate_generation_ensembles(cfg, stages, splits, ctx, job_state)
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
         if cfg.self_distill.method == "byot":
-            from kdray.algorithms.schemes.byot import BYOTDistiller
-
             BYOTDistiller(student).build(example, None, len(splits.train))

@@ -1,0 +1,279 @@
+"""The plan of a job: the scheme registry, and the typed stages a scheme plans (who teaches whom).
+
+Why: a scheme used to be spread over the config checks, the stage planner, the stage dispatch, the job's
+post-step, the preflight and the stage graph. Now a scheme is one module that subclasses :class:`Scheme`
+and decorates it with :func:`register_scheme`; everything else asks the registry (``kdray list schemes``
+prints it). A scheme names its config ``sections`` (a section of another scheme given in a config is an
+error), ``check`` s a config, ``plan`` s its :class:`Stage` s, runs the stage kinds the generic training does
+not (``own_stage_kinds`` / ``run_stage``), and may ``finish`` a job after its stages (born-again's ensemble).
+
+This module sits below everything that builds or runs (``kdray.config`` validates through it), so it imports
+no runner: the built-in schemes (modules under ``kdray/orchestrator/schemes/``) and third-party ones (entry
+point group ``kdray.schemes``) are imported by name on the registry's first use, as plug-ins are.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from kdray.config import Config
+
+# Registration order is the order of `kdray list schemes` and of the scheme error message.
+BUILTIN_SCHEMES = ("offline", "online", "self_distill", "assistant", "multi_teacher")
+ENTRY_POINT_GROUP = "kdray.schemes"
+
+_REGISTRY: dict[str, "Scheme"] = {}
+_LOADED = False
+
+
+def load_schemes() -> None:
+    """Import the built-in scheme modules, then any installed plug-in (entry point group ``kdray.schemes``,
+    each naming a module or a :class:`Scheme` subclass), once per process."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    for module in BUILTIN_SCHEMES:
+        importlib.import_module(f"kdray.orchestrator.schemes.{module}")
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        loaded = point.load()
+        if isinstance(loaded, type) and issubclass(loaded, Scheme) and loaded.name not in _REGISTRY:
+            register_scheme(loaded)
+
+
+class Scheme:
+    """A scheme: its ``name``, a one-line ``help`` for ``kdray list schemes``, and the config ``sections``
+    only it reads. Subclasses override :meth:`plan` and, where they need to, the other hooks."""
+
+    name: str = ""
+    help: str = ""
+    sections: tuple[str, ...] = ()
+
+    def check(self, cfg: "Config") -> None:
+        """Raise ``ValueError`` with one line when the config lacks what the scheme needs (run inside config
+        validation, so the line reaches the user as a :class:`~kdray.config.ConfigError`). May complete
+        scheme defaults in ``cfg.__dict__`` (online peers default to no methods)."""
+
+    def plan(self, cfg: "Config") -> list["Stage"]:
+        """The ordered stages of a job; each becomes one MLflow child run (see ``kdray.orchestrator.job``)."""
+        raise NotImplementedError
+
+    def models(self, cfg: "Config") -> list[tuple[str, Any]]:
+        """The models it trains besides the student and the teachers, by config path (``assistants.0``):
+        preflight builds each and checks it outputs the dataset's classes."""
+        return []
+
+    # Stage kinds this scheme trains itself (online: the peer cohort); every other kind is the generic
+    # single-model training of the offline runner (kdray/orchestrator/job.py ``train_stage``).
+    own_stage_kinds: tuple[str, ...] = ()
+
+    def run_stage(self, cfg: "Config", stage: "Stage", splits, ctx, job_state: dict,
+                  resume_loop: dict | None) -> dict:
+        """Train one stage of a kind in ``own_stage_kinds``; return its result row."""
+        raise NotImplementedError(f"scheme {self.name!r} lists {stage.kind!r} in own_stage_kinds but has no run_stage")
+
+    def finish_inputs(self, cfg: "Config", stages: list["Stage"]) -> list[str]:
+        """The stages whose result rows and kept weights :meth:`finish` reads; none = no finish step."""
+        return []
+
+    def finish(self, cfg: "Config", stages: list["Stage"], splits, ctx, job_state: dict) -> None:
+        """After every stage ran: add job-level results to ``job_state["done"]`` rows."""
+
+    def preflight(self, cfg: "Config", splits, example, student, teachers: list, orders: list) -> None:
+        """Checks needing data and built models but no training (feature points resolve, shapes agree):
+        ``teachers`` are the built models of ``cfg.teacher_specs()``, ``orders`` their class orders."""
+
+
+def register_scheme(cls: type[Scheme]) -> type[Scheme]:
+    """Class decorator: register one instance of a :class:`Scheme` subclass under its ``name`` (after the
+    built-ins, so they keep their places in the listing)."""
+    load_schemes()
+    if not cls.name or not cls.help:
+        raise ValueError(f"scheme {cls.__name__} needs a name and a one-line help")
+    if cls.name in _REGISTRY and type(_REGISTRY[cls.name]) is not cls:
+        raise ValueError(f"scheme {cls.name!r} is already registered by {type(_REGISTRY[cls.name]).__name__}")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def unregister_scheme(name: str) -> None:
+    """Remove a scheme (tests register throw-away schemes)."""
+    _REGISTRY.pop(name, None)
+
+
+def list_schemes() -> dict[str, Scheme]:
+    """Every registered scheme by name, built-ins first in their documented order."""
+    load_schemes()
+    return dict(_REGISTRY)
+
+
+def get_scheme(name: str) -> Scheme:
+    load_schemes()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(unknown_scheme_message())
+    return _REGISTRY[name]
+
+
+def unknown_scheme_message() -> str:
+    """Pydantic's own words for a Literal, as the ``scheme:`` field said before it became a registry."""
+    load_schemes()
+    names = [repr(n) for n in _REGISTRY]
+    return f"Input should be {' or '.join([', '.join(names[:-1]), names[-1]] if len(names) > 1 else names)}"
+
+
+def section_owners() -> dict[str, list[str]]:
+    """Config section -> the schemes that read it."""
+    load_schemes()
+    owners: dict[str, list[str]] = {}
+    for scheme in _REGISTRY.values():
+        for section in scheme.sections:
+            owners.setdefault(section, []).append(scheme.name)
+    return owners
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a stage's teacher comes from: ``stage`` = the weights of an earlier stage of the job (``ref`` its
+    name), ``spec`` = a teacher given by checkpoint / MLflow URI / cache (``ref`` its config path). Result rows
+    hold it as its string ``kind:ref``: rows go into checkpoints read with ``weights_only`` and into MLflow."""
+
+    kind: Literal["stage", "spec"]
+    ref: str
+
+    @classmethod
+    def parse(cls, text: "str | TeacherSource") -> "TeacherSource":
+        if isinstance(text, TeacherSource):
+            return text
+        kind, sep, ref = text.partition(":")
+        if not sep or kind not in ("stage", "spec") or not ref:
+            raise ValueError(f"teacher source {text!r} is neither stage:<name> nor spec:<config path>")
+        return cls(kind, ref)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.ref}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One planned stage of a job: one model trained, one MLflow child run. ``spec`` is the config path of its
+    model (``student``, ``teachers.1``, ``assistants.0``, ``online.peers``), ``teachers`` where its teachers
+    come from; ``keep`` = its weights stay in the job state (a later stage or the finish step reads them);
+    ``generation`` numbers born-again generations, ``peers`` names an online cohort's models, ``methods`` the
+    knowledge terms it is taught with."""
+
+    name: str
+    kind: str
+    seed: int
+    spec: str
+    model: str
+    teachers: tuple[TeacherSource, ...] = ()
+    keep: bool = False
+    generation: int | None = None
+    peers: tuple[str, ...] | None = None
+    methods: str | None = None
+    # Where and when it ran (a stage task adds its Ray task, node, pid, start): copied into its result row.
+    run_facts: dict = field(default_factory=dict, compare=False)
+
+    def stage_teachers(self) -> list[str]:
+        """The names of the stages whose weights teach this stage (the ones it must wait for)."""
+        return [src.ref for src in self.teachers if src.kind == "stage"]
+
+    def taught_by_spec(self, path: str) -> bool:
+        """Whether its one teacher is the pre-trained one at config path ``path``."""
+        return self.teachers == (TeacherSource("spec", path),)
+
+    def row(self) -> dict:
+        """The stage as plain values (its result row starts from it): only the fields it sets, teachers as
+        ``kind:ref`` strings, so rows load with ``weights_only`` and log to MLflow as they always did."""
+        row = {"name": self.name, "kind": self.kind, "seed": self.seed, "spec": self.spec, "model": self.model}
+        if self.keep:
+            row["keep"] = True
+        for key in ("generation", "methods"):
+            if getattr(self, key) is not None:
+                row[key] = getattr(self, key)
+        if self.peers is not None:
+            row["peers"] = list(self.peers)
+        if self.teachers:
+            row["teachers"] = [str(t) for t in self.teachers]
+        return {**row, **self.run_facts}
+
+
+def from_stage(name: str) -> TeacherSource:
+    """The teacher source of the weights stage ``name`` trains."""
+    return TeacherSource("stage", name)
+
+
+def stage(name: str, kind: str, seed: int, spec: str, model: str,
+          teachers: "list[str | TeacherSource] | None" = None, **extra) -> Stage:
+    """A :class:`Stage`; ``teachers`` may be given as ``stage:<name>`` / ``spec:<path>`` strings."""
+    if "peers" in extra:
+        extra["peers"] = tuple(extra["peers"])
+    return Stage(name, kind, seed, spec, model, tuple(TeacherSource.parse(t) for t in teachers or ()), **extra)
+
+
+def plan_stages(cfg: "Config") -> list[Stage]:
+    """The ordered stages of a job, planned by its scheme; each becomes one MLflow child run."""
+    return get_scheme(cfg.scheme).plan(cfg)
+
+
+def model_spec(cfg: "Config", path: str):
+    """The ModelSpec at a config path such as ``student``, ``teacher``, ``teachers.1``, ``assistants.0``."""
+    node = cfg
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def stage_spec_path(cfg: "Config", source: TeacherSource) -> str:
+    """The config path of the model behind a teacher source (an earlier stage's model, or the spec itself)."""
+    if source.kind == "spec":
+        return source.ref
+    return {s.name: s.spec for s in plan_stages(cfg)}[source.ref]
+
+
+def method_label(cfg: "Config") -> str:
+    return "+".join(m.name for m in cfg.methods)
+
+
+def teacher_sources(cfg: "Config", stages: list[Stage]) -> list[TeacherSource]:
+    """Train the configured teachers that need training (as stages appended to ``stages``), and name every
+    teacher's source."""
+    sources = []
+    paths = cfg.teacher_paths()
+    for i, (path, spec) in enumerate(paths):
+        name = f"teacher-{i}" if len(paths) > 1 else "teacher"
+        if spec.train is not None:
+            stages.append(stage(name, "teacher", cfg.seeds[0], path, spec.model, keep=True))
+            sources.append(from_stage(name))
+        else:
+            sources.append(TeacherSource("spec", path))
+    return sources
+
+
+def taught_students(cfg: "Config", stages: list[Stage], sources: list[TeacherSource]) -> list[Stage]:
+    """Per seed: the student from scratch (``baseline``) and the student taught by ``sources``."""
+    for seed in cfg.seeds:
+        if cfg.baseline:
+            stages.append(stage(f"scratch-seed{seed}", "scratch", seed, "student", cfg.student.model))
+        stages.append(stage(f"{method_label(cfg)}-seed{seed}", "distill", seed, "student", cfg.student.model,
+                            sources, methods=method_label(cfg)))
+    return stages
+
+
+def needs_methods(cfg: "Config") -> None:
+    if not cfg.methods:
+        raise ValueError(f"scheme {cfg.scheme!r} needs at least one method (methods: [{{name: kd}}]; "
+                         f"see `kdray list methods`)")
+
+
+def needs_teacher(cfg: "Config") -> None:
+    if cfg.teacher is None:
+        raise ValueError(f"scheme {cfg.scheme!r} needs a teacher (teacher: {{model, train|checkpoint|mlflow_uri}})")
+
+
+def no_teacher(cfg: "Config") -> None:
+    if cfg.teacher is not None or cfg.teachers:
+        raise ValueError(f"scheme {cfg.scheme!r} trains without a pre-trained teacher; remove teacher/teachers")
