@@ -195,6 +195,7 @@ def test_topk_encoding_keeps_top_probabilities(tmp_path, caches):
 
 @pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_cli_cache_then_distill_trains_student_without_teacher(caches, tmp_path, monkeypatch):
+    import kdray.orchestrator.build as build
     import kdray.orchestrator.job as job
 
     def no_teacher(*a, **k):
@@ -207,8 +208,9 @@ def test_cli_cache_then_distill_trains_student_without_teacher(caches, tmp_path,
         return real_create(name, *a, **k)
 
     monkeypatch.setattr(Teacher, "__init__", no_teacher)
-    monkeypatch.setattr(job, "build_teacher_model", no_teacher)
-    monkeypatch.setattr(job, "build_teacher", no_teacher)
+    monkeypatch.setattr(build, "build_teacher_model", no_teacher)  # the builder: the one maker of teachers
+    monkeypatch.setattr(build, "build_teacher", no_teacher)
+    monkeypatch.setattr(build, "create_model", create_student_only)
     monkeypatch.setattr(job, "create_model", create_student_only)
     seen = []
     real_forward = CachedTeacher.forward
@@ -388,13 +390,13 @@ def test_recorded_views_kd_loss_equals_live_kd_loss(view_caches, ckpt):
 
 @pytest.mark.ray  # its cache fixture is built on Ray (Ray Data)
 def test_random_transform_trains_from_views_cache(view_caches, tmp_path, monkeypatch):
-    import kdray.orchestrator.job as job
+    import kdray.orchestrator.build as build
 
     def no_teacher(*a, **k):
         raise AssertionError("a teacher was built although teacher.cache is set")
 
-    monkeypatch.setattr(job, "build_teacher_model", no_teacher)
-    monkeypatch.setattr(job, "build_teacher", no_teacher)
+    monkeypatch.setattr(build, "build_teacher_model", no_teacher)
+    monkeypatch.setattr(build, "build_teacher", no_teacher)
     rows = []
     real_forward = CachedTeacher.forward
     monkeypatch.setattr(CachedTeacher, "forward", lambda self, batch: rows.append(batch.indices) or

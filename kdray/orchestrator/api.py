@@ -116,13 +116,19 @@ def _check_run_dir(cfg: Config, job_dir: RunDir, resume: bool, log) -> None:
 
 
 def distill(config: str | dict | Config, *, overrides: list[str] | None = None, resume: bool = False,
-            log=print, callbacks: list | None = None, parent_run_id: str | None = None) -> DistillResult:
+            log=print, callbacks: list | None = None, run_callbacks: list | None = None, quiet: bool = False,
+            parent_run_id: str | None = None) -> DistillResult:
     """Run a distillation job (teacher stage, then students per seed) and track it in MLflow.
 
     ``ray.num_workers: 0`` runs in this process; otherwise the job is one Ray Train run with that many
-    data-parallel workers, on the Ray cluster at ``ray.address`` / ``RAY_ADDRESS`` or a local Ray.
-    ``callbacks`` (in-process runs only) get every epoch's metrics; ``parent_run_id`` nests the job's
-    MLflow run under another (a sweep's).
+    data-parallel workers (or, with ``ray.stage_tasks``, one Ray task per stage), on the Ray cluster at
+    ``ray.address`` / ``RAY_ADDRESS`` or a local Ray.
+
+    ``callbacks``: engine epoch callbacks (``on_epoch_end(epoch, metrics, loop)``, metrics naming their
+    ``stage`` and ``kind``), run wherever the stage trains: in this process, or in every Ray Train worker /
+    stage task (there they must pickle). ``run_callbacks``: Ray Train ``RunConfig`` callbacks on the driver,
+    for a job that runs as a Ray Train run (a sweep passes its Tune reporter). ``quiet``: no per-epoch
+    progress lines. ``parent_run_id`` nests the job's MLflow run under another (a sweep's).
     """
     cfg = load_config(config, overrides)
     job_dir = RunDir(cfg.run_dir(), cfg.name)
@@ -138,10 +144,11 @@ def distill(config: str | dict | Config, *, overrides: list[str] | None = None, 
         _check_run_dir(cfg, job_dir, resume, lambda message: None)  # again: another driver may have run meanwhile
         if job_dir.saved_config() is None or not job_dir.has_results():
             job_dir.save_config(cfg.model_dump(mode="json"))
-        return _run(cfg, resume, log, callbacks, parent_run_id)
+        return _run(cfg, resume, log, list(callbacks or []), list(run_callbacks or []), quiet, parent_run_id)
 
 
-def _run(cfg: Config, resume: bool, log, callbacks: list | None, parent_run_id: str | None) -> DistillResult:
+def _run(cfg: Config, resume: bool, log, callbacks: list, run_callbacks: list, quiet: bool,
+         parent_run_id: str | None) -> DistillResult:
     """The job, under its lock: open (or reopen) its MLflow runs, run its stages, close the runs."""
     uri = tracking_uri_for(cfg)
     tracking = None
@@ -157,19 +164,18 @@ def _run(cfg: Config, resume: bool, log, callbacks: list | None, parent_run_id: 
             from kdray.orchestrator.checkpoints import LocalCheckpoints
 
             ctx = WorkerContext(checkpoints=LocalCheckpoints(cfg.run_dir()), tracking_uri=uri,
-                                stage_run_ids=stage_ids, log=log, callbacks=list(callbacks or []))
+                                stage_run_ids=stage_ids, log=(lambda msg: None) if quiet else log,
+                                callbacks=callbacks)
             results = run_job(cfg, ctx)
+        elif cfg.ray.stage_tasks:  # each stage its own Ray task, scheduled as a DAG of teacher -> student
+            from kdray.orchestrator.stage_graph import run_stage_graph
+
+            results = run_stage_graph(cfg, uri, stage_ids, log, callbacks=callbacks, quiet=quiet)
         else:
-            if callbacks:
-                raise ConfigError("callbacks= run only in-process; set ray.num_workers: 0")
-            if cfg.ray.stage_tasks:  # each stage its own Ray task, scheduled as a DAG of teacher -> student
-                from kdray.orchestrator.stage_graph import run_stage_graph
+            from kdray.orchestrator.ray_runner import run_on_ray
 
-                results = run_stage_graph(cfg, uri, stage_ids, log)
-            else:
-                from kdray.orchestrator.ray_runner import run_on_ray
-
-                results = run_on_ray(cfg, uri, stage_ids)
+            results = run_on_ray(cfg, uri, stage_ids, epoch_callbacks=callbacks, run_callbacks=run_callbacks,
+                                 quiet=quiet)
         outcome = DistillResult(results, uri, tracking.parent_id if tracking else None, cfg.run_dir())
         if tracking:
             from kdray.orchestrator.interrupts import sigint_held

@@ -156,8 +156,8 @@ def build_stage_teacher(cfg: Config, stage: Stage, distiller: Distiller, splits,
     return build_teacher(cfg, stage, distiller, splits.num_classes, weights, ctx, classes=splits.classes)
 
 
-def check_distiller_builds(cfg: Config, splits, example, student: nn.Module, teachers: list[nn.Module],
-                           orders: list) -> None:
+def check_distiller_builds(cfg: Config, example, student: nn.Module, teachers: list[nn.Module], orders: list,
+                           num_samples: int) -> None:
     """Preflight: the methods' feature points resolve against each teacher and their connectors build
     (one connector per teacher with several)."""
     distiller = build_distiller(cfg, student, num_teachers=len(teachers))
@@ -166,4 +166,4 @@ def check_distiller_builds(cfg: Config, splits, example, student: nn.Module, tea
     else:
         teacher = TeacherEnsemble([Teacher(m, distiller.resolve_teacher_points(m, member=i), orders[i])
                                    for i, m in enumerate(teachers)], cfg.ensemble.combine, cfg.ensemble.weights)
-    distiller.build(example, teacher, len(splits.train))
+    distiller.build(example, teacher, num_samples)  # memory banks are sized by the training set

@@ -90,8 +90,8 @@ def _task_device() -> torch.device:
     return torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
 
 
-def _stage_task(cfg_json: dict, stage: dict, run_dir: str, tracking_uri: str | None, stage_run_ids: dict,
-                teacher_names: list[str], *teacher_weights) -> tuple[dict, dict | None]:
+def _stage_task(cfg_json: dict, stage: Stage, run_dir: str, tracking_uri: str | None, stage_run_ids: dict,
+                run: dict, teacher_names: list[str], *teacher_weights) -> tuple[dict, dict | None]:
     """One stage in its own Ray task: returns (result row, its weights if later stages need them).
 
     ``teacher_weights`` are top-level arguments, so Ray has resolved the teacher stages' ObjectRefs
@@ -115,7 +115,8 @@ def _stage_task(cfg_json: dict, stage: dict, run_dir: str, tracking_uri: str | N
 
         MlflowClient(tracking_uri).set_tag(stage_run_ids[name], TASK_TAG, stage.run_facts["ray_task_id"])
     ctx = WorkerContext(device=_task_device(), checkpoints=checkpoints, tracking_uri=tracking_uri,
-                        stage_run_ids=stage_run_ids, log=lambda msg: print(msg, flush=True))
+                        stage_run_ids=stage_run_ids, callbacks=list(run["callbacks"]),
+                        log=(lambda msg: None) if run["quiet"] else (lambda msg: print(msg, flush=True)))
     splits = build_splits(cfg)
     job_state = {"done": {}, "weights": dict(zip(teacher_names, teacher_weights))}
     result = run_stage(cfg, stage, splits, ctx, job_state, loop)
@@ -139,15 +140,18 @@ _stage_remote = ray.remote(num_returns=2)(_stage_task)
 _finish_remote = ray.remote(_finish_task)
 
 
-def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, str], log=print) -> list[dict]:
+def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[str, str], log=print, *,
+                    callbacks: list | None = None, quiet: bool = False) -> list[dict]:
     """Submit every unfinished stage as a task wired to its teachers' tasks, wait for all, return one
     row per stage in plan order. Independent stages keep running when one fails (their results are
     persisted for ``--resume``); the first failure is raised at the end. On Ctrl-C or SIGTERM (the CLI
-    raises it as ``Terminated``, a ``KeyboardInterrupt``), unfinished tasks are cancelled."""
+    raises it as ``Terminated``, a ``KeyboardInterrupt``), unfinished tasks are cancelled. ``callbacks``
+    (picklable epoch callbacks) run in every stage task; ``quiet``: the tasks print no progress lines."""
     ensure_ray(cfg.ray.address)
     run_dir = cfg.run_dir()
     stages = plan_stages(cfg)
     cfg_json = cfg.model_dump(mode="json")
+    run = {"callbacks": list(callbacks or []), "quiet": quiet}
     use_gpu = resolve_use_gpu(cfg)
     check_fits(cfg, 1, use_gpu)  # a task no node can hold would wait forever
     resources = {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": 1 if use_gpu else 0}
@@ -171,7 +175,7 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
         row_ref, weights[name] = _stage_remote.options(
             name=f"kdray:{cfg.name}:{name}", max_retries=cfg.ray.max_failures, retry_exceptions=False,
             **resources,
-        ).remote(cfg_json, stage, run_dir, tracking_uri, stage_run_ids, deps, *[weights_ref(d) for d in deps])
+        ).remote(cfg_json, stage, run_dir, tracking_uri, stage_run_ids, run, deps, *[weights_ref(d) for d in deps])
         rows[name], pending[row_ref] = row_ref, name
     reads = get_scheme(cfg.scheme).finish_inputs(cfg, stages)  # the stages its finish step reads
     if reads:  # born-again: after every generation (the task keeps its name, kdray:<job>:ensemble)

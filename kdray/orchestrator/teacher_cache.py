@@ -214,23 +214,20 @@ def preflight_cache(cfg: Config, splits, tracking_uri: str | None) -> None:
     Builds no teacher."""
     import torch
 
-    from kdray.algorithms.base import create_method
-    from kdray.algorithms.distiller import Distiller
-    from kdray.orchestrator.build import create_spec_model
+    from kdray.algorithms.cached_teacher import CachedTeacher
+    from kdray.orchestrator.build import build_distiller, create_spec_model, example_batch
 
     teacher_spec(cfg)
     student = create_spec_model(cfg.student, "student", splits.num_classes)
     try:
-        distiller = Distiller(student, [create_method(m.name, **m.params()) for m in cfg.methods], cfg.ce_weight)
+        distiller = build_distiller(cfg, student)
     except (ValueError, TypeError, RuntimeError) as err:
         raise ConfigError(str(err).splitlines()[0]) from None
-    from kdray.algorithms.cached_teacher import CachedTeacher
-
     manifest = read_manifest(cfg.teacher.cache)  # checked here; the logits are read by the workers (or shards)
     check_cache(manifest, cfg, splits, distiller, tracking_uri)
     check_view_keys(cfg.teacher.cache, manifest)
-    count = min(2, len(splits.train))
-    example = torch.stack([splits.train[i][0] for i in range(count)])
+    example = example_batch(splits.train)
+    count = len(example)
     shape_only = CachedTeacher(torch.zeros(count, manifest["dataset"]["num_classes"]), source=cfg.teacher.cache)
     distiller.build(example, shape_only.bind(range(count)), len(splits.train))
 

@@ -223,30 +223,23 @@ def _schedule(space, base: Config, search: SearchSpec) -> tuple[int, int, int]:
 
 def _check_build(cfg: Config, num_classes: int, example, teacher_model, cache: dict) -> None:
     """Build the student, its knowledge terms and connectors against the teacher (no training)."""
-    from kdray.algorithms.base import create_method
-    from kdray.algorithms.distiller import Distiller, Teacher
-    from kdray.models import create_model
+    from kdray.orchestrator.build import check_distiller_builds, create_spec_model
 
     key = json.dumps([cfg.student.model, cfg.student.args, [m.model_dump() for m in cfg.methods]],
                      sort_keys=True, default=str)
     if key in cache:
         return
-    student = create_model(cfg.student.model, num_classes, **cfg.student.args)
-    terms = [create_method(m.name, **m.params()) for m in cfg.methods]
-    distiller = Distiller(student, terms, cfg.ce_weight)
-    teacher = Teacher(teacher_model, distiller.resolve_teacher_points(teacher_model))
-    distiller.build(example, teacher, 8)
+    student = create_spec_model(cfg.student, "student", num_classes)
+    check_distiller_builds(cfg, example, student, [teacher_model], [None], num_samples=8)
     cache[key] = True
 
 
 def validate(space, base: Config, search: SearchSpec) -> dict:
     """Everything checkable before a trial starts; each failure is a one-line :class:`ConfigError`.
     Returns facts the sweep needs (class count, input shape, Optuna distributions, ASHA schedule)."""
-    import torch
-
     from kdray.models import create_model
     from kdray.orchestrator.api import preflight
-    from kdray.orchestrator.build import build_splits
+    from kdray.orchestrator.build import build_splits, example_batch
 
     if base.scheme != "offline" or base.teacher is None:
         raise ConfigError(f"base: a sweep distils from one teacher (scheme: offline with teacher:), "
@@ -256,7 +249,7 @@ def validate(space, base: Config, search: SearchSpec) -> dict:
     if len(splits.val) == 0:
         raise ConfigError("data: a sweep optimises val_top1 but the validation split is empty; "
                           "set data.options.val_fraction > 0")
-    example = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
+    example = example_batch(splits.train)
     # the teacher's architecture is what the build checks need (preflight above loaded its weights)
     teacher_model = create_model(base.teacher.model, splits.num_classes, **base.teacher.args)
     if isinstance(space, CallableSpace):

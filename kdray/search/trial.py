@@ -333,15 +333,15 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     extra = model_metrics(cfg, setup)
     stage, epochs = first_stage(cfg), cfg.train.epochs
     try:
-        if setup.workers == 0:
-            rows = _finished_rows(cfg, setup.tracking_uri)
-            if rows is None:
-                from kdray.orchestrator.api import distill
+        rows = _finished_rows(cfg, setup.tracking_uri)
+        if rows is None:  # the job itself, through the one lifecycle every job has (kdray.distill)
+            from kdray.orchestrator.api import distill
 
-                rows = distill(cfg, resume=True, callbacks=[TuneEpochReporter(stage, epochs, extra)],
-                               parent_run_id=setup.parent_run_id, log=lambda msg: None).stages
-        else:
-            rows = run_train_trial(cfg, setup, stage, extra)
+            in_process = setup.workers == 0  # else Train-inside-Tune: the job is a TorchTrainer run of its own
+            reporter = (TuneEpochReporter if in_process else TrainEpochReporter)(stage, epochs, extra)
+            rows = distill(cfg, resume=True, callbacks=[reporter],
+                           run_callbacks=[] if in_process else [_tune_report_callback()], quiet=True,
+                           parent_run_id=setup.parent_run_id, log=lambda msg: None).stages
         final = summarize(rows, cfg, extra)
     except SystemExit:  # Tune stopped the trial (ASHA) while it reported
         mark_early_stopped(setup.tracking_uri, run_dir)
@@ -356,37 +356,6 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     final["config_key"] = key
     _write_json(result_file, final)
     tune.report(final)
-
-
-def run_train_trial(cfg, setup: TrialSetup, stage: str, extra: dict) -> list[dict]:
-    """Train-inside-Tune: this trial's job as a ``TorchTrainer`` run named after the trial."""
-    from kdray.orchestrator.api import DistillResult
-    from kdray.orchestrator.plan import plan_stages
-    from kdray.orchestrator.ray_runner import run_on_ray
-
-    tracking = None
-    stage_ids: dict[str, str] = {}
-    if setup.tracking_uri:
-        from kdray.orchestrator.tracking import JobTracking
-
-        tracking = JobTracking(setup.tracking_uri, cfg.mlflow.experiment, cfg.run_dir(), setup.parent_run_id)
-        stage_ids = tracking.start(cfg.name, cfg.model_dump(mode="json"), plan_stages(cfg), True)
-    try:
-        rows = run_on_ray(cfg, setup.tracking_uri, stage_ids, quiet=True,
-                          epoch_callbacks=[TrainEpochReporter(stage, cfg.train.epochs, extra)],
-                          run_callbacks=[_tune_report_callback()])
-        if tracking:
-            from kdray.orchestrator.plots import grouped_bars
-
-            outcome = DistillResult(rows, setup.tracking_uri, tracking.parent_id, cfg.run_dir())
-            tracking.finish(outcome.summary(), outcome.table(),
-                            grouped_bars({"distill": outcome.accuracies("distill")}, "test top-1",
-                                         f"{cfg.name}: test accuracy"))
-        return rows
-    except BaseException as err:
-        if tracking and not isinstance(err, SystemExit):
-            tracking.fail(err)
-        raise
 
 
 def continue_job(job: dict, parent_run_id: str | None, extra: dict, threads: int = 1) -> dict:

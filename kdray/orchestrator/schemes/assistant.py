@@ -33,4 +33,4 @@ class Assistant(Scheme):
         return [(f"assistants.{i}", spec) for i, spec in enumerate(cfg.assistants)]
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
-        check_distiller_builds(cfg, splits, example, student, teachers[:1], orders[:1])
+        check_distiller_builds(cfg, example, student, teachers[:1], orders[:1], len(splits.train))

@@ -29,4 +29,4 @@ class MultiTeacher(Scheme):
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
         """Every teacher's feature points and connector shapes (one connector per teacher)."""
-        check_distiller_builds(cfg, splits, example, student, teachers, orders)
+        check_distiller_builds(cfg, example, student, teachers, orders, len(splits.train))

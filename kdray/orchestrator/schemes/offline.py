@@ -22,4 +22,4 @@ class Offline(Scheme):
         return taught_students(cfg, stages, teacher_sources(cfg, stages))
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
-        check_distiller_builds(cfg, splits, example, student, teachers[:1], orders[:1])
+        check_distiller_builds(cfg, example, student, teachers[:1], orders[:1], len(splits.train))
