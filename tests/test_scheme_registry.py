@@ -143,3 +143,19 @@ def test_stages_and_teacher_sources_are_typed_and_checked():
     assert stage("t", "teacher", 0, "teacher", "m", keep=True).row()["keep"] is True
     with pytest.raises(ValueError, match="neither stage:<name> nor spec:<config path>"):
         TeacherSource.parse("teacher")
+
+
+def test_an_installed_package_registers_its_scheme_through_an_entry_point():
+    """``[project.entry-points."kdray.schemes"] pair = "test_scheme_registry:StudentPair"``: loaded by name,
+    registered, listed after the built-ins; a class entry point (not a module) is registered here."""
+    from importlib.metadata import EntryPoint
+
+    from kdray.orchestrator.plan import ENTRY_POINT_GROUP, load_plugin_schemes
+
+    point = EntryPoint(name="pair", value=f"{__name__}:StudentPair", group=ENTRY_POINT_GROUP)
+    assert NAME not in list_schemes()
+    try:
+        load_plugin_schemes([point])
+        assert list(list_schemes())[-1] == NAME and type(get_scheme(NAME)).__name__ == "StudentPair"
+    finally:
+        unregister_scheme(NAME)

@@ -30,15 +30,21 @@ _LOADED = False
 
 
 def load_schemes() -> None:
-    """Import the built-in scheme modules, then any installed plug-in (entry point group ``kdray.schemes``,
-    each naming a module or a :class:`Scheme` subclass), once per process."""
+    """Import the built-in scheme modules, then every installed plug-in (entry point group ``kdray.schemes``),
+    once per process."""
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
     for module in BUILTIN_SCHEMES:
         importlib.import_module(f"kdray.orchestrator.schemes.{module}")
-    for point in entry_points(group=ENTRY_POINT_GROUP):
+    load_plugin_schemes(entry_points(group=ENTRY_POINT_GROUP))
+
+
+def load_plugin_schemes(points) -> None:
+    """Load scheme plug-ins from entry points: each names a module (whose ``@register_scheme`` registers it)
+    or a :class:`Scheme` subclass (registered here)."""
+    for point in points:
         loaded = point.load()
         if isinstance(loaded, type) and issubclass(loaded, Scheme) and loaded.name not in _REGISTRY:
             register_scheme(loaded)
