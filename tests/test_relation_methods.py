@@ -11,9 +11,8 @@ from kdray.algorithms import create_method, list_methods
 from kdray.algorithms.base import Batch, ModelOutput
 from kdray.algorithms.distiller import Distiller, Teacher
 from kdray.models import create_model
-from tests.method_harness import assert_gradients_reach_student_and_connectors, short_training
 
-METHODS = ["sp", "cc", "rkd", "fsp", "irg", "crd"]
+METHODS = ["sp", "cc", "rkd", "fsp", "irg", "crd"]  # registered with metadata; trained in test_every_method.py
 
 
 def _term(name, points=("p",), **params):
@@ -346,14 +345,3 @@ def test_crd_clips_nce_k_and_samples_uniformly():
         _term("crd").build(_out({"p": FS}), _out({"p": FT}), num_samples=0)
 
 
-# ------------------------------------------------------------------------------ gradients & training
-@pytest.mark.parametrize("method", METHODS)
-def test_gradients_reach_student_and_connectors_not_teacher(method):
-    assert_gradients_reach_student_and_connectors(method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_short_training_decreases_loss(method):
-    losses = short_training(method)
-    assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < losses[0], losses
