@@ -38,7 +38,7 @@ class StudentPair(Scheme):
         return [s.name for s in stages]
 
     def finish(self, cfg, stages, splits, ctx, job_state):
-        done = job_state["done"]
+        done = job_state.done
         for seed in cfg.seeds:
             second = done[f"second-seed{seed}"]
             second["gain_over_first"] = second["test_top1"] - done[f"first-seed{seed}"]["test_top1"]

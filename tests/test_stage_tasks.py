@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 import kdray
 from jobs import digits_job
 from kdray.config import ConfigError, load_config
-from kdray.orchestrator.stage_graph import TASK_TAG, stage_state_path
+from kdray.orchestrator.run_dir import RunDir
+from kdray.orchestrator.stage_graph import TASK_TAG
 
 pytestmark = pytest.mark.ray
 
@@ -133,7 +134,7 @@ def killed_then_resumed(tmp_path_factory, ray_session):
     reference = kdray.distill(_self_job(tmp, "reference", False, **over))
     cfg = _self_job(tmp, "kill", True, **over)
     cfg["ray"]["max_failures"] = 1
-    path = stage_state_path(load_config(cfg).run_dir(), "gen1-seed0")
+    path = RunDir(load_config(cfg).run_dir(), "").stage_file("gen1-seed0")
     killed, done = {}, threading.Event()
     killer = threading.Thread(target=_kill_writer_of_first_mid_checkpoint, args=(path, done, killed), daemon=True)
     killer.start()

@@ -7,6 +7,8 @@ the same way, so the three live here, once. ``ctx`` is the worker's
 """
 from __future__ import annotations
 
+from kdray.orchestrator.run_dir import Checkpoint, JobState
+
 
 class Checkpointer:
     """Epoch-end callback: every ``every`` epochs, checkpoint the job state plus this stage's loop state,
@@ -15,7 +17,7 @@ class Checkpointer:
     replays are skipped by :class:`~kdray.orchestrator.tracking.StageLogger`. The last epoch is left to the
     stage end."""
 
-    def __init__(self, ctx, job_state: dict, stage: str, every: int, logger=None, loop_state=None):
+    def __init__(self, ctx, job_state: JobState, stage: str, every: int, logger=None, loop_state=None):
         self.ctx, self.job_state, self.stage, self.every, self.logger = ctx, job_state, stage, every, logger
         self.loop_state = loop_state or (lambda loop: loop.state_dict())  # peer-parallel: every rank's state
 
@@ -25,8 +27,8 @@ class Checkpointer:
         if (epoch + 1) % self.every or epoch + 1 >= loop.epochs:
             return
         pending = self.logger.pending() if self.logger is not None else []
-        payload = {**self.job_state, "stage": self.stage, "loop": {**self.loop_state(loop), "mlflow_pending": pending}}
-        self.ctx.checkpoints.save(payload, {**metrics, "stage": self.stage})
+        checkpoint = Checkpoint(self.job_state, self.stage, {**self.loop_state(loop), "mlflow_pending": pending})
+        self.ctx.checkpoints.save(checkpoint.to_payload(), {**metrics, "stage": self.stage})
         if self.logger is not None:
             self.logger.flush()
 

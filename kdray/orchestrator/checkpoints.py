@@ -2,7 +2,8 @@
 
 Both write atomically: locally a temp file is renamed over the old one; on Ray the checkpoint is
 registered only after Ray has persisted the whole directory. A checkpoint is one file, ``state.pt``,
-that ``torch.load(weights_only=True)`` reads (tensors, numbers, strings, dicts only).
+that ``torch.load(weights_only=True)`` reads (tensors, numbers, strings, dicts only): the payload of a
+:class:`~kdray.orchestrator.run_dir.Checkpoint` (runners write and read through that dataclass).
 """
 from __future__ import annotations
 
@@ -11,9 +12,7 @@ import tempfile
 
 import torch
 
-from kdray.orchestrator.run_dir import write_atomic
-
-STATE_FILE = "state.pt"
+from kdray.orchestrator.run_dir import STATE_FILE, RunDir, write_atomic
 
 
 def save_atomic(payload: dict, path: str) -> None:
@@ -29,7 +28,7 @@ class LocalCheckpoints:
     """In-process runs: ``<run_dir>/checkpoint/state.pt``."""
 
     def __init__(self, run_dir: str):
-        self.path = os.path.join(run_dir, "checkpoint", STATE_FILE)
+        self.path = RunDir(run_dir, "").checkpoint_file()
 
     def latest(self) -> dict | None:
         return load_state(self.path) if os.path.exists(self.path) else None

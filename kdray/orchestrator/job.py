@@ -18,9 +18,10 @@ from kdray.orchestrator.build import (build_distiller, build_optimizer, build_sp
 from kdray.orchestrator.callbacks import Checkpointer, Progress, WithStage
 from kdray.orchestrator.placement import WorkerContext, make_loaders
 from kdray.orchestrator.plan import Stage, get_scheme, model_spec, plan_stages
+from kdray.orchestrator.run_dir import Checkpoint, JobState
 
 
-def run_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: dict,
+def run_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: JobState,
               resume_loop: dict | None) -> dict:
     """Run one stage the way its scheme runs it (most: :func:`train_stage`; online: the peer cohort)."""
     scheme = get_scheme(cfg.scheme)
@@ -29,7 +30,7 @@ def run_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: 
     return train_stage(cfg, stage, splits, ctx, job_state, resume_loop)
 
 
-def train_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: dict,
+def train_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: JobState,
                 resume_loop: dict | None) -> dict:
     """Train one model (teacher, student from scratch, or distilled student), record it in ``job_state``
     and checkpoint that; return its result row."""
@@ -39,7 +40,7 @@ def train_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state
     optim = spec.train if kind == "teacher" else cfg.train
     model = create_model(spec.model, splits.num_classes, **spec.args)
     distiller = build_distiller(cfg, model, stage)
-    teacher = build_stage_teacher(cfg, stage, distiller, splits, job_state["weights"], ctx)
+    teacher = build_stage_teacher(cfg, stage, distiller, splits, job_state.weights, ctx)
     by_index = getattr(teacher, "wants_batch", False)  # a cache: outputs looked up by the batch's row ids
     train_loader, val_loader, test_loader = make_loaders(splits, optim.batch_size, seed, ctx,
                                                          cfg.data.loader_workers, teacher if by_index else None)
@@ -77,15 +78,15 @@ def train_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state
     if getattr(teacher, "rows_per_worker", None):  # a cache read as Ray Data shards: rows each worker held
         result.update(cache_rows=teacher.num_samples * teacher.views, cache_rows_held_max=max(teacher.rows_per_worker))
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    job_state["done"][stage.name] = result
+    job_state.done[stage.name] = result
     if stage.keep:
-        job_state["weights"][stage.name] = weights
+        job_state.weights[stage.name] = weights
     if logger is not None:  # before the stage-end checkpoint: a crash in between redoes (idempotent) logging
         final = {f"test_{k}": v for k, v in test.items()}
         logger.finish(final, history, weights, {"model": spec.model, "args": spec.args,
                                                 "num_classes": splits.num_classes},
                       example=example, dataset=cfg.data.name, splits=splits)
-    ctx.checkpoints.save({**job_state, "stage": stage.name, "loop": None},
+    ctx.checkpoints.save(Checkpoint(job_state, stage.name).to_payload(),
                          {"stage": stage.name, "test_top1": result["test_top1"]})
     return result
 
@@ -93,17 +94,16 @@ def train_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state
 def run_job(cfg: Config, ctx: WorkerContext) -> list[dict]:
     """Run every stage not already done (per the latest checkpoint); return one result per stage."""
     splits = build_splits(cfg)
-    saved = ctx.checkpoints.latest() or {}
-    job_state = {"done": dict(saved.get("done", {})), "weights": dict(saved.get("weights", {}))}
+    saved = Checkpoint.from_payload(ctx.checkpoints.latest())
+    job_state = saved.state
     start = time.perf_counter()
     stages = plan_stages(cfg)
     for stage in stages:
-        if stage.name in job_state["done"]:
+        if stage.name in job_state.done:
             continue
-        resume_loop = saved.get("loop") if saved.get("stage") == stage.name else None
-        run_stage(cfg, stage, splits, ctx, job_state, resume_loop)
-    ctx.log(f"job {cfg.name}: {len(job_state['done'])} stages done in {time.perf_counter() - start:.1f}s")
+        run_stage(cfg, stage, splits, ctx, job_state, saved.resume_loop(stage.name))
+    ctx.log(f"job {cfg.name}: {len(job_state.done)} stages done in {time.perf_counter() - start:.1f}s")
     scheme = get_scheme(cfg.scheme)
     if scheme.finish_inputs(cfg, stages):  # a job-level step after the stages (born-again's ensemble)
         scheme.finish(cfg, stages, splits, ctx, job_state)
-    return [job_state["done"][s.name] for s in stages]
+    return [job_state.done[s.name] for s in stages]

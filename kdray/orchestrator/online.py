@@ -26,6 +26,7 @@ from kdray.orchestrator.callbacks import Checkpointer, Progress, WithStage
 from kdray.orchestrator.interrupts import sigint_held
 from kdray.orchestrator.placement import PeerGrid, WorkerContext, same_batch_loaders
 from kdray.orchestrator.plan import Stage, from_stage
+from kdray.orchestrator.run_dir import Checkpoint, JobState
 
 
 def _term_factory(cfg: Config, stage: Stage):
@@ -118,7 +119,7 @@ def _gather_to_rank0(obj, ctx) -> list | None:
     return out
 
 
-def run_online_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: dict,
+def run_online_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: JobState,
                      resume_loop: dict | None) -> dict:
     """Train one cohort of peers (or the same peers independently) and record every peer's result."""
     num_peers, seed = len(cfg.online.peers), stage.seed
@@ -196,10 +197,10 @@ def run_online_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_
               "val_top1": history[-1]["val_top1"] if history else float("nan"),
               "params": sum(p.numel() for m in models for p in m.parameters()),
               "epoch_time_s": statistics.mean(h["epoch_time_s"] for h in history) if history else 0.0}
-    job_state["done"][stage.name] = result
+    job_state.done[stage.name] = result
     if logger is not None:
         _finish_runs(cfg, logger, accs, history, weights, splits, result["test_top1"], example)
-    ctx.checkpoints.save({**job_state, "stage": stage.name, "loop": None},
+    ctx.checkpoints.save(Checkpoint(job_state, stage.name).to_payload(),
                          {"stage": stage.name, "test_top1": result["test_top1"]})
     return result
 
@@ -229,12 +230,12 @@ def _finish_runs(cfg: Config, logger, accs: list[float], history: list[dict], we
 
 @torch.no_grad()
 def evaluate_generation_ensembles(cfg: Config, stages: list[Stage], splits, ctx: WorkerContext,
-                                  job_state: dict) -> None:
+                                  job_state: JobState) -> None:
     """Born-again networks: test accuracy of the ensemble (mean logits) of all generations, per seed."""
     test = DataLoader(splits.test, batch_size=256)
     for seed in cfg.seeds:
         gens = [s for s in stages if s.seed == seed and s.generation is not None]
-        models = [build_teacher_model(cfg, from_stage(s.name), splits.num_classes, job_state["weights"],
+        models = [build_teacher_model(cfg, from_stage(s.name), splits.num_classes, job_state.weights,
                                       None).to(ctx.device).eval() for s in gens]
         correct = total = 0
         for x, y, _ in test:
@@ -242,4 +243,4 @@ def evaluate_generation_ensembles(cfg: Config, stages: list[Stage], splits, ctx:
             logits = torch.stack([m(x) for m in models]).mean(0)
             correct += int((logits.argmax(1) == y).sum())
             total += y.numel()
-        job_state["done"][gens[-1].name]["ensemble_test_top1"] = correct / max(total, 1)
+        job_state.done[gens[-1].name]["ensemble_test_top1"] = correct / max(total, 1)

@@ -86,7 +86,8 @@ class Scheme:
         return []
 
     def finish(self, cfg: "Config", stages: list["Stage"], splits, ctx, job_state: dict) -> None:
-        """After every stage ran: add job-level results to ``job_state["done"]`` rows."""
+        """After every stage ran: add job-level results to ``job_state.done`` rows (a
+        :class:`~kdray.orchestrator.run_dir.JobState`)."""
 
     def preflight(self, cfg: "Config", splits, example, student, teachers: list, orders: list) -> None:
         """Checks needing data and built models but no training (feature points resolve, shapes agree):

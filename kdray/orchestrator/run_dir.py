@@ -13,6 +13,11 @@ Storage layer (no MLflow, no Ray). Three promises:
   on SIGKILL, so a crashed driver never leaves the job locked. The file is never deleted: unlinking a lock
   file lets two processes lock two different inodes of "the same" file.
 - **Atomic writes**: a crash leaves the old file or the new one, never half of one.
+- **One checkpoint payload.** :class:`Checkpoint` (a :class:`JobState` plus the stage in progress and its loop
+  state) is what every runner writes and every reader reads; on disk it is a plain dict of tensors, numbers
+  and strings (``torch.load(weights_only=True)`` reads it, never unpickling code). The layout of checkpoints
+  (``checkpoint/state.pt``, one ``stages/<stage>/state.pt`` per stage task, Ray Train's ``checkpoint_*``) is
+  :class:`RunDir`'s.
 
 :func:`file_lock` is the same ``flock``, blocking, for short critical sections (creating a local MLflow store).
 """
@@ -25,6 +30,7 @@ import os
 import socket
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterator
 
 from kdray.config import ConfigError
@@ -32,6 +38,10 @@ from kdray.config import ConfigError
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".kdray.lock"
 RUNS_FILE = "mlflow_runs.json"  # the job's MLflow run ids (written by the tracking layer)
+STATE_FILE = "state.pt"  # one checkpoint (torch.save of Checkpoint.to_payload())
+CHECKPOINT_DIR = "checkpoint"  # in-process jobs: <run_dir>/checkpoint/state.pt
+STAGES_DIR = "stages"  # stage tasks: <run_dir>/stages/<stage>/state.pt
+RAY_CHECKPOINTS = "checkpoint_*"  # Ray Train's checkpoint directories, each holding a state.pt
 
 #: Dotted config keys (and everything under them) that cannot change what a job computes, so ``--resume``
 #: accepts a change in them. Each entry says why; a key not listed here is compared:
@@ -187,6 +197,57 @@ class JobLock:
         self.release()
 
 
+@dataclass
+class JobState:
+    """What a job has finished: each stage's result row (``done``), and the weights of the stages that later
+    stages or the scheme's finish step read (``weights``, by stage name)."""
+
+    done: dict[str, dict] = field(default_factory=dict)
+    weights: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint: the job state, the stage in progress and its training-loop state (``loop``; ``None``
+    once that stage finished), and which process wrote it (``writer``, stage tasks only)."""
+
+    state: JobState = field(default_factory=JobState)
+    stage: str | None = None
+    loop: dict | None = None
+    writer: dict | None = None
+
+    def to_payload(self) -> dict:
+        """The plain dict stored in ``state.pt`` (read back with ``weights_only=True``)."""
+        payload = {"done": self.state.done, "weights": self.state.weights, "stage": self.stage, "loop": self.loop}
+        if self.writer is not None:
+            payload["writer"] = self.writer
+        return payload
+
+    @classmethod
+    def from_payload(cls, payload: dict | None) -> "Checkpoint":
+        """A checkpoint from a stored payload (``None``: a job that has not checkpointed yet)."""
+        payload = payload or {}
+        state = JobState(dict(payload.get("done", {})), dict(payload.get("weights", {})))
+        return cls(state, payload.get("stage"), payload.get("loop"), payload.get("writer"))
+
+    def resume_loop(self, stage: str) -> dict | None:
+        """The loop state to resume ``stage`` from, if this checkpoint was taken inside it."""
+        return self.loop if self.stage == stage else None
+
+    def finished(self, stage: str) -> bool:
+        """Whether ``stage`` finished (its result row written at its end, no loop in progress)."""
+        return self.loop is None and stage in self.state.done
+
+
+def read_checkpoint(path: str) -> Checkpoint | None:
+    """The checkpoint in ``path`` (``None`` when there is none): tensors and plain values only."""
+    import torch
+
+    if not os.path.exists(path):
+        return None
+    return Checkpoint.from_payload(torch.load(path, map_location="cpu", weights_only=True))
+
+
 class RunDir:
     """The on-disk layout of one job: checkpoints, the MLflow run ids, the saved config and the lock."""
 
@@ -209,11 +270,34 @@ class RunDir:
         if not os.path.isdir(self.path):
             return False
         names = os.listdir(self.path)
-        return RUNS_FILE in names or "checkpoint" in names or "stages" in names or any(
-            n.startswith("checkpoint_") for n in names)
+        return RUNS_FILE in names or CHECKPOINT_DIR in names or STAGES_DIR in names or any(
+            n.startswith(RAY_CHECKPOINTS.rstrip("*")) for n in names)
 
     def lock(self) -> JobLock:
         return JobLock(self.path, self.job)
+
+    def checkpoint_file(self) -> str:
+        """An in-process job's checkpoint."""
+        return os.path.join(self.path, CHECKPOINT_DIR, STATE_FILE)
+
+    def stage_file(self, stage: str) -> str:
+        """A stage task's own checkpoint (``ray.stage_tasks``)."""
+        return os.path.join(self.path, STAGES_DIR, stage, STATE_FILE)
+
+    def finished_stage(self, stage: str) -> Checkpoint | None:
+        """A stage task's checkpoint once that stage finished, else ``None``."""
+        checkpoint = read_checkpoint(self.stage_file(stage))
+        return checkpoint if checkpoint is not None and checkpoint.finished(stage) else None
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The job's newest checkpoint: the in-process one, else Ray Train's newest ``checkpoint_*``."""
+        import glob
+
+        local = read_checkpoint(self.checkpoint_file())
+        if local is not None:
+            return local
+        found = sorted(glob.glob(os.path.join(self.path, RAY_CHECKPOINTS, STATE_FILE)), key=os.path.getmtime)
+        return read_checkpoint(found[-1]) if found else None
 
     def saved_config(self) -> dict | None:
         try:

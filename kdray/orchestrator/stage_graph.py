@@ -31,28 +31,15 @@ import torch
 
 from kdray.config import Config, ConfigError
 from kdray.orchestrator.build import build_splits
-from kdray.orchestrator.checkpoints import STATE_FILE, load_state, save_atomic
+from kdray.orchestrator.checkpoints import save_atomic
 from kdray.orchestrator.interrupts import as_received
 from kdray.orchestrator.job import run_stage
 from kdray.orchestrator.placement import WorkerContext
 from kdray.orchestrator.plan import Stage, get_scheme, plan_stages
+from kdray.orchestrator.run_dir import Checkpoint, JobState, RunDir, read_checkpoint
 from kdray.orchestrator.runtime import check_fits, ensure_ray, resolve_use_gpu
 
-STAGES_DIR = "stages"
 TASK_TAG = "kdray.ray_task_id"
-
-
-def stage_state_path(run_dir: str, stage: str) -> str:
-    return os.path.join(run_dir, STAGES_DIR, stage, STATE_FILE)
-
-
-def finished_stage(run_dir: str, stage: str) -> dict | None:
-    """The persisted state of a stage that finished (its result row in ``done``), else ``None``."""
-    path = stage_state_path(run_dir, stage)
-    if not os.path.exists(path):
-        return None
-    state = load_state(path)
-    return state if state.get("loop") is None and stage in state.get("done", {}) else None
 
 
 class StageCheckpoints:
@@ -66,23 +53,23 @@ class StageCheckpoints:
 
     def __init__(self, run_dir: str, stage: str):
         self.stage = stage
-        self.path = stage_state_path(run_dir, stage)
+        self.path = RunDir(run_dir, "").stage_file(stage)
         self.finished_at: float | None = None
 
     def latest(self) -> dict | None:
-        return load_state(self.path) if os.path.exists(self.path) else None
+        found = read_checkpoint(self.path)
+        return found.to_payload() if found is not None else None
 
     def save(self, payload: dict, metrics: dict) -> None:
-        done = {k: dict(v) for k, v in payload.get("done", {}).items() if k == self.stage}
-        loop = payload.get("loop")
-        if loop is None and self.stage in done:
+        given = Checkpoint.from_payload(payload)
+        done = {k: dict(v) for k, v in given.state.done.items() if k == self.stage}
+        if given.loop is None and self.stage in done:
             self.finished_at = time.time()
             done[self.stage]["finished_at"] = self.finished_at
         context = ray.get_runtime_context()
-        save_atomic({"stage": self.stage, "loop": loop, "done": done,
-                     "weights": {k: v for k, v in payload.get("weights", {}).items() if k == self.stage},
-                     "writer": {"host": socket.gethostname(), "pid": os.getpid(),
-                                "ray_task_id": context.get_task_id() or ""}}, self.path)
+        own = JobState(done, {k: v for k, v in given.state.weights.items() if k == self.stage})
+        writer = {"host": socket.gethostname(), "pid": os.getpid(), "ray_task_id": context.get_task_id() or ""}
+        save_atomic(Checkpoint(own, self.stage, given.loop, writer).to_payload(), self.path)
 
 
 def _task_device() -> torch.device:
@@ -102,11 +89,11 @@ def _stage_task(cfg_json: dict, stage: Stage, run_dir: str, tracking_uri: str | 
     name = stage.name
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     checkpoints = StageCheckpoints(run_dir, name)
-    saved = checkpoints.latest() or {}
-    if saved.get("loop") is None and name in saved.get("done", {}):  # a retry after the result was written
-        return saved["done"][name], saved["weights"].get(name)
+    saved = Checkpoint.from_payload(checkpoints.latest())
+    if saved.finished(name):  # a retry after the result was written
+        return saved.state.done[name], saved.state.weights.get(name)
     context = ray.get_runtime_context()
-    loop = saved.get("loop")
+    loop = saved.loop
     stage = dataclasses.replace(stage, run_facts={
         "ray_task_id": context.get_task_id(), "ray_node_id": context.get_node_id(), "worker_pid": os.getpid(),
         "started_at": started_at, "resumed_from_epoch": int(loop["epoch"]) if loop is not None else 0})
@@ -118,10 +105,10 @@ def _stage_task(cfg_json: dict, stage: Stage, run_dir: str, tracking_uri: str | 
                         stage_run_ids=stage_run_ids, callbacks=list(run["callbacks"]),
                         log=(lambda msg: None) if run["quiet"] else (lambda msg: print(msg, flush=True)))
     splits = build_splits(cfg)
-    job_state = {"done": {}, "weights": dict(zip(teacher_names, teacher_weights))}
+    job_state = JobState({}, dict(zip(teacher_names, teacher_weights)))
     result = run_stage(cfg, stage, splits, ctx, job_state, loop)
     row = {**result, "finished_at": checkpoints.finished_at}
-    return row, job_state["weights"].get(name) if stage.keep else None
+    return row, job_state.weights.get(name) if stage.keep else None
 
 
 def _finish_task(cfg_json: dict, stages: list[Stage], names: list[str], *rows_then_weights) -> dict:
@@ -131,9 +118,9 @@ def _finish_task(cfg_json: dict, stages: list[Stage], names: list[str], *rows_th
     cfg = Config.model_validate(cfg_json)
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     rows, weights = rows_then_weights[:len(names)], rows_then_weights[len(names):]
-    job_state = {"done": {n: dict(r) for n, r in zip(names, rows)}, "weights": dict(zip(names, weights))}
+    job_state = JobState({n: dict(r) for n, r in zip(names, rows)}, dict(zip(names, weights)))
     get_scheme(cfg.scheme).finish(cfg, stages, build_splits(cfg), WorkerContext(device=_task_device()), job_state)
-    return {n: r for n, r in job_state["done"].items() if r != dict(rows[names.index(n)])}
+    return {n: r for n, r in job_state.done.items() if r != dict(rows[names.index(n)])}
 
 
 _stage_remote = ray.remote(num_returns=2)(_stage_task)
@@ -149,6 +136,7 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
     (picklable epoch callbacks) run in every stage task; ``quiet``: the tasks print no progress lines."""
     ensure_ray(cfg.ray.address)
     run_dir = cfg.run_dir()
+    job_dir = RunDir(run_dir, cfg.name)
     stages = plan_stages(cfg)
     cfg_json = cfg.model_dump(mode="json")
     run = {"callbacks": list(callbacks or []), "quiet": quiet}
@@ -160,15 +148,15 @@ def run_stage_graph(cfg: Config, tracking_uri: str | None, stage_run_ids: dict[s
 
     def weights_ref(name: str):
         if name not in weights:  # finished in an earlier run: hand its persisted weights to Ray once
-            weights[name] = ray.put(finished_stage(run_dir, name)["weights"][name])
+            weights[name] = ray.put(job_dir.finished_stage(name).state.weights[name])
         return weights[name]
 
     pending: dict = {}
     for stage in stages:
         name = stage.name
-        saved = finished_stage(run_dir, name)
+        saved = job_dir.finished_stage(name)
         if saved is not None:
-            rows[name] = saved["done"][name]
+            rows[name] = saved.state.done[name]
             log(f"[{name}] finished in an earlier run; skipped")
             continue
         deps = stage.stage_teachers()

@@ -660,18 +660,11 @@ def _run_base(base: Config, sweep_dir: str, parent: str | None, uri: str | None,
 
 
 def _teacher_state(run_dir: str) -> dict:
-    import glob
+    """The trained teacher's weights from the base job's newest checkpoint (in-process or Ray Train)."""
+    from kdray.orchestrator.run_dir import RunDir
 
-    import torch
-
-    from kdray.orchestrator.checkpoints import STATE_FILE, LocalCheckpoints
-
-    state = LocalCheckpoints(run_dir).latest()
-    if state is None:
-        found = sorted(glob.glob(os.path.join(run_dir, "checkpoint_*", STATE_FILE)), key=os.path.getmtime)
-        if found:
-            state = torch.load(found[-1], map_location="cpu", weights_only=True)
-    teacher = (state or {}).get("weights", {}).get("teacher") or (state or {}).get("teacher")
+    checkpoint = RunDir(run_dir, "").latest_checkpoint()
+    teacher = checkpoint.state.weights.get("teacher") if checkpoint is not None else None
     if teacher is None:
         raise RuntimeError(f"no trained teacher in the base job's checkpoints under {run_dir}")
     return teacher

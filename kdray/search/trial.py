@@ -205,16 +205,16 @@ def mark_early_stopped(tracking_uri: str | None, run_dir: str, epoch: int | None
 
 def _finished_rows(cfg, tracking_uri: str | None) -> list[dict] | None:
     """Rows of a job whose stages all finished and whose MLflow run is closed (nothing left to do)."""
-    from kdray.orchestrator.checkpoints import LocalCheckpoints
     from kdray.orchestrator.plan import plan_stages
+    from kdray.orchestrator.run_dir import RunDir, read_checkpoint
 
     try:
-        state = LocalCheckpoints(cfg.run_dir()).latest()
+        checkpoint = read_checkpoint(RunDir(cfg.run_dir(), cfg.name).checkpoint_file())
     except Exception:  # noqa: BLE001
         return None
-    done = (state or {}).get("done", {})
+    done = checkpoint.state.done if checkpoint is not None else {}
     stages = plan_stages(cfg)
-    if not state or any(s.name not in done for s in stages):
+    if checkpoint is None or any(s.name not in done for s in stages):
         return None
     if tracking_uri:
         run_id = job_run_id(cfg.run_dir())
