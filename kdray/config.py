@@ -76,6 +76,12 @@ class OptimSpec(_Strict):
     schedule: Literal["constant", "step", "cosine"] = "cosine"
     milestones: list[int] = Field(default_factory=list)
     gamma: float = Field(0.1, gt=0, le=1)
+    # How a step uses the hardware (kdray.algorithms.engine.TrainLoop); the defaults change nothing.
+    # precision: autocast dtype of the teacher forward and the student step (fp16 adds a GradScaler);
+    # knowledge terms always compute in fp32. bf16 on a CPU checks correctness, it is not faster there.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False  # student, teacher and 4-D inputs in torch.channels_last
+    compile: bool = False  # torch.compile student and teacher: seconds to a minute of start-up per stage
 
 
 class TeacherSpec(ModelSpec):

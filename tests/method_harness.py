@@ -20,16 +20,20 @@ from kdray.data import build_datasets
 from kdray.models import create_model
 
 
-def make_pair(method: str, student_width: int = 8, teacher_width: int = 16, **params):
-    """(distiller, teacher, example batch) with connectors built from a digits batch."""
+def make_pair(method: str, student_width: int = 8, teacher_width: int = 16, dtype: torch.dtype = torch.float32,
+              **params):
+    """(distiller, teacher, example batch) with connectors built from a digits batch; with ``dtype`` (e.g.
+    ``torch.float64``) the models and the inputs are in that dtype before the connectors are built. The same
+    arguments give the same weights (seeded), so two calls make two identical, independent pairs."""
     seed_everything(0)
     splits = build_datasets("digits", train_fraction=0.2)
-    student = create_model("digits_cnn", 10, width=student_width)
-    teacher_model = create_model("digits_cnn", 10, width=teacher_width)
+    student = create_model("digits_cnn", 10, width=student_width).to(dtype)
+    teacher_model = create_model("digits_cnn", 10, width=teacher_width).to(dtype)
     distiller = Distiller(student, [create_method(method, **params)])
     teacher = Teacher(teacher_model, distiller.resolve_teacher_points(teacher_model))
     loader = DataLoader(splits.train, batch_size=16, shuffle=False)
     x, y, idx = next(iter(loader))
+    x = x.to(dtype)
     distiller.build(x, teacher, len(splits.train))
     return distiller, teacher, Batch(x, y, idx)
 

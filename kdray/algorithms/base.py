@@ -15,6 +15,8 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
+from kdray.algorithms.precision import autocast_off, full_precision
+
 KINDS = ("response", "feature", "relation")
 
 
@@ -24,6 +26,16 @@ class ModelOutput:
 
     logits: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def in_full_precision(self) -> "ModelOutput":
+        """This output with ``float16`` / ``bfloat16`` logits and features upcast to ``float32`` (other dtypes
+        kept); ``self`` when nothing needs upcasting. Extra attributes (an ensemble's ``members``) are kept."""
+        tensors = [self.logits, *self.features.values()]
+        if not any(full_precision(t) is not t for t in tensors):
+            return self
+        out = ModelOutput(full_precision(self.logits), {k: full_precision(v) for k, v in self.features.items()})
+        out.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("logits", "features")})
+        return out
 
 
 @dataclass
@@ -57,7 +69,9 @@ class KnowledgeTerm(nn.Module):
     def build(self, student: ModelOutput, teacher: ModelOutput, num_samples: int) -> None:
         """Create connectors from example outputs (shapes) and the training-set size (memory banks).
 
-        Called once, under ``no_grad``, before the optimizer exists. Default: nothing to build.
+        Called once, under ``no_grad``, before the optimizer exists. Connectors and buffers follow the
+        example features' device *and* dtype (``.to(device=f.device, dtype=f.dtype)``), so a float64 model gets
+        float64 connectors. Default: nothing to build.
         """
 
     def set_epoch(self, epoch: int) -> None:
@@ -74,6 +88,16 @@ class KnowledgeTerm(nn.Module):
         """``False`` during a pre-training phase (FitNet hints, FT paraphraser): the distiller then
         drops the hard-label CE for that step, so only this term's loss trains."""
         return True
+
+    def __call__(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        """:meth:`forward` in full precision, whatever autocast is active around the call.
+
+        The one place that keeps every term's softmax / log-softmax / KL / log-sum-exp (and its connectors
+        and relation matrices) out of bf16 / fp16: autocast is switched off for the device and the inputs
+        are upcast to ``float32`` (``float64`` stays ``float64``). See :mod:`kdray.algorithms.precision`.
+        """
+        with autocast_off(student.logits):
+            return super().__call__(student.in_full_precision(), teacher.in_full_precision(), batch)
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError

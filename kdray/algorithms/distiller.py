@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch, KnowledgeTerm, ModelOutput
+from kdray.algorithms.precision import autocast_off, full_precision
 from kdray.models.features import FeatureTap, default_points, unwrap
 
 
@@ -185,15 +186,20 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def build(self, example_inputs: torch.Tensor, teacher: Teacher | None, num_samples: int = 0) -> None:
-        """Create the terms' connectors from one example batch; call before making the optimizer."""
+        """Create the terms' connectors from one example batch; call before making the optimizer.
+
+        Connectors follow the features' device and dtype; features that came out in bf16 / fp16 (a build
+        under autocast) are upcast first, so connector weights are never low-precision master weights."""
         if self._built:
             return
         was_training = self.student.training
         self.student.eval()
-        s_out = self.student_forward(example_inputs)
+        s_out = self.student_forward(example_inputs).in_full_precision()
         t_out = teacher(example_inputs) if teacher is not None else ModelOutput(s_out.logits)
-        for term, slot in zip(self.terms, self.term_teachers):
-            term.build(select_points(s_out, term.student_points), _teacher_view(t_out, slot, term), num_samples)
+        with autocast_off(s_out.logits):
+            for term, slot in zip(self.terms, self.term_teachers):
+                term.build(select_points(s_out, term.student_points),
+                           _teacher_view(t_out, slot, term).in_full_precision(), num_samples)
         self.student.train(was_training)
         self._built = True
 
@@ -210,7 +216,7 @@ class Distiller(nn.Module):
         s_out = self.student_forward(batch.inputs)
         losses: dict[str, torch.Tensor] = {}
         if self._adds_ce and self.ce_weight and all(t.uses_hard_labels() for t in self.terms):
-            losses["ce"] = self.ce_weight * F.cross_entropy(s_out.logits, batch.targets)
+            losses["ce"] = self.ce_weight * F.cross_entropy(full_precision(s_out.logits), batch.targets)
         member_weights = None
         for term, slot in zip(self.terms, self.term_teachers):
             if teacher_out is None:

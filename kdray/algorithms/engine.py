@@ -2,7 +2,8 @@
 
 It runs epochs of distillation steps and an evaluation per epoch, and hands each epoch's metrics to
 callbacks. Checkpointing, reporting to Ray and logging to MLflow are callbacks the orchestrator
-supplies; the loop knows nothing of them.
+supplies; the loop knows nothing of them. How a step uses the hardware (``precision``, ``channels_last``,
+``compile``) is an argument of the loop; the mechanics live in :mod:`kdray.algorithms.precision`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdray.algorithms import precision as prec
 from kdray.algorithms.base import Batch
 from kdray.algorithms.distiller import Distiller, Teacher
 
@@ -59,9 +61,11 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def _to_batch(raw, device) -> Batch:
+def _to_batch(raw, device, channels_last: bool = False) -> Batch:
     x, y, idx = raw
-    return Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx.to(device))
+    x = x.to(device, non_blocking=True)
+    return Batch(prec.channels_last_input(x) if channels_last else x, y.to(device, non_blocking=True),
+                 idx.to(device))
 
 
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -71,15 +75,19 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device, num_classes: int, reduce: bool = True) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Iterable, device, num_classes: int, reduce: bool = True,
+             precision: str = "fp32", channels_last: bool = False) -> dict[str, float]:
     """Top-1 (and top-5 when there are more than 5 classes) accuracy and CE loss; with ``reduce`` the
-    counts are summed across ranks (each rank evaluated a disjoint shard)."""
+    counts are summed across ranks (each rank evaluated a disjoint shard). ``precision`` / ``channels_last``:
+    the forward under the training step's autocast and memory format; the CE is taken in fp32."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # n, correct1, correct5, loss_sum
     for raw in loader:
-        batch = _to_batch(raw, device)
-        logits = model(batch.inputs)
+        batch = _to_batch(raw, device, channels_last)
+        with prec.autocast(device, precision):
+            logits = model(batch.inputs)
+        logits = prec.full_precision(logits)
         totals[0] += batch.targets.numel()
         totals[3] += F.cross_entropy(logits, batch.targets, reduction="sum").double()
         topk = logits.topk(min(5, num_classes), dim=1).indices
@@ -97,11 +105,45 @@ def evaluate(model: nn.Module, loader: Iterable, device, num_classes: int, reduc
 
 
 class TrainLoop:
-    """Owns one training stage: the trainable distiller (maybe DDP-wrapped), the teacher, optimizer and schedule."""
+    """Owns one training stage: the trainable distiller (maybe DDP-wrapped), the teacher, optimizer and schedule.
+
+    How a step uses the hardware (defaults change nothing):
+
+    * ``precision`` (``fp32`` | ``bf16`` | ``fp16``): the teacher forward and the student step (forward and
+      the knowledge terms' inputs) run under ``torch.autocast`` with that dtype; ``fp16`` adds a
+      :class:`torch.amp.GradScaler` for the device type (its state is checkpointed). Weights, optimizer
+      state and every term's loss arithmetic stay fp32 (``KnowledgeTerm.__call__``). bf16 on a CPU is a
+      correctness mode, not a speed-up: see ``bench/precision.py``.
+    * ``channels_last``: the distiller (student and connectors) and the teacher are converted to
+      ``torch.channels_last`` here, and 4-D inputs too, each step. Convert before DDP wraps the distiller
+      (:func:`kdray.algorithms.precision.to_channels_last`): DDP lays out its gradient buckets by the
+      parameters' strides; converting again here is then a no-op.
+    * ``compile``: ``torch.compile`` the student model(s) and the teacher's model(s) in place
+      (``Module.compile``: state-dict keys and the feature hooks unchanged; the terms stay eager). It costs
+      start-up, measured on this project's shared 2-core CPU box (torch 2.14.1): the first compiled step of
+      ``resnet56`` -> ``resnet20`` (KD, batch 32, cold inductor cache, a loaded machine) took 204 s against
+      5 s for the first eager step, for a steady-state step 0.89x fp32's (``bench/precision.py``; an earlier
+      quieter measurement of resnet20 alone: 24-32 s); a tiny ``digits_cnn`` 16 -> 8 FitNet step 20-45 s
+      cold, 3 s with a warm cache. One more compilation follows when the batch shape changes (the last,
+      smaller batch; evaluation) and for eval mode. Worth it for long runs on a GPU, rarely for a few CPU
+      epochs.
+    """
 
     def __init__(self, distiller: nn.Module, teacher: Teacher | None, optimizer, scheduler, train_loader,
                  val_loader, num_classes: int, epochs: int, device, callbacks: list[Callback] | None = None,
-                 eval_model: nn.Module | None = None, eval_reduce: bool = True):
+                 eval_model: nn.Module | None = None, eval_reduce: bool = True, precision: str = "fp32",
+                 channels_last: bool = False, compile: bool = False):
+        self.precision = prec.check_precision(precision)
+        self.channels_last = channels_last
+        self.compile = compile
+        self.scaler = prec.grad_scaler(device, precision)
+        if channels_last:
+            prec.to_channels_last(distiller)
+            if teacher is not None:
+                prec.to_channels_last(teacher)
+        if compile:
+            for model in compile_targets(distiller) + compile_targets(teacher):
+                prec.compile_in_place(model)
         self.distiller = distiller
         self.teacher = teacher
         self.optimizer = optimizer
@@ -119,13 +161,16 @@ class TrainLoop:
 
     # --- checkpoint state -------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
+        state = {
             "distiller": _inner(self.distiller).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": torch.tensor(self.epoch),
             "rng": rng_state(),
         }
+        if self.scaler.is_enabled():  # fp16: the loss scale and its growth tracker (plain numbers)
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         _inner(self.distiller).load_state_dict(state["distiller"])
@@ -133,8 +178,32 @@ class TrainLoop:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])
         set_rng_state(state["rng"])
+        if self.scaler.is_enabled() and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     # --- the loop ---------------------------------------------------------------------------
+    def step(self, batch: Batch, epoch: int = 0, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step on a batch already on the device (and in the memory format): teacher forward
+        and student step under the loop's autocast, the NaN guard, backward through the (maybe disabled)
+        gradient scaler, the optimizer step. Returns the total loss and the named losses."""
+        with prec.autocast(self.device, self.precision):  # teacher and student alike; terms run in fp32
+            # A teacher source with ``wants_batch`` (a cache looked up by sample index) gets the whole batch.
+            teacher_out = (None if self.teacher is None else
+                           self.teacher(batch if getattr(self.teacher, "wants_batch", False) else batch.inputs))
+            _logits, losses = self.distiller(batch, teacher_out)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch} step {step}: term(s) {bad} = "
+                f"{[float(losses[k].detach()) for k in bad]}; lower the lr or the term's weight"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # disabled scaler (fp32, bf16): plain backward and step
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, losses
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.distiller.train()
         _inner(self.distiller).set_epoch(epoch)
@@ -144,21 +213,7 @@ class TrainLoop:
         sums: dict[str, float] = {}
         steps = 0
         for step, raw in enumerate(self.train_loader):
-            batch = _to_batch(raw, self.device)
-            # A teacher source with ``wants_batch`` (a cache looked up by sample index) gets the whole batch.
-            teacher_out = (None if self.teacher is None else
-                           self.teacher(batch if getattr(self.teacher, "wants_batch", False) else batch.inputs))
-            _logits, losses = self.distiller(batch, teacher_out)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch} step {step}: term(s) {bad} = "
-                    f"{[float(losses[k].detach()) for k in bad]}; lower the lr or the term's weight"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss, losses = self.step(_to_batch(raw, self.device, self.channels_last), epoch, step)
             steps += 1
             # Per-teacher values of multi-teacher feature terms (``fitnet_t0``, ...): logged, not summed.
             for k, v in {**losses, **getattr(_inner(self.distiller), "member_losses", {})}.items():
@@ -175,7 +230,8 @@ class TrainLoop:
             metrics = self.train_epoch(epoch)
             self.scheduler.step()
             metrics.update({f"val_{k}": v for k, v in evaluate(self.eval_model, self.val_loader, self.device,
-                                                                self.num_classes, self.eval_reduce).items()})
+                                                                self.num_classes, self.eval_reduce, self.precision,
+                                                                self.channels_last).items()})
             metrics["lr"] = lr
             metrics["epoch_time_s"] = time.perf_counter() - start
             metrics["epoch"] = epoch
@@ -184,6 +240,25 @@ class TrainLoop:
             for cb in self.callbacks:
                 cb.on_epoch_end(epoch, metrics, self)
         return self.history
+
+
+def compile_targets(module: nn.Module | None) -> list[nn.Module]:
+    """The networks ``compile`` compiles: a distiller's ``student`` (an online cohort's ``peers`` / ``peer``),
+    each frozen :class:`Teacher`'s ``model`` (one, or an ensemble's); never the terms (small, data-dependent
+    control flow) and nothing of a cached teacher (a table lookup)."""
+    if module is None:
+        return []
+    teachers = [m.model for m in module.modules() if isinstance(m, Teacher)]
+    if teachers:
+        return teachers
+    inner = _inner(module)
+    for name in ("student", "peers", "peer"):
+        found = getattr(inner, name, None)
+        if isinstance(found, nn.Module):
+            return [found]
+        if isinstance(found, (list, tuple)) and found and all(isinstance(m, nn.Module) for m in found):
+            return list(found)
+    return []
 
 
 def _inner(module: nn.Module) -> Distiller:

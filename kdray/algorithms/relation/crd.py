@@ -107,17 +107,18 @@ class CRD(KnowledgeTerm):
             raise ValueError(f"crd needs the training-set size (num_samples >= 2) for its memory banks, "
                              f"got {num_samples}")
         (f_s, f_t), = paired_features(self, student, teacher)[-1:]
-        device = f_s.device
         self.num_samples = num_samples
         self.nce_k = min(self.nce_k, num_samples - 1)
-        self.embed_s = Embed(f_s.flatten(1).shape[1], self.feat_dim).to(device)
-        self.embed_t = Embed(f_t.flatten(1).shape[1], self.feat_dim).to(device)
+        # heads and banks follow each side's features (device and dtype: a float64 model gets float64 banks)
+        like_s, like_t = dict(device=f_s.device, dtype=f_s.dtype), dict(device=f_t.device, dtype=f_t.dtype)
+        self.embed_s = Embed(f_s.flatten(1).shape[1], self.feat_dim).to(**like_s)
+        self.embed_t = Embed(f_t.flatten(1).shape[1], self.feat_dim).to(**like_t)
         stdv = 1.0 / math.sqrt(self.feat_dim / 3)
         # bank_s holds student embeddings (contrasted with the teacher anchor), bank_t the teacher's.
-        self.register_buffer("bank_s", (torch.rand(num_samples, self.feat_dim, device=device) * 2 - 1) * stdv)
-        self.register_buffer("bank_t", (torch.rand(num_samples, self.feat_dim, device=device) * 2 - 1) * stdv)
+        self.register_buffer("bank_s", (torch.rand(num_samples, self.feat_dim, **like_s) * 2 - 1) * stdv)
+        self.register_buffer("bank_t", (torch.rand(num_samples, self.feat_dim, **like_t) * 2 - 1) * stdv)
         # Z for (student anchor vs. teacher bank, teacher anchor vs. student bank); < 0 means "not set yet".
-        self.register_buffer("z", torch.full((2,), -1.0, device=device))
+        self.register_buffer("z", torch.full((2,), -1.0, **like_s))
 
     def sample_negatives(self, positives: torch.Tensor) -> torch.Tensor:
         """``(B, nce_k)`` bank indices drawn uniformly from ``[0, num_samples)`` (may include the positive)."""

@@ -84,7 +84,8 @@ class FSP(KnowledgeTerm):
         for i, (f_s, f_t) in enumerate(pairs):
             c_s, c_t = as_map(f_s).shape[1], as_map(f_t).shape[1]
             if c_s != c_t:
-                self.connectors[str(i)] = nn.Conv2d(c_s, c_t, kernel_size=1, bias=False).to(f_s.device)
+                self.connectors[str(i)] = nn.Conv2d(c_s, c_t, kernel_size=1, bias=False).to(device=f_s.device,
+                                                                                             dtype=f_s.dtype)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

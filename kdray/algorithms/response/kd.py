@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch, KnowledgeTerm, ModelOutput, register_method
+from kdray.algorithms.precision import full_precision
 
 
 def kl_div_with_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -12,9 +13,10 @@ def kl_div_with_temperature(student_logits: torch.Tensor, teacher_logits: torch.
     """``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch (``batchmean``).
 
     The ``T^2`` keeps the gradient scale of the soft term independent of ``T`` (Hinton et al., sec. 2).
+    Computed in fp32 for bf16 / fp16 logits (the online and BYOT schemes call it outside a term).
     """
-    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_s = F.log_softmax(full_precision(student_logits) / temperature, dim=1)
+    log_p_t = F.log_softmax(full_precision(teacher_logits) / temperature, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch
 from kdray.algorithms.distiller import Distiller, expand_points
+from kdray.algorithms.precision import full_precision
 from kdray.algorithms.response.kd import kl_div_with_temperature
 from kdray.models.features import FeatureTap
 
@@ -65,7 +66,10 @@ def byot_loss(exit_logits: list[torch.Tensor], exit_feats: list[torch.Tensor], d
     ``ce_exit{i}`` = ``(1 - alpha) * CE``; ``kd_exit{i}`` = ``alpha * T^2 * KL(deepest_T || exit_T)``
     (batch mean); ``feat_exit{i}`` = ``feature_weight * mean_b ||f_i - f_deep||^2``; ``ce`` is the
     deepest exit's ``(1 - alpha) * CE``. The deepest logits and feature are detached as targets.
+    Computed in fp32 when the exits ran under bf16 / fp16 autocast.
     """
+    exit_logits, exit_feats = [full_precision(z) for z in exit_logits], [full_precision(f) for f in exit_feats]
+    deepest_logits, deepest_feat = full_precision(deepest_logits), full_precision(deepest_feat)
     if len(exit_logits) != len(exit_feats):
         raise ValueError(f"{len(exit_logits)} exit logits but {len(exit_feats)} exit features")
     soft_target = deepest_logits.detach()
@@ -193,10 +197,11 @@ class BYOTDistiller(Distiller):
         num_classes = out.logits.shape[1]
         param = next(self.student.parameters(), None)
         device = example_inputs.device if param is None else param.device
+        dtype = torch.get_default_dtype() if param is None else param.dtype  # exits follow the model
         for point in self.stage_points[:-1]:
             head = AuxExit(tuple(out.features[point].shape[1:]), tuple(deepest.shape[1:]), num_classes,
                            self.bottleneck_ratio)
-            self.exits.append(head.to(device))
+            self.exits.append(head.to(device=device, dtype=dtype))
         self._built = True
 
     def _check_built(self):

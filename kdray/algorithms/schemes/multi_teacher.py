@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdray.algorithms.base import ModelOutput
+from kdray.algorithms.precision import full_precision
 
 COMBINE_RULES = ("mean", "weights", "confidence", "random")
 
@@ -32,8 +33,10 @@ def combine(stacked: torch.Tensor, rule: str = "mean", weights: list[float] | No
     The per-teacher weights follow the same rule: 1/M for ``mean``; the normalised fixed weights for
     ``weights``; for ``confidence`` the batch mean of the per-sample entropy weights (a feature loss is
     one number per batch, so the per-sample weights are averaged); for ``random`` one-hot on the teacher
-    drawn for this step (the same draw picks the logits).
+    drawn for this step (the same draw picks the logits). bf16 / fp16 logits (a teacher under autocast) are
+    combined in fp32.
     """
+    stacked = full_precision(stacked)
     m = stacked.shape[0]
     if rule == "mean":
         return stacked.mean(0), torch.full((m,), 1.0 / m, dtype=stacked.dtype, device=stacked.device)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from kdray.algorithms.base import Batch, KnowledgeTerm, ModelOutput
 from kdray.algorithms.distiller import expand_points, forward_with_features, select_points
 from kdray.algorithms.packing import OutputLayout
+from kdray.algorithms.precision import autocast_off, full_precision
 from kdray.algorithms.response.kd import kl_div_with_temperature
 from kdray.models.features import FeatureTap, resolve_points
 
@@ -43,7 +44,7 @@ def peer_loss(index: int, all_logits: list[torch.Tensor], targets: torch.Tensor,
         soft = kl_div_with_temperature(own, ensemble, temperature)
     else:
         raise ValueError(f"unknown online mode {mode!r}; allowed: {', '.join(ONLINE_MODES)}")
-    return {"ce": F.cross_entropy(own, targets), mode: weight * soft}
+    return {"ce": F.cross_entropy(full_precision(own), targets), mode: weight * soft}
 
 
 def _links(models: list[nn.Module], index: int, make_terms: TermFactory | None) -> nn.ModuleDict:
@@ -108,7 +109,8 @@ class PeerLearner(nn.Module):
     def build(self, outs: list[ModelOutput], num_samples: int, seed: int = 0) -> None:
         """Create this peer's connectors; their initialisation depends on ``(seed, index)`` only, so a
         peer gets the same connectors in one process and on its own worker."""
-        with torch.random.fork_rng(devices=[]):
+        outs = [o.in_full_precision() for o in outs]  # connectors in the features' dtype, never bf16 / fp16
+        with torch.random.fork_rng(devices=[]), autocast_off(outs[self.index].logits):
             torch.manual_seed(7919 * seed + self.index)
             for j, terms in self.links.items():
                 for term in terms:
