@@ -91,7 +91,7 @@ class DeviceData:
 
 
 # --- recognising a split -----------------------------------------------------------------------------------
-def _chain(dataset: Dataset) -> tuple[Dataset, np.ndarray | None]:
+def split_base(dataset: Dataset) -> tuple[Dataset, np.ndarray | None]:
     """The base dataset under IndexedDataset / Subset wrappers and the base indices of the split's samples
     (``None``: all, in order)."""
     from kdray.data.registry import IndexedDataset
@@ -145,7 +145,7 @@ def _describe(dataset: Dataset):
     """``(kind, base, indices, n, image_shape, dtype_bytes)`` of a split the device can hold, else raise."""
     from torchvision import datasets as D
 
-    base, indices = _chain(dataset)
+    base, indices = split_base(dataset)
     n = len(dataset)
     if getattr(base, "target_transform", None) is not None:
         raise NotOnDeviceError(f"{type(base).__name__} has a target_transform")
