@@ -84,9 +84,11 @@ class DeviceData:
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
         if self.mean is not None:
-            mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            x = x.sub_(mean).div_(std)
+            if getattr(self, "_stats", None) is None or self._stats[0].device != x.device:
+                self._stats = tuple(torch.as_tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+                                    for v in (self.mean, self.std))  # made once, not a copy to the device a batch
+            mean, std = self._stats
+            x = x.sub_(mean.to(x.dtype)).div_(std.to(x.dtype))
         return x
 
 
