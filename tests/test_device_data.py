@@ -25,6 +25,7 @@ from kdray.data.device import (
     device_batches,
     device_eval_batches,
     device_refusal,
+    replayed_params,
     split_base,
 )
 from kdray.data.views import RowSampler, ViewDataset, cached_train_data
@@ -302,3 +303,18 @@ def test_augment_params_are_a_function_of_seed_epoch_sample():
     assert np.array_equal(a[[5, 7]], augment_params(1, np.array([5, 7]), 3, aug))  # not of the batch layout
     assert not np.array_equal(a, augment_params(1, np.arange(100), 4, aug))
     assert not np.array_equal(a, augment_params(2, np.arange(100), 3, aug))
+
+
+@pytest.mark.parametrize("augment", [Augment(4, 0.5), Augment(2, 0.3), Augment(0, 0.5), Augment(3, 0.0)])
+def test_replayed_params_equal_torch_generator_draws(augment):
+    """The vectorised replay of recorded views equals what torchvision draws from torch's generator seeded with
+    each key (500 keys, incl. keys above 2**32)."""
+    keys = np.random.default_rng(1).integers(0, 2**63 - 1, 500)
+    got = replayed_params(keys, augment)
+    g, span = torch.Generator(), 2 * augment.padding + 1
+    for key, row in zip(keys.tolist(), got.tolist()):
+        g.manual_seed(key)
+        dy = int(torch.randint(0, span, (1,), generator=g)) if augment.padding else 0
+        dx = int(torch.randint(0, span, (1,), generator=g)) if augment.padding else 0
+        flip = int(bool(torch.rand(1, generator=g) < augment.flip)) if augment.flip else 0
+        assert row == [dy, dx, flip], key

@@ -26,8 +26,8 @@ Augmentation parameters:
   torch's global generator, whose state depends on everything else the process drew).
 - recorded views of a teacher cache (``cache.view_seed`` set): row ``i * views + v`` gets *exactly* the crop
   and flip the per-sample path makes under ``view_key(view_seed, i, v)``: torchvision's own draws
-  (``randint`` row, ``randint`` column, ``rand`` flip) are replayed from a generator seeded with that key, once
-  per held row when the batches are made. So the student sees the very views the teacher was run on (tested
+  (``randint`` row, ``randint`` column, ``rand`` flip) are replayed from that key by torch's generator's own
+  recurrence (vectorised MT19937), once per held row when the batches are made. So the student sees the very views the teacher was run on (tested
   against :class:`~kdray.data.views.ViewDataset`), the cache's keys unchanged.
 """
 from __future__ import annotations
@@ -243,20 +243,48 @@ def augment_params(seed: int, indices: np.ndarray, epoch: int, augment: Augment)
     return out
 
 
+def _mt19937_outputs(keys: np.ndarray, count: int) -> np.ndarray:
+    """``(n, count)`` the first ``count`` 32-bit outputs of torch's CPU generator after ``manual_seed(key)``
+    (MT19937 seeded with the key's low 32 bits, as ``at::mt19937`` does), vectorised over keys: output ``k``
+    needs only state words ``k``, ``k + 1`` and ``k + 397`` of the seeding recurrence."""
+    m32 = np.uint64(0xFFFFFFFF)
+    x = np.asarray(keys, dtype=np.int64).astype(np.uint64) & m32
+    need = set(range(count + 1)) | set(range(397, 397 + count))
+    state = {0: x}
+    for j in range(1, max(need) + 1):
+        x = (np.uint64(1812433253) * (x ^ (x >> np.uint64(30))) + np.uint64(j)) & m32
+        if j in need:
+            state[j] = x
+    out = np.zeros((len(x), count), dtype=np.uint64)
+    for k in range(count):
+        y = (state[k] & np.uint64(0x80000000)) | (state[k + 1] & np.uint64(0x7FFFFFFF))
+        v = state[k + 397] ^ (y >> np.uint64(1)) ^ np.where(y & np.uint64(1), np.uint64(0x9908B0DF), np.uint64(0))
+        v ^= v >> np.uint64(11)
+        v ^= (v << np.uint64(7)) & np.uint64(0x9D2C5680)
+        v ^= (v << np.uint64(15)) & np.uint64(0xEFC60000)
+        v ^= v >> np.uint64(18)
+        out[:, k] = v & m32
+    return out
+
+
 def replayed_params(keys: np.ndarray, augment: Augment) -> np.ndarray:
     """``(n, 3)`` ``[dy, dx, flip]`` that torchvision's ``RandomCrop(padding=p)`` then ``RandomHorizontalFlip``
     draw when torch's generator is seeded with each key (what :class:`~kdray.data.views.ViewDataset` does):
-    ``randint(0, 2p+1)`` row, ``randint(0, 2p+1)`` column, ``rand() < p_flip``."""
+    ``randint(0, 2p+1)`` row, ``randint(0, 2p+1)`` column (a 32-bit output modulo the range), ``rand() < p_flip``
+    (its low 24 bits / 2**24, float32). Computed from the generator's own recurrence, vectorised (tested against
+    ``torch.Generator`` draws)."""
+    keys = np.asarray(keys, dtype=np.int64)
     out = np.zeros((len(keys), 3), dtype=np.int64)
-    g = torch.Generator()
-    span = 2 * augment.padding + 1
-    for k, key in enumerate(np.asarray(keys, dtype=np.int64).tolist()):
-        g.manual_seed(int(key))
-        if augment.padding:
-            out[k, 0] = int(torch.randint(0, span, (1,), generator=g))
-            out[k, 1] = int(torch.randint(0, span, (1,), generator=g))
-        if augment.flip:
-            out[k, 2] = bool(torch.rand(1, generator=g) < augment.flip)
+    draws = (2 if augment.padding else 0) + (1 if augment.flip else 0)
+    if not draws or not len(keys):
+        return out
+    raw = _mt19937_outputs(keys, draws)
+    span = np.uint64(2 * augment.padding + 1)
+    if augment.padding:
+        out[:, 0], out[:, 1] = (raw[:, 0] % span).astype(np.int64), (raw[:, 1] % span).astype(np.int64)
+    if augment.flip:
+        u = (raw[:, draws - 1] & np.uint64(0xFFFFFF)).astype(np.float32) * np.float32(2.0 ** -24)
+        out[:, 2] = u < np.float32(augment.flip)
     return out
 
 
