@@ -301,15 +301,15 @@ class DeviceBatches:
         self.device = torch.device(device)
         self.sampler, self.batch_size, self.seed = sampler, int(batch_size), int(seed)
         self.views, self.view_seed = int(views), view_seed
-        self.data = data.to(self.device)
         aug = data.augment
         self._pad = aug.padding if aug else 0
-        n, c, h, w = self.data.images.shape
+        n, c, h, w = data.images.shape
         self._hw = (h, w)
-        images = self.data.images
-        if self._pad:
-            images = torch.nn.functional.pad(images, (self._pad,) * 4)  # zero fill, as RandomCrop's
-        self._flat = images.reshape(-1)
+        if self._pad:  # only the padded store goes to the device (zero fill, as RandomCrop's): padded on the host
+            padded = torch.nn.functional.pad(data.images, (self._pad,) * 4).to(self.device)
+            data = replace(data, images=data.images[:0])
+        self.data = data.to(self.device)
+        self._flat = (padded if self._pad else self.data.images).reshape(-1)
         self._sample_size = c * (h + 2 * self._pad) * (w + 2 * self._pad)
         hp, wp = h + 2 * self._pad, w + 2 * self._pad
         self._channel_rows = (torch.arange(c, device=self.device).view(c, 1, 1) * hp * wp
