@@ -152,6 +152,29 @@ def main() -> None:
             runs.append(time.perf_counter() - start)
         data_t[name] = statistics.median(runs)
 
+    # Paired: each pipeline batch (fetch + step) right after a bare step of the full batch size, one epoch per
+    # pipeline; the median of the per-pair ratios (full batches) cancels load that changes slower than a step.
+    paired = {}
+    for name, loader in {"per-sample, 0 workers": per_sample(0), "device": on_device}.items():
+        loader.sampler.set_epoch(args.repeats)
+        batches, ratios = iter(loader), []
+        while True:
+            sync(device)
+            start = time.perf_counter()
+            step(premade)
+            sync(device)
+            bare_s = time.perf_counter() - start
+            start = time.perf_counter()
+            try:
+                xb, yb, ib = next(batches)
+            except StopIteration:
+                break
+            step(Batch(xb.to(device, non_blocking=True), yb.to(device, non_blocking=True), ib.to(device)))
+            sync(device)
+            if len(yb) == args.batch:
+                ratios.append((time.perf_counter() - start) / bare_s)
+        paired[name] = statistics.median(ratios)
+
     print(header(f"KD epoch, data path included: {args.teacher} -> {args.student}, {n} CIFAR-shaped uint8 images, "
                  f"batch {args.batch} ({len(sizes)} steps), {device}"))
     print(f"median of {args.repeats} epochs each, round-robin; device set-up (uint8 copy + pad): {setup:.3f} s\n")
@@ -162,6 +185,8 @@ def main() -> None:
                  if name in data_t else "-")
         print(f"| {name} | {seconds:.2f} | {n / seconds:.0f} | {seconds / floor:.3f} | {per_batch[name] * 1e3:.0f} | "
               f"{per_batch[name] / floor_batch:.3f} | {alone} |")
+    print("\npaired, median of (pipeline batch / bare step just before it): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in paired.items()))
     print("\nfloor 1.0 (the bare KD steps of the same batch sizes); goal: device within 1.05x. 'median batch': the "
           "median over all rounds' batches of data wait + step (robust to load spikes on a shared machine; worker "
           "start-up is in the epoch time, not in it). The last column adds the data path, timed alone, to the bare "
