@@ -1,5 +1,15 @@
 """Datasets by name. Every dataset yields ``(input, target, index)``: contrastive methods and the
-teacher-output cache need the sample index from the start."""
+teacher-output cache need the sample index from the start. Training batches come from a per-sample
+``DataLoader`` (:func:`loader_options`) or, for splits that fit in memory, from the device pipeline
+(:func:`device_batches`, :func:`device_refusal`)."""
+from kdray.data.device import (
+    NotOnDeviceError,
+    can_use_device_pipeline,
+    device_batches,
+    device_eval_batches,
+    device_refusal,
+)
+from kdray.data.loading import has_random_transform, loader_options
 from kdray.data.registry import (
     DatasetFilesMissingError,
     DatasetSplits,
@@ -14,8 +24,15 @@ __all__ = [
     "DatasetFilesMissingError",
     "DatasetSplits",
     "IndexedDataset",
+    "NotOnDeviceError",
     "UnknownDatasetError",
     "build_datasets",
+    "can_use_device_pipeline",
+    "device_batches",
+    "device_eval_batches",
+    "device_refusal",
+    "has_random_transform",
     "list_datasets",
+    "loader_options",
     "register_dataset",
 ]

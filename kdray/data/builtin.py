@@ -98,27 +98,53 @@ def cifar100(root=None, seed: int = 0, download: bool = False, augment: bool = T
     return _cifar("cifar100", root, seed, download, augment, train_fraction, val_fraction)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+#: Eval images are resized so that the centre crop keeps this fraction of the shorter side (ImageNet's 224/256).
+EVAL_CROP_FRACTION = 0.875
+
+
+def imagefolder_transforms(image_size: int, augment: bool = True):
+    """``(train, eval)`` transforms of ImageFolder data (the standard ImageNet recipe): train
+    ``RandomResizedCrop(image_size)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` (ImageNet
+    mean/std); eval ``Resize(round(image_size / 0.875))`` (shorter side) + ``CenterCrop(image_size)`` +
+    ``ToTensor`` + ``Normalize``. ``augment=False``: the eval transform for training too (deterministic, so a
+    fixed-view teacher cache can cover it)."""
+    from torchvision import transforms
+
+    norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    eval_tf = transforms.Compose([transforms.Resize(int(round(image_size / EVAL_CROP_FRACTION))),
+                                  transforms.CenterCrop(image_size), transforms.ToTensor(), norm])
+    if not augment:
+        return eval_tf, eval_tf
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), norm])
+    return train_tf, eval_tf
+
+
 @register_dataset("imagefolder", "torchvision ImageFolder: data.root/{train,val[,test]}/<class>/<image>")
-def imagefolder(root=None, seed: int = 0, image_size: int = 224, train_fraction: float = 1.0):
-    from torchvision import datasets, transforms
+def imagefolder(root=None, seed: int = 0, image_size: int = 224, train_fraction: float = 1.0,
+                augment: bool = True):
+    """Training images get ``RandomResizedCrop`` + flip + ImageNet normalisation (``augment: false``: the eval
+    transform), val/test ``Resize`` + ``CenterCrop`` + normalisation (:func:`imagefolder_transforms`)."""
+    from torchvision import datasets
 
     if root is None or not os.path.isdir(os.path.join(root, "train")):
         raise DatasetFilesMissingError(f"imagefolder needs data.root with a train/ folder; got {root!r}")
-    tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor()])
+    train_tf, eval_tf = imagefolder_transforms(image_size, augment)
 
-    def folder(path):
+    def folder(path, tf):
         try:
             return datasets.ImageFolder(path, transform=tf)
         except FileNotFoundError as err:  # no class folders, or classes without image files
             raise DatasetFilesMissingError(f"imagefolder {path}: {str(err).split('. ')[0].rstrip('.')}; put images in "
                                            f"{path}/<class>/") from None
 
-    train = folder(os.path.join(root, "train"))
+    train = folder(os.path.join(root, "train"), train_tf)
     val_dir = os.path.join(root, "val")
-    val = folder(val_dir) if os.path.isdir(val_dir) else Subset(train, range(0))
+    val = folder(val_dir, eval_tf) if os.path.isdir(val_dir) else Subset(train, range(0))
     test_dir = os.path.join(root, "test")
-    test = folder(test_dir) if os.path.isdir(test_dir) else val
-    fp = _fingerprint("imagefolder", root, image_size, seed, train_fraction, len(train))
+    test = folder(test_dir, eval_tf) if os.path.isdir(test_dir) else val
+    fp = _fingerprint("imagefolder", root, image_size, seed, train_fraction, len(train), augment)
     files = [path for ds in (train, val, test) for path, _ in getattr(ds, "samples", [])]
     return _splits(subsample(train, train_fraction, seed), val, test, len(train.classes),
                    (3, image_size, image_size), fp, train.classes, functools.partial(check_images, files))
