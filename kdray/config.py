@@ -147,7 +147,14 @@ class DataSpec(_Strict):
     root: str | None = None
     download: bool = False
     options: dict[str, Any] = Field(default_factory=dict)
-    loader_workers: int = Field(0, ge=0)
+    # Where training batches are made: ``device`` = the split lives on the training device as uint8 and each
+    # batch is cut, cropped, flipped and normalised there in one op (digits, CIFAR, fake, a cache's recorded
+    # views); ``per_sample`` = a DataLoader running the split's transforms per sample; ``auto`` = device
+    # wherever the split supports it (and fits in a quarter of the device's memory), else per_sample.
+    pipeline: Literal["auto", "device", "per_sample"] = "auto"
+    # DataLoader worker processes on the per-sample path; None = from the worker's CPUs (ray.cpus_per_worker,
+    # at most 8). With a random transform the worker count changes the draws, so it is part of the results.
+    loader_workers: int | None = Field(None, ge=0)
 
     def builder_options(self) -> dict:
         """The dataset builder's options as every split is built with them (CIFAR's ``download`` comes from

@@ -502,7 +502,7 @@ def test_data_parallel_run_reads_cache_shards(caches, tmp_path, monkeypatch):
             for parts in zip(*self.loaders, strict=True):
                 yield tuple(torch.cat(p) for p in zip(*parts))
 
-    def two_worker_loaders(splits, batch_size, seed, ctx, loader_workers=0, cache=None):
+    def two_worker_loaders(splits, batch_size, seed, ctx, loader_workers=0, cache=None, **options):
         _, val, test = real_make_loaders(splits, batch_size, seed, ctx, loader_workers)
         ranks = [real_make_loaders(splits, batch_size, seed, job.WorkerContext(rank=r, world_size=2),
                                    loader_workers, shards[r])[0] for r in (0, 1)]

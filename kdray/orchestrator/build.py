@@ -57,6 +57,11 @@ def build_optimizer(params, optim) -> tuple:
     return optimizer, make_schedule(optimizer, optim.schedule, optim.epochs, optim.milestones, optim.gamma)
 
 
+def worker_cpus(cfg: Config) -> int | None:
+    """The CPUs one worker may use for data loading: ``ray.cpus_per_worker`` on Ray, the machine's in-process."""
+    return int(cfg.ray.cpus_per_worker) if cfg.ray.num_workers > 0 else None
+
+
 def build_peers(cfg: Config, seed: int, num_classes: int) -> list[nn.Module]:
     """Online peers; peer k is initialised from seed ``1000 * seed + k``, wherever it is built (so placements
     agree)."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 
 from kdray.algorithms.engine import TrainLoop, evaluate, seed_everything
+from kdray.algorithms.precision import to_channels_last
 from kdray.config import Config
 from kdray.models import create_model
 from kdray.orchestrator.build import (build_distiller, build_optimizer, build_splits, build_stage_teacher,
-                                      example_batch)
+                                      example_batch, worker_cpus)
 from kdray.orchestrator.callbacks import Checkpointer, Progress, WithStage
 from kdray.orchestrator.placement import WorkerContext, make_loaders
 from kdray.orchestrator.plan import Stage, get_scheme, model_spec, plan_stages
@@ -43,12 +44,17 @@ def train_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state
     teacher = build_stage_teacher(cfg, stage, distiller, splits, job_state.weights, ctx)
     by_index = getattr(teacher, "wants_batch", False)  # a cache: outputs looked up by the batch's row ids
     train_loader, val_loader, test_loader = make_loaders(splits, optim.batch_size, seed, ctx,
-                                                         cfg.data.loader_workers, teacher if by_index else None)
+                                                         cfg.data.loader_workers, teacher if by_index else None,
+                                                         pipeline=cfg.data.pipeline, cpus=worker_cpus(cfg))
     example = example_batch(splits.train)
     distiller.build(example, teacher.bind(range(len(example))) if by_index else teacher, len(splits.train))
     distiller.to(ctx.device)
     if teacher is not None:
         teacher.to(ctx.device)
+    if optim.channels_last:  # before the DDP wrap: DDP lays out its gradient buckets by parameter strides
+        to_channels_last(distiller)
+        if teacher is not None:
+            to_channels_last(teacher)
     trainable = ctx.wrap(distiller)
     optimizer, scheduler = build_optimizer((p for p in trainable.parameters() if p.requires_grad), optim)
     logger = None
@@ -61,14 +67,16 @@ def train_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state
         callbacks.append(Progress(ctx, stage.name, optim.epochs))
     callbacks += [WithStage(cb, stage) for cb in ctx.callbacks]
     loop = TrainLoop(trainable, teacher, optimizer, scheduler, train_loader, val_loader, splits.num_classes,
-                     optim.epochs, ctx.device, callbacks, eval_model=model)
+                     optim.epochs, ctx.device, callbacks, eval_model=model, precision=optim.precision,
+                     channels_last=optim.channels_last, compile=optim.compile)
     if resume_loop is not None:
         loop.load_state_dict(resume_loop)
         if logger is not None:
             logger.restore(resume_loop.get("mlflow_pending", []))
         ctx.log(f"[{stage.name}] resumed at epoch {loop.epoch}")
     history = loop.run()
-    test = evaluate(model, test_loader, ctx.device, splits.num_classes)
+    test = evaluate(model, test_loader, ctx.device, splits.num_classes, precision=optim.precision,
+                    channels_last=optim.channels_last)
     result = {**stage.row(), "test_top1": test["top1"],
               "val_top1": history[-1]["val_top1"] if history else float("nan"),
               "params": sum(p.numel() for p in model.parameters()),

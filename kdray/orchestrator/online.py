@@ -19,9 +19,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdray.algorithms.base import KnowledgeTerm
 from kdray.algorithms.engine import TrainLoop, evaluate, seed_everything
+from kdray.algorithms.precision import to_channels_last
 from kdray.algorithms.schemes.online import PeerCohort, PeerReplica
 from kdray.config import Config, ConfigError
-from kdray.orchestrator.build import build_optimizer, build_peers, build_teacher_model, build_terms, example_batch
+from kdray.orchestrator.build import (build_optimizer, build_peers, build_teacher_model, build_terms, example_batch,
+                                      worker_cpus)
 from kdray.orchestrator.callbacks import Checkpointer, Progress, WithStage
 from kdray.orchestrator.interrupts import sigint_held
 from kdray.orchestrator.placement import PeerGrid, WorkerContext, same_batch_loaders
@@ -143,6 +145,8 @@ def run_online_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_
         module.build(example, len(splits.train), seed)
         local_peers = dict(enumerate(module.peers))
     module.to(ctx.device)
+    if cfg.train.channels_last:  # before the DDP wrap: DDP lays out its gradient buckets by parameter strides
+        to_channels_last(module)
     trainable = module
     if grid is not None and grid.replicas > 1:  # D replicas of this peer: gradients all-reduced in its group
         if cfg.ray.sync_batchnorm and ctx.device.type == "cuda":  # BN statistics over this peer's replicas
@@ -155,7 +159,8 @@ def run_online_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_
     replicas = grid.replicas if grid is not None else 1
     train_loader, val_loader, test_loader = same_batch_loaders(
         splits, max(1, opt.batch_size // replicas), seed, cfg.data.loader_workers,
-        grid.replica if grid is not None else 0, replicas)
+        grid.replica if grid is not None else 0, replicas, device=ctx.device, pipeline=cfg.data.pipeline,
+        cpus=worker_cpus(cfg))
     optimizer, scheduler = build_optimizer((p for p in module.parameters() if p.requires_grad), opt)
     logger = _open_loggers(ctx, stage, num_peers, cfg.mlflow.system_metrics)
     # Peer-parallel, each rank holds different weights: a checkpoint gathers every rank's loop state.
@@ -167,7 +172,8 @@ def run_online_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_
     callbacks += [WithStage(cb, stage) for cb in ctx.callbacks]
     first_peer = next(iter(local_peers.values()))
     loop = TrainLoop(trainable, None, optimizer, scheduler, train_loader, val_loader, splits.num_classes, opt.epochs,
-                     ctx.device, callbacks, eval_model=first_peer, eval_reduce=False)
+                     ctx.device, callbacks, eval_model=first_peer, eval_reduce=False, precision=opt.precision,
+                     channels_last=opt.channels_last, compile=opt.compile)
     if resume_loop is not None:
         own = resume_loop
         if "ranks" in resume_loop:

@@ -27,6 +27,10 @@ from kdray.algorithms.base import KnowledgeTerm, ModelOutput
 from kdray.algorithms.distiller import Teacher
 from kdray.algorithms.packing import OutputLayout
 from kdray.algorithms.schemes.multi_teacher import COMBINE_RULES, ensemble_output
+from kdray.config import ConfigError
+from kdray.data import (NotOnDeviceError, device_batches, device_eval_batches, device_refusal, has_random_transform,
+                        loader_options)
+from kdray.data.views import cached_train_data
 
 
 @dataclass
@@ -52,31 +56,67 @@ def _shard(dataset, rank: int, world: int):
     return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
 
 
-def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_workers: int = 0, cache=None):
+def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_workers: int | None = 0, cache=None,
+                 *, pipeline: str = "per_sample", cpus: int | None = None):
     """Training batches of ``batch_size // world_size`` per worker (so the global batch is the configured
-    one); evaluation on disjoint shards whose counts are summed across ranks (no padding duplicates)."""
+    one); evaluation on disjoint shards whose counts are summed across ranks (no padding duplicates).
+
+    Shuffling is a function of (seed, epoch) via ``set_epoch``, also with one worker, so a stage resumed at
+    epoch k sees exactly the batches the uninterrupted run saw; ``cache``: a teacher cache, whose batches
+    carry cache row ids (recorded views, this worker's shard). ``pipeline`` (``data.pipeline``): batches made
+    on the device (:func:`~kdray.data.device_batches`: the same samples in the same order) or per sample by a
+    DataLoader with ``loader_workers`` processes (None: from ``cpus``)."""
     per_worker = max(1, batch_size // ctx.world_size)
-    # Shuffling is a function of (seed, epoch) via set_epoch, also with one worker, so a stage resumed
-    # at epoch k sees exactly the batches the uninterrupted run saw.
+    if use_device_pipeline(splits.train, ctx.device, pipeline):
+        train = device_batches(splits.train, per_worker, seed=seed, device=ctx.device, rank=ctx.rank,
+                               world_size=ctx.world_size, cache=cache)
+        return (train, _eval_batches(splits.val, ctx.rank, ctx.world_size, ctx.device),
+                _eval_batches(splits.test, ctx.rank, ctx.world_size, ctx.device))
     sampler = DistributedSampler(splits.train, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
     train_set = splits.train
-    if cache is not None:  # a teacher cache: batches carry cache row ids (recorded views, this worker's shard)
-        from kdray.data.views import cached_train_data
-
+    if cache is not None:
         train_set, sampler = cached_train_data(splits.train, cache, sampler, seed, ctx.world_size)
-    kw = {"num_workers": loader_workers, "pin_memory": ctx.device.type == "cuda"}
+    kw = loader_options(ctx.device, loader_workers, cpus=cpus, random_transform=has_random_transform(train_set))
     train = DataLoader(train_set, batch_size=per_worker, sampler=sampler, drop_last=False, **kw)
-    val = DataLoader(_shard(splits.val, ctx.rank, ctx.world_size), batch_size=256, **kw)
-    test = DataLoader(_shard(splits.test, ctx.rank, ctx.world_size), batch_size=256, **kw)
+    eval_kw = loader_options(ctx.device, loader_workers, cpus=cpus)
+    val = DataLoader(_shard(splits.val, ctx.rank, ctx.world_size), batch_size=256, **eval_kw)
+    test = DataLoader(_shard(splits.test, ctx.rank, ctx.world_size), batch_size=256, **eval_kw)
     return train, val, test
 
 
-def same_batch_loaders(splits, batch_size: int, seed: int, loader_workers: int, shard: int = 0, shards: int = 1):
+def use_device_pipeline(split, device, pipeline: str) -> bool:
+    """Whether ``data.pipeline`` puts this training split on the device; ``device`` asked of a split that
+    cannot go there is a one-line :class:`ConfigError` saying why."""
+    if pipeline == "per_sample":
+        return False
+    refusal = device_refusal(split, device)
+    if refusal is not None and pipeline == "device":
+        raise ConfigError(f"data.pipeline=device: the training split cannot live on {device} ({refusal}); use "
+                          f"data.pipeline=auto or per_sample")
+    return refusal is None
+
+
+def _eval_batches(split, rank: int, world: int, device):
+    """An evaluation shard on the device, or per sample when its transform keeps it off the device."""
+    try:
+        return device_eval_batches(split, 256, device=device, rank=rank, world_size=world)
+    except NotOnDeviceError:
+        return DataLoader(_shard(split, rank, world), batch_size=256)
+
+
+def same_batch_loaders(splits, batch_size: int, seed: int, loader_workers: int | None, shard: int = 0,
+                       shards: int = 1, *, device=None, pipeline: str = "per_sample", cpus: int | None = None):
     """Training batches of data shard ``shard`` of ``shards``: identical on every rank of one cohort."""
+    device = torch.device("cpu") if device is None else device
+    if use_device_pipeline(splits.train, device, pipeline):
+        train = device_batches(splits.train, batch_size, seed=seed, device=device, rank=shard, world_size=shards)
+        return train, _eval_batches(splits.val, 0, 1, device), _eval_batches(splits.test, 0, 1, device)
     sampler = DistributedSampler(splits.train, shards, shard, shuffle=True, seed=seed)
-    train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, num_workers=loader_workers)
-    return (train, DataLoader(splits.val, batch_size=256, num_workers=loader_workers),
-            DataLoader(splits.test, batch_size=256, num_workers=loader_workers))
+    kw = loader_options(device, loader_workers, cpus=cpus, random_transform=has_random_transform(splits.train))
+    train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, **kw)
+    eval_kw = loader_options(device, loader_workers, cpus=cpus)
+    return (train, DataLoader(splits.val, batch_size=256, **eval_kw),
+            DataLoader(splits.test, batch_size=256, **eval_kw))
 
 
 def teacher_ranks(num_teachers: int, world_size: int) -> list[int]:
