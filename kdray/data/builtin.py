@@ -167,14 +167,21 @@ def check_images(paths: list[str]) -> None:
 
 
 @register_dataset("fake", "torchvision FakeData (random images; benchmarks and tests)")
-def fake(root=None, seed: int = 0, size: int = 512, num_classes: int = 10, image_size: int = 32):
+def fake(root=None, seed: int = 0, size: int = 512, num_classes: int = 10, image_size: int = 32,
+         augment: bool = False):
+    """``augment``: CIFAR's training transform (pad-4 random crop + flip + normalise) on the training split, so
+    benchmarks on fake data pay CIFAR's data path (``bench/crd_protocol.py``)."""
     from torchvision import datasets, transforms
 
     shape = (3, image_size, image_size)
+    norm = [transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN["cifar100"], CIFAR_STD["cifar100"])]
+    crop = [transforms.RandomCrop(image_size, padding=4), transforms.RandomHorizontalFlip()] if augment else []
 
-    def make(n, offset):
-        return datasets.FakeData(n, shape, num_classes, transform=transforms.ToTensor(), random_offset=offset)
+    def make(n, offset, steps):
+        return datasets.FakeData(n, shape, num_classes, transform=transforms.Compose(steps), random_offset=offset)
 
-    fp = _fingerprint("fake", seed, size, num_classes, image_size)
-    return _splits(make(size, seed), make(max(size // 4, 1), seed + 10_000), make(max(size // 4, 1), seed + 20_000),
+    plain = norm if augment else [transforms.ToTensor()]
+    fp = _fingerprint("fake", seed, size, num_classes, image_size, *(["augment"] if augment else []))
+    return _splits(make(size, seed, crop + plain), make(max(size // 4, 1), seed + 10_000, plain),
+                   make(max(size // 4, 1), seed + 20_000, plain),
                    num_classes, shape, fp)
