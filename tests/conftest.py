@@ -64,3 +64,14 @@ def workdir(tmp_path, monkeypatch):
     """Run in a fresh directory so default stores (./mlflow.db, ./kdray-runs) land in tmp."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: tiny models train as fast on one, and far faster when other
+    jobs share the cores (a test file asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

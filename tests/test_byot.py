@@ -19,15 +19,6 @@ from kdray.data import build_datasets
 from kdray.models import create_model
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _digits_batch(n=32):
     splits = build_datasets("digits", train_fraction=0.2)
     x, y, idx = next(iter(DataLoader(splits.train, batch_size=n, shuffle=False)))

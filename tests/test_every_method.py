@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from kdray.algorithms import list_methods
 from tests.method_harness import assert_gradients_reach_student_and_connectors, short_training
@@ -14,15 +13,7 @@ from tests.method_harness import assert_gradients_reach_student_and_connectors, 
 # parameters that make a method's default phase its distillation phase at epoch 0
 MAIN_PHASE = {"ft": {"paraphraser_epochs": 0}}
 METHODS = sorted(list_methods())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast and does not spin when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -47,12 +47,7 @@ def assert_each_epoch_once(client: MlflowClient, run_id: str, epochs: int) -> No
     assert len(client.get_metric_history(run_id, "test_top1")) == 1
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- a Ray Train worker killed mid-run ---------------------------------------------------------------

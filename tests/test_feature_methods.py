@@ -15,13 +15,7 @@ from kdray.algorithms import create_method, list_methods
 from kdray.algorithms.base import Batch, ModelOutput
 from tests.method_harness import short_training
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: one intra-op thread is as fast and does not spin when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FEATURE_METHODS = ["fitnet", "at", "nst", "pkt", "ft", "ab", "vid", "ofd", "reviewkd"]  # trained in test_every_method.py

@@ -24,12 +24,7 @@ from tests.method_harness import make_pair
 METHODS = sorted(list_methods())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loss(method: str, precision: str, dtype=torch.float32) -> dict[str, torch.Tensor]:
