@@ -192,3 +192,29 @@ def test_sweep_and_existing_experiments_get_the_training_kind(tmp_path, mlflow_u
                     inferred: "custom_model_development"}
     sweep = SweepTracking(mlflow_uri, "sweeps", str(tmp_path / "sweep"), "s")
     assert client.get_experiment(sweep.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_interrupted_sweep_closes_its_runs_through_a_busy_store(tmp_path, mlflow_uri, monkeypatch):
+    """Was: one store error while closing (a trial actor still holding SQLite's write lock) was swallowed and
+    the sweep run stayed RUNNING. Now the parent is closed first and each write is retried."""
+    from kdray.search import tracking as sweep_tracking
+    from kdray.search.tracking import SweepTracking
+
+    sweep = SweepTracking(mlflow_uri, "sweeps", str(tmp_path / "sweep"), "s")
+    parent = sweep.start(None, {}, {}, resume=False)
+    trial = sweep.client.create_run(sweep.experiment_id, tags={"mlflow.parentRunId": parent}).info.run_id
+    real, failures = sweep.client.set_terminated, []
+
+    def busy_twice(run_id, status=None, *args):
+        if len(failures) < 2:
+            failures.append(run_id)
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return real(run_id, status, *args)
+
+    monkeypatch.setattr(sweep.client, "set_terminated", busy_twice)
+    monkeypatch.setattr(sweep_tracking, "STORE_RETRY_S", 5.0)
+    sweep.fail(KeyboardInterrupt("SIGTERM: Tune stopped the sweep"))
+    assert failures == [parent, parent]
+    for run_id in (parent, trial):
+        run = sweep.client.get_run(run_id)
+        assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["kdray.failure_reason"]

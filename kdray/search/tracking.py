@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from kdray.orchestrator.interrupts import holds_sigint
 
 SWEEP_ROLE = "sweep"
+STORE_RETRY_S = 30.0  # how long closing the runs of an interrupted sweep waits for a busy store
 
 
 class SweepTracking:
@@ -151,17 +153,38 @@ class SweepTracking:
 
     @holds_sigint
     def fail(self, error: BaseException) -> None:
+        """Mark the parent (first: it is what the user looks for) and the runs left RUNNING below it KILLED
+        (interrupted) or FAILED. Trials stopped with the driver cannot close their own runs (Tune ends their
+        actors), and one of them may still hold a SQLite store's write lock for a moment: each write is
+        retried for up to ``STORE_RETRY_S`` before a one-line warning says which run stays RUNNING."""
         if self.parent_id is None:
             return
-        try:
-            if self.client.get_run(self.parent_id).info.status == "RUNNING":
-                status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-                # trials stopped with the driver cannot close their own runs (Tune ends their actors)
-                for run_id in [*self._running_below(self.parent_id), self.parent_id]:
-                    self.client.set_tag(run_id, "kdray.failure_reason", f"{type(error).__name__}: {error}"[:5000])
-                    self.client.set_terminated(run_id, status)
-        except Exception:  # noqa: BLE001
-            pass
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        reason = f"{type(error).__name__}: {error}"[:5000]
+        if not self._retried(lambda: self._close(self.parent_id, status, reason), self.parent_id):
+            return
+        below = self._retried(lambda: self._running_below(self.parent_id), self.parent_id) or []
+        for run_id in below:
+            self._retried(lambda: self._close(run_id, status, reason), run_id)
+
+    def _close(self, run_id: str, status: str, reason: str) -> bool:
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.client.set_tag(run_id, "kdray.failure_reason", reason)
+            self.client.set_terminated(run_id, status)
+        return True
+
+    def _retried(self, write, run_id: str):
+        deadline = time.monotonic() + STORE_RETRY_S
+        while True:
+            try:
+                return write()
+            except Exception as err:  # noqa: BLE001  (a locked SQLite store, a store going away)
+                if time.monotonic() > deadline:
+                    print(f"kdray: warning: could not close MLflow run {run_id} ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200]}); `kdray sweep FILE --resume` reopens it",
+                          file=sys.stderr)
+                    return None
+                time.sleep(0.5)
 
     def _running_below(self, run_id: str) -> list[str]:
         """RUNNING runs nested under ``run_id``: trials' job runs and their stage runs (``--resume`` reopens them)."""
