@@ -9,6 +9,10 @@ so several seeds cost one start-up. Stage kinds a scheme trains itself (the onli
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
 
 from kdray.algorithms.engine import TrainLoop, evaluate, seed_everything
 from kdray.algorithms.precision import to_channels_last
@@ -31,10 +35,42 @@ def run_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: 
     return train_stage(cfg, stage, splits, ctx, job_state, resume_loop)
 
 
-def train_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: JobState,
-                resume_loop: dict | None) -> dict:
-    """Train one model (teacher, student from scratch, or distilled student), record it in ``job_state``
-    and checkpoint that; return its result row."""
+@dataclass
+class StageParts:
+    """What a training stage is built from, assembled by :func:`prepare_stage` for any scheme's runner.
+
+    A scheme that trains its own way (an adversarial discriminator, a data-free generator) takes these parts,
+    adds its own trainable modules and makes its own :class:`~kdray.algorithms.engine.TrainLoop` subclass,
+    then hands the loop to :func:`complete_stage`: the student, teacher, loaders, checkpointing, progress
+    and MLflow logging are then the same as every other stage's."""
+
+    spec: Any  # the ModelSpec / TeacherSpec trained
+    optim: Any  # its OptimSpec
+    model: nn.Module  # the bare student (what is evaluated, exported and logged)
+    distiller: nn.Module  # built, on the device
+    trainable: nn.Module  # the distiller as the worker wraps it (DDP on several workers)
+    teacher: Any  # the stage's teacher source, or None
+    train_loader: Any
+    val_loader: Any
+    test_loader: Any
+    example: Any  # one example input batch (CPU)
+    optimizer: Any
+    scheduler: Any
+    logger: Any  # StageLogger on the logging rank, else None
+    callbacks: list = field(default_factory=list)
+
+    def loop_kwargs(self, splits, ctx: WorkerContext) -> dict:
+        """The keyword arguments of ``TrainLoop`` (and its subclasses) for these parts."""
+        return dict(distiller=self.trainable, teacher=self.teacher, optimizer=self.optimizer,
+                    scheduler=self.scheduler, train_loader=self.train_loader, val_loader=self.val_loader,
+                    num_classes=splits.num_classes, epochs=self.optim.epochs, device=ctx.device,
+                    callbacks=self.callbacks, eval_model=self.model, precision=self.optim.precision,
+                    channels_last=self.optim.channels_last, compile=self.optim.compile)
+
+
+def prepare_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: JobState) -> StageParts:
+    """Seed, then build the stage's student, distiller (terms built on an example batch), teacher, loaders,
+    optimizer + schedule and epoch callbacks (checkpoints, progress, the user's), on ``ctx.device``."""
     kind, seed = stage.kind, stage.seed
     seed_everything(seed)
     spec = model_spec(cfg, stage.spec)
@@ -66,23 +102,30 @@ def train_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state
     if ctx.rank == 0:
         callbacks.append(Progress(ctx, stage.name, optim.epochs))
     callbacks += [WithStage(cb, stage) for cb in ctx.callbacks]
-    loop = TrainLoop(trainable, teacher, optimizer, scheduler, train_loader, val_loader, splits.num_classes,
-                     optim.epochs, ctx.device, callbacks, eval_model=model, precision=optim.precision,
-                     channels_last=optim.channels_last, compile=optim.compile)
+    return StageParts(spec, optim, model, distiller, trainable, teacher, train_loader, val_loader, test_loader,
+                      example, optimizer, scheduler, logger, callbacks)
+
+
+def complete_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: JobState, parts: StageParts,
+                   loop: TrainLoop, resume_loop: dict | None, extra: dict | None = None) -> dict:
+    """Resume ``loop`` where the checkpoint left it, run it, test the student, record the result row (plus
+    ``extra`` columns) and the kept weights in ``job_state``, log the stage to MLflow and checkpoint."""
+    optim, model, logger = parts.optim, parts.model, parts.logger
     if resume_loop is not None:
         loop.load_state_dict(resume_loop)
         if logger is not None:
             logger.restore(resume_loop.get("mlflow_pending", []))
         ctx.log(f"[{stage.name}] resumed at epoch {loop.epoch}")
     history = loop.run()
-    test = evaluate(model, test_loader, ctx.device, splits.num_classes, precision=optim.precision,
+    test = evaluate(model, parts.test_loader, ctx.device, splits.num_classes, precision=optim.precision,
                     channels_last=optim.channels_last)
     result = {**stage.row(), "test_top1": test["top1"],
               "val_top1": history[-1]["val_top1"] if history else float("nan"),
               "params": sum(p.numel() for p in model.parameters()),
-              "epoch_time_s": sum(h["epoch_time_s"] for h in history) / max(len(history), 1)}
+              "epoch_time_s": sum(h["epoch_time_s"] for h in history) / max(len(history), 1), **(extra or {})}
     if "top5" in test:
         result["test_top5"] = test["top5"]
+    teacher = parts.teacher
     if getattr(teacher, "rows_per_worker", None):  # a cache read as Ray Data shards: rows each worker held
         result.update(cache_rows=teacher.num_samples * teacher.views, cache_rows_held_max=max(teacher.rows_per_worker))
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -91,12 +134,21 @@ def train_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state
         job_state.weights[stage.name] = weights
     if logger is not None:  # before the stage-end checkpoint: a crash in between redoes (idempotent) logging
         final = {f"test_{k}": v for k, v in test.items()}
-        logger.finish(final, history, weights, {"model": spec.model, "args": spec.args,
+        logger.finish(final, history, weights, {"model": parts.spec.model, "args": parts.spec.args,
                                                 "num_classes": splits.num_classes},
-                      example=example, dataset=cfg.data.name, splits=splits)
+                      example=parts.example, dataset=cfg.data.name, splits=splits)
     ctx.checkpoints.save(Checkpoint(job_state, stage.name).to_payload(),
                          {"stage": stage.name, "test_top1": result["test_top1"]})
     return result
+
+
+def train_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: JobState,
+                resume_loop: dict | None) -> dict:
+    """Train one model (teacher, student from scratch, or distilled student), record it in ``job_state``
+    and checkpoint that; return its result row."""
+    parts = prepare_stage(cfg, stage, splits, ctx, job_state)
+    loop = TrainLoop(**parts.loop_kwargs(splits, ctx))
+    return complete_stage(cfg, stage, splits, ctx, job_state, parts, loop, resume_loop)
 
 
 def run_job(cfg: Config, ctx: WorkerContext) -> list[dict]:
