@@ -9,6 +9,7 @@ from kdray.data.device import (
     device_eval_batches,
     device_refusal,
 )
+from kdray.data.image_parquet import read_image_parquet, write_image_parquet
 from kdray.data.loading import has_random_transform, loader_options
 from kdray.data.registry import (
     DatasetFilesMissingError,
@@ -27,6 +28,8 @@ __all__ = [
     "NotOnDeviceError",
     "UnknownDatasetError",
     "build_datasets",
+    "read_image_parquet",
+    "write_image_parquet",
     "can_use_device_pipeline",
     "device_batches",
     "device_eval_batches",

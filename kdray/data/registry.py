@@ -82,6 +82,7 @@ def list_datasets() -> dict[str, str]:
 def _ensure_builtin():
     """Import the built-in datasets' module by name (it registers them): the registry depends on no dataset."""
     importlib.import_module(f"{__package__}.builtin")
+    importlib.import_module(f"{__package__}.image_parquet")
 
 
 def build_datasets(name: str, *, root: str | None = None, seed: int = 0, **options) -> DatasetSplits:
