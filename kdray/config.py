@@ -204,6 +204,20 @@ class SelfSpec(_Strict):
     generations: int = Field(3, ge=2)
 
 
+class DeepInversionSpec(_Strict):
+    """DeepInversion (scheme ``deep_inversion``): images synthesised from the teacher's BatchNorm statistics,
+    then the students trained on them (see :mod:`kdray.algorithms.datafree.inversion` for the objective and the
+    paper's defaults)."""
+
+    images_per_class: int = Field(30, ge=1)
+    steps: int = Field(150, ge=1)
+    lr: float = Field(0.1, gt=0)
+    bn_weight: float = Field(1.0, ge=0)
+    tv_weight: float = Field(1e-3, ge=0)
+    l2_weight: float = Field(1e-5, ge=0)
+    noise_baseline: bool = True  # also a student distilled on as many N(0, 1) noise images
+
+
 class CheckpointSpec(_Strict):
     """How often a stage is checkpointed (and its buffered epoch metrics flushed to MLflow).
 
@@ -270,6 +284,7 @@ class Config(_Strict):
     assistants: list[ModelSpec] = Field(default_factory=list)
     online: OnlineSpec = Field(default_factory=OnlineSpec)
     self_distill: SelfSpec = Field(default_factory=SelfSpec)
+    deep_inversion: DeepInversionSpec = Field(default_factory=DeepInversionSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])
     ce_weight: float = Field(1.0, ge=0)

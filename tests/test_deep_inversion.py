@@ -110,3 +110,32 @@ def test_deep_inversion_set_beats_a_noise_set_as_an_offline_kd_training_set(teac
         scores[name] = [row["test_top1"] for row in result.stages if row["kind"] == "distill"]
     inversion, noise_mean = np.mean(scores["inversion"]), np.mean(scores["noise"])
     assert len(scores["inversion"]) == 3 and inversion >= 0.5 and inversion >= noise_mean + 0.3, scores
+
+
+def test_deep_inversion_scheme_through_distill_logs_the_images_and_beats_noise(tmp_path):
+    """``scheme: deep_inversion`` end to end: the teacher trained on real digits, the synthesis stage (its image
+    grid and teacher agreement in MLflow), the noise and inverted students on the written Parquet parts."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = digits_job(tmp_path, uri, scheme="deep_inversion", teacher__train__epochs=15, train__epochs=30,
+                     data={"name": "digits", "options": {"train_fraction": 0.5}},
+                     methods=[{"name": "kd", "alpha": 1.0, "temperature": 4.0}],
+                     deep_inversion={"images_per_class": 30, "steps": 150})
+    rows = {row["kind"]: row for row in kdray.distill(job, quiet=True).stages}
+    assert rows["inversion"]["teacher_agreement"] >= 0.9 and rows["inversion"]["images"] == 300
+    assert rows["inverted"]["test_top1"] >= rows["noise"]["test_top1"] + 0.25, rows
+    assert len(list((tmp_path / "runs" / "t" / "deep_inversion" / "inversion").glob("part-*.parquet"))) == 1
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs(client.search_experiments()[0].experiment_id and
+                                                           [e.experiment_id for e in client.search_experiments()])}
+    synthesis = runs["inversion"]
+    assert synthesis.info.status == "FINISHED"
+    assert "synthetic_images.png" in [a.path for a in client.list_artifacts(synthesis.info.run_id)]
+    assert all(r.info.status == "FINISHED" for r in runs.values()), {n: r.info.status for n, r in runs.items()}
+
+
+def test_deep_inversion_refuses_a_teacher_without_batchnorm_before_training(tmp_path):
+    job = digits_job(tmp_path, None, scheme="deep_inversion", teacher={"model": "digits_mlp", "train": {"epochs": 1}})
+    with pytest.raises(kdray.ConfigError, match="no BatchNorm2d"):
+        kdray.distill(job, quiet=True)

@@ -36,7 +36,7 @@ class DistillResult:
     def summary(self) -> dict[str, float]:
         out = {}
         for kind in self.kinds():
-            acc = self.accuracies(kind)
+            acc = [a for a in self.accuracies(kind) if a == a]  # NaN: a stage with no test (a synthesis)
             if acc:
                 out[f"{kind}_test_top1_mean"] = statistics.mean(acc)
                 if len(acc) > 1:
@@ -46,7 +46,8 @@ class DistillResult:
     def table(self) -> str:
         rows = ["| stage | model | seed | test top-1 | params |", "|---|---|---|---|---|"]
         for s in self.stages:
-            rows.append(f"| {s['name']} | {s['model']} | {s['seed']} | {s['test_top1']:.4f} | {s['params']:,} |")
+            params = f"{s['params']:,}" if "params" in s else "-"  # a stage that trains no model (a synthesis)
+            rows.append(f"| {s['name']} | {s['model']} | {s['seed']} | {s['test_top1']:.4f} | {params} |")
         for kind in self.kinds():
             acc = self.accuracies(kind)
             if len(acc) > 1:

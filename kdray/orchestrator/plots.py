@@ -55,3 +55,24 @@ def peer_curves(history: list[dict], num_peers: int, title: str):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def image_grid(images, labels, classes: list[str], columns: int = 10):
+    """A grid of generated images (first channel, or RGB for 3 channels) titled with their classes."""
+    import math
+
+    n = len(images)
+    rows = max(1, math.ceil(n / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 0.9, rows * 0.95), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        x = images[i].detach().float().cpu()
+        x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+        ax.imshow(x.permute(1, 2, 0).numpy() if x.shape[0] == 3 else x[0].numpy(), cmap=None if x.shape[0] == 3
+                  else "gray")
+        ax.set_title(classes[int(labels[i])], fontsize=7)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

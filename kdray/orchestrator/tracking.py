@@ -406,6 +406,16 @@ class StageLogger:
             self.client.log_figure(self.run_id, accuracy_curve(history), "accuracy_curve.png")
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
 
+    @holds_sigint
+    def finish_without_model(self, final: dict[str, float], figures: dict | None = None) -> None:
+        """End a stage that trains no model (a synthesis stage): final metrics and figures, then FINISHED."""
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, 0) for k, v in final.items()]
+        self.flush()
+        for name, figure in (figures or {}).items():
+            self.client.log_figure(self.run_id, figure, name)
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
     def _log_model(self, state: dict, spec: dict, example) -> None:
         """The trained model as an MLflow logged model, so the UI lists it under "Logged models" and
         ``mlflow.pytorch.load_model("models:/<id>")`` returns it; registered under the run's
