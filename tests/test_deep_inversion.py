@@ -139,3 +139,33 @@ def test_deep_inversion_refuses_a_teacher_without_batchnorm_before_training(tmp_
     job = digits_job(tmp_path, None, scheme="deep_inversion", teacher={"model": "digits_mlp", "train": {"epochs": 1}})
     with pytest.raises(kdray.ConfigError, match="no BatchNorm2d"):
         kdray.distill(job, quiet=True)
+
+
+def test_each_worker_synthesises_its_own_share_with_its_own_seed(teacher_and_splits, tmp_path):
+    """The synthesis stage as worker 0 and worker 1 of 2 run it: disjoint halves of the labels, different
+    images, one part file each; read back together they are the whole set."""
+    from kdray.config import load_config
+    from kdray.orchestrator.placement import WorkerContext
+    from kdray.orchestrator.plan import plan_stages
+    from kdray.orchestrator.run_dir import JobState
+    from kdray.orchestrator.schemes.deep_inversion import synthesize_stage, synthetic_splits
+
+    class NoCheckpoints:
+        def save(self, payload, metrics):
+            pass
+
+    teacher, splits = teacher_and_splits
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    cfg = load_config(digits_job(tmp_path, None, scheme="deep_inversion",
+                                 teacher={"model": "digits_cnn", "checkpoint": str(tmp_path / "teacher.pt")},
+                                 deep_inversion={"images_per_class": 4, "steps": 5}))
+    synthesis = next(s for s in plan_stages(cfg) if s.kind == "inversion")
+    rows = [synthesize_stage(cfg, synthesis, splits, WorkerContext(rank=r, world_size=2, checkpoints=NoCheckpoints(),
+                                                                   log=lambda m: None), JobState())
+            for r in (0, 1)]
+    assert [row["images"] for row in rows] == [40, 40]
+    folder = tmp_path / "runs" / "t" / "deep_inversion" / "inversion"
+    (x0, y0, _), (x1, y1, _) = (read_image_parquet(str(folder / f"part-{r:04d}.parquet")) for r in (0, 1))
+    assert len(x0) == len(x1) == 20 and not torch.allclose(x0, x1)
+    assert sorted(torch.cat([y0, y1]).tolist()) == sorted(torch.arange(10).repeat(4).tolist())
+    assert len(synthetic_splits(cfg, splits, "inversion").train) == 40
