@@ -201,3 +201,49 @@ def test_bad_adversarial_configs_fail_in_one_line(tmp_path, over, pattern):
     with pytest.raises(ConfigError, match=pattern) as err:
         load_config(cfg)
     assert "\n" not in str(err.value)
+
+
+def _ddp_worker(rank, world, init, out_dir):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kdray.orchestrator.job import run_job
+    from kdray.orchestrator.placement import WorkerContext
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+
+    class Keep:
+        def on_epoch_end(self, epoch, metrics, loop):
+            if metrics["kind"] == "adversarial":
+                assert isinstance(loop.discriminator, DistributedDataParallel)
+                torch.save(loop.state_dict()["discriminator"], os.path.join(out_dir, f"d{rank}.pt"))
+
+    class NoCheckpoints:
+        def latest(self):
+            return None
+
+        def save(self, payload, metrics):
+            pass
+
+    cfg = load_config(_job(out_dir, teacher={**TEACHER, "train": {**TEACHER["train"], "epochs": 1}}, train__epochs=2,
+                           ray={"num_workers": 2}))
+    ctx = WorkerContext(rank=rank, world_size=world, checkpoints=NoCheckpoints(), log=lambda _: None,
+                        wrap=lambda m: DistributedDataParallel(m), callbacks=[Keep()])
+    run_job(cfg, ctx)
+    dist.barrier()
+    os._exit(0)
+
+
+def test_discriminator_is_ddp_wrapped_and_stays_in_sync_on_two_processes(tmp_path):
+    """Two gloo processes, each wrapping the distiller and the discriminator in DDP (as Ray Train's workers do):
+    the replicas' discriminators end equal (their gradients were averaged) and finite."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/pg", tmp_path), nprocs=2, join=True)
+    d0, d1 = (torch.load(tmp_path / f"d{r}.pt", weights_only=True) for r in (0, 1))
+    for key in d0:
+        torch.testing.assert_close(d0[key], d1[key], rtol=0, atol=0, msg=key)
+    assert all(torch.isfinite(v).all() for v in d0.values())
