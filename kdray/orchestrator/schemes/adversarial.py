@@ -23,7 +23,13 @@ MEAL_V2_METHODS = [{"name": "kd", "alpha": 1.0, "temperature": 1.0}]
 
 def apply_meal_v2(cfg) -> None:
     """MEAL-V2's recipe as defaults: the teachers' mean, no hard labels, KL at temperature 1, the logit
-    discriminator beside it. A setting given in the config that contradicts it is a one-line error."""
+    discriminator beside it. A setting given in the config that contradicts it is a one-line error.
+
+    Departure: MEAL-V2 averages the teachers' softmax probabilities; kdray's ``ensemble.combine: mean`` averages
+    their logits (the normalised geometric mean of the distributions, see
+    :mod:`kdray.algorithms.schemes.multi_teacher`), so the KD term is unchanged. MEAL-V2 also starts the student
+    from pre-trained weights and trains for long: that is the ``student`` / ``train``
+    sections' business, not the preset's."""
     spec, given = cfg.adversarial, cfg.model_fields_set
     if spec.on != "logits" or spec.mode != "beside":
         raise ValueError(f"adversarial.preset: meal_v2 uses on: logits, mode: beside (got on: {spec.on}, "
