@@ -148,9 +148,10 @@ def test_feature_discriminator_and_instead_mode_run(tmp_path):
     assert isinstance(rec.state["discriminator"]["project.weight"], torch.Tensor)  # 8-wide student -> teacher
 
 
-def test_meal_v2_preset_with_two_teachers(tmp_path):
+def test_meal_v2_preset_with_two_teachers_logs_the_discriminator_to_mlflow(tmp_path, mlflow_uri):
     cfg = _job(tmp_path, teachers=[TEACHER, {**TEACHER, "args": {"width": 8}}], train__epochs=2,
-               adversarial={"preset": "meal_v2"})
+               adversarial={"preset": "meal_v2"}, mlflow={"tracking_uri": mlflow_uri, "enabled": True,
+                                                         "system_metrics": False})
     cfg.pop("teacher")
     cfg.pop("methods")  # the preset's own
     checked = load_config(cfg)
@@ -161,6 +162,14 @@ def test_meal_v2_preset_with_two_teachers(tmp_path):
     assert [s["kind"] for s in result.stages] == ["teacher", "teacher", "adversarial"]
     assert result.stages[-1]["teachers"] == ["stage:teacher-0", "stage:teacher-1"]
     assert rec.metrics[-1]["train_ce"] == 0.0 and all(math.isfinite(m["train_adv"]) for m in rec.metrics)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_run(result.parent_run_id).info.experiment_id
+    [run] = client.search_runs([exp], "attributes.run_name = 'kd+adversarial-seed0'")
+    for key in ("train_disc_acc", "train_disc_loss", "train_adv"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [h.step for h in history] == [0, 1], key
 
 
 def test_resume_gives_the_uninterrupted_weights(tmp_path):
