@@ -204,6 +204,35 @@ class SelfSpec(_Strict):
     generations: int = Field(3, ge=2)
 
 
+class AdversarialSpec(_Strict):
+    """Adversarial distillation (kdray/algorithms/schemes/adversarial.py): a discriminator tells the teacher's
+    outputs (``on: logits``) or pooled features at a point (``on: feature``, ``feature: <module path>``) from the
+    student's; the student adds ``weight`` x the fool loss to its ``methods:`` (``mode: beside``) or trains on
+    CE + the fool loss alone (``mode: instead``, no methods). The discriminator is an MLP of width ``hidden``
+    with its own Adam (``lr``, ``betas``), updated ``d_steps`` times per student step.
+    ``preset: meal_v2`` (Shen & Savvides 2020): the teachers' mean (``ensemble.combine: mean``), no hard labels
+    (``ce_weight: 0``), ``methods: [{name: kd, alpha: 1, temperature: 1}]`` (KL at temperature 1), logit
+    discriminator, ``mode: beside``."""
+
+    on: Literal["logits", "feature"] = "logits"
+    feature: str | None = None
+    mode: Literal["beside", "instead"] = "beside"
+    weight: float = Field(1.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    d_steps: int = Field(1, ge=1)
+    hidden: int = Field(64, ge=1)
+    preset: Literal["none", "meal_v2"] = "none"
+
+    @model_validator(mode="after")
+    def _feature_point(self):
+        if self.on == "feature" and not self.feature:
+            raise ValueError("adversarial.on: feature needs adversarial.feature: <module path> (e.g. layer3)")
+        if self.on == "logits" and self.feature:
+            raise ValueError(f"adversarial.feature ({self.feature!r}) is read only with adversarial.on: feature")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"adversarial.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        return self
 class DeepInversionSpec(_Strict):
     """DeepInversion (scheme ``deep_inversion``): images synthesised from the teacher's BatchNorm statistics,
     then the students trained on them (see :mod:`kdray.algorithms.datafree.inversion` for the objective and the
@@ -284,6 +313,7 @@ class Config(_Strict):
     assistants: list[ModelSpec] = Field(default_factory=list)
     online: OnlineSpec = Field(default_factory=OnlineSpec)
     self_distill: SelfSpec = Field(default_factory=SelfSpec)
+    adversarial: AdversarialSpec = Field(default_factory=AdversarialSpec)
     deep_inversion: DeepInversionSpec = Field(default_factory=DeepInversionSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])
@@ -337,14 +367,16 @@ class Config(_Strict):
         return self
 
     def teacher_specs(self) -> list[TeacherSpec]:
-        """The pre-trained teachers: ``teachers:`` for a scheme that reads that section, else ``teacher:``."""
+        """The pre-trained teachers: ``teachers:`` for a scheme that reads that section (and gets them, when it
+        reads ``teacher:`` too), else ``teacher:``."""
         return [spec for _, spec in self.teacher_paths()]
 
     def teacher_paths(self) -> list[tuple[str, TeacherSpec]]:
         """Each teacher with its config path (``teacher``, ``teachers.1``, ...)."""
         from kdray.orchestrator.plan import get_scheme
 
-        if "teachers" in get_scheme(self.scheme).sections:
+        sections = get_scheme(self.scheme).sections
+        if "teachers" in sections and (self.teachers or "teacher" not in sections):
             return [(f"teachers.{i}", spec) for i, spec in enumerate(self.teachers)]
         return [("teacher", self.teacher)] if self.teacher else []
 
