@@ -18,10 +18,13 @@ from jobs import digits_job
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEACHER = {"model": "digits_cnn", "train": {"epochs": 4, "lr": 0.05, "batch_size": 32}}
-# train_disc_acc of the digits run below, measured per epoch (lr 2e-4): 0.69 0.69 0.61 0.66 0.70 0.71 0.72 0.72.
-# Not chance: the discriminator keeps an edge on this tiny MLP student; the band says it neither wins outright
-# (a student it separates perfectly, 1.0) nor collapses (well under 0.5).
-DISC_ACC_BAND = (0.3, 0.8)
+# train_disc_acc of the digits run below (a 64-wide MLP student, half the training split, 15 epochs,
+# discriminator lr 5e-5), measured over its last 5 epochs: 0.50 0.51 0.51 0.52 0.50 (test top-1 0.961): the
+# student's outputs are as good as the teacher's to the discriminator. With the 16-wide MLP of digits_job (0.29 top-1)
+# and lr 2e-4 it kept an edge, 0.69-0.72: a student that cannot match the teacher cannot fool it.
+DISC_ACC_BAND = (0.4, 0.6)
+FOOLING_RUN = dict(train__epochs=15, student={"model": "digits_mlp", "args": {"hidden": 64}},
+                   adversarial={"lr": 5e-5}, data={"name": "digits", "options": {"train_fraction": 0.5}})
 
 
 def softplus(x):
@@ -125,17 +128,17 @@ class Recorder:
 
 def test_digits_run_fools_the_discriminator(tmp_path):
     rec = Recorder()
-    result = kdray.distill(_job(tmp_path), callbacks=[rec], quiet=True, log=lambda *a: None)
+    result = kdray.distill(_job(tmp_path, **FOOLING_RUN), callbacks=[rec], quiet=True, log=lambda *a: None)
     assert [s["kind"] for s in result.stages] == ["teacher", "adversarial"]
     assert result.stages[-1]["name"] == "kd+adversarial-seed0"
-    assert len(rec.metrics) == 8
+    assert len(rec.metrics) == 15
     for m in rec.metrics:
         assert all(math.isfinite(m[k]) for k in ("train_loss", "train_kd", "train_adv", "train_disc_loss"))
         assert 0.0 <= m["train_disc_acc"] <= 1.0
     low, high = DISC_ACC_BAND
     assert low <= rec.metrics[-1]["train_disc_acc"] <= high, [m["train_disc_acc"] for m in rec.metrics]
     print("train_disc_acc per epoch", [round(m["train_disc_acc"], 3) for m in rec.metrics])
-    assert result.stages[-1]["test_top1"] > 0.2  # chance is 0.1; plain KD with this small job reaches 0.29
+    assert result.stages[-1]["test_top1"] > 0.9  # chance is 0.1
 
 
 def test_feature_discriminator_and_instead_mode_run(tmp_path):
