@@ -204,6 +204,31 @@ class SelfSpec(_Strict):
     generations: int = Field(3, ge=2)
 
 
+class DataFreeSpec(_Strict):
+    """Data-free distillation (scheme ``data_free``): a generator replaces the training images.
+
+    ``method``: ``dafl`` (Chen et al. 2019), ``dfad`` (Fang et al. 2019) or ``zskt`` (Micaelli & Storkey 2019);
+    see :mod:`kdray.algorithms.datafree.loop`. An epoch is ``steps_per_epoch`` iterations of ``batch_size``
+    generated images (``train.epochs`` of them). ``student_steps`` / ``generator_steps``: the updates of each per
+    iteration of ``dfad`` / ``zskt`` (papers: DFAD 5 / 1, ZSKT 10 / 1; ``dafl`` does one of each).
+    ``alpha`` / ``beta``: DAFL's activation and information-entropy weights (paper 0.1 / 5).
+    ``noise_baseline``: also distil a student on pure Gaussian noise (the floor a generator must beat)."""
+
+    method: Literal["dafl", "dfad", "zskt"] = "dafl"
+    latent_dim: int = Field(100, gt=0)
+    channels: int | None = Field(None, gt=0)  # the generator's image channels / side; None: the teacher's inputs'
+    image_size: int | None = Field(None, gt=0)
+    generator_width: int = Field(128, ge=2)
+    generator_lr: float = Field(1e-3, gt=0)
+    steps_per_epoch: int = Field(50, gt=0)
+    batch_size: int = Field(256, ge=2)
+    student_steps: int = Field(5, gt=0)
+    generator_steps: int = Field(1, gt=0)
+    alpha: float = Field(0.1, ge=0)
+    beta: float = Field(5.0, ge=0)
+    noise_baseline: bool = True
+
+
 class CheckpointSpec(_Strict):
     """How often a stage is checkpointed (and its buffered epoch metrics flushed to MLflow).
 
@@ -270,6 +295,7 @@ class Config(_Strict):
     assistants: list[ModelSpec] = Field(default_factory=list)
     online: OnlineSpec = Field(default_factory=OnlineSpec)
     self_distill: SelfSpec = Field(default_factory=SelfSpec)
+    data_free: DataFreeSpec = Field(default_factory=DataFreeSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])
     ce_weight: float = Field(1.0, ge=0)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from kdray.config import Config
 
 # Registration order is the order of `kdray list schemes` and of the scheme error message.
-BUILTIN_SCHEMES = ("offline", "online", "self_distill", "assistant", "multi_teacher")
+BUILTIN_SCHEMES = ("offline", "online", "self_distill", "assistant", "multi_teacher", "data_free")
 ENTRY_POINT_GROUP = "kdray.schemes"
 
 _REGISTRY: dict[str, "Scheme"] = {}

@@ -1,4 +1,5 @@
-"""The built-in distillation schemes, one module each: offline, online, self_distill, assistant, multi_teacher.
+"""The built-in distillation schemes, one module each: offline, online, self_distill, assistant, multi_teacher,
+data_free.
 
 Each module subclasses :class:`kdray.orchestrator.plan.Scheme` and registers it with ``@register_scheme``;
 :func:`kdray.orchestrator.plan.load_schemes` imports them by name (``plan.BUILTIN_SCHEMES``) on the
