@@ -227,6 +227,10 @@ class DataFreeSpec(_Strict):
     alpha: float = Field(0.1, ge=0)
     beta: float = Field(5.0, ge=0)
     noise_baseline: bool = True
+    # The scale of the teacher's inputs: generated (and noise) images are input_mean + input_std * N(0,1)-like
+    # images. Defaults: normalised inputs (DAFL's setting); digits' raw pixels are about mean 0.3, std 0.375.
+    input_mean: float = 0.0
+    input_std: float = Field(1.0, gt=0)
 
 
 class CheckpointSpec(_Strict):

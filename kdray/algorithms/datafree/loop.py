@@ -83,7 +83,8 @@ class DataFreeLoop(TrainLoop):
 
     def __init__(self, *, method: str, generator: nn.Module | None, generator_optimizer, noise_seed: tuple[int, ...],
                  input_shape: tuple[int, ...], steps_per_epoch: int, batch_size: int, student_steps: int = 1,
-                 generator_steps: int = 1, alpha: float = 0.1, beta: float = 5.0, **loop_kwargs):
+                 generator_steps: int = 1, alpha: float = 0.1, beta: float = 5.0, input_mean: float = 0.0,
+                 input_std: float = 1.0, **loop_kwargs):
         if method not in METHODS:
             raise ValueError(f"data-free method {method!r} is not one of {', '.join(METHODS)}")
         if (generator is None) != (method == "noise"):
@@ -105,6 +106,7 @@ class DataFreeLoop(TrainLoop):
         self.student_steps = student_steps
         self.generator_steps = generator_steps
         self.alpha, self.beta = alpha, beta
+        self.input_mean, self.input_std = input_mean, input_std
         self.last_images: torch.Tensor | None = None
         teacher_model = self.teacher.model
         # DAFL's activation term reads the teacher's embedding (its declared ``kd_embedding``; none: the logits).
@@ -129,11 +131,16 @@ class DataFreeLoop(TrainLoop):
 
     # --- the batches ------------------------------------------------------------------------
     def draw(self) -> torch.Tensor:
-        """One batch of inputs: the generator's images of this worker's noise, or the noise itself (``noise``)."""
+        """One batch of inputs: the generator's images of this worker's noise, or the noise itself (``noise``),
+        both ``N(0, 1)``-scaled (the generator ends in an affine-free BatchNorm) and then moved to the
+        teacher's input scale, ``input_mean + input_std * x`` (DAFL's code feeds them to a teacher trained on
+        normalised inputs, i.e. mean 0 / std 1, the defaults; digits' inputs are raw [0, 1] pixels)."""
         if self.generator is None:
-            return torch.randn(self.batch_size, *self.input_shape, generator=self.noise).to(self.device)
-        z = torch.randn(self.batch_size, unwrap(self.generator).latent_dim, generator=self.noise)
-        return self.generator(z.to(self.device))
+            x = torch.randn(self.batch_size, *self.input_shape, generator=self.noise).to(self.device)
+        else:
+            z = torch.randn(self.batch_size, unwrap(self.generator).latent_dim, generator=self.noise)
+            x = self.generator(z.to(self.device))
+        return x if (self.input_mean, self.input_std) == (0.0, 1.0) else self.input_mean + self.input_std * x
 
     def teacher_forward(self, images: torch.Tensor) -> ModelOutput:
         """The frozen teacher on ``images`` *with* gradients to the images (``Teacher.forward`` is no_grad)."""

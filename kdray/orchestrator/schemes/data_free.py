@@ -101,6 +101,6 @@ class DataFree(Scheme):
                             noise_seed=(stage.seed, ctx.rank), input_shape=input_shape,
                             steps_per_epoch=spec.steps_per_epoch, batch_size=spec.batch_size,
                             student_steps=student_steps, generator_steps=spec.generator_steps, alpha=spec.alpha,
-                            beta=spec.beta, **parts.loop_kwargs(splits, ctx))
+                            beta=spec.beta, input_mean=spec.input_mean, input_std=spec.input_std, **parts.loop_kwargs(splits, ctx))
         return complete_stage(cfg, stage, splits, ctx, job_state, parts, loop, resume_loop,
                               {"data_free_method": method})
