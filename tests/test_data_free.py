@@ -29,20 +29,23 @@ def data_free_job(tmp_path, mlflow_uri=None, method="dafl", **over):
 
 def test_dafl_and_dfad_students_beat_the_noise_student(tmp_path):
     """Teacher digits_cnn (8 epochs on 20 % of the real training split), student digits_mlp (16 hidden),
-    10 epochs x 40 iterations of 64 generated images, mean over seeds 0, 1, 2.
-    Measured (this box, torch 2.14.1 CPU): see MEASURED below; the bounds leave a margin of about half the gap."""
+    10 epochs x 40 iterations of 64 generated images (DFAD: 5 student steps per iteration, SGD lr 0.1, generator
+    Adam lr 1e-4), mean over seeds 0, 1, 2. Measured (this shared 2-core box, torch 2.14.1 CPU, 87 s): teacher
+    0.967, scratch (real data) 0.699, noise 0.278, DAFL 0.529, DFAD 0.561. Far from the papers' MNIST figures
+    (DAFL 98 %, a few thousand iterations on a 28x28 LeNet): a few hundred iterations here. The bounds sit at
+    about half of each measured gap over the noise student (0.25, 0.28) and 0.13 / 0.16 below each mean."""
     seeds = [0, 1, 2]
     dafl = kdray.distill(data_free_job(tmp_path, seeds=seeds, baseline=True))
     dfad = kdray.distill(data_free_job(tmp_path, method="dfad", seeds=seeds, train__lr=0.1,
-                                       data_free={"noise_baseline": False}))
+                                       data_free={"noise_baseline": False, "generator_lr": 1e-4}))
     mean = lambda result, kind: statistics.mean(result.accuracies(kind))  # noqa: E731
     teacher, scratch = mean(dafl, "teacher"), mean(dafl, "scratch")
     noise, dafl_acc, dfad_acc = mean(dafl, "noise"), mean(dafl, "data_free"), mean(dfad, "data_free")
     print(f"teacher {teacher:.3f} scratch {scratch:.3f} noise {noise:.3f} dafl {dafl_acc:.3f} dfad {dfad_acc:.3f}")
     assert teacher > 0.9
     assert {s["data_free_method"] for s in dafl.stages if s["kind"] == "noise"} == {"noise"}
-    assert dafl_acc > 0.1 + 0.3 and dafl_acc > noise + 0.2, (dafl_acc, noise)
-    assert dfad_acc > 0.1 + 0.2 and dfad_acc > noise + 0.1, (dfad_acc, noise)
+    assert dafl_acc > 0.4 and dafl_acc > noise + 0.12, (dafl_acc, noise)
+    assert dfad_acc > 0.4 and dfad_acc > noise + 0.14, (dfad_acc, noise)
 
 
 @pytest.mark.parametrize("over, pattern", [
