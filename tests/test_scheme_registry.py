@@ -67,7 +67,7 @@ def test_a_registered_scheme_is_listed_and_validated(tmp_path, pair_scheme, caps
     with pytest.raises(ConfigError, match=f"^config: scheme '{NAME}' needs methods and no teacher$"):
         load_config(digits_job(tmp_path, scheme=NAME))
     unregister_scheme(NAME)
-    with pytest.raises(ConfigError, match=f"^scheme: Input should be .*'multi_teacher' \\(got '{NAME}'\\)$"):
+    with pytest.raises(ConfigError, match=f"^scheme: Input should be .*'multi_teacher' or 'data_free' \\(got '{NAME}'\\)$"):
         load_config(_pair_job(tmp_path))
 
 
@@ -93,10 +93,11 @@ def test_a_scheme_in_one_module_runs_through_distill_into_mlflow(tmp_path, mlflo
 
 
 def test_builtin_schemes_keep_their_order_and_sections():
-    assert list(list_schemes())[:5] == ["offline", "online", "self", "assistant", "multi_teacher"]
+    assert list(list_schemes())[:6] == ["offline", "online", "self", "assistant", "multi_teacher", "data_free"]
     assert {n: s.sections for n, s in list_schemes().items()} == {
         "offline": ("teacher",), "online": ("online",), "self": ("self_distill",),
-        "assistant": ("teacher", "assistants"), "multi_teacher": ("teachers", "ensemble")}
+        "assistant": ("teacher", "assistants"), "multi_teacher": ("teachers", "ensemble"),
+        "data_free": ("teacher", "data_free")}
 
 
 CNN8 = {"model": "digits_cnn", "args": {"width": 8}}
