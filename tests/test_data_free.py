@@ -149,3 +149,57 @@ def test_two_workers_draw_different_samples_from_one_generator(tmp_path, ray_ses
         # between DDP's broadcasts of rank 0's at each forward)
         for key, value in a["generator"].items():
             assert torch.allclose(value.float(), b["generator"][key].float()), key
+
+
+def tiny_loop(method: str, rank: int = 0, **over):
+    """A DataFreeLoop on an untrained digits teacher, built by hand (pure PyTorch, no orchestrator)."""
+    from kdray.algorithms.datafree.generator import Generator
+    from kdray.algorithms.datafree.loop import DataFreeLoop
+    from kdray.algorithms.distiller import Distiller, Teacher
+    from kdray.algorithms.response.kd import KD
+    from kdray.models import create_model
+
+    torch.manual_seed(0)
+    teacher = Teacher(create_model("digits_cnn", 10), [])
+    student = create_model("digits_mlp", 10, hidden=16)
+    distiller = Distiller(student, [KD(alpha=0.9, temperature=4.0)])
+    distiller.build(torch.zeros(2, 1, 8, 8), teacher)
+    generator = None if method == "noise" else Generator(16, 1, 8, 16)
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=0.05)
+    return DataFreeLoop(method=method, generator=generator,
+                        generator_optimizer=None if generator is None else torch.optim.Adam(generator.parameters()),
+                        noise_seed=(0, rank), input_shape=(1, 8, 8), steps_per_epoch=2, batch_size=8,
+                        student_steps=2, distiller=distiller, teacher=teacher, optimizer=optimizer,
+                        scheduler=torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0), train_loader=None,
+                        val_loader=[], num_classes=10, epochs=1, device=torch.device("cpu"), **over)
+
+
+@pytest.mark.parametrize("method", ["dafl", "dfad", "zskt", "noise"])
+def test_every_method_trains_the_student_and_its_generator(method):
+    loop = tiny_loop(method)
+    before = {k: v.clone() for k, v in loop.state_dict()["distiller"].items()}
+    gen_before = None if loop.generator is None else {k: v.clone() for k, v in loop.generator.state_dict().items()}
+    metrics = loop.train_epoch(0)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()) and "train_loss" in metrics
+    assert any(not torch.equal(v, loop.state_dict()["distiller"][k]) for k, v in before.items())
+    if gen_before is not None:
+        assert not torch.equal(gen_before["project.0.weight"], loop.generator.state_dict()["project.0.weight"])
+        assert "train_generator" in metrics
+    assert loop.last_images.shape == (8, 1, 8, 8)
+
+
+def test_noise_streams_differ_by_rank_and_epoch_and_repeat_for_the_same_pair():
+    a, b = tiny_loop("noise", rank=0), tiny_loop("noise", rank=1)
+    a.train_epoch(0)
+    b.train_epoch(0)
+    assert not torch.equal(a.last_images, b.last_images)
+    again = tiny_loop("noise", rank=0)
+    again.train_epoch(0)
+    assert torch.equal(a.last_images, again.last_images)
+    again.train_epoch(1)
+    assert not torch.equal(a.last_images, again.last_images)
+
+
+def test_a_method_the_loop_does_not_know_is_one_line():
+    with pytest.raises(ValueError, match=r"^data-free method 'gan' is not one of dafl, dfad, zskt, noise$"):
+        tiny_loop("gan")
