@@ -233,6 +233,8 @@ class AdversarialSpec(_Strict):
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"adversarial.betas must be two numbers in [0, 1), got {list(self.betas)}")
         return self
+
+
 class DeepInversionSpec(_Strict):
     """DeepInversion (scheme ``deep_inversion``): images synthesised from the teacher's BatchNorm statistics,
     then the students trained on them (see :mod:`kdray.algorithms.datafree.inversion` for the objective and the
@@ -245,6 +247,35 @@ class DeepInversionSpec(_Strict):
     tv_weight: float = Field(1e-3, ge=0)
     l2_weight: float = Field(1e-5, ge=0)
     noise_baseline: bool = True  # also a student distilled on as many N(0, 1) noise images
+
+
+class DataFreeSpec(_Strict):
+    """Data-free distillation (scheme ``data_free``): a generator replaces the training images.
+
+    ``method``: ``dafl`` (Chen et al. 2019), ``dfad`` (Fang et al. 2019) or ``zskt`` (Micaelli & Storkey 2019);
+    see :mod:`kdray.algorithms.datafree.loop`. An epoch is ``steps_per_epoch`` iterations of ``batch_size``
+    generated images (``train.epochs`` of them). ``student_steps`` / ``generator_steps``: the updates of each per
+    iteration of ``dfad`` / ``zskt`` (papers: DFAD 5 / 1, ZSKT 10 / 1; ``dafl`` does one of each).
+    ``alpha`` / ``beta``: DAFL's activation and information-entropy weights (paper 0.1 / 5).
+    ``noise_baseline``: also distil a student on pure Gaussian noise (the floor a generator must beat)."""
+
+    method: Literal["dafl", "dfad", "zskt"] = "dafl"
+    latent_dim: int = Field(100, gt=0)
+    channels: int | None = Field(None, gt=0)  # the generator's image channels / side; None: the teacher's inputs'
+    image_size: int | None = Field(None, gt=0)
+    generator_width: int = Field(128, ge=2)
+    generator_lr: float = Field(1e-3, gt=0)
+    steps_per_epoch: int = Field(50, gt=0)
+    batch_size: int = Field(256, ge=2)
+    student_steps: int = Field(5, gt=0)
+    generator_steps: int = Field(1, gt=0)
+    alpha: float = Field(0.1, ge=0)
+    beta: float = Field(5.0, ge=0)
+    noise_baseline: bool = True
+    # The scale of the teacher's inputs: generated (and noise) images are input_mean + input_std * N(0,1)-like
+    # images. Defaults: normalised inputs (DAFL's setting); digits' raw pixels are about mean 0.3, std 0.375.
+    input_mean: float = 0.0
+    input_std: float = Field(1.0, gt=0)
 
 
 class CheckpointSpec(_Strict):
@@ -315,6 +346,7 @@ class Config(_Strict):
     self_distill: SelfSpec = Field(default_factory=SelfSpec)
     adversarial: AdversarialSpec = Field(default_factory=AdversarialSpec)
     deep_inversion: DeepInversionSpec = Field(default_factory=DeepInversionSpec)
+    data_free: DataFreeSpec = Field(default_factory=DataFreeSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])
     ce_weight: float = Field(1.0, ge=0)

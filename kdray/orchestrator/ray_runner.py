@@ -29,13 +29,13 @@ def _startup_timeout(err: BaseException) -> bool:
 
 
 def _prepare(module, sync_batchnorm: bool = False):
-    """DDP-wrap the trainable module (a distiller) and hand its terms the world, the group that splits its
-    batches. Terms with pre-training phases (FitNet hints, FT paraphraser, AB) leave some parameters without
+    """DDP-wrap the trainable module (a distiller, or another trainable module of a scheme such as the
+    data-free generator) and hand a distiller's terms the world, the group that splits its batches. Terms with pre-training phases (FitNet hints, FT paraphraser, AB) leave some parameters without
     gradient for a while, which DDP must be told about."""
     import ray.train.torch
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank holds part of each batch
+    if dist.is_initialized() and dist.get_world_size() > 1 and hasattr(module, "set_process_group"):
         module.set_process_group(dist.group.WORLD)
     if sync_batchnorm and dist.is_initialized() and dist.get_world_size() > 1:
         if ray.train.torch.get_device().type != "cuda":

@@ -1,0 +1,106 @@
+"""data_free: the student learns from a trained teacher without a training image (DAFL, DFAD, ZSKT).
+
+A generator, trained against the frozen teacher, makes the student's batches; validation and test still use
+the real splits. Per seed the plan has the student taught on pure Gaussian noise (``data_free.noise_baseline``,
+the floor a generator must beat) and the data-free student; the teacher stage (when the teacher is trained
+in the job) and the scratch baseline read the real training split, as in the offline scheme. The mathematics
+are :mod:`kdray.algorithms.datafree`; this module builds the generator and runs the loop through the common
+stage machinery (:func:`~kdray.orchestrator.job.prepare_stage` / ``complete_stage``).
+"""
+from __future__ import annotations
+
+import torch
+
+from kdray.algorithms.datafree.generator import Generator, check_generator
+from kdray.algorithms.datafree.loop import DataFreeLoop
+from kdray.orchestrator.build import check_distiller_builds
+from kdray.orchestrator.job import complete_stage, prepare_stage
+from kdray.orchestrator.plan import (Scheme, method_label, needs_methods, needs_teacher, register_scheme, stage,
+                                     teacher_sources)
+
+
+def build_generator(cfg, input_shape: tuple[int, ...]) -> Generator:
+    """DAFL's generator for images of the teacher's ``input_shape`` (``data_free.channels`` / ``image_size``
+    override it; preflight then says when they disagree)."""
+    spec = cfg.data_free
+    return Generator(spec.latent_dim, spec.channels or input_shape[0], spec.image_size or input_shape[-1],
+                     spec.generator_width)
+
+
+def image_grid(images: torch.Tensor):
+    """A batch as one ``H x W x C`` uint8 grid (each image min-max scaled on its own), for MLflow."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images[:64].float().cpu(), nrow=8, normalize=True, scale_each=True, pad_value=1.0)
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+
+
+class LogGeneratedImages:
+    """Epoch-end callback (rank 0, where a stage logs): the epoch's last generated batch as an image grid in
+    the stage's MLflow run, so the user sees what the generator learnt to draw."""
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def on_epoch_end(self, epoch, metrics, loop):
+        if loop.last_images is not None:
+            self.logger.log_image(epoch, image_grid(loop.last_images))
+
+
+@register_scheme
+class DataFree(Scheme):
+    name = "data_free"
+    help = ("a generator replaces the training images: DAFL, DFAD or ZSKT (data_free.method), plus a "
+            "Gaussian-noise student baseline")
+    sections = ("teacher", "data_free")
+    own_stage_kinds = ("data_free", "noise")
+
+    def check(self, cfg):
+        needs_teacher(cfg)
+        needs_methods(cfg)
+        if cfg.teacher.cache is not None:
+            raise ValueError("scheme 'data_free' runs the teacher on generated images; a teacher cache holds only "
+                             "the training set's outputs: give teacher.train, checkpoint or mlflow_uri")
+
+    def plan(self, cfg):
+        """[teacher] -> per seed [scratch] + [noise] + the data-free student."""
+        stages: list = []
+        sources = teacher_sources(cfg, stages)
+        label = method_label(cfg)
+        for seed in cfg.seeds:
+            if cfg.baseline:
+                stages.append(stage(f"scratch-seed{seed}", "scratch", seed, "student", cfg.student.model))
+            if cfg.data_free.noise_baseline:
+                stages.append(stage(f"noise-seed{seed}", "noise", seed, "student", cfg.student.model, sources,
+                                    methods=label))
+            stages.append(stage(f"{cfg.data_free.method}-seed{seed}", "data_free", seed, "student",
+                                cfg.student.model, sources, methods=label))
+        return stages
+
+    def preflight(self, cfg, splits, example, student, teachers, orders):
+        check_distiller_builds(cfg, example, student, teachers[:1], orders[:1], len(splits.train))
+        input_shape = tuple(example.shape[1:])
+        check_generator(build_generator(cfg, input_shape), input_shape, cfg.data_free.latent_dim)
+
+    def run_stage(self, cfg, stage, splits, ctx, job_state, resume_loop):
+        spec = cfg.data_free
+        parts = prepare_stage(cfg, stage, splits, ctx, job_state)
+        input_shape = tuple(parts.example.shape[1:])
+        generator = optimizer = None
+        method = "noise" if stage.kind == "noise" else spec.method
+        if method != "noise":
+            torch.manual_seed(stage.seed)  # the same initial generator on every worker and placement
+            generator = build_generator(cfg, input_shape)
+            check_generator(generator, input_shape, spec.latent_dim)
+            generator = ctx.wrap(generator.to(ctx.device))
+            optimizer = torch.optim.Adam(generator.parameters(), lr=spec.generator_lr)
+        if parts.logger is not None and method != "noise":
+            parts.callbacks.insert(0, LogGeneratedImages(parts.logger))
+        student_steps = spec.student_steps if method in ("dfad", "zskt") else 1
+        loop = DataFreeLoop(method=method, generator=generator, generator_optimizer=optimizer,
+                            noise_seed=(stage.seed, ctx.rank), input_shape=input_shape,
+                            steps_per_epoch=spec.steps_per_epoch, batch_size=spec.batch_size,
+                            student_steps=student_steps, generator_steps=spec.generator_steps, alpha=spec.alpha,
+                            beta=spec.beta, input_mean=spec.input_mean, input_std=spec.input_std, **parts.loop_kwargs(splits, ctx))
+        return complete_stage(cfg, stage, splits, ctx, job_state, parts, loop, resume_loop,
+                              {"data_free_method": method})
