@@ -495,3 +495,21 @@ def test_sweep_under_ray_job_submit(tmp_path, request):
     # the trials ran on that head, not on a Ray of the job's own
     logs_dir = os.path.join(temp_dir, "session_latest", "logs")
     assert any(n.startswith("worker-") for n in os.listdir(logs_dir))
+
+
+def test_the_nsga2_sampler_pickles_as_tune_saves_it():
+    """Optuna 5.1's NSGA-II holds a threading.Lock: Tune could not save a sweep's state (every NSGA-II sweep failed
+    before its first trial). kdray's sampler pickles, and unpickles with a working lock and the same settings."""
+    import pickle
+    import threading
+
+    from ray import cloudpickle
+
+    from kdray.search.searcher import PicklableNSGAIISampler
+
+    sampler = PicklableNSGAIISampler(population_size=6, seed=3)
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        back = pickle.loads(dumps(sampler))
+        assert isinstance(back._thread_lock, type(threading.Lock())) and back._population_size == 6
+        with back._thread_lock:
+            pass

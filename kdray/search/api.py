@@ -300,7 +300,9 @@ def _sampler(search: SearchSpec, space, num_samples: int):
         warnings.simplefilter("ignore")
         if search.sampler == "nsga2":
             population = search.population_size or max(4, num_samples // 4)
-            return optuna.samplers.NSGAIISampler(population_size=population, seed=search.seed)
+            from kdray.search.searcher import PicklableNSGAIISampler
+
+            return PicklableNSGAIISampler(population_size=population, seed=search.seed)
         if search.sampler == "random":
             return optuna.samplers.RandomSampler(seed=search.seed)
         if search.sampler == "grid":
