@@ -152,7 +152,7 @@ def test_ray_job_stop_kills_the_runs_then_resume_finishes(ray_head, tmp_path):
     workdir = tmp_path / "working_dir"
     workdir.mkdir()
     db = tmp_path / "mlflow.db"
-    job = digits_job(tmp_path, None, name="stopped", ray__num_workers=1, teacher__train__epochs=30,
+    job = digits_job(tmp_path, None, name="stopped", ray__num_workers=1, teacher__train__epochs=120,  # long enough that `ray job stop` lands mid-teacher
                      train__epochs=2, checkpoint__every_epochs=2)
     job["mlflow"] = {"experiment": "stopped"}
     (workdir / "job.yaml").write_text(yaml.safe_dump(job))
