@@ -276,6 +276,19 @@ class DataFreeSpec(_Strict):
     # images. Defaults: normalised inputs (DAFL's setting); digits' raw pixels are about mean 0.3, std 0.375.
     input_mean: float = 0.0
     input_std: float = Field(1.0, gt=0)
+    # ZSKT's attention term on the student's loss (the paper's beta, 250; 0: the KL alone) over block pairs:
+    # attention_points: {student: [...], teacher: [...]} module paths (default: each model's declared stages).
+    attention_weight: float = Field(0.0, ge=0)
+    attention_points: dict[Literal["student", "teacher"], list[str]] | None = None
+
+    @model_validator(mode="after")
+    def _attention_is_zskts(self):
+        if self.attention_weight and self.method != "zskt":
+            raise ValueError(f"data_free.attention_weight is ZSKT's attention term: use method: zskt (got "
+                             f"{self.method!r}) or remove attention_weight")
+        if self.attention_points is not None and set(self.attention_points) != {"student", "teacher"}:
+            raise ValueError("data_free.attention_points needs both student: [...] and teacher: [...] (as many each)")
+        return self
 
 
 class CheckpointSpec(_Strict):
