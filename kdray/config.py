@@ -247,6 +247,24 @@ class DeepInversionSpec(_Strict):
     tv_weight: float = Field(1e-3, ge=0)
     l2_weight: float = Field(1e-5, ge=0)
     noise_baseline: bool = True  # also a student distilled on as many N(0, 1) noise images
+    # Adaptive DeepInversion (paper: competition 10 on CIFAR; 0: off): after a plain round of
+    # (1 - adaptive_fraction) x images_per_class, a competitor student is distilled on them and the remaining
+    # images are synthesised where it disagrees with the teacher (1 - JS at competition_temperature).
+    competition_weight: float = Field(0.0, ge=0)
+    competition_temperature: float = Field(3.0, gt=0)
+    adaptive_fraction: float = Field(0.5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _two_rounds_have_images(self):
+        adaptive = self.adaptive_images_per_class()
+        if self.competition_weight and not 0 < adaptive < self.images_per_class:
+            raise ValueError(f"deep_inversion.adaptive_fraction {self.adaptive_fraction} of images_per_class "
+                             f"{self.images_per_class} leaves a round without images; raise images_per_class")
+        return self
+
+    def adaptive_images_per_class(self) -> int:
+        """Images per class of the adaptive (competition) round; 0 without Adaptive DeepInversion."""
+        return round(self.images_per_class * self.adaptive_fraction) if self.competition_weight else 0
 
 
 class DataFreeSpec(_Strict):

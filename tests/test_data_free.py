@@ -54,6 +54,8 @@ def test_dafl_and_dfad_students_beat_the_noise_student(tmp_path):
     ({"data_free": {"method": "gan"}}, r"data_free.method: Input should be 'dafl', 'dfad' or 'zskt'"),
     ({"data_free": {"steps_per_epoch": 0}}, r"data_free.steps_per_epoch: Input should be greater than 0"),
     ({"teacher": None}, r"scheme 'data_free' needs a teacher"),
+    ({"teacher": {"train": None, "cache": "/nonexistent-cache"}},
+     r"scheme 'data_free' runs the teacher on generated images; a teacher cache holds only its outputs"),
     ({"data_free": {"attention_weight": 250.0}}, r"data_free.attention_weight is ZSKT's attention term: use "
                                                  r"method: zskt \(got 'dafl'\)"),
     ({"data_free": {"method": "zskt", "attention_weight": 250.0}},

@@ -282,6 +282,15 @@ def needs_teacher(cfg: "Config") -> None:
         raise ValueError(f"scheme {cfg.scheme!r} needs a teacher (teacher: {{model, train|checkpoint|mlflow_uri}})")
 
 
+def needs_live_teacher(cfg: "Config", use: str) -> None:
+    """The scheme runs the teacher on inputs of its own making (``use`` says on what): a teacher cache, which
+    holds only the teacher's outputs on the training set, cannot serve it."""
+    needs_teacher(cfg)
+    if cfg.teacher.cache is not None:
+        raise ValueError(f"scheme {cfg.scheme!r} runs the teacher on {use}; a teacher cache holds only its outputs "
+                         f"on the training set: give teacher.train, checkpoint or mlflow_uri")
+
+
 def no_teacher(cfg: "Config") -> None:
     if cfg.teacher is not None or cfg.teachers:
         raise ValueError(f"scheme {cfg.scheme!r} trains without a pre-trained teacher; remove teacher/teachers")

@@ -16,7 +16,7 @@ from kdray.algorithms.datafree.loop import DataFreeLoop
 from kdray.models.features import FeatureTap, default_points
 from kdray.orchestrator.build import check_distiller_builds
 from kdray.orchestrator.job import complete_stage, prepare_stage
-from kdray.orchestrator.plan import (Scheme, method_label, needs_methods, needs_teacher, register_scheme, stage,
+from kdray.orchestrator.plan import (Scheme, method_label, needs_live_teacher, needs_methods, register_scheme, stage,
                                      teacher_sources)
 
 
@@ -87,11 +87,8 @@ class DataFree(Scheme):
     own_stage_kinds = ("data_free", "noise")
 
     def check(self, cfg):
-        needs_teacher(cfg)
+        needs_live_teacher(cfg, "generated images")
         needs_methods(cfg)
-        if cfg.teacher.cache is not None:
-            raise ValueError("scheme 'data_free' runs the teacher on generated images; a teacher cache holds only "
-                             "the training set's outputs: give teacher.train, checkpoint or mlflow_uri")
 
     def plan(self, cfg):
         """[teacher] -> per seed [scratch] + [noise] + the data-free student."""
