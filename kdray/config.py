@@ -212,7 +212,8 @@ class AdversarialSpec(_Strict):
     with its own Adam (``lr``, ``betas``), updated ``d_steps`` times per student step.
     ``preset: meal_v2`` (Shen & Savvides 2020): the teachers' mean (``ensemble.combine: mean``), no hard labels
     (``ce_weight: 0``), ``methods: [{name: kd, alpha: 1, temperature: 1}]`` (KL at temperature 1), logit
-    discriminator, ``mode: beside``."""
+    discriminator, ``mode: beside``. ``conditional``: the discriminator also reads the sample's one-hot label
+    (Xu et al. 2018's conditional adversarial networks)."""
 
     on: Literal["logits", "feature"] = "logits"
     feature: str | None = None
@@ -222,6 +223,7 @@ class AdversarialSpec(_Strict):
     betas: tuple[float, float] = (0.5, 0.999)
     d_steps: int = Field(1, ge=1)
     hidden: int = Field(64, ge=1)
+    conditional: bool = False
     preset: Literal["none", "meal_v2"] = "none"
 
     @model_validator(mode="after")
