@@ -59,6 +59,12 @@ class Scheme:
     help: str = ""
     sections: tuple[str, ...] = ()
 
+    # What ``kdray sweep`` optimises: the val_top1 of this stage kind's students (one per seed), taught by the
+    # one ``teacher:`` the sweep trains once; ``None``: the scheme cannot be swept. ``search_settings``: config
+    # values every trial takes (baselines a trial need not train), by section.
+    searched_kind: str | None = None
+    search_settings: dict[str, dict] = {}
+
     def check(self, cfg: "Config") -> None:
         """Raise ``ValueError`` with one line when the config lacks what the scheme needs (run inside config
         validation, so the line reaches the user as a :class:`~kdray.config.ConfigError`). May complete
@@ -123,6 +129,12 @@ def get_scheme(name: str) -> Scheme:
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(unknown_scheme_message())
     return _REGISTRY[name]
+
+
+def searched_stages(cfg: "Config") -> list[Stage]:
+    """The stages a sweep's objective reads (its scheme's ``searched_kind``), in plan order."""
+    kind = get_scheme(cfg.scheme).searched_kind
+    return [s for s in plan_stages(cfg) if s.kind == kind]
 
 
 def unknown_scheme_message() -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 from kdray.config import Config, ConfigError, check_job_name, load_config
 from kdray.orchestrator.interrupts import interruption, reclaim_sigterm, sigterm_forwarded, signal_handlers_restored
+from kdray.orchestrator.plan import get_scheme, list_schemes
 from kdray.orchestrator.runtime import ensure_ray
 from kdray.search.space import CallableSpace, Space, apply_params, make_space
 from kdray.search.spec import SearchSpec, auto_grace, base_raw, load_sweep_spec
@@ -176,6 +177,12 @@ def _base_config(raw: dict, search: SearchSpec) -> Config:
     if search.seeds is not None:
         raw["seeds"] = list(search.seeds)
     raw["baseline"] = False
+    try:
+        settings = get_scheme(raw.get("scheme", "offline")).search_settings
+    except ValueError:
+        settings = {}  # an unknown scheme: load_config below says so in one line
+    for section, values in settings.items():
+        raw[section] = {**(raw.get(section) or {}), **values}
     raw.setdefault("ray", {})
     raw["ray"] = {**(raw["ray"] or {}), "num_workers": search.workers_per_trial}
     try:
@@ -241,9 +248,10 @@ def validate(space, base: Config, search: SearchSpec) -> dict:
     from kdray.orchestrator.api import preflight
     from kdray.orchestrator.build import build_splits, example_batch
 
-    if base.scheme != "offline" or base.teacher is None:
-        raise ConfigError(f"base: a sweep distils from one teacher (scheme: offline with teacher:), "
-                          f"got scheme {base.scheme!r}")
+    swept = [name for name, scheme in list_schemes().items() if scheme.searched_kind]
+    if get_scheme(base.scheme).searched_kind is None or base.teacher is None:
+        raise ConfigError(f"base: a sweep distils from one teacher (teacher: with scheme {' | '.join(swept)}), "
+                          f"got scheme {base.scheme!r}{'' if base.teacher is not None else ' without teacher:'}")
     preflight(base)
     splits = build_splits(base)
     if len(splits.val) == 0:
@@ -654,7 +662,8 @@ def _run_base(base: Config, sweep_dir: str, parent: str | None, uri: str | None,
     log(f"base configuration: {cfg.student.model} {cfg.student.args} with {'+'.join(m.name for m in cfg.methods)}"
         f", seeds {cfg.seeds}{' (training the teacher)' if cfg.teacher.train else ''}")
     outcome = distill(cfg, resume=True, parent_run_id=parent, log=_quiet)
-    distilled = [s for s in outcome.stages if s["kind"] == "distill"]
+    kind = get_scheme(cfg.scheme).searched_kind
+    distilled = [s for s in outcome.stages if s["kind"] == kind]
     return {"val_top1": statistics.mean(s["val_top1"] for s in distilled),
             "test_top1": statistics.mean(s["test_top1"] for s in distilled),
             "params": float(distilled[0]["params"]), "seeds": len(distilled), "run_dir": cfg.run_dir(),

@@ -56,6 +56,7 @@ class Adversarial(Scheme):
     help = ("a discriminator tells teacher from student outputs (logits or a feature point) and the student "
             "learns to fool it, beside or instead of its methods; preset meal_v2 (adversarial: ...)")
     sections = ("teacher", "teachers", "ensemble", "adversarial")
+    searched_kind = "adversarial"
     own_stage_kinds = ("adversarial",)
 
     def check(self, cfg):

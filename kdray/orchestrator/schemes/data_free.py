@@ -84,6 +84,8 @@ class DataFree(Scheme):
     help = ("a generator replaces the training images: DAFL, DFAD or ZSKT (data_free.method), plus a "
             "Gaussian-noise student baseline")
     sections = ("teacher", "data_free")
+    searched_kind = "data_free"
+    search_settings = {"data_free": {"noise_baseline": False}}  # trials skip the noise baseline
     own_stage_kinds = ("data_free", "noise")
 
     def check(self, cfg):

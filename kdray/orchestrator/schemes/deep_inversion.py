@@ -43,6 +43,8 @@ class DeepInversion(Scheme):
     help = ("data-free: images synthesised from the teacher's BatchNorm statistics (DeepInversion), the student "
             "distilled on them (deep_inversion: images_per_class, steps, ...; noise-input baseline)")
     sections = ("teacher", "deep_inversion")
+    searched_kind = "inverted"
+    search_settings = {"deep_inversion": {"noise_baseline": False}}  # trials skip the noise baseline
     own_stage_kinds = (SYNTHESIS, ADAPTIVE, *SETS)
 
     def check(self, cfg):
