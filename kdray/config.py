@@ -226,6 +226,14 @@ class AdversarialSpec(_Strict):
     conditional: bool = False
     preset: Literal["none", "meal_v2"] = "none"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on_key(cls, data):
+        """YAML 1.1 reads an unquoted ``on:`` key as the boolean ``True`` (PyYAML does): take it as ``on``."""
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
+
     @model_validator(mode="after")
     def _feature_point(self):
         if self.on == "feature" and not self.feature:

@@ -318,3 +318,13 @@ def test_conditional_adversarial_run_on_two_ray_train_workers_keeps_both_parts_i
             for key, value in a[part].items():
                 assert torch.allclose(value.float(), b[part][key].float(), atol=1e-6), (part, key)
         assert 0.0 <= a["disc_acc"] <= 1.0
+
+
+def test_an_unquoted_yaml_on_key_is_read_as_on(tmp_path):
+    """PyYAML reads ``on:`` as the boolean True (YAML 1.1); the adversarial section takes it as ``on``."""
+    import yaml
+
+    section = yaml.safe_load("adversarial: {on: feature, feature: pool}")["adversarial"]
+    assert True in section
+    cfg = load_config(_job(tmp_path, student={"model": "digits_cnn", "args": {"width": 8}}, adversarial=section))
+    assert cfg.adversarial.on == "feature" and cfg.adversarial.feature == "pool"
