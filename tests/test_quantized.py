@@ -189,13 +189,13 @@ def test_export_size_latency_and_file_are_in_mlflow_and_the_export_predicts_as_t
 
     from kdray.orchestrator.schemes.quantized import load_export
 
-    record = Record("w4-kd-seed0")
+    record = Record("q4-kd-seed0")
     result = kdray.distill(quantized_job(tmp_path, mlflow_uri, teacher_file, train__epochs=3), callbacks=[record])
-    assert result.kinds() == ["quantized_scratch", "quantized"]
-    row = next(s for s in result.stages if s["name"] == "w4-kd-seed0")
+    assert result.kinds() == ["quantized_scratch", "distill"]
+    row = next(s for s in result.stages if s["name"] == "q4-kd-seed0")
     client = MlflowClient(mlflow_uri)
     [run] = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
-                               "attributes.run_name = 'w4-kd-seed0'")
+                               "attributes.run_name = 'q4-kd-seed0'")
     metrics = run.data.metrics
     for key in ("export_bytes", "fp32_bytes", "latency_ms", "fp32_latency_ms", "export_payload_bytes",
                 "fp32_payload_bytes"):
@@ -204,7 +204,7 @@ def test_export_size_latency_and_file_are_in_mlflow_and_the_export_predicts_as_t
     # (2 int64), not 4096 bytes of fp32
     assert metrics["export_payload_bytes"] == metrics["fp32_payload_bytes"] - 32 * 32 * 4 + 512 + 2 * 32 * 4 + 16
     [artifact] = client.list_artifacts(run.info.run_id, "export")
-    assert artifact.path == "export/w4-kd-seed0.pt"
+    assert artifact.path == "export/q4-kd-seed0.pt"
     local = client.download_artifacts(run.info.run_id, artifact.path, str(tmp_path / "download"))
     inputs = torch.rand(64, 1, 8, 8)
     with torch.no_grad():
@@ -213,10 +213,10 @@ def test_export_size_latency_and_file_are_in_mlflow_and_the_export_predicts_as_t
 
 
 def test_a_quantised_teacher_teaches_after_the_self_study_epochs(tmp_path, teacher_file):
-    record = Record("w4-kd-seed0")
+    record = Record("q4-kd-seed0")
     result = kdray.distill(quantized_job(tmp_path, teacher_file=teacher_file, train__epochs=3,
                                          quantized={"teacher_bits": 4, "self_study_epochs": 1}), callbacks=[record])
-    row = next(s for s in result.stages if s["name"] == "w4-kd-seed0")
+    row = next(s for s in result.stages if s["name"] == "q4-kd-seed0")
     assert row["teacher_bits"] == 4 and row["teacher_test_top1"] > 0.5
     kinds = {type(m) for m in record.teacher.model.modules()}
     assert QuantConv2d in kinds and nn.Conv2d in kinds  # middle convs quantised, the first one fp32
@@ -228,20 +228,20 @@ def test_a_quantised_teacher_teaches_after_the_self_study_epochs(tmp_path, teach
 
 def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, teacher_file):
     over = dict(train__epochs=4, checkpoint__every_epochs=1, quantized={"self_study_epochs": 2})
-    whole = Record("w4-kd-seed0")
+    whole = Record("q4-kd-seed0")
     kdray.distill(quantized_job(tmp_path, teacher_file=teacher_file, name="whole", **over), callbacks=[whole])
-    cut = Record("w4-kd-seed0", stop_after=0)
+    cut = Record("q4-kd-seed0", stop_after=0)
     with pytest.raises(KeyboardInterrupt):
         kdray.distill(quantized_job(tmp_path, teacher_file=teacher_file, name="cut", **over), callbacks=[cut])
-    resumed = Record("w4-kd-seed0")
+    resumed = Record("q4-kd-seed0")
     result = kdray.distill(quantized_job(tmp_path, teacher_file=teacher_file, name="cut", **over),
                            callbacks=[resumed], resume=True)
     assert sorted(resumed.metrics) == [1, 2, 3]  # on from the epoch-0 checkpoint, self-studying epoch 1 first
     assert "train_kd" not in resumed.metrics[1] and "train_kd" in resumed.metrics[2]
     for key, value in whole.states[3].items():
         assert torch.equal(value, resumed.states[3][key]), key
-    row = next(s for s in result.stages if s["name"] == "w4-kd-seed0")
-    assert row["export_bytes"] > 0 and (tmp_path / "runs" / "cut" / "exports" / "w4-kd-seed0.pt").exists()
+    row = next(s for s in result.stages if s["name"] == "q4-kd-seed0")
+    assert row["export_bytes"] > 0 and (tmp_path / "runs" / "cut" / "exports" / "q4-kd-seed0.pt").exists()
 
 
 class PerRankWeights:
@@ -251,7 +251,7 @@ class PerRankWeights:
         self.folder = folder
 
     def on_epoch_end(self, epoch, metrics, loop):
-        if metrics["stage"] != "w4-kd-seed0" or epoch != loop.epochs - 1:
+        if metrics["stage"] != "q4-kd-seed0" or epoch != loop.epochs - 1:
             return
         import torch.distributed as dist
 
@@ -275,9 +275,9 @@ def test_two_workers_train_one_quantised_student_and_export_it(tmp_path, ray_ses
     a, b = (torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key, value in a.items():  # one student, kept in step by DDP through the fake-quantised forward
         assert torch.allclose(value.float(), b[key].float()), key
-    row = next(s for s in result.stages if s["name"] == "w4-kd-seed0")
+    row = next(s for s in result.stages if s["name"] == "q4-kd-seed0")
     assert row["export_bytes"] > 0 and row["latency_ms"] > 0
-    assert (tmp_path / "runs" / "q" / "exports" / "w4-kd-seed0.pt").exists()
+    assert (tmp_path / "runs" / "q" / "exports" / "q4-kd-seed0.pt").exists()
 
 
 @pytest.mark.slow
@@ -289,6 +289,7 @@ def test_a_4bit_student_learns_more_with_kd_than_alone(tmp_path, teacher_file):
     fp32 student alone reached 0.709, so at this size and data the gain is KD's, not a repair of quantisation:
     at 8 bits alone 0.707 vs + KD 0.804, at 2 bits 0.669 vs 0.756."""
     result = kdray.distill(quantized_job(tmp_path, teacher_file=teacher_file, seeds=[0, 1, 2]))
-    alone, taught = (statistics.mean(result.accuracies(kind)) for kind in ("quantized_scratch", "quantized"))
+    alone, taught = (statistics.mean(result.accuracies(kind)) for kind in ("quantized_scratch", "distill"))
     print(f"4-bit alone {alone:.3f} 4-bit + KD {taught:.3f}")
     assert taught > alone + 0.04, (taught, alone)
+

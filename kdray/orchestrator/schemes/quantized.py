@@ -4,7 +4,7 @@ tutoring phases; see :mod:`kdray.algorithms.quantize` for the quantisers and wha
 
 Per seed the plan has [the fp32 student from scratch (``baseline``)], the quantised student trained alone
 (CE only, same bits: the baseline that matters, kind ``quantized_scratch``) and the quantised student taught by
-the ``methods:`` (kind ``quantized``). Both quantised stages are the generic stage
+the ``methods:`` (kind ``distill``, as every taught student). Both quantised stages are the generic stage
 (:func:`~kdray.orchestrator.job.prepare_stage` / ``complete_stage``) with the student's conv / linear layers
 made fake-quantised in place after it is built (names, feature points, parameters, DDP and optimizer unchanged)
 and a :class:`~kdray.algorithms.quantize.QuantizedLoop`. After training, rank 0 writes the low-bit export
@@ -92,7 +92,9 @@ class Quantized(Scheme):
     help = ("quantised distillation: a student with fake-quantised weights and activations (quantized.bits) "
             "taught by the methods, beside the same quantised student without KD; exports packed low-bit codes")
     sections = ("teacher", "quantized")
-    own_stage_kinds = ("quantized_scratch", "quantized")
+    # The taught quantised student is of kind ``distill``, as the offline scheme's taught student (what
+    # kdray/search scores a trial by, should sweeps come to take other schemes than offline).
+    own_stage_kinds = ("quantized_scratch", "distill")
 
     def check(self, cfg):
         needs_teacher(cfg)
@@ -113,9 +115,9 @@ class Quantized(Scheme):
         for seed in cfg.seeds:
             if cfg.baseline:
                 stages.append(stage(f"scratch-seed{seed}", "scratch", seed, "student", cfg.student.model))
-            stages.append(stage(f"w{bits}-scratch-seed{seed}", "quantized_scratch", seed, "student",
+            stages.append(stage(f"q{bits}-scratch-seed{seed}", "quantized_scratch", seed, "student",
                                 cfg.student.model))
-            stages.append(stage(f"w{bits}-{label}-seed{seed}", "quantized", seed, "student", cfg.student.model,
+            stages.append(stage(f"q{bits}-{label}-seed{seed}", "distill", seed, "student", cfg.student.model,
                                 sources, methods=label))
         return stages
 
