@@ -285,7 +285,9 @@ class QuantizedSpec(_Strict):
     (Apprentice's default). ``self_study_epochs``: QKD's self-studying phase, that many first epochs of CE
     alone before the methods teach (0: KD from the start, as Polino et al. and Apprentice).
     ``teacher_bits``: the frozen teacher quantised too (post-training, same granularity), None: fp32.
-    ``latency_runs``: timed batch-of-64 CPU forwards whose median is the export's ``latency_ms``."""
+    ``latency_runs``: timed batch-of-64 CPU forwards whose median is the export's ``latency_ms``.
+    ``export_dir``: where the low-bit exports go (default ``<output_dir>/<name>/exports``), made absolute when the
+    config is validated on the driver, so Ray Train workers (which run elsewhere) write there too."""
 
     bits: int = 4
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
@@ -294,6 +296,7 @@ class QuantizedSpec(_Strict):
     self_study_epochs: int = Field(0, ge=0)
     teacher_bits: int | None = None
     latency_runs: int = Field(15, ge=1)
+    export_dir: str | None = None
 
     @field_validator("bits", "act_bits", "teacher_bits", mode="before")
     @classmethod

@@ -167,6 +167,16 @@ def test_a_student_with_nothing_to_quantise_is_refused_in_preflight(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_the_export_folder_is_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    from kdray.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(quantized_job(tmp_path, output_dir="relative"))
+    assert cfg.quantized.export_dir == str(tmp_path / "relative" / "q" / "exports")
+    again = load_config(cfg.model_dump(mode="json"))  # what a Ray Train worker validates, in another folder
+    assert again.quantized.export_dir == cfg.quantized.export_dir
+
+
 class Record:
     """Epoch callback: each epoch's metrics and student weights of one stage; the student module itself."""
 

@@ -12,14 +12,16 @@ Papers, and where kdray departs from them:
   exact), rounding is deterministic (the paper also has stochastic rounding), and its second method,
   *differentiable quantization* (learnt quantisation points), is not implemented.
 * **Apprentice** (Mishra & Marr, ICLR 2018): a full-precision teacher teaches a low-precision student with
-  Hinton KD from the start (their scheme A trains the teacher jointly; kdray's teacher is trained first and
-  frozen, their scheme B). Like Apprentice (and WRPN) kdray keeps the first and the last layer in full
-  precision by default (``quantize_first_last: False``).
+  a KD loss (hard labels + the teacher's soft targets) from the start; Apprentice also trains teacher and
+  student jointly, kdray's teacher is trained first and frozen. Following the low-precision papers Apprentice
+  builds on (WRPN, by the same authors, and others) kdray keeps the first and the last layer in full
+  precision by default (``quantize_first_last: False``). The KD loss and its temperature are the
+  ``methods:``' own.
 * **QKD** (Kim et al. 2019): phases *self-studying* (the quantised student trained alone, CE only), then
   *co-studying* (teacher and student trained together, the teacher adapting to the student), then *tutoring*
   (frozen teacher, KD). kdray implements self-studying -> tutoring (``self_study_epochs`` of CE, then the
-  methods); co-studying is **not** implemented (the teacher stays frozen) and QKD's learnable step sizes
-  are not implemented (the ranges are min / max, below).
+  methods); co-studying is **not** implemented (the teacher stays frozen), nor are QKD's trained quantiser
+  parameters (kdray's ranges are min / max, below).
 
 Quantisers. Weights: min / max of the latent fp32 weights at every forward (per tensor, or per output
 channel = axis 0), codes ``0 .. 2^bits - 1``. Activations: the *inputs* of each quantised layer, per tensor,

@@ -8,13 +8,14 @@ the ``methods:`` (kind ``distill``, as every taught student). Both quantised sta
 (:func:`~kdray.orchestrator.job.prepare_stage` / ``complete_stage``) with the student's conv / linear layers
 made fake-quantised in place after it is built (names, feature points, parameters, DDP and optimizer unchanged)
 and a :class:`~kdray.algorithms.quantize.QuantizedLoop`. After training, rank 0 writes the low-bit export
-(``<run dir>/exports/<stage>.pt``: packed codes + per-channel or per-tensor scales, ``weights_only`` loadable)
-and logs to the stage's MLflow run its size on disk (``export_bytes``), the fp32 student's (``fp32_bytes``),
+``<stage>.pt`` into ``quantized.export_dir`` (default ``<run dir>/exports``): packed codes + per-channel or
+per-tensor scales, ``weights_only`` loadable. It logs to the stage's MLflow run its size on disk (``export_bytes``), the fp32 student's (``fp32_bytes``),
 and the CPU latency of a batch-of-64 forward (median of ``quantized.latency_runs``) of the dequantised export
 (``latency_ms``: fp32 kernels on decoded weights, inputs fake-quantised; not integer execution) and of the fp32
 student (``fp32_latency_ms``), and the tensors' bytes without torch.save's per-tensor overhead
 (``export_payload_bytes``, ``fp32_payload_bytes``: on a tiny model that overhead is most of the file); the
-file is the run's ``export/`` artifact. :func:`load_export` rebuilds it.
+file is the run's ``export/`` artifact. :func:`load_export` rebuilds it. The run's ``model/`` (and logged
+model) is, as in every stage, the student's state dict: the latent fp32 weights, not the quantised ones.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def exporter(cfg, stage, splits, parts, extra: dict):
     def on_trained(loop) -> None:
         spec = parts.spec
         meta = {"model": spec.model, "args": dict(spec.args), "num_classes": splits.num_classes}
-        folder = os.path.join(cfg.run_dir(), "exports")
+        folder = cfg.quantized.export_dir
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{stage.name}.pt")
         export = export_quantized(parts.model, meta)
@@ -103,6 +104,8 @@ class Quantized(Scheme):
         if spec.teacher_bits is not None and cfg.teacher.cache is not None:
             raise ValueError("quantized.teacher_bits quantises a live teacher; a teacher cache holds fp32 outputs: "
                              "remove teacher.cache or quantized.teacher_bits")
+        folder = spec.export_dir or os.path.join(cfg.run_dir(), "exports")
+        spec.__dict__["export_dir"] = os.path.abspath(os.path.expanduser(folder))  # the driver's, for every worker
         if spec.self_study_epochs >= cfg.train.epochs:
             raise ValueError(f"quantized.self_study_epochs ({spec.self_study_epochs}) leaves no tutoring epoch of "
                              f"train.epochs ({cfg.train.epochs}); make it smaller")
