@@ -160,6 +160,12 @@ def test_bad_quantized_configs_fail_in_one_line_before_training(tmp_path, quanti
     assert not (tmp_path / "runs" / "q").exists()
 
 
+def test_the_quantized_section_in_another_scheme_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config: quantized: is a section of scheme 'quantized', not of scheme "
+                                          r"'offline'; remove it or set scheme: quantized"):
+        kdray.distill(quantized_job(tmp_path, scheme="offline", quantized={"bits": 2}))
+
+
 def test_a_student_with_nothing_to_quantise_is_refused_in_preflight(tmp_path):
     with pytest.raises(ConfigError, match=r"student 'digits_mlp' has 2 conv/linear layer\(s\), all kept fp32 as "
                                           r"first/last; set quantized.quantize_first_last: true") as err:
