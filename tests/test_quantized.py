@@ -166,6 +166,14 @@ def test_the_quantized_section_in_another_scheme_is_one_line(tmp_path):
         kdray.distill(quantized_job(tmp_path, scheme="offline", quantized={"bits": 2}))
 
 
+def test_a_quantised_teacher_from_a_cache_is_one_line(tmp_path):
+    cfg = quantized_job(tmp_path, quantized={"teacher_bits": 8})
+    cfg["teacher"] = {"model": "digits_cnn", "cache": str(tmp_path / "cache")}
+    with pytest.raises(ConfigError, match=r"^config: quantized.teacher_bits quantises a live teacher; a teacher cache "
+                                          r"holds fp32 outputs: remove teacher.cache or quantized.teacher_bits$"):
+        kdray.distill(cfg)
+
+
 def test_a_student_with_nothing_to_quantise_is_refused_in_preflight(tmp_path):
     with pytest.raises(ConfigError, match=r"student 'digits_mlp' has 2 conv/linear layer\(s\), all kept fp32 as "
                                           r"first/last; set quantized.quantize_first_last: true") as err:
