@@ -319,6 +319,39 @@ class DataFreeSpec(_Strict):
         return self
 
 
+class QuantizedSpec(_Strict):
+    """Quantised distillation (scheme ``quantized``, :mod:`kdray.algorithms.quantize`): the student trains with
+    fake-quantised weights (``bits``, ``granularity`` per output channel or per tensor) and layer inputs
+    (``act_bits``, default ``bits``); the first and last layer stay fp32 unless ``quantize_first_last``
+    (Apprentice's default). ``self_study_epochs``: QKD's self-studying phase, that many first epochs of CE
+    alone before the methods teach (0: KD from the start, as Polino et al. and Apprentice).
+    ``teacher_bits``: the frozen teacher quantised too (post-training, same granularity), None: fp32.
+    ``latency_runs``: timed batch-of-64 CPU forwards whose median is the export's ``latency_ms``.
+    ``export_dir``: where the low-bit exports go (default ``<output_dir>/<name>/exports``), made absolute when the
+    config is validated on the driver, so Ray Train workers (which run elsewhere) write there too."""
+
+    bits: int = 4
+    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    act_bits: int | None = None
+    quantize_first_last: bool = False
+    self_study_epochs: int = Field(0, ge=0)
+    teacher_bits: int | None = None
+    latency_runs: int = Field(15, ge=1)
+    export_dir: str | None = None
+
+    @field_validator("bits", "act_bits", "teacher_bits", mode="before")
+    @classmethod
+    def _supported(cls, bits: Any, info) -> Any:
+        from kdray.algorithms.quantize import SUPPORTED_BITS
+
+        if bits is None and info.field_name != "bits":
+            return None
+        if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+            raise ValueError(f"must be one of {', '.join(map(str, SUPPORTED_BITS))} bits (the widths kdray "
+                             f"quantises, packs and tests)")
+        return bits
+
+
 class CheckpointSpec(_Strict):
     """How often a stage is checkpointed (and its buffered epoch metrics flushed to MLflow).
 
@@ -388,6 +421,7 @@ class Config(_Strict):
     adversarial: AdversarialSpec = Field(default_factory=AdversarialSpec)
     deep_inversion: DeepInversionSpec = Field(default_factory=DeepInversionSpec)
     data_free: DataFreeSpec = Field(default_factory=DataFreeSpec)
+    quantized: QuantizedSpec = Field(default_factory=QuantizedSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])
     ce_weight: float = Field(1.0, ge=0)
