@@ -338,6 +338,7 @@ class QuantizedSpec(_Strict):
     teacher_bits: int | None = None
     latency_runs: int = Field(15, ge=1)
     export_dir: str | None = None
+    alone_baseline: bool = True  # the same quantised student without KD (CE only), per seed
 
     @field_validator("bits", "act_bits", "teacher_bits", mode="before")
     @classmethod

@@ -317,3 +317,18 @@ def test_a_4bit_student_learns_more_with_kd_than_alone(tmp_path, teacher_file):
     print(f"4-bit alone {alone:.3f} 4-bit + KD {taught:.3f}")
     assert taught > alone + 0.04, (taught, alone)
 
+
+
+def test_sweep_trials_plan_only_the_taught_quantised_student(tmp_path):
+    """A sweep scores the ``distill`` kind (the taught quantised student) and its trials take the scheme's
+    ``search_settings``, which drop the quantised-alone baseline from the plan."""
+    from kdray.config import load_config
+    from kdray.orchestrator.plan import get_scheme, plan_stages, searched_stages
+
+    raw = quantized_job(tmp_path)
+    scheme = get_scheme("quantized")
+    assert [s.kind for s in plan_stages(load_config(raw))] == ["teacher", "quantized_scratch", "distill"]
+    trial = {**raw, **{k: {**raw.get(k, {}), **v} for k, v in scheme.search_settings.items()}}
+    cfg = load_config(trial)
+    assert [s.kind for s in plan_stages(cfg)] == ["teacher", "distill"]
+    assert [s.name for s in searched_stages(cfg)] == ["q4-kd-seed0"]

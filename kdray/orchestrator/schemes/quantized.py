@@ -93,9 +93,11 @@ class Quantized(Scheme):
     help = ("quantised distillation: a student with fake-quantised weights and activations (quantized.bits) "
             "taught by the methods, beside the same quantised student without KD; exports packed low-bit codes")
     sections = ("teacher", "quantized")
-    # The taught quantised student is of kind ``distill``, as the offline scheme's taught student (what
-    # kdray/search scores a trial by, should sweeps come to take other schemes than offline).
+    # The taught quantised student is of kind ``distill``, as the offline scheme's taught student: what a
+    # sweep scores; trials skip the quantised-alone baseline.
     own_stage_kinds = ("quantized_scratch", "distill")
+    searched_kind = "distill"
+    search_settings = {"quantized": {"alone_baseline": False}}
 
     def check(self, cfg):
         needs_teacher(cfg)
@@ -118,8 +120,9 @@ class Quantized(Scheme):
         for seed in cfg.seeds:
             if cfg.baseline:
                 stages.append(stage(f"scratch-seed{seed}", "scratch", seed, "student", cfg.student.model))
-            stages.append(stage(f"q{bits}-scratch-seed{seed}", "quantized_scratch", seed, "student",
-                                cfg.student.model))
+            if cfg.quantized.alone_baseline:
+                stages.append(stage(f"q{bits}-scratch-seed{seed}", "quantized_scratch", seed, "student",
+                                    cfg.student.model))
             stages.append(stage(f"q{bits}-{label}-seed{seed}", "distill", seed, "student", cfg.student.model,
                                 sources, methods=label))
         return stages
