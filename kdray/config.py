@@ -353,6 +353,20 @@ class QuantizedSpec(_Strict):
         return bits
 
 
+class GraphSpec(_Strict):
+    """Graph distillation (scheme ``graph``, :mod:`kdray.algorithms.schemes.graph`): ``method`` ``glnn`` (GNN ->
+    MLP; ``lam`` weights the CE on labelled nodes, ``1 - lam`` the KL at ``temperature`` on every node the student
+    may see) or ``lsp`` (GNN -> GNN; CE + ``lsp_weight`` x the local-structure KL under ``lsp_kernel``). ``setting``: ``transductive``
+    (every node and edge seen in training, test labels hidden) or ``inductive`` (the test nodes' edges hidden)."""
+
+    method: Literal["glnn", "lsp"] = "glnn"
+    lam: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    lsp_weight: float = Field(10.0, ge=0)
+    lsp_kernel: Literal["rbf", "l2"] = "rbf"
+    setting: Literal["transductive", "inductive"] = "transductive"
+
+
 class CheckpointSpec(_Strict):
     """How often a stage is checkpointed (and its buffered epoch metrics flushed to MLflow).
 
@@ -422,6 +436,7 @@ class Config(_Strict):
     adversarial: AdversarialSpec = Field(default_factory=AdversarialSpec)
     deep_inversion: DeepInversionSpec = Field(default_factory=DeepInversionSpec)
     data_free: DataFreeSpec = Field(default_factory=DataFreeSpec)
+    graph: GraphSpec = Field(default_factory=GraphSpec)
     quantized: QuantizedSpec = Field(default_factory=QuantizedSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])

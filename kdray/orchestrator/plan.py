@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Registration order is the order of `kdray list schemes` and of the scheme error message.
 BUILTIN_SCHEMES = ("offline", "online", "self_distill", "assistant", "multi_teacher", "adversarial",
-                   "data_free", "deep_inversion", "quantized")
+                   "data_free", "deep_inversion", "quantized", "graph")
 ENTRY_POINT_GROUP = "kdray.schemes"
 
 _REGISTRY: dict[str, "Scheme"] = {}
@@ -95,6 +95,10 @@ class Scheme:
     def finish(self, cfg: "Config", stages: list["Stage"], splits, ctx, job_state: dict) -> None:
         """After every stage ran: add job-level results to ``job_state.done`` rows (a
         :class:`~kdray.orchestrator.run_dir.JobState`)."""
+
+    def check_data(self, cfg: "Config", splits) -> None:
+        """Checks of the data alone, before any model is built or run on it (a dataset of the wrong kind for
+        the scheme): raise ``ValueError`` with one line."""
 
     def preflight(self, cfg: "Config", splits, example, student, teachers: list, orders: list) -> None:
         """Checks needing data and built models but no training (feature points resolve, shapes agree):
