@@ -2,10 +2,14 @@
 another by one model; the frozen model of task t-1 teaches on task t's data.
 
 The head is one output layer over all the dataset's classes, *masked to the classes seen so far*
-(:func:`mask_unseen`): training and evaluation take the arg-max / softmax over the seen classes only (a single
-masked head instead of a head grown per task: the same outputs, simpler). Methods:
+(:func:`mask_unseen`): evaluation takes the arg-max over the seen classes only (a single masked head instead of
+a head grown per task: the same outputs, simpler). Methods:
 
-- ``finetune`` (the baseline, no distillation): cross-entropy over the seen classes on the new task's data.
+- ``finetune`` (the baseline, no distillation): cross-entropy over the *current task's* classes on its data
+  (the old classes' outputs get no gradient from it, as LwF's fine-tuning baseline leaves the old tasks' heads
+  alone; PyCIL's finetune / LwF do the same). Measured on digits: a cross-entropy over all seen classes instead
+  drives the old classes' accuracy to 0 for fine-tuning *and* LwF alike (the softmax KD on the old classes is
+  blind to how the old outputs compare with the new ones).
 - ``lwf`` (Li & Hoiem, "Learning without Forgetting", ECCV 2016 / TPAMI 2017): the same cross-entropy plus
   ``lambda_old`` times LwF's knowledge-distillation loss (:func:`lwf_loss`) between the old model's and the
   model's outputs *on the old classes*, on the new task's data. Paper defaults: ``lambda_o = 1``, ``T = 2``.
