@@ -13,7 +13,8 @@ import torch
 
 import kdray
 from jobs import digits_job
-from kdray.algorithms.lifelong import average_accuracy, forgetting, herding, icarl_loss, lwf_loss
+from kdray.algorithms.lifelong import (average_accuracy, class_means, forgetting, herding, icarl_loss, lwf_loss,
+                                       nme_predict)
 from kdray.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,6 +70,16 @@ def test_herding_picks_the_samples_whose_running_mean_tracks_the_class_mean():
     assert herding(feats, 10).tolist() == [2, 0, 1, 3]  # at most every sample, once
 
 
+def test_nearest_mean_of_exemplars_uses_normalised_class_means():
+    feats = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 1.0]])
+    labels = torch.tensor([7, 3, 3, 7])
+    means = class_means(feats, labels, [3, 7])
+    # class 3: (0,1) and (0,1) -> (0,1); class 7: (1,0) and (.7071,.7071) -> mean (.8536,.3536) -> (.9239,.3827)
+    assert torch.allclose(means, torch.tensor([[0.0, 1.0], [0.92388, 0.38268]], dtype=torch.float64), atol=1e-5)
+    # (1,2) normalised (.447,.894): nearer (0,1) (0.526) than (.924,.383) (0.700); (5,1) nearer class 7
+    assert nme_predict(torch.tensor([[1.0, 2.0], [5.0, 1.0]]), means, [3, 7]).tolist() == [3, 7]
+
+
 def test_average_accuracy_and_forgetting_of_a_fixed_matrix():
     acc = torch.tensor([[0.9, 0.0, 0.0], [0.7, 0.8, 0.0], [0.5, 0.6, 0.9]])
     assert average_accuracy(acc) == pytest.approx(2.0 / 3)
@@ -95,6 +106,9 @@ def test_lwf_keeps_more_of_task_0_than_finetuning_and_icarl_more_than_lwf(tmp_pa
     assert all(float(acc[0, 0]) > 0.9 for acc in mean.values())  # each learnt task 0
     assert old["lwf"] > old["finetune"] + 0.07, old
     assert old["icarl"] > old["lwf"] + 0.14, old
+    nme = torch.tensor([s["nme_accuracy_matrix"] for s in result.stages if s["kind"] == "icarl"]).mean(dim=0)
+    print(f"icarl nearest-mean-of-exemplars: mean matrix {[[round(v, 3) for v in row] for row in nme.tolist()]}")
+    assert float(nme[1, 0]) > old["lwf"] + 0.14, nme  # measured 0.949
 
 
 def test_matrix_metrics_and_heatmap_are_in_the_stages_mlflow_run(tmp_path, mlflow_uri):
@@ -153,13 +167,40 @@ def test_resumed_mid_sequence_run_ends_with_the_uninterrupted_weights(tmp_path):
     assert not torch.equal(whole.states[1]["fc.weight"], whole.states[3]["fc.weight"])
 
 
+class PerRank:
+    """Epoch callback run on each Ray Train worker: saves its rank's exemplar memory, old model and model."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_epoch_end(self, epoch, metrics, loop):
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        state = loop.state_dict()["lifelong"]
+        torch.save({"memory": state["memory"], "old": state.get("old_model", {}),
+                    "model": {k: v.cpu() for k, v in loop.student.state_dict().items()}},
+                   f"{self.folder}/rank{rank}-epoch{epoch}.pt")
+
+
 @pytest.mark.ray
-def test_two_ray_train_workers_run_the_sequence(tmp_path, ray_session):
+def test_two_ray_train_workers_run_the_sequence_with_one_memory(tmp_path, ray_session):
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    folder = tmp_path / "ranks"
+    folder.mkdir()
     cfg = lifelong_job(tmp_path, ray__num_workers=2, train__epochs=3, checkpoint__every_epochs=3,
                        lifelong={"methods": ["icarl"], "exemplars_per_class": 10})
-    [row] = kdray.distill(cfg).stages
+    [row] = kdray.distill(cfg, callbacks=[PerRank(str(folder))]).stages
     acc = row["accuracy_matrix"]
     assert acc[0][0] > 0.8 and acc[1][1] > 0.5 and acc[1][0] > 0.5, acc  # task 0 kept by the replay
+    a, b = (torch.load(folder / f"rank{r}-epoch4.pt", weights_only=True) for r in (0, 1))
+    assert a["memory"].shape == (50,) and torch.equal(a["memory"], b["memory"])  # rank 0's picks on both
+    for part in ("old", "model"):
+        assert a[part] and all(torch.allclose(v, b[part][k]) for k, v in a[part].items()), part
 
 
 @pytest.mark.parametrize("tasks, pattern", [

@@ -20,8 +20,11 @@ a head grown per task: the same outputs, simpler). Methods:
   replayed with the new task's data; iCaRL's loss (:func:`icarl_loss`): sigmoid binary cross-entropy over the
   seen classes, one-hot targets for the new classes and the old model's sigmoid outputs for the old ones.
   Departures: the memory holds a fixed number per class (iCaRL: a fixed total ``K``, ``K / classes`` each,
-  shrinking as classes arrive); it is evaluated with the classifier head (the masked arg-max), iCaRL's
-  nearest-mean-of-exemplars classifier is **not** implemented.
+  shrinking as classes arrive). The accuracy matrix is the classifier head's (the masked arg-max); iCaRL's own
+  nearest-mean-of-exemplars classifier (:func:`class_means`, :func:`nme_predict`: the L2-normalised embedding
+  nearest to the normalised mean of each seen class's exemplars) gives a second matrix, ``nme_acc_*``
+  (without iCaRL's flipped-image augmentation of the means). Exemplars of a task's classes are chosen at the
+  task's end (the memory then serves that task's NME row and the next tasks' replay).
 
 The accuracy matrix ``acc[t][j]``: after training task ``t``, the top-1 on task ``j``'s test classes (arg-max
 over the classes seen so far; a task not yet learnt scores 0 by construction). :func:`average_accuracy` is the
@@ -103,6 +106,20 @@ def herding(features: torch.Tensor, count: int) -> torch.Tensor:
     return torch.tensor(picked, dtype=torch.long)
 
 
+def class_means(features: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """iCaRL's class prototypes: per class of ``classes``, the mean of its L2-normalised ``features``,
+    normalised again (one row per class, in ``classes``' order)."""
+    phi = F.normalize(features.double(), dim=1)
+    return F.normalize(torch.stack([phi[labels == c].mean(dim=0) for c in classes]), dim=1)
+
+
+def nme_predict(features: torch.Tensor, means: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """Nearest mean of exemplars: the class (of ``classes``, the rows of ``means``) whose mean is nearest to
+    each L2-normalised feature row."""
+    nearest = torch.cdist(F.normalize(features.double(), dim=1), means.double()).argmin(dim=1)
+    return torch.as_tensor(list(classes), dtype=torch.long)[nearest]
+
+
 def average_accuracy(acc: torch.Tensor) -> float:
     """The mean over tasks of the accuracy after the last task (the matrix's last row)."""
     return float(acc[-1].mean())
@@ -133,6 +150,12 @@ def _broadcast(tensors: Iterable[torch.Tensor]) -> None:
     if dist.is_available() and dist.is_initialized():
         for t in tensors:
             dist.broadcast(t, 0)
+
+
+def _sum_ranks(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+    return values
 
 
 class LifelongLoop(TrainLoop):
@@ -179,6 +202,7 @@ class LifelongLoop(TrainLoop):
         self.old_classes = torch.zeros(0, dtype=torch.long)
         n = len(self.tasks)
         self.acc = torch.full((n, n), float("nan"), dtype=torch.float64)
+        self.nme_acc = self.acc.clone()  # iCaRL's nearest-mean-of-exemplars classifier
 
     # --- the task sequence -------------------------------------------------------------------
     @property
@@ -197,25 +221,29 @@ class LifelongLoop(TrainLoop):
                 g = torch.Generator().manual_seed(self.seed * 100_003 + task * 1009 + cls)
                 picks.append(members[torch.randperm(len(members), generator=g)[: self.exemplars_per_class]])
                 continue
-            picks.append(members[herding(self.features(members), self.exemplars_per_class)])
+            picks.append(members[herding(self.embed(self.feature_loader_for(members))[0], self.exemplars_per_class)])
         return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long)
 
     @torch.no_grad()
-    def features(self, indices: torch.Tensor) -> torch.Tensor:
-        """The model's embedding (its ``kd_embedding``, flattened) of training samples ``indices``, in order."""
+    def embed(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's embedding (its ``kd_embedding``, flattened) of a loader's samples, in order, and their
+        labels (CPU)."""
         tap = FeatureTap(self.student, default_points(self.student, "embedding", "student"), "student")
         was_training = self.student.training
         self.student.eval()
-        out = []
+        out, labels = [], []
         try:
-            for raw in self.feature_loader_for(indices):
+            for raw in loader:
                 with tap.capture() as feats:
                     self.student(raw[0].to(self.device))
                 out.append(next(iter(feats.values())).flatten(1).float().cpu())
+                labels.append(raw[1].cpu())
         finally:
             tap.remove()
             self.student.train(was_training)
-        return torch.cat(out)
+        if not out:
+            return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+        return torch.cat(out), torch.cat(labels).long()
 
     def freeze_old_model(self) -> None:
         self.old_model = copy.deepcopy(self.student).eval()
@@ -240,22 +268,18 @@ class LifelongLoop(TrainLoop):
         self.optimizer, self.scheduler = self.new_optimizer()
 
     def start_task(self, task: int) -> None:
-        """The task switch: the model that learnt ``task - 1`` is frozen as the teacher and (iCaRL) its
-        classes' exemplars join the memory; then :meth:`enter_task`."""
+        """The task switch: the model that learnt ``task - 1`` is frozen as the teacher; then
+        :meth:`enter_task`."""
         if task > 0 and self.method != "finetune":
             self.freeze_old_model()
             _broadcast(self.old_model.state_dict().values())
-        if task > 0 and self.method == "icarl":
-            new = self.select_exemplars(task - 1)
-            _broadcast([new])
-            self.memory = torch.cat([self.memory, new])
         self.enter_task(task)
 
     # --- checkpoint state -------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["lifelong"] = {"task": torch.tensor(self.task), "memory": self.memory.clone(),
-                             "accuracy_matrix": self.acc.clone()}
+                             "accuracy_matrix": self.acc.clone(), "nme_accuracy_matrix": self.nme_acc.clone()}
         if self.old_model is not None:
             state["lifelong"]["old_model"] = {k: v.detach().cpu() for k, v in self.old_model.state_dict().items()}
         return state
@@ -264,6 +288,7 @@ class LifelongLoop(TrainLoop):
         extra = state["lifelong"]
         self.memory = extra["memory"].clone()
         self.acc = extra["accuracy_matrix"].clone()
+        self.nme_acc = extra["nme_accuracy_matrix"].clone()
         if "old_model" in extra:
             self.freeze_old_model()
             self.old_model.load_state_dict(extra["old_model"])
@@ -299,8 +324,26 @@ class LifelongLoop(TrainLoop):
         self.scaler.update()
         return loss, losses
 
+    def nme_row(self, task: int) -> dict[str, float]:
+        """Row ``task`` of the nearest-mean-of-exemplars matrix (the memory holds every seen class by now)."""
+        classes = self.seen.nonzero().flatten().tolist()
+        feats, labels = self.embed(self.feature_loader_for(self.memory))
+        means = class_means(feats, labels, classes)
+        out = {}
+        for j, loader in enumerate(self.test_loaders):
+            test_feats, test_labels = self.embed(loader)  # this rank's shard: counts summed over ranks
+            hits = (nme_predict(test_feats, means, classes) == test_labels).sum() if len(test_labels) else 0
+            counts = _sum_ranks(torch.tensor([float(hits), float(len(test_labels))], device=self.device)).tolist()
+            self.nme_acc[task, j] = counts[0] / counts[1] if counts[1] else float("nan")
+            out[f"nme_acc_task{j}_after{task}"] = float(self.nme_acc[task, j])
+        if task == len(self.tasks) - 1:
+            out["nme_average_accuracy"] = average_accuracy(self.nme_acc)
+            out["nme_forgetting"] = forgetting(self.nme_acc)
+        return out
+
     def task_end(self, task: int) -> dict[str, float]:
-        """Row ``task`` of the accuracy matrix (every task's test classes), as metrics."""
+        """Row ``task`` of the accuracy matrix (every task's test classes), as metrics; iCaRL: the exemplars of
+        the task's classes join the memory and the NME classifier's row follows."""
         out = {}
         for j, loader in enumerate(self.test_loaders):
             top1 = evaluate(self.masked, loader, self.device, self.num_classes, self.eval_reduce,
@@ -310,6 +353,11 @@ class LifelongLoop(TrainLoop):
         if task == len(self.tasks) - 1:
             out["average_accuracy"] = average_accuracy(self.acc)
             out["forgetting"] = forgetting(self.acc)
+        if self.method == "icarl":
+            new = self.select_exemplars(task).to(self.device)
+            _broadcast([new])  # on the device: NCCL broadcasts device tensors only
+            self.memory = torch.cat([self.memory, new.cpu()])
+            out.update(self.nme_row(task))
         return out
 
     def run(self) -> list[dict[str, float]]:

@@ -7,8 +7,9 @@ model and iCaRL's exemplar memory passes from task to task; inside one stage bot
 stage's checkpoints (so a job resumed mid-sequence continues inside the stage, with the memory and the
 old model restored), and the accuracy matrix, the average accuracy and the forgetting belong to one run.
 The run holds per-epoch metrics, each matrix entry as ``acc_task{j}_after{t}`` (at the step of task t's last
-epoch), ``average_accuracy`` / ``forgetting`` at the last epoch, and the matrix as the heatmap artifact
-``accuracy_matrix.png`` (rewritten after each task). The mathematics are :mod:`kdray.algorithms.lifelong`;
+epoch), ``average_accuracy`` / ``forgetting`` at the last epoch (iCaRL also its nearest-mean-of-exemplars
+matrix, ``nme_acc_task{j}_after{t}``), and the matrix as the heatmap artifact ``accuracy_matrix.png``
+(rewritten after each task). The mathematics are :mod:`kdray.algorithms.lifelong`;
 this module cuts the splits by class and runs the loop through the common stage machinery
 (:func:`~kdray.orchestrator.job.prepare_stage` / ``complete_stage``). No pre-trained teacher is read, and the
 ``baseline`` (scratch) stage is not planned: ``finetune`` is the baseline.
@@ -25,6 +26,7 @@ from kdray.config import ConfigError
 from kdray.data.device import split_base
 from kdray.models.features import FeaturePathError, default_points
 from kdray.orchestrator.build import build_optimizer, worker_cpus
+from kdray.orchestrator.callbacks import Progress
 from kdray.orchestrator.job import complete_stage, prepare_stage
 from kdray.orchestrator.placement import make_loaders
 from kdray.orchestrator.plan import Scheme, no_teacher, register_scheme, stage
@@ -143,9 +145,13 @@ class Lifelong(Scheme):
         def new_optimizer():
             return build_optimizer((p for p in parts.trainable.parameters() if p.requires_grad), optim)
 
+        total = len(spec.tasks) * epochs_per_task
+        for cb in parts.callbacks:
+            if isinstance(cb, Progress):
+                cb.epochs = total  # "epoch k/N" over the whole sequence
         if parts.logger is not None:
             parts.callbacks.insert(0, LogAccuracyMatrix(parts.logger, stage.kind))
-        kwargs = {**parts.loop_kwargs(splits, ctx), "epochs": len(spec.tasks) * epochs_per_task}
+        kwargs = {**parts.loop_kwargs(splits, ctx), "epochs": total}
         loop = LifelongLoop(method=stage.kind, tasks=spec.tasks, epochs_per_task=epochs_per_task,
                             task_samples=[of_classes(train_labels, c) for c in spec.tasks], labels=train_labels,
                             train_loader_for=train_loader_for, val_loader_for=val_loader_for,
@@ -160,6 +166,9 @@ class Lifelong(Scheme):
                 if epoch + 1 == loop.epochs:
                     extra.update(accuracy_matrix=loop.acc.tolist(), average_accuracy=metrics["average_accuracy"],
                                  forgetting=metrics["forgetting"])
+                    if loop.method == "icarl":
+                        extra.update(nme_accuracy_matrix=loop.nme_acc.tolist(),
+                                     nme_average_accuracy=metrics["nme_average_accuracy"])
 
         loop.callbacks.append(Matrix())
         result = complete_stage(cfg, stage, splits, ctx, job_state, parts, loop, resume_loop, extra)
