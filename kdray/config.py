@@ -367,6 +367,49 @@ class GraphSpec(_Strict):
     setting: Literal["transductive", "inductive"] = "transductive"
 
 
+class LifelongSpec(_Strict):
+    """Lifelong / class-incremental learning (scheme ``lifelong``; kdray/algorithms/lifelong.py): ``tasks`` is
+    the sequence of class splits (labels), learnt one after another; the frozen model of task t-1 teaches on
+    task t's data. ``methods``: the methods compared, one stage each per seed (``finetune``: no distillation,
+    the baseline; ``lwf``: Learning without Forgetting, ``lambda_old`` x KD at ``temperature`` on the old
+    classes, paper 1 / 2; ``icarl``: ``exemplars_per_class`` replayed exemplars per old class chosen by
+    ``selection`` (``herding`` on the feature means, or ``random``) and iCaRL's sigmoid distillation).
+    ``epochs_per_task``: the epochs of each task (None: ``train.epochs``; the optimizer and schedule restart at
+    each task)."""
+
+    tasks: list[list[int]] = Field(default_factory=lambda: [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], min_length=1)
+    methods: list[Literal["finetune", "lwf", "icarl"]] = Field(
+        default_factory=lambda: ["finetune", "lwf", "icarl"], min_length=1)
+    epochs_per_task: int | None = Field(None, gt=0)
+    temperature: float = Field(2.0, gt=0)
+    lambda_old: float = Field(1.0, ge=0)
+    exemplars_per_class: int = Field(20, gt=0)
+    selection: Literal["herding", "random"] = "herding"
+
+    @field_validator("tasks")
+    @classmethod
+    def _disjoint(cls, tasks: list[list[int]]) -> list[list[int]]:
+        seen: dict[int, int] = {}
+        for t, classes in enumerate(tasks):
+            if not classes:
+                raise ValueError(f"task {t} names no class; give each task at least one class label")
+            for c in classes:
+                if c < 0:
+                    raise ValueError(f"task {t} names class {c}; class labels are 0 .. num_classes-1")
+                if c in seen:
+                    where = f"tasks {seen[c]} and {t}" if seen[c] != t else f"task {t} twice"
+                    raise ValueError(f"class {c} is in {where}; class-incremental tasks must not overlap")
+                seen[c] = t
+        return tasks
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct_methods(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"methods must be distinct, got {methods}")
+        return methods
+
+
 class CheckpointSpec(_Strict):
     """How often a stage is checkpointed (and its buffered epoch metrics flushed to MLflow).
 
@@ -438,6 +481,7 @@ class Config(_Strict):
     data_free: DataFreeSpec = Field(default_factory=DataFreeSpec)
     graph: GraphSpec = Field(default_factory=GraphSpec)
     quantized: QuantizedSpec = Field(default_factory=QuantizedSpec)
+    lifelong: LifelongSpec = Field(default_factory=LifelongSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])
     ce_weight: float = Field(1.0, ge=0)
