@@ -219,3 +219,25 @@ def test_methods_belong_in_the_lifelong_section(tmp_path):
     cfg = {**lifelong_job(tmp_path), "methods": [{"name": "kd"}]}
     with pytest.raises(ConfigError, match=r"scheme 'lifelong' takes its methods from lifelong.methods"):
         kdray.distill(cfg)
+
+
+@pytest.mark.ray
+def test_lwf_knobs_are_searchable_without_a_teacher(tmp_path, ray_session):
+    """``kdray sweep`` over LwF's ``lambda_old`` and ``temperature``: the scheme has no teacher to train first,
+    each trial runs the task sequence, its objective is the swept method's (the last of ``lifelong.methods``)
+    val top-1, and the sampled knobs reach each trial's job."""
+    import json
+    import os
+
+    from kdray.orchestrator.checkpoints import LocalCheckpoints
+
+    base = lifelong_job(tmp_path, train__epochs=2, lifelong={"methods": ["lwf"], "exemplars_per_class": 2})
+    space = {"lifelong.lambda_old": {"float": [0.5, 2.0]}, "lifelong.temperature": {"float": [1.0, 4.0]}}
+    result = kdray.sweep(space, base, num_samples=2, asha=False, name="ll-sweep", output_dir=str(tmp_path / "out"),
+                         verbose=0, log=lambda m: None)
+    assert len(result.trials) == 2 and (result.trials["status"] == "complete").all(), result.trials
+    for _, row in result.trials.iterrows():
+        [stage] = LocalCheckpoints(row["run_dir"]).latest()["done"].values()
+        assert stage["kind"] == "lwf" and row["val_top1"] == pytest.approx(stage["val_top1"])
+        job = json.loads(open(os.path.join(row["run_dir"], "config.json")).read())
+        assert job["lifelong"]["lambda_old"] == pytest.approx(row["lifelong.lambda_old"])

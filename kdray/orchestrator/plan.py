@@ -65,6 +65,10 @@ class Scheme:
     searched_kind: str | None = None
     search_settings: dict[str, dict] = {}
 
+    def searched_kind_for(self, cfg: "Config") -> str | None:
+        """The stage kind a sweep of ``cfg`` scores (a scheme whose kinds depend on the config overrides it)."""
+        return self.searched_kind
+
     def check(self, cfg: "Config") -> None:
         """Raise ``ValueError`` with one line when the config lacks what the scheme needs (run inside config
         validation, so the line reaches the user as a :class:`~kdray.config.ConfigError`). May complete
@@ -137,7 +141,7 @@ def get_scheme(name: str) -> Scheme:
 
 def searched_stages(cfg: "Config") -> list[Stage]:
     """The stages a sweep's objective reads (its scheme's ``searched_kind``), in plan order."""
-    kind = get_scheme(cfg.scheme).searched_kind
+    kind = get_scheme(cfg.scheme).searched_kind_for(cfg)
     return [s for s in plan_stages(cfg) if s.kind == kind]
 
 

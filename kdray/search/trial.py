@@ -231,7 +231,7 @@ def _finished_rows(cfg, tracking_uri: str | None) -> list[dict] | None:
 def summarize(rows: list[dict], cfg, extra: dict) -> dict:
     from kdray.orchestrator.plan import get_scheme
 
-    distilled = [r for r in rows if r["kind"] == get_scheme(cfg.scheme).searched_kind]
+    distilled = [r for r in rows if r["kind"] == get_scheme(cfg.scheme).searched_kind_for(cfg)]
     val = [float(r["val_top1"]) for r in distilled]
     test = [float(r["test_top1"]) for r in distilled]
     out = {

@@ -84,6 +84,10 @@ class Lifelong(Scheme):
     help = ("class-incremental tasks learnt in sequence (lifelong.tasks), the previous task's model teaching: "
             "fine-tuning baseline, LwF, iCaRL (exemplars + distillation); accuracy matrix and forgetting")
     sections = ("lifelong",)
+    searched_kind = "lifelong"  # a sweep scores the last of lifelong.methods (give it one: e.g. [lwf])
+
+    def searched_kind_for(self, cfg):
+        return cfg.lifelong.methods[-1]
     own_stage_kinds = ("finetune", "lwf", "icarl")
 
     def check(self, cfg):
