@@ -208,3 +208,19 @@ def test_glnn_on_two_ray_train_workers_keeps_one_student(tmp_path, ray_session):
         a, b = (torch.load(folder / f"rank{r}-epoch{epoch}.pt", weights_only=True) for r in (0, 1))
         for key, value in a.items():
             torch.testing.assert_close(b[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.ray
+def test_glnn_lambda_is_searchable(tmp_path, ray_session):
+    """``kdray sweep`` over GLNN's ``lam``: the base trains the GCN teacher once, each trial's MLP is taught by
+    that teacher (its checkpoint) and scored by its val top-1."""
+    from kdray.orchestrator.checkpoints import LocalCheckpoints
+
+    base = graph_job(tmp_path, epochs=20)
+    result = kdray.sweep({"graph.lam": {"float": [0.1, 0.9]}}, base, num_samples=2, asha=False, name="glnn-sweep",
+                         output_dir=str(tmp_path / "out"), verbose=0, log=lambda m: None)
+    assert len(result.trials) == 2 and (result.trials["status"] == "complete").all(), result.trials
+    for _, row in result.trials.iterrows():
+        [stage] = LocalCheckpoints(row["run_dir"]).latest()["done"].values()
+        assert stage["kind"] == "graph_distill" and row["val_top1"] == pytest.approx(stage["val_top1"])
+        assert stage["val_top1"] > 0.5
