@@ -224,3 +224,13 @@ def test_glnn_lambda_is_searchable(tmp_path, ray_session):
         [stage] = LocalCheckpoints(row["run_dir"]).latest()["done"].values()
         assert stage["kind"] == "graph_distill" and row["val_top1"] == pytest.approx(stage["val_top1"])
         assert stage["val_top1"] > 0.5
+
+
+def test_inductive_setting_hides_the_test_nodes_edges_while_training(tmp_path):
+    graph = Graph(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]]),
+                  torch.tensor([0]), torch.tensor([1]), torch.tensor([3]), 2)
+    assert graph.without_nodes(graph.test).edge_index.tolist() == [[0, 1], [1, 2]]
+    result = kdray.distill(graph_job(tmp_path, epochs=30, graph={"method": "glnn", "setting": "inductive"}),
+                           quiet=True, log=lambda *a: None)
+    rows = {s["kind"]: s for s in result.stages}
+    assert rows["graph_distill"]["graph_setting"] == "inductive" and rows["graph_distill"]["test_top1"] > 0.5
