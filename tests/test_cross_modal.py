@@ -21,6 +21,7 @@ from kdray.algorithms.schemes.cross_modal import (UNLABELLED, CrossModalDistille
 from kdray.config import ConfigError
 from kdray.data import build_datasets
 from kdray.data.two_views import modalities, profiles, split_targets, view_splits
+from kdray.orchestrator.build import example_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,6 +84,9 @@ def test_profile_is_the_row_means_then_the_column_means():
     hand = [sum(img[r, c].item() for c in range(8)) / 8 for r in range(8)] + \
            [sum(img[r, c].item() for r in range(8)) / 8 for c in range(8)]
     assert torch.allclose(x["profile"], torch.tensor(hand), atol=1e-6)
+    example = example_batch(splits.train)  # what preflight and the connectors' build read: stacked per modality
+    assert set(example) == {"image", "profile"} and example["image"].shape == (2, 1, 8, 8)
+    assert torch.equal(example["profile"][1], splits.train[1][0]["profile"])
 
 
 def test_labelled_subset_is_stratified_and_chosen_by_seed():
