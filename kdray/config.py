@@ -212,7 +212,8 @@ class AdversarialSpec(_Strict):
     with its own Adam (``lr``, ``betas``), updated ``d_steps`` times per student step.
     ``preset: meal_v2`` (Shen & Savvides 2020): the teachers' mean (``ensemble.combine: mean``), no hard labels
     (``ce_weight: 0``), ``methods: [{name: kd, alpha: 1, temperature: 1}]`` (KL at temperature 1), logit
-    discriminator, ``mode: beside``."""
+    discriminator, ``mode: beside``. ``conditional``: the discriminator also reads the sample's one-hot label
+    (Xu et al. 2018's conditional adversarial networks)."""
 
     on: Literal["logits", "feature"] = "logits"
     feature: str | None = None
@@ -222,7 +223,16 @@ class AdversarialSpec(_Strict):
     betas: tuple[float, float] = (0.5, 0.999)
     d_steps: int = Field(1, ge=1)
     hidden: int = Field(64, ge=1)
+    conditional: bool = False
     preset: Literal["none", "meal_v2"] = "none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on_key(cls, data):
+        """YAML 1.1 reads an unquoted ``on:`` key as the boolean ``True`` (PyYAML does): take it as ``on``."""
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
 
     @model_validator(mode="after")
     def _feature_point(self):
@@ -247,6 +257,24 @@ class DeepInversionSpec(_Strict):
     tv_weight: float = Field(1e-3, ge=0)
     l2_weight: float = Field(1e-5, ge=0)
     noise_baseline: bool = True  # also a student distilled on as many N(0, 1) noise images
+    # Adaptive DeepInversion (paper: competition 10 on CIFAR; 0: off): after a plain round of
+    # (1 - adaptive_fraction) x images_per_class, a competitor student is distilled on them and the remaining
+    # images are synthesised where it disagrees with the teacher (1 - JS at competition_temperature).
+    competition_weight: float = Field(0.0, ge=0)
+    competition_temperature: float = Field(3.0, gt=0)
+    adaptive_fraction: float = Field(0.5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _two_rounds_have_images(self):
+        adaptive = self.adaptive_images_per_class()
+        if self.competition_weight and not 0 < adaptive < self.images_per_class:
+            raise ValueError(f"deep_inversion.adaptive_fraction {self.adaptive_fraction} of images_per_class "
+                             f"{self.images_per_class} leaves a round without images; raise images_per_class")
+        return self
+
+    def adaptive_images_per_class(self) -> int:
+        """Images per class of the adaptive (competition) round; 0 without Adaptive DeepInversion."""
+        return round(self.images_per_class * self.adaptive_fraction) if self.competition_weight else 0
 
 
 class DataFreeSpec(_Strict):
@@ -276,6 +304,110 @@ class DataFreeSpec(_Strict):
     # images. Defaults: normalised inputs (DAFL's setting); digits' raw pixels are about mean 0.3, std 0.375.
     input_mean: float = 0.0
     input_std: float = Field(1.0, gt=0)
+    # ZSKT's attention term on the student's loss (the paper's beta, 250; 0: the KL alone) over block pairs:
+    # attention_points: {student: [...], teacher: [...]} module paths (default: each model's declared stages).
+    attention_weight: float = Field(0.0, ge=0)
+    attention_points: dict[Literal["student", "teacher"], list[str]] | None = None
+
+    @model_validator(mode="after")
+    def _attention_is_zskts(self):
+        if self.attention_weight and self.method != "zskt":
+            raise ValueError(f"data_free.attention_weight is ZSKT's attention term: use method: zskt (got "
+                             f"{self.method!r}) or remove attention_weight")
+        if self.attention_points is not None and set(self.attention_points) != {"student", "teacher"}:
+            raise ValueError("data_free.attention_points needs both student: [...] and teacher: [...] (as many each)")
+        return self
+
+
+class QuantizedSpec(_Strict):
+    """Quantised distillation (scheme ``quantized``, :mod:`kdray.algorithms.quantize`): the student trains with
+    fake-quantised weights (``bits``, ``granularity`` per output channel or per tensor) and layer inputs
+    (``act_bits``, default ``bits``); the first and last layer stay fp32 unless ``quantize_first_last``
+    (Apprentice's default). ``self_study_epochs``: QKD's self-studying phase, that many first epochs of CE
+    alone before the methods teach (0: KD from the start, as Polino et al. and Apprentice).
+    ``teacher_bits``: the frozen teacher quantised too (post-training, same granularity), None: fp32.
+    ``latency_runs``: timed batch-of-64 CPU forwards whose median is the export's ``latency_ms``.
+    ``export_dir``: where the low-bit exports go (default ``<output_dir>/<name>/exports``), made absolute when the
+    config is validated on the driver, so Ray Train workers (which run elsewhere) write there too."""
+
+    bits: int = 4
+    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    act_bits: int | None = None
+    quantize_first_last: bool = False
+    self_study_epochs: int = Field(0, ge=0)
+    teacher_bits: int | None = None
+    latency_runs: int = Field(15, ge=1)
+    export_dir: str | None = None
+    alone_baseline: bool = True  # the same quantised student without KD (CE only), per seed
+
+    @field_validator("bits", "act_bits", "teacher_bits", mode="before")
+    @classmethod
+    def _supported(cls, bits: Any, info) -> Any:
+        from kdray.algorithms.quantize import SUPPORTED_BITS
+
+        if bits is None and info.field_name != "bits":
+            return None
+        if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+            raise ValueError(f"must be one of {', '.join(map(str, SUPPORTED_BITS))} bits (the widths kdray "
+                             f"quantises, packs and tests)")
+        return bits
+
+
+class GraphSpec(_Strict):
+    """Graph distillation (scheme ``graph``, :mod:`kdray.algorithms.schemes.graph`): ``method`` ``glnn`` (GNN ->
+    MLP; ``lam`` weights the CE on labelled nodes, ``1 - lam`` the KL at ``temperature`` on every node the student
+    may see) or ``lsp`` (GNN -> GNN; CE + ``lsp_weight`` x the local-structure KL under ``lsp_kernel``). ``setting``: ``transductive``
+    (every node and edge seen in training, test labels hidden) or ``inductive`` (the test nodes' edges hidden)."""
+
+    method: Literal["glnn", "lsp"] = "glnn"
+    lam: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    lsp_weight: float = Field(10.0, ge=0)
+    lsp_kernel: Literal["rbf", "l2"] = "rbf"
+    setting: Literal["transductive", "inductive"] = "transductive"
+
+
+class LifelongSpec(_Strict):
+    """Lifelong / class-incremental learning (scheme ``lifelong``; kdray/algorithms/lifelong.py): ``tasks`` is
+    the sequence of class splits (labels), learnt one after another; the frozen model of task t-1 teaches on
+    task t's data. ``methods``: the methods compared, one stage each per seed (``finetune``: no distillation,
+    the baseline; ``lwf``: Learning without Forgetting, ``lambda_old`` x KD at ``temperature`` on the old
+    classes, paper 1 / 2; ``icarl``: ``exemplars_per_class`` replayed exemplars per old class chosen by
+    ``selection`` (``herding`` on the feature means, or ``random``) and iCaRL's sigmoid distillation).
+    ``epochs_per_task``: the epochs of each task (None: ``train.epochs``; the optimizer and schedule restart at
+    each task)."""
+
+    tasks: list[list[int]] = Field(default_factory=lambda: [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], min_length=1)
+    methods: list[Literal["finetune", "lwf", "icarl"]] = Field(
+        default_factory=lambda: ["finetune", "lwf", "icarl"], min_length=1)
+    epochs_per_task: int | None = Field(None, gt=0)
+    temperature: float = Field(2.0, gt=0)
+    lambda_old: float = Field(1.0, ge=0)
+    exemplars_per_class: int = Field(20, gt=0)
+    selection: Literal["herding", "random"] = "herding"
+
+    @field_validator("tasks")
+    @classmethod
+    def _disjoint(cls, tasks: list[list[int]]) -> list[list[int]]:
+        seen: dict[int, int] = {}
+        for t, classes in enumerate(tasks):
+            if not classes:
+                raise ValueError(f"task {t} names no class; give each task at least one class label")
+            for c in classes:
+                if c < 0:
+                    raise ValueError(f"task {t} names class {c}; class labels are 0 .. num_classes-1")
+                if c in seen:
+                    where = f"tasks {seen[c]} and {t}" if seen[c] != t else f"task {t} twice"
+                    raise ValueError(f"class {c} is in {where}; class-incremental tasks must not overlap")
+                seen[c] = t
+        return tasks
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct_methods(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"methods must be distinct, got {methods}")
+        return methods
 
 
 class CrossModalSpec(_Strict):
@@ -361,6 +493,9 @@ class Config(_Strict):
     adversarial: AdversarialSpec = Field(default_factory=AdversarialSpec)
     deep_inversion: DeepInversionSpec = Field(default_factory=DeepInversionSpec)
     data_free: DataFreeSpec = Field(default_factory=DataFreeSpec)
+    graph: GraphSpec = Field(default_factory=GraphSpec)
+    quantized: QuantizedSpec = Field(default_factory=QuantizedSpec)
+    lifelong: LifelongSpec = Field(default_factory=LifelongSpec)
     cross_modal: CrossModalSpec = Field(default_factory=CrossModalSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])

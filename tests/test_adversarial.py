@@ -57,6 +57,22 @@ def test_discriminators_read_probabilities_and_project_features():
     assert isinstance(FeatureDiscriminator(10, 10).project, nn.Identity)
 
 
+def test_conditional_discriminators_read_the_label_beside_the_output():
+    """Xu et al.'s conditional discriminator: the same outputs with other labels score differently, and its
+    first layer is wider by the number of classes; without labels it refuses in one line."""
+    torch.manual_seed(0)
+    d = LogitDiscriminator(num_classes=4, hidden=8, conditional=True)
+    assert d.net[0].in_features == 8 and LogitDiscriminator(4, 8).net[0].in_features == 4
+    logits, a, b = torch.randn(3, 4), torch.tensor([0, 1, 2]), torch.tensor([3, 3, 3])
+    assert not torch.allclose(d(logits, labels=a), d(logits, labels=b))
+    both = d(logits[:2], logits[:2] * 2.0, labels=a[:2])  # one call: teacher rows then student rows, same labels
+    torch.testing.assert_close(both, torch.cat([d(logits[:2], labels=a[:2]), d(fake=logits[:2] * 2.0, labels=a[:2])]))
+    f = FeatureDiscriminator(student_width=6, teacher_width=10, hidden=8, num_classes=4)
+    assert f.net[0].in_features == 14 and f(torch.randn(2, 10), torch.randn(2, 6), labels=a[:2]).shape == (4,)
+    with pytest.raises(ValueError, match="conditional discriminator needs the samples' labels"):
+        d(logits)
+
+
 def _tiny_loop(d_steps=1, weight=1.0):
     torch.manual_seed(0)
     student, teacher = nn.Linear(4, 3), Teacher(nn.Linear(4, 3))
@@ -205,6 +221,7 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path):
     (dict(teacher=None, teachers=[TEACHER, TEACHER], adversarial={"on": "feature", "feature": "pool"}),
      r"on: feature needs one live teacher"),
     (dict(adversarial={"d_steps": 0}), r"adversarial.d_steps: Input should be greater than or equal to 1"),
+    (dict(adversarial={"preset": "meal_v2", "conditional": True}), r"meal_v2 uses an unconditional discriminator"),
 ])
 def test_bad_adversarial_configs_fail_in_one_line(tmp_path, over, pattern):
     cfg = _job(tmp_path, **over)
@@ -259,3 +276,55 @@ def test_discriminator_is_ddp_wrapped_and_stays_in_sync_on_two_processes(tmp_pat
     for key in d0:
         torch.testing.assert_close(d0[key], d1[key], rtol=0, atol=0, msg=key)
     assert all(torch.isfinite(v).all() for v in d0.values())
+
+
+class DiscriminatorPerRank:
+    """Epoch callback on each Ray Train worker: its rank's discriminator and student weights after the epoch."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_epoch_end(self, epoch, metrics, loop):
+        if metrics["kind"] != "adversarial":
+            return
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        state = loop.state_dict()
+        torch.save({"discriminator": state["discriminator"], "distiller": state["distiller"],
+                    "disc_acc": metrics["train_disc_acc"]}, f"{self.folder}/rank{rank}-epoch{epoch}.pt")
+
+
+@pytest.mark.ray
+def test_conditional_adversarial_run_on_two_ray_train_workers_keeps_both_parts_in_step(tmp_path, ray_session):
+    """``scheme: adversarial`` on 2 Ray Train workers (gloo) with a conditional logit discriminator: after each
+    epoch both ranks hold the same discriminator and the same student (DDP reduced both parts' gradients),
+    the discriminator's accuracy is logged, the student is tested."""
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    folder = tmp_path / "per-rank"
+    folder.mkdir()
+    cfg = _job(tmp_path, ray={"num_workers": 2}, teacher={**TEACHER, "train": {**TEACHER["train"], "epochs": 1}},
+               train__epochs=2, adversarial={"conditional": True})
+    result = kdray.distill(cfg, callbacks=[DiscriminatorPerRank(str(folder))], quiet=True)
+    assert result.accuracies("adversarial")[0] > 0.1
+    for epoch in (0, 1):
+        a, b = (torch.load(folder / f"rank{r}-epoch{epoch}.pt", weights_only=True) for r in (0, 1))
+        assert a["discriminator"]["net.0.weight"].shape[1] == 20  # 10 probabilities + 10 one-hot
+        for part in ("discriminator", "distiller"):
+            for key, value in a[part].items():
+                assert torch.allclose(value.float(), b[part][key].float(), atol=1e-6), (part, key)
+        assert 0.0 <= a["disc_acc"] <= 1.0
+
+
+def test_an_unquoted_yaml_on_key_is_read_as_on(tmp_path):
+    """PyYAML reads ``on:`` as the boolean True (YAML 1.1); the adversarial section takes it as ``on``."""
+    import yaml
+
+    section = yaml.safe_load("adversarial: {on: feature, feature: pool}")["adversarial"]
+    assert True in section
+    cfg = load_config(_job(tmp_path, student={"model": "digits_cnn", "args": {"width": 8}}, adversarial=section))
+    assert cfg.adversarial.on == "feature" and cfg.adversarial.feature == "pool"

@@ -54,6 +54,18 @@ def test_dafl_and_dfad_students_beat_the_noise_student(tmp_path):
     ({"data_free": {"method": "gan"}}, r"data_free.method: Input should be 'dafl', 'dfad' or 'zskt'"),
     ({"data_free": {"steps_per_epoch": 0}}, r"data_free.steps_per_epoch: Input should be greater than 0"),
     ({"teacher": None}, r"scheme 'data_free' needs a teacher"),
+    ({"teacher": {"train": None, "cache": "/nonexistent-cache"}},
+     r"scheme 'data_free' runs the teacher on generated images; a teacher cache holds only its outputs"),
+    ({"data_free": {"attention_weight": 250.0}}, r"data_free.attention_weight is ZSKT's attention term: use "
+                                                 r"method: zskt \(got 'dafl'\)"),
+    ({"data_free": {"method": "zskt", "attention_weight": 250.0}},
+     r"data_free.attention_points pairs blocks one to one: student \['body.2'\], teacher \['stage1', 'stage2'\]"),
+    ({"data_free": {"method": "zskt", "attention_weight": 250.0,
+                    "attention_points": {"student": ["body.2"], "teacher": ["stage2"]}}},
+     r"ZSKT's attention needs spatial feature maps \(B, C, H, W\), but the student's point 'body.2' gives "
+     r"\(16,\) per sample"),
+    ({"data_free": {"method": "zskt", "attention_weight": 1.0, "attention_points": {"student": ["stage1"]}}},
+     r"data_free.attention_points needs both student: \[...\] and teacher: \[...\]"),
 ])
 def test_bad_data_free_configs_fail_in_one_line_before_training(tmp_path, over, pattern):
     cfg = data_free_job(tmp_path)
@@ -203,3 +215,25 @@ def test_noise_streams_differ_by_rank_and_epoch_and_repeat_for_the_same_pair():
 def test_a_method_the_loop_does_not_know_is_one_line():
     with pytest.raises(ValueError, match=r"^data-free method 'gan' is not one of dafl, dfad, zskt, noise$"):
         tiny_loop("gan")
+
+
+def test_zskt_attention_term_joins_the_students_loss_only(tmp_path):
+    """ZSKT with ``attention_weight`` (a CNN student: spatial blocks): the student's logged loss is the KL
+    discrepancy plus the weighted attention term, both positive; the generator's loss stays minus the KL."""
+    cfg = data_free_job(tmp_path, method="zskt", student={"model": "digits_cnn", "args": {"width": 4}},
+                        teacher__train__epochs=2, train__epochs=1,
+                        data_free={"steps_per_epoch": 2, "student_steps": 2, "noise_baseline": False,
+                                   "attention_weight": 250.0})
+    seen = []
+
+    class Record:
+        def on_epoch_end(self, epoch, metrics, loop):
+            if metrics["kind"] == "data_free":
+                seen.append(metrics)
+
+    kdray.distill(cfg, callbacks=[Record()], quiet=True, log=lambda *a: None)
+    [history] = seen
+    assert history["train_attention"] > 0 and history["train_discrepancy"] > 0
+    assert history["train_loss"] == pytest.approx(history["train_attention"] + history["train_discrepancy"],
+                                                  rel=1e-5)
+    assert history["train_generator"] < 0

@@ -12,7 +12,7 @@ import torch.nn as nn
 from kdray.algorithms.datafree.generator import Generator, check_generator
 from kdray.algorithms.datafree.losses import (BatchNormStatistics, activation_loss, dafl_generator_loss,
                                               discrepancy_l1, information_entropy_loss, one_hot_loss,
-                                              total_variation_l2)
+                                              spatial_attention, total_variation_l2, zskt_attention)
 from kdray.models import create_model
 
 
@@ -99,3 +99,18 @@ def test_deepinversion_of_a_teacher_without_batchnorm_is_one_line():
     with pytest.raises(ValueError) as err:
         BatchNormStatistics(create_model("digits_mlp", 10))
     assert "\n" not in str(err.value) and "no BatchNorm2d" in str(err.value)
+
+
+def test_zskt_attention_is_the_mean_squared_difference_of_normalised_attention_maps():
+    # student map: channel mean of squares of [[1, 0]] and [[1, 0]] -> [1, 0]; teacher: [[1, 1]] -> [1, 1]/sqrt 2
+    s = torch.tensor([[[[1.0, 0.0]], [[-1.0, 0.0]]]])  # (1, 2, 1, 2)
+    t = torch.tensor([[[[1.0, 1.0]]]])  # (1, 1, 1, 2): channels may differ
+    assert spatial_attention(t)[0].tolist() == pytest.approx([2 ** -0.5, 2 ** -0.5])
+    one_block = ((1 - 2 ** -0.5) ** 2 + 0.5) / 2  # = 1 - 1/sqrt 2
+    assert zskt_attention([s], [t]).item() == pytest.approx(one_block, abs=1e-6)
+    assert zskt_attention([s, s], [t, s]).item() == pytest.approx(one_block, abs=1e-6)  # summed over blocks
+    # a 2x2 teacher map is pooled to the student's 1x2 (its rows averaged) before the maps are compared
+    t2 = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]]])
+    assert zskt_attention([s], [t2]).item() == pytest.approx(one_block, abs=1e-6)
+    with pytest.raises(ValueError, match="pairs blocks one to one: 1 student and 2 teacher"):
+        zskt_attention([s], [t, t])

@@ -169,3 +169,58 @@ def test_each_worker_synthesises_its_own_share_with_its_own_seed(teacher_and_spl
     assert len(x0) == len(x1) == 20 and not torch.allclose(x0, x1)
     assert sorted(torch.cat([y0, y1]).tolist()) == sorted(torch.arange(10).repeat(4).tolist())
     assert len(synthetic_splits(cfg, splits, "inversion").train) == 40
+
+
+def test_competition_term_puts_images_where_the_student_disagrees(teacher_and_splits):
+    """Adaptive DeepInversion: against the same weak student (digits_mlp, a few steps on 40 real images), images
+    synthesised with the competition term (weight 10) give a larger teacher-student Jensen-Shannon divergence than
+    images synthesised without it (same noise, same labels); the teacher still sees the wanted classes. Measured
+    (2026-12-02): JS 0.431 with the term vs 0.256 without (1.68x); asserted > 1.3x."""
+    teacher, splits = teacher_and_splits
+    torch.manual_seed(0)
+    student = create_model("digits_mlp", 10, hidden=16)
+    x = torch.stack([splits.train[i][0] for i in range(40)])
+    y = torch.tensor([splits.train[i][1] for i in range(40)])
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    for _ in range(20):
+        opt.zero_grad()
+        F.cross_entropy(student(x), y).backward()
+        opt.step()
+    labels = torch.arange(10).repeat(5)
+    teacher.train()
+    plain, adaptive = (synthesize(teacher, labels, (1, 8, 8), InversionSettings(steps=100, competition_weight=w),
+                                  torch.Generator().manual_seed(3), student) for w in (0.0, 10.0))
+    teacher.eval()
+    with torch.no_grad():
+        js = {name: jensen_shannon(teacher(images), student(images), 3.0).item()
+              for name, images in (("plain", plain), ("adaptive", adaptive))}
+        hit = (teacher(adaptive).argmax(1) == labels).float().mean().item()
+    assert js["adaptive"] > 1.3 * js["plain"], js
+    assert hit >= 0.9, hit
+
+
+def test_adaptive_deep_inversion_scheme_adds_a_competitor_and_a_competing_round(tmp_path):
+    """``deep_inversion.competition_weight``: plan [teacher, inversion, competitor, inversion-adaptive, students];
+    the plain round makes (1 - adaptive_fraction) of the images, the adaptive round the rest into the same set,
+    which the students then read whole (as many noise images beside)."""
+    job = digits_job(tmp_path, None, scheme="deep_inversion", teacher__train__epochs=6, train__epochs=2,
+                     deep_inversion={"images_per_class": 4, "steps": 10, "competition_weight": 10.0,
+                                     "adaptive_fraction": 0.25})
+    rows = kdray.distill(job, quiet=True).stages
+    assert [r["name"] for r in rows] == ["teacher", "inversion", "competitor", "inversion-adaptive",
+                                         "noise-kd-seed0", "inverted-kd-seed0"]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["inversion"]["images"] == 30 and by_name["inversion-adaptive"]["images"] == 10
+    folder = tmp_path / "runs" / "t" / "deep_inversion"
+    for name in ("inversion", "noise"):
+        parts = sorted(p.name for p in (folder / name).glob("*.parquet"))
+        assert parts == ["part-0000.parquet", "part-adaptive-0000.parquet"], parts
+        assert sum(len(read_image_parquet(str(folder / name / p))[1]) for p in parts) == 40
+
+
+def test_adaptive_round_needs_images_in_both_rounds(tmp_path):
+    job = digits_job(tmp_path, None, scheme="deep_inversion",
+                     deep_inversion={"images_per_class": 1, "competition_weight": 10.0})
+    with pytest.raises(kdray.ConfigError, match=r"adaptive_fraction 0.5 of images_per_class 1 leaves a round "
+                                                r"without images; raise images_per_class"):
+        kdray.distill(job, quiet=True)

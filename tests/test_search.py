@@ -513,3 +513,41 @@ def test_the_nsga2_sampler_pickles_as_tune_saves_it():
         assert isinstance(back._thread_lock, type(threading.Lock())) and back._population_size == 6
         with back._thread_lock:
             pass
+
+
+def test_a_scheme_a_sweep_cannot_optimise_is_refused_in_one_line(tmp_path):
+    import kdray
+
+    base = small_base(tmp_path)
+    base.pop("teacher")
+    base.update(scheme="online", online={"peers": [{"model": "digits_mlp"}, {"model": "digits_mlp"}]})
+    with pytest.raises(ConfigError, match=r"base: a sweep distils from one teacher \(teacher: with scheme "
+                                          r"offline \| adversarial \| data_free \| deep_inversion.*\), got scheme "
+                                          r"'online' without teacher:"):
+        kdray.sweep({"train.lr": {"float": [0.05, 0.2]}}, base, num_samples=1, output_dir=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.ray
+def test_data_free_generator_loss_weights_are_searchable(ray_session, tmp_path):
+    """``kdray sweep`` over DAFL's generator-loss weights (``data_free.alpha`` / ``beta``): the base trains the
+    teacher once, every trial is a data-free job on that teacher (no noise baseline) whose data-free student's
+    val top-1 is the objective, and each trial's sampled weights reach its job."""
+    import kdray
+    from kdray.orchestrator.checkpoints import LocalCheckpoints
+
+    base = digits_job(tmp_path, scheme="data_free", train__epochs=2, teacher__train__epochs=3)
+    base["data_free"] = {"latent_dim": 16, "generator_width": 16, "steps_per_epoch": 3, "batch_size": 32,
+                         "input_mean": 0.3, "input_std": 0.375}
+    space = {"data_free.alpha": {"float": [0.05, 0.5]}, "data_free.beta": {"float": [1.0, 10.0]}}
+    result = kdray.sweep(space, base, num_samples=2, asha=False, name="df", output_dir=str(tmp_path / "out"),
+                         verbose=0, log=lambda m: None)
+    assert len(result.trials) == 2 and (result.trials["status"] == "complete").all(), result.trials
+    for _, row in result.trials.iterrows():
+        done = LocalCheckpoints(row["run_dir"]).latest()["done"]
+        assert sorted(s["kind"] for s in done.values()) == ["data_free"]  # teacher from the sweep, no noise stage
+        [stage] = done.values()
+        assert row["val_top1"] == pytest.approx(stage["val_top1"])
+        job = json.loads(open(os.path.join(row["run_dir"], "config.json")).read())
+        assert job["data_free"]["alpha"] == pytest.approx(row["data_free.alpha"])
+        assert job["data_free"]["noise_baseline"] is False

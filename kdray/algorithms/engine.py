@@ -225,6 +225,12 @@ class TrainLoop:
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         return {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
 
+    def evaluate_split(self, loader) -> dict[str, float]:
+        """Accuracy and loss of the evaluated model on one split (validation each epoch, the test at the end);
+        a loop whose model reads more than a batch (a graph) overrides it."""
+        return evaluate(self.eval_model, loader, self.device, self.num_classes, self.eval_reduce, self.precision,
+                        self.channels_last)
+
     def run(self) -> list[dict[str, float]]:
         """Train from ``self.epoch`` to ``self.epochs``, evaluating and calling back after each epoch."""
         while self.epoch < self.epochs:
@@ -233,9 +239,7 @@ class TrainLoop:
             lr = self.optimizer.param_groups[0]["lr"]
             metrics = self.train_epoch(epoch)
             self.scheduler.step()
-            metrics.update({f"val_{k}": v for k, v in evaluate(self.eval_model, self.val_loader, self.device,
-                                                                self.num_classes, self.eval_reduce, self.precision,
-                                                                self.channels_last).items()})
+            metrics.update({f"val_{k}": v for k, v in self.evaluate_split(self.val_loader).items()})
             metrics["lr"] = lr
             metrics["epoch_time_s"] = time.perf_counter() - start
             metrics["epoch"] = epoch

@@ -5,7 +5,7 @@ import difflib
 import importlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -58,6 +58,9 @@ class DatasetSplits:
     # Checks the dataset's files up front (raises UnreadableFileError naming the file); preflight runs it once
     # on the driver, so a bad file fails before training instead of in a batch mid-run.
     check_files: Callable[[], None] | None = None
+    # The whole graph, for a dataset of graph nodes (kdray.data.graph.Graph): the splits above are its nodes'
+    # feature rows; graph schemes read the edges from here.
+    graph: Any = None
 
     def __post_init__(self):
         self.classes = [str(c) for c in self.classes] or [str(i) for i in range(self.num_classes)]
@@ -83,6 +86,7 @@ def _ensure_builtin():
     """Import the built-in datasets' module by name (it registers them): the registry depends on no dataset."""
     importlib.import_module(f"{__package__}.builtin")
     importlib.import_module(f"{__package__}.image_parquet")
+    importlib.import_module(f"{__package__}.graph")
     importlib.import_module(f"{__package__}.two_views")
 
 

@@ -15,6 +15,7 @@ from kdray.models.registry import (
 )
 from kdray.models import digits as _digits  # noqa: F401  (registers digits models)
 from kdray.models import cifar as _cifar  # noqa: F401  (registers the CIFAR zoo)
+from kdray.models import graph as _graph  # noqa: F401  (registers the graph models)
 
 __all__ = [
     "UnknownModelError",

@@ -69,6 +69,10 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"data.options: {err}") from None
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data: {err}") from None
+    try:
+        get_scheme(cfg.scheme).check_data(cfg, splits)
+    except ValueError as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
     if uses_cache(cfg):  # teacher outputs come from a cache: check it, build no teacher
         return preflight_cache(cfg, splits, tracking_uri_for(cfg))
     example = example_batch(splits.train)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from kdray.algorithms.engine import TrainLoop, evaluate, seed_everything
+from kdray.algorithms.engine import TrainLoop, seed_everything
 from kdray.algorithms.precision import to_channels_last
 from kdray.config import Config
 from kdray.models import create_model
@@ -68,6 +68,21 @@ class StageParts:
                     channels_last=self.optim.channels_last, compile=self.optim.compile)
 
 
+def stage_logging(cfg: Config, stage: Stage, ctx: WorkerContext, job_state: JobState, epochs: int) -> tuple:
+    """The stage's MLflow logger (on the logging rank, else ``None``) and its epoch callbacks: checkpoints
+    (which flush the logger's buffered metrics), progress on rank 0, the user's callbacks."""
+    logger = None
+    if ctx.rank == 0 and ctx.tracking_uri and stage.name in ctx.stage_run_ids:
+        from kdray.orchestrator.tracking import StageLogger  # MLflow loads only where a stage logs
+
+        logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage.name], cfg.mlflow.system_metrics)
+    callbacks = [Checkpointer(ctx, job_state, stage.name, cfg.checkpoint.every_epochs, logger)]
+    if ctx.rank == 0:
+        callbacks.append(Progress(ctx, stage.name, epochs))
+    callbacks += [WithStage(cb, stage) for cb in ctx.callbacks]
+    return logger, callbacks
+
+
 def prepare_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: JobState) -> StageParts:
     """Seed, then build the stage's student, distiller (terms built on an example batch), teacher, loaders,
     optimizer + schedule and epoch callbacks (checkpoints, progress, the user's), on ``ctx.device``."""
@@ -93,15 +108,7 @@ def prepare_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_sta
             to_channels_last(teacher)
     trainable = ctx.wrap(distiller)
     optimizer, scheduler = build_optimizer((p for p in trainable.parameters() if p.requires_grad), optim)
-    logger = None
-    if ctx.rank == 0 and ctx.tracking_uri and stage.name in ctx.stage_run_ids:
-        from kdray.orchestrator.tracking import StageLogger  # MLflow loads only where a stage logs
-
-        logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage.name], cfg.mlflow.system_metrics)
-    callbacks = [Checkpointer(ctx, job_state, stage.name, cfg.checkpoint.every_epochs, logger)]
-    if ctx.rank == 0:
-        callbacks.append(Progress(ctx, stage.name, optim.epochs))
-    callbacks += [WithStage(cb, stage) for cb in ctx.callbacks]
+    logger, callbacks = stage_logging(cfg, stage, ctx, job_state, optim.epochs)
     return StageParts(spec, optim, model, distiller, trainable, teacher, train_loader, val_loader, test_loader,
                       example, optimizer, scheduler, logger, callbacks)
 
@@ -110,15 +117,14 @@ def complete_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_st
                    loop: TrainLoop, resume_loop: dict | None, extra: dict | None = None) -> dict:
     """Resume ``loop`` where the checkpoint left it, run it, test the student, record the result row (plus
     ``extra`` columns) and the kept weights in ``job_state``, log the stage to MLflow and checkpoint."""
-    optim, model, logger = parts.optim, parts.model, parts.logger
+    model, logger = parts.model, parts.logger
     if resume_loop is not None:
         loop.load_state_dict(resume_loop)
         if logger is not None:
             logger.restore(resume_loop.get("mlflow_pending", []))
         ctx.log(f"[{stage.name}] resumed at epoch {loop.epoch}")
     history = loop.run()
-    test = evaluate(model, parts.test_loader, ctx.device, splits.num_classes, precision=optim.precision,
-                    channels_last=optim.channels_last)
+    test = loop.evaluate_split(parts.test_loader)
     result = {**stage.row(), "test_top1": test["top1"],
               "val_top1": history[-1]["val_top1"] if history else float("nan"),
               "params": sum(p.numel() for p in model.parameters()),

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Registration order is the order of `kdray list schemes` and of the scheme error message.
 BUILTIN_SCHEMES = ("offline", "online", "self_distill", "assistant", "multi_teacher", "adversarial",
-                   "data_free", "deep_inversion", "cross_modal")
+                   "data_free", "deep_inversion", "quantized", "graph", "lifelong", "cross_modal")
 ENTRY_POINT_GROUP = "kdray.schemes"
 
 _REGISTRY: dict[str, "Scheme"] = {}
@@ -59,6 +59,16 @@ class Scheme:
     help: str = ""
     sections: tuple[str, ...] = ()
 
+    # What ``kdray sweep`` optimises: the val_top1 of this stage kind's students (one per seed), taught by the
+    # one ``teacher:`` the sweep trains once; ``None``: the scheme cannot be swept. ``search_settings``: config
+    # values every trial takes (baselines a trial need not train), by section.
+    searched_kind: str | None = None
+    search_settings: dict[str, dict] = {}
+
+    def searched_kind_for(self, cfg: "Config") -> str | None:
+        """The stage kind a sweep of ``cfg`` scores (a scheme whose kinds depend on the config overrides it)."""
+        return self.searched_kind
+
     def check(self, cfg: "Config") -> None:
         """Raise ``ValueError`` with one line when the config lacks what the scheme needs (run inside config
         validation, so the line reaches the user as a :class:`~kdray.config.ConfigError`). May complete
@@ -89,6 +99,10 @@ class Scheme:
     def finish(self, cfg: "Config", stages: list["Stage"], splits, ctx, job_state: dict) -> None:
         """After every stage ran: add job-level results to ``job_state.done`` rows (a
         :class:`~kdray.orchestrator.run_dir.JobState`)."""
+
+    def check_data(self, cfg: "Config", splits) -> None:
+        """Checks of the data alone, before any model is built or run on it (a dataset of the wrong kind for
+        the scheme): raise ``ValueError`` with one line."""
 
     def model_inputs(self, cfg: "Config", path: str, inputs):
         """What the model at config path ``path`` (``teacher``, ``teachers.1``, ``student``, ...) reads of a
@@ -129,6 +143,12 @@ def get_scheme(name: str) -> Scheme:
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(unknown_scheme_message())
     return _REGISTRY[name]
+
+
+def searched_stages(cfg: "Config") -> list[Stage]:
+    """The stages a sweep's objective reads (its scheme's ``searched_kind``), in plan order."""
+    kind = get_scheme(cfg.scheme).searched_kind_for(cfg)
+    return [s for s in plan_stages(cfg) if s.kind == kind]
 
 
 def unknown_scheme_message() -> str:
@@ -286,6 +306,15 @@ def needs_methods(cfg: "Config") -> None:
 def needs_teacher(cfg: "Config") -> None:
     if cfg.teacher is None:
         raise ValueError(f"scheme {cfg.scheme!r} needs a teacher (teacher: {{model, train|checkpoint|mlflow_uri}})")
+
+
+def needs_live_teacher(cfg: "Config", use: str) -> None:
+    """The scheme runs the teacher on inputs of its own making (``use`` says on what): a teacher cache, which
+    holds only the teacher's outputs on the training set, cannot serve it."""
+    needs_teacher(cfg)
+    if cfg.teacher.cache is not None:
+        raise ValueError(f"scheme {cfg.scheme!r} runs the teacher on {use}; a teacher cache holds only its outputs "
+                         f"on the training set: give teacher.train, checkpoint or mlflow_uri")
 
 
 def no_teacher(cfg: "Config") -> None:

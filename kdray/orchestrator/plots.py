@@ -76,3 +76,28 @@ def image_grid(images, labels, classes: list[str], columns: int = 10):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def accuracy_matrix(acc: list[list[float]], title: str):
+    """A lifelong run's accuracy matrix as a heatmap: row t = after training task t, column j = task j's test
+    classes, each cell labelled with its top-1 (NaN: not measured yet)."""
+    import numpy as np
+
+    values = np.asarray(acc, dtype=float)
+    n = len(values)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 1.8))
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=0.0, vmax=1.0, cmap="viridis")
+    for t in range(n):
+        for j in range(n):
+            if values[t, j] == values[t, j]:
+                ax.text(j, t, f"{values[t, j]:.2f}", ha="center", va="center",
+                        color="white" if values[t, j] < 0.6 else "black", fontsize=9)
+    ax.set_xticks(range(n), [f"task {j}" for j in range(n)])
+    ax.set_yticks(range(n), [f"after {t}" for t in range(n)])
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("trained through")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -23,6 +23,7 @@ from typing import Any
 
 from kdray.config import Config, ConfigError, check_job_name, load_config
 from kdray.orchestrator.interrupts import interruption, reclaim_sigterm, sigterm_forwarded, signal_handlers_restored
+from kdray.orchestrator.plan import get_scheme, list_schemes
 from kdray.orchestrator.runtime import ensure_ray
 from kdray.search.space import CallableSpace, Space, apply_params, make_space
 from kdray.search.spec import SearchSpec, auto_grace, base_raw, load_sweep_spec
@@ -176,6 +177,12 @@ def _base_config(raw: dict, search: SearchSpec) -> Config:
     if search.seeds is not None:
         raw["seeds"] = list(search.seeds)
     raw["baseline"] = False
+    try:
+        settings = get_scheme(raw.get("scheme", "offline")).search_settings
+    except ValueError:
+        settings = {}  # an unknown scheme: load_config below says so in one line
+    for section, values in settings.items():
+        raw[section] = {**(raw.get(section) or {}), **values}
     raw.setdefault("ray", {})
     raw["ray"] = {**(raw["ray"] or {}), "num_workers": search.workers_per_trial}
     try:
@@ -241,9 +248,11 @@ def validate(space, base: Config, search: SearchSpec) -> dict:
     from kdray.orchestrator.api import preflight
     from kdray.orchestrator.build import build_splits, example_batch
 
-    if base.scheme != "offline" or base.teacher is None:
-        raise ConfigError(f"base: a sweep distils from one teacher (scheme: offline with teacher:), "
-                          f"got scheme {base.scheme!r}")
+    swept = [name for name, scheme in list_schemes().items() if scheme.searched_kind]
+    scheme = get_scheme(base.scheme)
+    if scheme.searched_kind is None or (base.teacher is None and "teacher" in scheme.sections):
+        raise ConfigError(f"base: a sweep distils from one teacher (teacher: with scheme {' | '.join(swept)}), "
+                          f"got scheme {base.scheme!r}{'' if base.teacher is not None else ' without teacher:'}")
     preflight(base)
     splits = build_splits(base)
     if len(splits.val) == 0:
@@ -251,7 +260,8 @@ def validate(space, base: Config, search: SearchSpec) -> dict:
                           "set data.options.val_fraction > 0")
     example = example_batch(splits.train)
     # the teacher's architecture is what the build checks need (preflight above loaded its weights)
-    teacher_model = create_model(base.teacher.model, splits.num_classes, **base.teacher.args)
+    teacher_model = (None if base.teacher is None else  # a scheme without a teacher (lifelong): no build check
+                     create_model(base.teacher.model, splits.num_classes, **base.teacher.args))
     if isinstance(space, CallableSpace):
         configs, distributions = space.probe()
     else:
@@ -265,7 +275,8 @@ def validate(space, base: Config, search: SearchSpec) -> dict:
                 if step == "config":
                     built.append(load_config(apply_params(raw, space.resolve(sampled))))
                 else:
-                    _check_build(built[i], splits.num_classes, example, teacher_model, cache)
+                    if teacher_model is not None:
+                        _check_build(built[i], splits.num_classes, example, teacher_model, cache)
             except ConfigError as err:
                 raise ConfigError(f"space ({desc}): {err}") from None
             except (ValueError, TypeError, RuntimeError, KeyError, IndexError) as err:
@@ -652,9 +663,10 @@ def _run_base(base: Config, sweep_dir: str, parent: str | None, uri: str | None,
     raw["mlflow"] = {**raw["mlflow"], "tracking_uri": uri, "enabled": uri is not None}
     cfg = load_config(raw)
     log(f"base configuration: {cfg.student.model} {cfg.student.args} with {'+'.join(m.name for m in cfg.methods)}"
-        f", seeds {cfg.seeds}{' (training the teacher)' if cfg.teacher.train else ''}")
+        f", seeds {cfg.seeds}{' (training the teacher)' if cfg.teacher and cfg.teacher.train else ''}")
     outcome = distill(cfg, resume=True, parent_run_id=parent, log=_quiet)
-    distilled = [s for s in outcome.stages if s["kind"] == "distill"]
+    kind = get_scheme(cfg.scheme).searched_kind_for(cfg)
+    distilled = [s for s in outcome.stages if s["kind"] == kind]
     return {"val_top1": statistics.mean(s["val_top1"] for s in distilled),
             "test_top1": statistics.mean(s["test_top1"] for s in distilled),
             "params": float(distilled[0]["params"]), "seeds": len(distilled), "run_dir": cfg.run_dir(),
@@ -700,7 +712,7 @@ def run_sweep(name: str, output_dir: str | None, raw: dict, space: Space | Calla
         tracking = SweepTracking(uri, base.mlflow.experiment, sweep_dir, name)
         params = flatten("search", search.model_dump(mode="json"), {})
         params.update(flatten("base", {"student": base.student.model_dump(mode="json"),
-                                       "teacher": base.teacher.model, "train": base.train.model_dump(mode="json"),
+                                       "teacher": base.teacher.model if base.teacher else None, "train": base.train.model_dump(mode="json"),
                                        "methods": [m.model_dump() for m in base.methods], "seeds": base.seeds}, {}))
         tracking.start(state.get("parent_run_id"), params, texts or {}, resume)
         state.update(parent_run_id=tracking.parent_id, tracking_uri=uri, name=name)
@@ -719,7 +731,7 @@ def run_sweep(name: str, output_dir: str | None, raw: dict, space: Space | Calla
         trial_raw["mlflow"] = {**trial_raw["mlflow"], "tracking_uri": uri, "enabled": uri is not None}
         teacher_bytes = None
         teacher_path = None
-        if base.teacher.train is not None:
+        if base.teacher is not None and base.teacher.train is not None:
             teacher_path = os.path.join(sweep_dir, "teacher.pt")
             if not os.path.exists(teacher_path):
                 tmp = teacher_path + ".tmp"

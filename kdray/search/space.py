@@ -55,6 +55,16 @@ _FIXED_ROOTS = {
     "baseline": "trials train distilled students only",
     "scheme": "not searchable",
 }
+
+
+def scheme_sections() -> list[str]:
+    """Config sections a scheme owns (``data_free``, ``adversarial``, ...): searchable, except the teachers,
+    which a sweep trains once. A section of another scheme than the base's fails in the trial config check."""
+    from kdray.orchestrator.plan import section_owners
+
+    return [s for s in section_owners() if s not in ("teacher", "teachers")]
+
+
 _SCALARS = (str, int, float, bool, type(None))
 _TYPED_KEYS = ("choice", "int", "float", "value")
 _OPTIONS = {"int": {"log", "step"}, "float": {"log", "step"}, "choice": set(), "value": set()}
@@ -153,9 +163,10 @@ def check_path(path: str, where: str) -> None:
     root = parts[0]
     if root in _FIXED_ROOTS:
         raise ConfigError(f"{where}: {path!r} cannot be searched ({_FIXED_ROOTS[root]})")
-    if root not in SEARCHABLE_ROOTS and root in Config.model_fields:
+    if root not in SEARCHABLE_ROOTS and root not in scheme_sections() and root in Config.model_fields:
         raise ConfigError(f"{where}: {path!r} cannot be searched (a sweep searches "
-                          f"{', '.join(SEARCHABLE_ROOTS)})")
+                          f"{', '.join(SEARCHABLE_ROOTS)} and the schemes' sections: "
+                          f"{', '.join(scheme_sections())})")
     node: Any = Config
     for i, part in enumerate(parts):
         sofar = ".".join(parts[: i + 1])

@@ -96,9 +96,10 @@ def measure_latency(model, shape: tuple, repeats: int = 30, warmup: int = 5) -> 
 
 
 def first_stage(cfg) -> str:
-    from kdray.orchestrator.plan import method_label
+    """The stage whose epochs a trial reports to Tune: the first searched student (the first seed's)."""
+    from kdray.orchestrator.plan import searched_stages
 
-    return f"{method_label(cfg)}-seed{cfg.seeds[0]}"
+    return searched_stages(cfg)[0].name
 
 
 class TuneEpochReporter:
@@ -228,7 +229,9 @@ def _finished_rows(cfg, tracking_uri: str | None) -> list[dict] | None:
 
 
 def summarize(rows: list[dict], cfg, extra: dict) -> dict:
-    distilled = [r for r in rows if r["kind"] == "distill"]
+    from kdray.orchestrator.plan import get_scheme
+
+    distilled = [r for r in rows if r["kind"] == get_scheme(cfg.scheme).searched_kind_for(cfg)]
     val = [float(r["val_top1"]) for r in distilled]
     test = [float(r["test_top1"]) for r in distilled]
     out = {

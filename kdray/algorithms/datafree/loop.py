@@ -12,8 +12,9 @@ real val / test splits (the loop's ``val_loader``; ``train_loader`` is never rea
   student and teacher logits on detached batches, then ``generator_steps`` (paper 1) generator updates
   maximising it (gradients through the frozen teacher and the student, whose weights are not stepped).
 - ``zskt`` (Micaelli & Storkey, NeurIPS 2019): as ``dfad`` with the KL divergence KL(teacher || student) at
-  T = 1, paper ``generator_steps = 1``, ``student_steps = 10``; the paper's optional attention-transfer term is
-  not implemented here (the KL alone is ZSKT's ``beta = 0`` ablation).
+  T = 1, paper ``generator_steps = 1``, ``student_steps = 10``; ``attention_weight`` (the paper's ``beta``, 250;
+  default 0, the paper's KL-only ablation) adds :func:`~kdray.algorithms.datafree.losses.zskt_attention` over
+  ``attention_points`` (student, teacher) block pairs to the student's loss only, as the paper.
 - ``noise`` (a baseline): the student distilled (as ``dafl``'s student step) on pure ``N(0, 1)`` inputs of the
   teacher's input shape; no generator.
 
@@ -40,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch, ModelOutput
-from kdray.algorithms.datafree.losses import dafl_generator_loss, discrepancy_l1
+from kdray.algorithms.datafree.losses import dafl_generator_loss, discrepancy_l1, zskt_attention
 from kdray.algorithms.distiller import forward_with_features
 from kdray.algorithms.engine import NonFiniteLossError, TrainLoop
 from kdray.models.features import FeatureTap, default_points, unwrap
@@ -84,7 +85,8 @@ class DataFreeLoop(TrainLoop):
     def __init__(self, *, method: str, generator: nn.Module | None, generator_optimizer, noise_seed: tuple[int, ...],
                  input_shape: tuple[int, ...], steps_per_epoch: int, batch_size: int, student_steps: int = 1,
                  generator_steps: int = 1, alpha: float = 0.1, beta: float = 5.0, input_mean: float = 0.0,
-                 input_std: float = 1.0, **loop_kwargs):
+                 input_std: float = 1.0, attention_weight: float = 0.0,
+                 attention_points: tuple[list[str], list[str]] | None = None, **loop_kwargs):
         if method not in METHODS:
             raise ValueError(f"data-free method {method!r} is not one of {', '.join(METHODS)}")
         if (generator is None) != (method == "noise"):
@@ -112,6 +114,19 @@ class DataFreeLoop(TrainLoop):
         # DAFL's activation term reads the teacher's embedding (its declared ``kd_embedding``; none: the logits).
         points = default_points(teacher_model, "embedding", "teacher") if method == "dafl" else []
         self.teacher_tap = FeatureTap(teacher_model, points, role="teacher") if points else None
+        self.attention_weight = attention_weight
+        self.attention_taps = None
+        if attention_weight:
+            if method != "zskt":
+                raise ValueError(f"the attention term is ZSKT's (method zskt), not {method!r}'s")
+            student_points, teacher_points = attention_points or (
+                default_points(unwrap(self.distiller).student, "stages", "student"),
+                default_points(teacher_model, "stages", "teacher"))
+            if len(student_points) != len(teacher_points):
+                raise ValueError(f"ZSKT's attention pairs blocks one to one: student points {student_points}, "
+                                 f"teacher points {teacher_points}")
+            self.attention_taps = (FeatureTap(unwrap(self.distiller).student, student_points, "student"),
+                                   FeatureTap(teacher_model, teacher_points, "teacher"))
 
     # --- checkpoint state -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -166,7 +181,8 @@ class DataFreeLoop(TrainLoop):
         discrepancy (``dfad`` L1, ``zskt`` KL). Returns its losses and their sum ``loss`` (the student's loss,
         logged as ``train_loss`` like every stage's)."""
         images = images.detach()
-        with torch.no_grad():
+        taps = self.attention_taps
+        with torch.no_grad(), (taps[1].capture() if taps else contextlib.nullcontext({})) as t_feats:
             teacher_out = self.teacher(images)
         targets = teacher_out.logits.argmax(dim=1)
         batch = Batch(images, targets, torch.arange(len(images), device=images.device))
@@ -177,14 +193,19 @@ class DataFreeLoop(TrainLoop):
             sum(losses.values()).backward()
             self.optimizer.step()
             return {**losses, "loss": sum(losses.values())}
-        logits, _ = self.distiller(batch, teacher_out)  # through the (DDP) distiller: gradients are reduced
+        with (taps[0].capture() if taps else contextlib.nullcontext({})) as s_feats:
+            logits, _ = self.distiller(batch, teacher_out)  # through the (DDP) distiller: gradients are reduced
         disc = discrepancy_l1 if self.method == "dfad" else kl_discrepancy
         losses = {"discrepancy": disc(teacher_out.logits, logits)}
+        if taps:
+            losses["attention"] = self.attention_weight * zskt_attention(
+                [s_feats[p] for p in taps[0].points], [t_feats[p] for p in taps[1].points])
         self.check_finite(losses, epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
-        losses["discrepancy"].backward()
+        loss = sum(losses.values())
+        loss.backward()
         self.optimizer.step()
-        return {**losses, "loss": losses["discrepancy"]}
+        return {**losses, "loss": loss}
 
     def iteration(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
         """One iteration of the method; returns its named losses (detached)."""

@@ -12,7 +12,9 @@ Paper defaults: ``alpha = 0.1``, ``beta = 5``.
 
 DFAD (Fang et al. 2019): :func:`discrepancy_l1`, the mean absolute difference of teacher and student logits;
 the student minimises it, the generator maximises it. ZSKT (Micaelli & Storkey, NeurIPS 2019) uses the KL of
-the student from the teacher instead (:func:`kdray.algorithms.response.kd.kl_div_with_temperature` at T = 1).
+the student from the teacher instead (:func:`kdray.algorithms.response.kd.kl_div_with_temperature` at T = 1),
+and adds to the student's loss (never the generator's) :func:`zskt_attention`, ``beta`` (paper 250) times the
+attention-transfer distance summed over blocks.
 
 DeepInversion (Yin et al., CVPR 2020), images optimised from noise: :class:`BatchNormStatistics` (the distance
 of each BatchNorm input's batch mean / variance from the running statistics, ``||mu - mu_bn||_2 +
@@ -51,6 +53,28 @@ def dafl_generator_loss(teacher_logits: torch.Tensor, teacher_features: torch.Te
 
 def discrepancy_l1(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     return (teacher_logits.float() - student_logits.float()).abs().mean()
+
+
+def spatial_attention(feature: torch.Tensor) -> torch.Tensor:
+    """ZSKT's attention map: the channel mean of the squared activations, flattened and l2-normalised per
+    sample, ``(B, C, H, W) -> (B, H*W)``."""
+    return F.normalize(feature.float().pow(2).mean(dim=1).flatten(1), p=2, dim=1)
+
+
+def zskt_attention(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]) -> torch.Tensor:
+    """ZSKT's attention term, as its released code: ``sum_l mean((a_s - a_t)^2)`` over block pairs ``l`` of
+    :func:`spatial_attention` maps (the mean runs over the batch and the positions). Blocks of different sizes
+    are adaptive-average-pooled to the smaller map first (ZSKT's WideResNets share them; a departure only where
+    they differ). Not Zagoruyko & Komodakis' l2 norm (kdray's ``at`` method): the released ZSKT code's form."""
+    if len(student_features) != len(teacher_features) or not student_features:
+        raise ValueError(f"ZSKT's attention term pairs blocks one to one: {len(student_features)} student and "
+                         f"{len(teacher_features)} teacher feature maps")
+    total = 0.0
+    for s, t in zip(student_features, teacher_features):
+        size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
+        s, t = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
+        total = total + (spatial_attention(s) - spatial_attention(t)).pow(2).mean()
+    return total
 
 
 def total_variation_l2(images: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,12 @@ What kdray follows, and where it departs:
 * **Discriminator on the logits** (:class:`LogitDiscriminator`): MEAL-V2 (Shen & Savvides 2020) puts a small
   3-layer discriminator with a sigmoid output on the networks' class outputs. Here it is an MLP on the softmax
   probabilities (temperature 1): ``classes -> hidden -> hidden -> 1`` with LeakyReLU(0.2); the sigmoid is folded
-  into the loss (``binary_cross_entropy_with_logits``, numerically stable) instead of being a layer. Xu et al.
-  2018 condition the discriminator on the label (a conditional GAN) and add an auxiliary classifier; kdray does
-  not: its discriminator is unconditional, as MEAL-V2's.
+  into the loss (``binary_cross_entropy_with_logits``, numerically stable) instead of being a layer.
+* **Conditional discriminator** (``conditional=True``; Xu et al. 2018, conditional adversarial networks): the
+  one-hot label of the sample is concatenated to what the discriminator reads (both halves), so it judges
+  whether an output is the teacher's *for that class*. Departure: Xu et al. also train an auxiliary classifier
+  head on the discriminator and a sample-level adversarial loss; kdray keeps the real/fake head alone. MEAL-V2's
+  discriminator is unconditional (the default).
 * **Discriminator on a feature point** (:class:`FeatureDiscriminator`): the feature (``N, C, H, W`` or
   ``N, C``) is average-pooled to a vector; when the student's width differs from the teacher's a linear
   projection maps the student's vector to the teacher's width. The projection is part of the discriminator
@@ -44,16 +47,29 @@ class LogitDiscriminator(nn.Module):
     probabilities. ``forward(real, fake)`` scores the teacher's rows then the student's (either may be
     ``None``) in one call, so a DDP-wrapped discriminator has one forward per backward."""
 
-    def __init__(self, num_classes: int, hidden: int = 64):
+    def __init__(self, num_classes: int, hidden: int = 64, conditional: bool = False):
         super().__init__()
-        self.net = _mlp(num_classes, hidden)
+        self.num_classes = num_classes if conditional else 0
+        self.net = _mlp(num_classes + self.num_classes, hidden)
 
-    def forward(self, real: torch.Tensor | None = None, fake: torch.Tensor | None = None) -> torch.Tensor:
-        logits = torch.cat([t.float() for t in (real, fake) if t is not None])
-        return self.net(F.softmax(logits, dim=1)).squeeze(1)
+    def forward(self, real: torch.Tensor | None = None, fake: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        halves = [F.softmax(t.float(), dim=1) for t in (real, fake) if t is not None]
+        return self.net(with_labels(halves, labels, self.num_classes)).squeeze(1)
 
     def set_process_group(self, group) -> None:  # the DDP wrap hands its group to trainable modules; none needed
         pass
+
+
+def with_labels(halves: list[torch.Tensor], labels: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """The discriminator's input rows: each half (teacher's, student's) with the samples' one-hot labels
+    appended when it is conditional (``num_classes > 0``), the halves stacked."""
+    if num_classes:
+        if labels is None:
+            raise ValueError("a conditional discriminator needs the samples' labels")
+        one_hot = F.one_hot(labels.long(), num_classes).float()
+        halves = [torch.cat([h, one_hot], dim=1) for h in halves]
+    return torch.cat(halves)
 
 
 def pool(feature: torch.Tensor) -> torch.Tensor:
@@ -67,15 +83,17 @@ class FeatureDiscriminator(nn.Module):
     teacher's vector (``teacher_width``) goes in as it is; the student's (``student_width``) through a linear
     projection when the widths differ."""
 
-    def __init__(self, student_width: int, teacher_width: int, hidden: int = 64):
+    def __init__(self, student_width: int, teacher_width: int, hidden: int = 64, num_classes: int = 0):
         super().__init__()
         self.project = (nn.Linear(student_width, teacher_width, bias=False) if student_width != teacher_width
                         else nn.Identity())
-        self.net = _mlp(teacher_width, hidden)
+        self.num_classes = num_classes  # > 0: conditional on the one-hot label
+        self.net = _mlp(teacher_width + num_classes, hidden)
 
-    def forward(self, real: torch.Tensor | None = None, fake: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, real: torch.Tensor | None = None, fake: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         vectors = ([pool(real)] if real is not None else []) + ([self.project(pool(fake))] if fake is not None else [])
-        return self.net(torch.cat(vectors)).squeeze(1)
+        return self.net(with_labels(vectors, labels, self.num_classes)).squeeze(1)
 
     def set_process_group(self, group) -> None:
         pass
@@ -158,7 +176,7 @@ class AdversarialLoop(TrainLoop):
         losses, real, fake = self.forward_both(batch)
         n = real.shape[0]
         for _ in range(self.d_steps):  # the discriminator first: teacher = real, student (detached) = fake
-            scores = self.discriminator(real, fake.detach())
+            scores = self.discriminator(real, fake.detach(), labels=batch.targets)
             d_loss = discriminator_loss(scores[:n], scores[n:])
             if not torch.isfinite(d_loss):
                 raise NonFiniteLossError(f"non-finite discriminator loss at epoch {epoch} step {step}: "
@@ -171,7 +189,7 @@ class AdversarialLoop(TrainLoop):
             self.disc_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             self.disc_optimizer.step()
-        losses["adv"] = self.weight * fool_loss(self.discriminator(fake=fake))
+        losses["adv"] = self.weight * fool_loss(self.discriminator(fake=fake, labels=batch.targets))
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             bad = [k for k, v in losses.items() if not torch.isfinite(v)]

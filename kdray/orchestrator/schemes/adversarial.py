@@ -31,6 +31,9 @@ def apply_meal_v2(cfg) -> None:
     from pre-trained weights and trains for long: that is the ``student`` / ``train``
     sections' business, not the preset's."""
     spec, given = cfg.adversarial, cfg.model_fields_set
+    if spec.conditional:
+        raise ValueError("adversarial.preset: meal_v2 uses an unconditional discriminator; remove conditional or "
+                         "the preset")
     if spec.on != "logits" or spec.mode != "beside":
         raise ValueError(f"adversarial.preset: meal_v2 uses on: logits, mode: beside (got on: {spec.on}, "
                          f"mode: {spec.mode}); remove them or the preset")
@@ -53,6 +56,7 @@ class Adversarial(Scheme):
     help = ("a discriminator tells teacher from student outputs (logits or a feature point) and the student "
             "learns to fool it, beside or instead of its methods; preset meal_v2 (adversarial: ...)")
     sections = ("teacher", "teachers", "ensemble", "adversarial")
+    searched_kind = "adversarial"
     own_stage_kinds = ("adversarial",)
 
     def check(self, cfg):
@@ -109,9 +113,10 @@ class Adversarial(Scheme):
                         model(parts.example.to(ctx.device))
                     model.train(was_training)
                     widths.append(pool(feats[spec.feature]).shape[1])
-            discriminator = FeatureDiscriminator(widths[0], widths[1], spec.hidden)
+            discriminator = FeatureDiscriminator(widths[0], widths[1], spec.hidden,
+                                                 splits.num_classes if spec.conditional else 0)
         else:
-            discriminator = LogitDiscriminator(splits.num_classes, spec.hidden)
+            discriminator = LogitDiscriminator(splits.num_classes, spec.hidden, spec.conditional)
         discriminator = ctx.wrap(discriminator.to(ctx.device))
         disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=spec.lr, betas=tuple(spec.betas))
         loop = AdversarialLoop(discriminator=discriminator, disc_optimizer=disc_optimizer, weight=spec.weight,

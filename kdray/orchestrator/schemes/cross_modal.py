@@ -37,10 +37,9 @@ from kdray.data import IndexedDataset
 from kdray.data.two_views import split_targets, view_splits
 from kdray.models import create_model
 from kdray.orchestrator.build import build_optimizer, build_teacher, build_terms, example_batch, worker_cpus
-from kdray.orchestrator.callbacks import Checkpointer, Progress, WithStage
-from kdray.orchestrator.job import StageParts, complete_stage, train_stage
+from kdray.orchestrator.job import StageParts, complete_stage, stage_logging, train_stage
 from kdray.orchestrator.placement import make_loaders
-from kdray.orchestrator.plan import Scheme, method_label, needs_methods, needs_teacher, register_scheme, stage, \
+from kdray.orchestrator.plan import Scheme, method_label, needs_live_teacher, needs_methods, register_scheme, stage, \
     teacher_sources
 
 
@@ -71,13 +70,14 @@ class CrossModal(Scheme):
             "(cross_modal: teacher_input, student_input, labelled_fraction); baseline = the labelled ones alone")
     sections = ("teacher", "cross_modal")
     own_stage_kinds = ("teacher", "labelled", "cross_modal")
+    searched_kind = "cross_modal"  # a sweep scores the taught students (trials skip the labelled-only baseline)
 
     def check(self, cfg):
-        needs_teacher(cfg)
+        needs_live_teacher(cfg, "its own modality of each paired batch")
         needs_methods(cfg)
-        if cfg.teacher.cache is not None:
-            raise ValueError("scheme 'cross_modal' runs the teacher on its own modality of each paired batch; a "
-                             "teacher cache is not read here: give teacher.train, checkpoint or mlflow_uri")
+
+    def check_data(self, cfg, splits):
+        check_modalities(cfg, splits.train[0][0] if len(splits.train) else None)
 
     def plan(self, cfg):
         """[teacher] -> per seed [labelled-only baseline] + the cross-modal student."""
@@ -175,14 +175,6 @@ def prepare_paired_stage(cfg, stage, splits, ctx, job_state) -> StageParts:
         to_channels_last(teacher)
     trainable = ctx.wrap(distiller)
     optimizer, scheduler = build_optimizer((p for p in trainable.parameters() if p.requires_grad), optim)
-    logger = None
-    if ctx.rank == 0 and ctx.tracking_uri and stage.name in ctx.stage_run_ids:
-        from kdray.orchestrator.tracking import StageLogger  # MLflow loads only where a stage logs
-
-        logger = StageLogger(ctx.tracking_uri, ctx.stage_run_ids[stage.name], cfg.mlflow.system_metrics)
-    callbacks = [Checkpointer(ctx, job_state, stage.name, cfg.checkpoint.every_epochs, logger)]
-    if ctx.rank == 0:
-        callbacks.append(Progress(ctx, stage.name, optim.epochs))
-    callbacks += [WithStage(cb, stage) for cb in ctx.callbacks]
+    logger, callbacks = stage_logging(cfg, stage, ctx, job_state, optim.epochs)
     return StageParts(cfg.student, optim, model, distiller, trainable, teacher, train_loader, val_loader,
                       test_loader, example[spec.student_input], optimizer, scheduler, logger, callbacks)

@@ -13,9 +13,10 @@ import torch
 
 from kdray.algorithms.datafree.generator import Generator, check_generator
 from kdray.algorithms.datafree.loop import DataFreeLoop
+from kdray.models.features import FeatureTap, default_points
 from kdray.orchestrator.build import check_distiller_builds
 from kdray.orchestrator.job import complete_stage, prepare_stage
-from kdray.orchestrator.plan import (Scheme, method_label, needs_methods, needs_teacher, register_scheme, stage,
+from kdray.orchestrator.plan import (Scheme, method_label, needs_live_teacher, needs_methods, register_scheme, stage,
                                      teacher_sources)
 
 
@@ -47,20 +48,49 @@ class LogGeneratedImages:
             self.logger.log_image(epoch, image_grid(loop.last_images))
 
 
+def attention_points(cfg) -> tuple[list[str], list[str]] | None:
+    """ZSKT's (student, teacher) block paths from the config; ``None``: each model's declared stages."""
+    points = cfg.data_free.attention_points
+    return None if points is None else (points["student"], points["teacher"])
+
+
+def check_attention_points(cfg, example: torch.Tensor, student, teacher) -> None:
+    """ZSKT's attention compares spatial maps: every block pair must give ``(B, C, H, W)`` features, as many
+    on each side; else one line naming the point and its shape (before any training)."""
+    given = attention_points(cfg)
+    models = {"student": student, "teacher": teacher}
+    points = dict(zip(models, given)) if given else {r: default_points(m, "stages", r) for r, m in models.items()}
+    if len(points["student"]) != len(points["teacher"]):
+        raise ValueError(f"data_free.attention_points pairs blocks one to one: student {points['student']}, "
+                         f"teacher {points['teacher']}")
+    for role, model in models.items():
+        tap = FeatureTap(model, points[role], role)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), tap.capture() as feats:
+            model(example)
+        model.train(was_training)
+        tap.remove()
+        for path in points[role]:
+            if feats[path].dim() != 4:
+                raise ValueError(f"ZSKT's attention needs spatial feature maps (B, C, H, W), but the {role}'s "
+                                 f"point {path!r} gives {tuple(feats[path].shape[1:])} per sample; name convolutional "
+                                 f"blocks in data_free.attention_points or set attention_weight: 0")
+
+
 @register_scheme
 class DataFree(Scheme):
     name = "data_free"
     help = ("a generator replaces the training images: DAFL, DFAD or ZSKT (data_free.method), plus a "
             "Gaussian-noise student baseline")
     sections = ("teacher", "data_free")
+    searched_kind = "data_free"
+    search_settings = {"data_free": {"noise_baseline": False}}  # trials skip the noise baseline
     own_stage_kinds = ("data_free", "noise")
 
     def check(self, cfg):
-        needs_teacher(cfg)
+        needs_live_teacher(cfg, "generated images")
         needs_methods(cfg)
-        if cfg.teacher.cache is not None:
-            raise ValueError("scheme 'data_free' runs the teacher on generated images; a teacher cache holds only "
-                             "the training set's outputs: give teacher.train, checkpoint or mlflow_uri")
 
     def plan(self, cfg):
         """[teacher] -> per seed [scratch] + [noise] + the data-free student."""
@@ -81,6 +111,8 @@ class DataFree(Scheme):
         check_distiller_builds(cfg, example, student, teachers[:1], orders[:1], len(splits.train))
         input_shape = tuple(example.shape[1:])
         check_generator(build_generator(cfg, input_shape), input_shape, cfg.data_free.latent_dim)
+        if cfg.data_free.attention_weight:
+            check_attention_points(cfg, example, student, teachers[0])
 
     def run_stage(self, cfg, stage, splits, ctx, job_state, resume_loop):
         spec = cfg.data_free
@@ -101,6 +133,8 @@ class DataFree(Scheme):
                             noise_seed=(stage.seed, ctx.rank), input_shape=input_shape,
                             steps_per_epoch=spec.steps_per_epoch, batch_size=spec.batch_size,
                             student_steps=student_steps, generator_steps=spec.generator_steps, alpha=spec.alpha,
-                            beta=spec.beta, input_mean=spec.input_mean, input_std=spec.input_std, **parts.loop_kwargs(splits, ctx))
+                            beta=spec.beta, input_mean=spec.input_mean, input_std=spec.input_std,
+                            attention_weight=spec.attention_weight if method == "zskt" else 0.0,
+                            attention_points=attention_points(cfg), **parts.loop_kwargs(splits, ctx))
         return complete_stage(cfg, stage, splits, ctx, job_state, parts, loop, resume_loop,
                               {"data_free_method": method})

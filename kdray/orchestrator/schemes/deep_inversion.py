@@ -7,9 +7,17 @@ images, the floor the synthetic set must beat.
 The synthesis stage is split across the job's workers: worker ``r`` of ``W`` makes every ``W``-th image with its
 own seed and writes its own part file, so ``W`` workers synthesise ``W`` times faster; the set is the union of the
 parts. Any offline job can train on the written set later: ``data: {name: image_parquet, root: <part file>}``.
+
+Adaptive DeepInversion (``deep_inversion.competition_weight > 0``, Yin et al.'s ADI) adds two stages after the
+plain synthesis, which then makes ``1 - adaptive_fraction`` of the images: a ``competitor`` student (the
+configured student, distilled on those images like any student stage) and ``inversion-adaptive``, which
+synthesises the rest with the competition term against the competitor, into the same set. Departure: the paper
+alternates synthesis and distillation batch by batch; kdray runs one such round (each a checkpointed stage).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import torch
@@ -19,12 +27,14 @@ from kdray.algorithms.datafree.inversion import InversionSettings, synthesize
 from kdray.data import DatasetSplits, IndexedDataset, read_image_parquet, write_image_parquet
 from kdray.orchestrator.build import build_teacher_model, check_distiller_builds, teacher_class_order
 from kdray.orchestrator.job import train_stage
-from kdray.orchestrator.plan import (Scheme, method_label, needs_methods, needs_teacher, register_scheme, stage,
+from kdray.orchestrator.plan import (Scheme, method_label, needs_live_teacher, needs_methods, register_scheme, stage,
                                      teacher_sources)
 from kdray.orchestrator.run_dir import Checkpoint
 
 SYNTHESIS = "inversion"
-SETS = {"inverted": "inversion", "noise": "noise"}  # student stage kind -> the image set it trains on
+ADAPTIVE = "inversion_adaptive"  # Adaptive DeepInversion's round against the competitor
+COMPETITOR = "competitor"
+SETS = {"inverted": "inversion", "noise": "noise", COMPETITOR: "inversion"}  # student kind -> its image set
 
 
 @register_scheme
@@ -33,20 +43,24 @@ class DeepInversion(Scheme):
     help = ("data-free: images synthesised from the teacher's BatchNorm statistics (DeepInversion), the student "
             "distilled on them (deep_inversion: images_per_class, steps, ...; noise-input baseline)")
     sections = ("teacher", "deep_inversion")
-    own_stage_kinds = (SYNTHESIS, *SETS)
+    searched_kind = "inverted"
+    search_settings = {"deep_inversion": {"noise_baseline": False}}  # trials skip the noise baseline
+    own_stage_kinds = (SYNTHESIS, ADAPTIVE, *SETS)
 
     def check(self, cfg):
-        needs_teacher(cfg)
+        needs_live_teacher(cfg, "images it synthesises")
         needs_methods(cfg)
-        if cfg.teacher.cache is not None:
-            raise ValueError("scheme 'deep_inversion' synthesises through the live teacher; a teacher cache holds "
-                             "only its outputs on real images: give teacher.train, checkpoint or mlflow_uri")
 
     def plan(self, cfg):
         """[teacher] -> the synthesis -> per seed [scratch (real data)] [noise student] + the inverted student."""
         stages: list = []
         sources = teacher_sources(cfg, stages)
         stages.append(stage(SYNTHESIS, SYNTHESIS, cfg.seeds[0], "teacher", cfg.teacher.model, sources))
+        if cfg.deep_inversion.competition_weight:
+            stages.append(stage(COMPETITOR, COMPETITOR, cfg.seeds[0], "student", cfg.student.model, sources,
+                                methods=method_label(cfg), keep=True))
+            stages.append(stage("inversion-adaptive", ADAPTIVE, cfg.seeds[0], "teacher", cfg.teacher.model,
+                                sources))
         for seed in cfg.seeds:
             if cfg.baseline:
                 stages.append(stage(f"scratch-seed{seed}", "scratch", seed, "student", cfg.student.model))
@@ -57,7 +71,7 @@ class DeepInversion(Scheme):
         return stages
 
     def run_stage(self, cfg, stage, splits, ctx, job_state, resume_loop):
-        if stage.kind == SYNTHESIS:
+        if stage.kind in (SYNTHESIS, ADAPTIVE):
             return synthesize_stage(cfg, stage, splits, ctx, job_state)
         return train_stage(cfg, stage, synthetic_splits(cfg, splits, SETS[stage.kind]), ctx, job_state, resume_loop)
 
@@ -76,23 +90,33 @@ def set_dir(cfg, name: str) -> str:
 
 
 def synthesize_stage(cfg, stage, splits, ctx, job_state) -> dict:
-    """This worker's share of the inverted images (and of the noise set), one part file per worker and set."""
+    """This worker's share of the inverted images (and of the noise set), one part file per worker and set; the
+    adaptive round competes with the competitor student and adds its own parts."""
     spec = cfg.deep_inversion
+    adaptive = stage.kind == ADAPTIVE
+    per_class = spec.adaptive_images_per_class() if adaptive else spec.images_per_class - spec.adaptive_images_per_class()
     source = stage.teachers[0]
     teacher = build_teacher_model(cfg, source, splits.num_classes, job_state.weights, ctx.tracking_uri).to(ctx.device)
     order = teacher_class_order(cfg, source, splits.classes)
-    labels = torch.arange(splits.num_classes).repeat(spec.images_per_class)[ctx.rank::ctx.world_size]
+    labels = torch.arange(splits.num_classes).repeat(per_class)[ctx.rank::ctx.world_size]
     wanted = labels if order is None else torch.tensor(order)[labels]  # the teacher's own index of each class
-    seed = 1_000_003 * stage.seed + ctx.rank
+    seed = 1_000_003 * stage.seed + ctx.rank + (7_919 if adaptive else 0)
+    student = None
     settings = InversionSettings(spec.steps, spec.lr, spec.bn_weight, spec.tv_weight, spec.l2_weight)
-    images = synthesize(teacher, wanted, tuple(splits.input_shape), settings, torch.Generator().manual_seed(seed)).cpu()
+    if adaptive:
+        student = build_teacher_model(cfg, f"stage:{COMPETITOR}", splits.num_classes, job_state.weights,
+                                      ctx.tracking_uri).to(ctx.device)
+        settings = dataclasses.replace(settings, competition_weight=spec.competition_weight,
+                                       competition_temperature=spec.competition_temperature)
+    images = synthesize(teacher, wanted, tuple(splits.input_shape), settings, torch.Generator().manual_seed(seed),
+                        student).cpu()
     with torch.no_grad():
         teacher.eval()
         hit = (teacher(images.to(ctx.device)).argmax(1).cpu() == wanted).float().mean().item()
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed + 1))
+    part = f"part-{'adaptive-' if adaptive else ''}{ctx.rank:04d}.parquet"
     for name, x in (("inversion", images), ("noise", noise)):
-        write_image_parquet(os.path.join(set_dir(cfg, name), f"part-{ctx.rank:04d}.parquet"), x, labels,
-                            splits.classes)
+        write_image_parquet(os.path.join(set_dir(cfg, name), part), x, labels, splits.classes)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every part is written before any student reads the set
     result = {**stage.row(), "images": len(labels) * ctx.world_size, "teacher_agreement": hit,
@@ -110,11 +134,23 @@ def synthesize_stage(cfg, stage, splits, ctx, job_state) -> dict:
     return result
 
 
+@functools.lru_cache(maxsize=32)
+def read_part_version(path: str, size: int, mtime_ns: int) -> tuple:
+    """One part file's tensors, read once per process and version (the key holds its size and mtime)."""
+    return read_image_parquet(path)
+
+
+def read_part(path: str) -> tuple:
+    info = os.stat(path)
+    return read_part_version(path, info.st_size, info.st_mtime_ns)
+
+
 def synthetic_splits(cfg, real: DatasetSplits, name: str) -> DatasetSplits:
-    """The image set ``name`` (every worker's part) as the training split; val/test stay the real ones."""
+    """The image set ``name`` (every worker's part) as the training split; val/test stay the real ones. The
+    parts are read once per process (a job's student stages share them), keyed by path, size and mtime."""
     folder = set_dir(cfg, name)
     parts = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))
-    loaded = [read_image_parquet(p) for p in parts]
+    loaded = [read_part(p) for p in parts]
     images = torch.cat([x for x, _, _ in loaded])
     labels = torch.cat([y for _, y, _ in loaded])
     train = IndexedDataset(torch.utils.data.TensorDataset(images, labels))

@@ -11,6 +11,7 @@ class Offline(Scheme):
     name = "offline"
     help = "a trained teacher teaches the student (teacher: train | checkpoint | mlflow_uri | cache)"
     sections = ("teacher",)
+    searched_kind = "distill"
 
     def check(self, cfg):
         needs_teacher(cfg)
