@@ -410,6 +410,20 @@ class LifelongSpec(_Strict):
         return methods
 
 
+class CrossModalSpec(_Strict):
+    """Cross-modal distillation (scheme ``cross_modal``, Gupta, Hoffman & Malik 2016): a dataset whose inputs
+    are a mapping of modalities (``data: {name: digits_two_views}``); the teacher reads ``teacher_input``, the
+    student ``student_input`` of the same paired samples. Per seed a ``labelled_fraction`` of the training
+    samples keeps its label for the student (``labelled_sampling``: ``stratified`` per class, or ``random``):
+    the baseline student trains on those alone, the taught one on all paired samples (knowledge terms on all,
+    CE on the labelled). See :mod:`kdray.algorithms.schemes.cross_modal`."""
+
+    teacher_input: str = "image"
+    student_input: str = "profile"
+    labelled_fraction: float = Field(0.1, gt=0, le=1)
+    labelled_sampling: Literal["stratified", "random"] = "stratified"
+
+
 class CheckpointSpec(_Strict):
     """How often a stage is checkpointed (and its buffered epoch metrics flushed to MLflow).
 
@@ -482,6 +496,7 @@ class Config(_Strict):
     graph: GraphSpec = Field(default_factory=GraphSpec)
     quantized: QuantizedSpec = Field(default_factory=QuantizedSpec)
     lifelong: LifelongSpec = Field(default_factory=LifelongSpec)
+    cross_modal: CrossModalSpec = Field(default_factory=CrossModalSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])
     ce_weight: float = Field(1.0, ge=0)

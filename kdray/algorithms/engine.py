@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from typing import Iterable, Protocol
 
 import numpy as np
@@ -63,7 +64,10 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 def _to_batch(raw, device, channels_last: bool = False) -> Batch:
     x, y, idx = raw
-    x = x.to(device, non_blocking=True)
+    if isinstance(x, Mapping):  # inputs in several modalities (a cross-modal dataset): each tensor moved
+        x = {k: v.to(device, non_blocking=True) for k, v in x.items()}
+    else:
+        x = x.to(device, non_blocking=True)
     return Batch(prec.channels_last_input(x) if channels_last else x, y.to(device, non_blocking=True),
                  idx.to(device))
 

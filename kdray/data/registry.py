@@ -87,6 +87,7 @@ def _ensure_builtin():
     importlib.import_module(f"{__package__}.builtin")
     importlib.import_module(f"{__package__}.image_parquet")
     importlib.import_module(f"{__package__}.graph")
+    importlib.import_module(f"{__package__}.two_views")
 
 
 def build_datasets(name: str, *, root: str | None = None, seed: int = 0, **options) -> DatasetSplits:

@@ -29,6 +29,26 @@ class DigitsMLP(nn.Module):
         return self.fc(self.body(x))
 
 
+class VectorMLP(nn.Module):
+    """``depth`` hidden layers of ``hidden`` units on a flat ``in_features`` vector (e.g. the 16-feature
+    ``profile`` modality of ``digits_two_views``); ``kd_embedding`` is the last hidden layer."""
+
+    def __init__(self, num_classes: int = 10, in_features: int = 16, hidden: int = 64, depth: int = 2):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(width, num_classes)
+        self.kd_stages = [f"body.{2 * i + 1}" for i in range(depth)]
+        self.kd_embedding = "body"
+
+    def forward(self, x):
+        return self.fc(self.body(x.flatten(1)))
+
+
 class DigitsCNN(nn.Module):
     """Two conv stages (8x8 -> 4x4 -> 2x2) with ``width`` and ``2*width`` channels, then a linear head."""
 
@@ -65,3 +85,8 @@ def digits_mlp(num_classes: int = 10, hidden: int = 32, depth: int = 1, in_chann
 @register_model("digits_cnn", family="digits")
 def digits_cnn(num_classes: int = 10, width: int = 16, in_channels: int = 1):
     return DigitsCNN(num_classes, width, in_channels)
+
+
+@register_model("vector_mlp", family="digits")
+def vector_mlp(num_classes: int = 10, in_features: int = 16, hidden: int = 64, depth: int = 2):
+    return VectorMLP(num_classes, in_features, hidden, depth)

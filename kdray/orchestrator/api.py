@@ -81,16 +81,18 @@ def preflight(cfg: Config) -> None:
     orders = [teacher_class_order(cfg, src, splits.classes) for src in sources]  # before loading weights
     scheme = get_scheme(cfg.scheme)
     try:
-        teacher_models = []
+        teacher_models, model_paths = [], []
         for (path, spec), source in zip(cfg.teacher_paths(), sources):
             teacher_models.append(create_spec_model(spec, path, splits.num_classes) if spec.train is not None
                                   else build_teacher_model(cfg, source, splits.num_classes, {},
                                                            tracking_uri_for(cfg)))
+            model_paths.append(path)
         for path, spec in scheme.models(cfg):  # assistants, peers: they build, classes agree
             teacher_models.append(create_spec_model(spec, path, splits.num_classes))
+            model_paths.append(path)
         with torch.no_grad():
-            for model in teacher_models:
-                classes = model.eval()(example).shape[1]
+            for model, path in zip(teacher_models, model_paths):
+                classes = model.eval()(scheme.model_inputs(cfg, path, example)).shape[1]
                 if classes != splits.num_classes:
                     raise ConfigError(f"a teacher ({type(model).__name__}) outputs {classes} classes but dataset "
                                       f"{cfg.data.name!r} has {splits.num_classes}")

@@ -8,6 +8,8 @@ cannot drift apart (they had: five copies, each slightly different). Placement (
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 
@@ -31,9 +33,13 @@ def build_splits(cfg: Config):
     return build_datasets(cfg.data.name, root=cfg.data.root, **cfg.data.builder_options())
 
 
-def example_batch(dataset, count: int = 2) -> torch.Tensor:
-    """The first ``count`` inputs of ``dataset`` stacked: what lazy connectors are built against."""
-    return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+def example_batch(dataset, count: int = 2) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The first ``count`` inputs of ``dataset`` stacked: what lazy connectors are built against. Inputs that
+    are a mapping (a cross-modal dataset's modalities) are stacked per key."""
+    inputs = [dataset[i][0] for i in range(min(count, len(dataset)))]
+    if inputs and isinstance(inputs[0], Mapping):
+        return {key: torch.stack([x[key] for x in inputs]) for key in inputs[0]}
+    return torch.stack(inputs)
 
 
 def build_terms(cfg: Config) -> list[KnowledgeTerm]:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Registration order is the order of `kdray list schemes` and of the scheme error message.
 BUILTIN_SCHEMES = ("offline", "online", "self_distill", "assistant", "multi_teacher", "adversarial",
-                   "data_free", "deep_inversion", "quantized", "graph", "lifelong")
+                   "data_free", "deep_inversion", "quantized", "graph", "lifelong", "cross_modal")
 ENTRY_POINT_GROUP = "kdray.schemes"
 
 _REGISTRY: dict[str, "Scheme"] = {}
@@ -103,6 +103,12 @@ class Scheme:
     def check_data(self, cfg: "Config", splits) -> None:
         """Checks of the data alone, before any model is built or run on it (a dataset of the wrong kind for
         the scheme): raise ``ValueError`` with one line."""
+
+    def model_inputs(self, cfg: "Config", path: str, inputs):
+        """What the model at config path ``path`` (``teacher``, ``teachers.1``, ``student``, ...) reads of a
+        batch's ``inputs`` (preflight calls it before running a model on the example batch); default: all of
+        them. A scheme on a dataset of several modalities picks that model's one (``cross_modal``)."""
+        return inputs
 
     def preflight(self, cfg: "Config", splits, example, student, teachers: list, orders: list) -> None:
         """Checks needing data and built models but no training (feature points resolve, shapes agree):
