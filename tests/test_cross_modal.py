@@ -265,3 +265,27 @@ def test_two_ray_train_workers_train_the_teacher_and_the_cross_modal_student(tmp
     assert [s["kind"] for s in result.stages] == ["teacher", "cross_modal"]  # the teacher on images, DDP too
     assert all(0.0 <= a <= 1.0 for a in result.accuracies("cross_modal"))
     assert result.stages[-1]["paired_samples"] == 1079 and result.stages[-1]["teachers"] == ["stage:teacher"]
+
+
+@pytest.mark.ray
+def test_cross_modal_knobs_are_searchable(tmp_path, ray_session, teacher_checkpoint):
+    """``kdray sweep`` over the KD temperature and the labelled fraction of a cross-modal job: the sweep's build
+    check and latency shape read the student's modality (the 16 profile features), each trial's profile student
+    is scored, and the sampled fraction reaches its job."""
+    import json
+    import os
+
+    from kdray.orchestrator.checkpoints import LocalCheckpoints
+
+    base = cross_modal_job(tmp_path, teacher_checkpoint, train__epochs=2)
+    space = {"methods.0.temperature": {"float": [2.0, 6.0]}, "cross_modal.labelled_fraction": {"float": [0.05, 0.2]}}
+    result = kdray.sweep(space, base, num_samples=2, asha=False, name="cm-sweep", output_dir=str(tmp_path / "out"),
+                         objectives=["val_top1:max", "latency_ms:min"], sampler="nsga2", verbose=0,
+                         log=lambda m: None)
+    assert len(result.trials) == 2 and (result.trials["status"] == "complete").all(), result.trials
+    for _, row in result.trials.iterrows():
+        [stage] = LocalCheckpoints(row["run_dir"]).latest()["done"].values()
+        assert stage["kind"] == "cross_modal" and row["val_top1"] == pytest.approx(stage["val_top1"])
+        assert row["latency_ms"] > 0
+        job = json.loads(open(os.path.join(row["run_dir"], "config.json")).read())
+        assert job["cross_modal"]["labelled_fraction"] == pytest.approx(row["cross_modal.labelled_fraction"])

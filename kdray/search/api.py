@@ -228,16 +228,21 @@ def _schedule(space, base: Config, search: SearchSpec) -> tuple[int, int, int]:
     return max_epochs, max_t, grace
 
 
-def _check_build(cfg: Config, num_classes: int, example, teacher_model, cache: dict) -> None:
-    """Build the student, its knowledge terms and connectors against the teacher (no training)."""
-    from kdray.orchestrator.build import check_distiller_builds, create_spec_model
+def _check_build(cfg: Config, splits, example, teacher_model, cache: dict) -> None:
+    """The scheme's own preflight of a sampled config: the student, its knowledge terms and connectors built
+    against the teacher, the scheme's own checks (generator shapes, feature points, modalities); no training."""
+    from kdray.orchestrator.build import create_spec_model
 
-    key = json.dumps([cfg.student.model, cfg.student.args, [m.model_dump() for m in cfg.methods]],
+    scheme = get_scheme(cfg.scheme)
+    sections = {name: getattr(cfg, name) for name in scheme.sections if name not in ("teacher", "teachers")}
+    key = json.dumps([cfg.student.model, cfg.student.args, [m.model_dump() for m in cfg.methods],
+                      {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in sections.items()}],
                      sort_keys=True, default=str)
     if key in cache:
         return
-    student = create_spec_model(cfg.student, "student", num_classes)
-    check_distiller_builds(cfg, example, student, [teacher_model], [None], num_samples=8)
+    student = create_spec_model(cfg.student, "student", splits.num_classes)
+    teachers = [] if teacher_model is None else [teacher_model]
+    scheme.preflight(cfg, splits, example, student, teachers, [None] * len(teachers))
     cache[key] = True
 
 
@@ -275,8 +280,7 @@ def validate(space, base: Config, search: SearchSpec) -> dict:
                 if step == "config":
                     built.append(load_config(apply_params(raw, space.resolve(sampled))))
                 else:
-                    if teacher_model is not None:
-                        _check_build(built[i], splits.num_classes, example, teacher_model, cache)
+                    _check_build(built[i], splits, example, teacher_model, cache)
             except ConfigError as err:
                 raise ConfigError(f"space ({desc}): {err}") from None
             except (ValueError, TypeError, RuntimeError, KeyError, IndexError) as err:
@@ -287,7 +291,8 @@ def validate(space, base: Config, search: SearchSpec) -> dict:
             raise ConfigError("search.sampler: grid needs a space mapping, not a function")
         space.grid()
     max_epochs, max_t, grace = _schedule(space, base, search)
-    return {"num_classes": splits.num_classes, "input_shape": tuple(example.shape[1:]),
+    student_example = get_scheme(base.scheme).model_inputs(base, "student", example)  # its modality, if several
+    return {"num_classes": splits.num_classes, "input_shape": tuple(student_example.shape[1:]),
             "distributions": distributions, "max_epochs": max_epochs, "max_t": max_t, "grace": grace,
             "checked": len(configs)}
 

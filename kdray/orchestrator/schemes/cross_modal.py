@@ -70,8 +70,7 @@ class CrossModal(Scheme):
             "(cross_modal: teacher_input, student_input, labelled_fraction); baseline = the labelled ones alone")
     sections = ("teacher", "cross_modal")
     own_stage_kinds = ("teacher", "labelled", "cross_modal")
-    # Not sweepable yet (searched_kind None: `kdray sweep` refuses it in one line): the sweep's build check and
-    # input shape (kdray/search/api.py validate) read a one-tensor example batch, not a mapping of modalities.
+    searched_kind = "cross_modal"  # a sweep scores the taught student (its preflight routes the modalities)
 
     def check(self, cfg):
         needs_live_teacher(cfg, "its own modality of each paired batch")
