@@ -332,3 +332,23 @@ def test_sweep_trials_plan_only_the_taught_quantised_student(tmp_path):
     cfg = load_config(trial)
     assert [s.kind for s in plan_stages(cfg)] == ["teacher", "distill"]
     assert [s.name for s in searched_stages(cfg)] == ["q4-kd-seed0"]
+
+
+@pytest.mark.ray
+def test_bit_width_is_searchable(tmp_path, ray_session, teacher_file):
+    """``kdray sweep`` over ``quantized.bits``: each trial trains and scores only the taught quantised student
+    (no quantised-alone baseline), at the sampled width, and exports it."""
+    import json
+    import os
+
+    from kdray.orchestrator.checkpoints import LocalCheckpoints
+
+    base = quantized_job(tmp_path, teacher_file=teacher_file, train__epochs=2)
+    result = kdray.sweep({"quantized.bits": {"choice": [2, 8]}}, base, num_samples=2, sampler="grid", asha=False,
+                         name="q-sweep", output_dir=str(tmp_path / "out"), verbose=0, log=lambda m: None)
+    assert sorted(result.trials["quantized.bits"]) == [2, 8] and (result.trials["status"] == "complete").all()
+    for _, row in result.trials.iterrows():
+        [stage] = LocalCheckpoints(row["run_dir"]).latest()["done"].values()
+        assert stage["kind"] == "distill" and stage["name"] == f"q{row['quantized.bits']}-kd-seed0"
+        job = json.loads(open(os.path.join(row["run_dir"], "config.json")).read())
+        assert job["quantized"]["alone_baseline"] is False
