@@ -43,8 +43,7 @@ class ICKD(KnowledgeTerm):
 
     name = "ickd"
     kind = "feature"
-    paper = ("Liu, Chen, Liu, Gao, Li, Zhang, Jiao 2021, Exploring Inter-Channel Correlation for "
-             "Diversity-preserved Knowledge Distillation")
+    paper = "Liu et al. 2021, Exploring Inter-Channel Correlation for Diversity-preserved Knowledge Distillation"
     default_student_points = "stages"
     default_teacher_points = "stages"
 
