@@ -1,4 +1,5 @@
-"""Liu et al., "Exploring Inter-Channel Correlation for Diversity-preserved Knowledge Distillation" (ICCV 2021)."""
+"""Liu, Huang, Lin, Xie, Wang, Chang, Liang, "Exploring Inter-Channel Correlation for Diversity-preserved
+Knowledge Distillation" (ICCV 2021)."""
 from __future__ import annotations
 
 import torch
@@ -27,9 +28,10 @@ class ICKD(KnowledgeTerm):
 
         L = weight * 1/B * sum_b  1/C * sum_{m,n} (G^T_b[m, n] - G^S_b[m, n])^2
 
-    Followed from the authors' code (ADLab-AutoDrive ICKD), where it differs from the paper's text: the
-    rows of ``G`` are l2-normalised (the paper writes the raw Gram) and the squared difference is divided
-    by ``C`` (the paper writes ``1/C^2``); the published ``beta`` is tuned for this reduction.
+    Followed from the authors' code (ADLab-AutoDrive ICKD): the rows of ``G`` are l2-normalised and the
+    squared difference is divided by ``C``; the published ``beta`` is tuned for this reduction. As we read
+    the paper, its equation averages the squared difference of the un-normalised ICC matrices over the
+    ``C^2`` entries (not re-checked against the PDF here); at a fixed ``beta`` that is a different scale.
 
     Grid partition (the paper's choice for large maps, ImageNet / segmentation): ``grid = n > 1`` cuts both
     maps into ``n x n`` equal cells and averages the loss of the cells' ICC matrices; the map's height and
@@ -43,7 +45,8 @@ class ICKD(KnowledgeTerm):
 
     name = "ickd"
     kind = "feature"
-    paper = "Liu et al. 2021, Exploring Inter-Channel Correlation for Diversity-preserved Knowledge Distillation"
+    paper = ("Liu, Huang, Lin, Xie, Wang, Chang, Liang 2021, Exploring Inter-Channel Correlation for "
+             "Diversity-preserved Knowledge Distillation")
     default_student_points = "stages"
     default_teacher_points = "stages"
 

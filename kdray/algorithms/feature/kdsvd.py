@@ -92,9 +92,12 @@ class KDSVD(KnowledgeTerm):
         return pairs
 
     def build(self, student: ModelOutput, teacher: ModelOutput, num_samples: int) -> None:
-        self.connectors = nn.ModuleList(
-            (nn.Identity() if p.student.shape[1] == p.teacher.shape[1] else conv_bn(p.student.shape[1], p.teacher.shape[1]))
-            .to(device=p.student.device, dtype=p.student.dtype) for p in self._pairs(student, teacher))
+        connectors = []
+        for p in self._pairs(student, teacher):
+            s_c, t_c = p.student.shape[1], p.teacher.shape[1]
+            conv = nn.Identity() if s_c == t_c else conv_bn(s_c, t_c)
+            connectors.append(conv.to(device=p.student.device, dtype=p.student.dtype))
+        self.connectors = nn.ModuleList(connectors)
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
         if self.connectors is None:
