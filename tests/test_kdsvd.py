@@ -68,3 +68,26 @@ def test_kdsvd_refuses_one_point_and_too_low_rank():
     with pytest.raises(ValueError) as err:
         make_term("kdsvd", [torch.randn(2, 3, 2, 2)] * 2, [torch.randn(4, 3, 2, 2)] * 2)
     assert "(2, 3, 2, 2)" in str(err.value) and "(4, 3, 2, 2)" in str(err.value)
+
+
+def test_svd_gradient_matches_autograd_and_stays_finite_with_dead_channels():
+    from kdray.algorithms.feature.kdsvd import right_singular_vectors
+
+    torch.manual_seed(0)
+    for shape in [(2, 6, 2, 2), (2, 3, 3, 3)]:  # wide and tall HW x C matrices
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        w, w2 = torch.randn(shape[0], shape[1], 3, dtype=torch.float64), torch.randn(shape[0], 3, dtype=torch.float64)
+        v, s = right_singular_vectors(x, 3)
+        ((v * w).sum() + (s * w2).sum()).backward()
+        ours, x.grad = x.grad.clone(), None
+        _, sv, vh = torch.linalg.svd(x.flatten(2).transpose(1, 2), full_matrices=False)
+        v_ref = torch.nn.functional.normalize(vh.transpose(1, 2)[:, :, :3], dim=1)
+        s_ref = torch.nn.functional.normalize(sv[:, :3], dim=1)
+        ((v_ref * w).sum() + (s_ref * w2).sum()).backward()
+        torch.testing.assert_close(ours, x.grad)
+    x = torch.relu(torch.randn(2, 6, 4, 4))
+    x[:, 3:] = 0  # three dead channels: repeated zero singular values (autograd's SVD gives NaN here)
+    x.requires_grad_(True)
+    v, s = right_singular_vectors(x, 2)
+    (v.sum() + s.sum()).backward()
+    assert torch.isfinite(x.grad).all()

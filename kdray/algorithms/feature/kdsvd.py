@@ -9,12 +9,46 @@ from kdray.algorithms.base import Batch, KnowledgeTerm, ModelOutput, register_me
 from kdray.algorithms.feature.connectors import conv_bn, feature_pairs, not_built, shape_error
 
 
+class _SingularValuesAndRightVectors(torch.autograd.Function):
+    """Thin SVD ``X = U diag(S) V^T`` returning ``(S, V)``, whose backward drops the non-finite terms.
+
+    The backward is the standard one for ``(S, V)`` (Townsend's, with ``dL/dU = 0``)::
+
+        dX = U [diag(dS) + diag(S) (F o (V^T dV - dV^T V))] V^T + U diag(S)^-1 dV^T (I - V V^T)
+
+    with ``F_ij = 1 / (S_j^2 - S_i^2)`` off the diagonal. Where singular values repeat (a post-ReLU map with
+    dead channels has many zeros) ``F`` or ``1/S`` are infinite while their factor is zero (the unused,
+    truncated vectors get no gradient), and autograd's SVD returns NaN; here those terms are zero. Elsewhere
+    it equals autograd's SVD gradient (tested). The public port zeroes non-finite values in the forward only."""
+
+    @staticmethod
+    def forward(ctx, x):
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        v = vh.transpose(-2, -1)
+        ctx.save_for_backward(u, s, v)
+        return s, v
+
+    @staticmethod
+    def backward(ctx, grad_s, grad_v):
+        u, s, v = ctx.saved_tensors
+        s2 = s.pow(2)
+        f = 1.0 / (s2.unsqueeze(-2) - s2.unsqueeze(-1))
+        f = torch.where(torch.isfinite(f), f, torch.zeros_like(f))
+        f.diagonal(dim1=-2, dim2=-1).zero_()
+        vt_gv = v.transpose(-2, -1) @ grad_v
+        inner = torch.diag_embed(grad_s) + s.unsqueeze(-1) * (f * (vt_gv - vt_gv.transpose(-2, -1)))
+        grad_x = u @ inner @ v.transpose(-2, -1)
+        s_inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+        proj = grad_v.transpose(-2, -1) - vt_gv.transpose(-2, -1) @ v.transpose(-2, -1)  # dV^T (I - V V^T)
+        grad_x = grad_x + u @ (s_inv.unsqueeze(-1) * proj)
+        return torch.where(torch.isfinite(grad_x), grad_x, torch.zeros_like(grad_x))
+
+
 def right_singular_vectors(feature: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of each sample's ``HW x C`` feature matrix: the top ``n`` right singular vectors
     ``(B, C, n)`` (channel space, each l2-normalised) and their singular values ``(B, n)``, l2-normalised."""
-    x = feature.flatten(2).transpose(1, 2)
-    _u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    return F.normalize(vh.transpose(1, 2)[:, :, :n], dim=1), F.normalize(s[:, :n], dim=1)
+    s, v = _SingularValuesAndRightVectors.apply(feature.flatten(2).transpose(1, 2))
+    return F.normalize(v[:, :, :n], dim=1), F.normalize(s[:, :n], dim=1)
 
 
 def align_to_teacher(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
@@ -49,8 +83,10 @@ class KDSVD(KnowledgeTerm):
 
     Followed from the authors' TensorFlow code as ported by Knowledge-Distillation-Zoo (``KDSVD``): the
     ``k + 3`` candidates, the RBF taken entry-wise per singular index with ``sigma = 8``, the sum
-    reduction over the batch mean and non-finite entries zeroed. The paper's text was not re-checked
-    for these details beyond the RBF, the sign alignment and the singular-value weighting it describes.
+    reduction over the batch mean and non-finite entries zeroed; the SVD's backward also drops its
+    non-finite terms (:class:`_SingularValuesAndRightVectors`), so dead channels make no NaN gradients.
+    The paper's text was not re-checked for these details beyond the RBF, the sign alignment and the
+    singular-value weighting it describes.
 
     Departures: the port reshapes with ``H * H`` (square maps); we use ``H * W``. The method needs the
     same channel count at each pair of points (the paper's students keep the teacher's widths); where
