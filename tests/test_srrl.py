@@ -61,6 +61,7 @@ def test_srrl_value_identity_connector(sr_loss):
 
 
 def test_distiller_hands_over_a_frozen_copy_of_the_teachers_head():
+    assert create_method("srrl").sr_loss == "mse"
     distiller, teacher, batch = make_pair("srrl")
     term = distiller.terms[0]
     assert term.head is not teacher.model.fc

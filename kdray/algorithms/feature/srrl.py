@@ -32,9 +32,10 @@ class SRRL(KnowledgeTerm):
         L = feature_weight * mean((r(h_S) - h_T)^2)                    (L_FM, feature matching)
           + sr_weight * L_SR(W_T r(h_S), W_T h_T)                      (softmax regression)
 
-    ``sr_loss="ce"`` (default, the paper's softmax regression): ``-sum_k softmax(W_T h_T)_k *
-    log softmax(W_T r(h_S))_k``, batch mean. ``sr_loss="mse"``: the element mean of the squared difference of
-    the two logit vectors, what the authors' released ImageNet code uses. The target ``W_T h_T`` is the
+    ``sr_loss="mse"`` (default): the element mean of the squared difference of the two logit vectors, the
+    "simple L2 loss" of the paper's abstract and what the authors' released code uses (``F.mse_loss``).
+    ``sr_loss="ce"``: the softmax cross-entropy form, ``-sum_k softmax(W_T h_T)_k * log softmax(W_T r(h_S))_k``
+    (batch mean), a variant the name "softmax regression" suggests. The target ``W_T h_T`` is the
     teacher's own logits when the embedding point is the head's input (it is recomputed through the head
     copy, so a class-reordered teacher changes nothing). The authors' code applies ``r`` to the last map
     before pooling and matches channel means (``statm_loss`` = the MSE of the pooled features); we apply
@@ -58,7 +59,7 @@ class SRRL(KnowledgeTerm):
     default_student_points = "embedding"
     default_teacher_points = "embedding"
 
-    def __init__(self, feature_weight: float = 1.0, sr_weight: float = 1.0, sr_loss: str = "ce",
+    def __init__(self, feature_weight: float = 1.0, sr_weight: float = 1.0, sr_loss: str = "mse",
                  teacher_head: str | None = None, feature_index: int = -1):
         super().__init__()
         if feature_weight < 0 or sr_weight < 0:
