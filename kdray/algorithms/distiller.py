@@ -198,6 +198,9 @@ class Distiller(nn.Module):
         t_out = teacher(example_inputs) if teacher is not None else ModelOutput(s_out.logits)
         with autocast_off(s_out.logits):
             for term, slot in zip(self.terms, self.term_teachers):
+                bind = getattr(term, "bind_teacher_model", None)  # terms that reuse a teacher module (SRRL's head)
+                if callable(bind):
+                    bind(teacher_module(teacher, slot))
                 term.build(select_points(s_out, term.student_points),
                            _teacher_view(t_out, slot, term).in_full_precision(), num_samples)
         self.student.train(was_training)
@@ -237,6 +240,16 @@ class Distiller(nn.Module):
     def export_student(self) -> nn.Module:
         """The bare student (no connectors, no DDP wrapper) for saving and serving."""
         return unwrap(self.student)
+
+
+def teacher_module(teacher: nn.Module | None, member: int | None = None) -> nn.Module | None:
+    """The teacher's own network (teacher ``member``'s in an in-process ensemble), for the terms that reuse
+    part of it (``bind_teacher_model``); ``None`` where only its outputs are at hand (a cache, a remote shard)."""
+    if member is not None:
+        members = getattr(teacher, "teachers", None)
+        teacher = members[member] if members is not None and member < len(members) else None
+    model = getattr(teacher, "model", None)
+    return model if isinstance(model, nn.Module) else None
 
 
 def select_points(out: ModelOutput, points: list[str]) -> ModelOutput:
