@@ -10,7 +10,9 @@ afterwards; the projection is counted in the student's parameters. The head is g
 linear layer, as in ``digits_cnn``.
 
 ``create_model("blockwise_student", 10, blocks=[{...}, {...}])`` builds it, so the assembled student trains,
-checkpoints, logs to MLflow and reloads like any registered student.
+checkpoints, logs to MLflow and reloads like any registered student. ``init``: a ``state_dict`` file the
+student starts from (the block search writes one with the blocks it trained on the teacher's features and the
+teacher's classifier); it must exist where the model is built.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def block_name(block: dict) -> str:
 class BlockwiseStudent(nn.Module):
     """Chosen blocks in sequence, then global average pooling and a linear classifier."""
 
-    def __init__(self, blocks: list[dict], num_classes: int = 10):
+    def __init__(self, blocks: list[dict], num_classes: int = 10, init: str | None = None):
         super().__init__()
         if not blocks:
             raise ValueError("blockwise_student needs at least one block")
@@ -66,11 +68,20 @@ class BlockwiseStudent(nn.Module):
         self.fc = nn.Linear(int(blocks[-1]["cout"]), num_classes)
         self.kd_stages = [f"blocks.{i}" for i in range(len(blocks))]
         self.kd_embedding = "pool"
+        if init is not None:
+            import os
+
+            import torch
+
+            if not os.path.isfile(init):
+                raise ValueError(f"blockwise_student init {init!r} is not a file (the block search's "
+                                 f"initial weights); remove init to start from random weights")
+            self.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
 
     def forward(self, x):
         return self.fc(self.pool(self.blocks(x)).flatten(1))
 
 
 @register_model("blockwise_student", family="blockwise")
-def blockwise_student(num_classes: int = 10, blocks: list | None = None):
-    return BlockwiseStudent(list(blocks or []), num_classes)
+def blockwise_student(num_classes: int = 10, blocks: list | None = None, init: str | None = None):
+    return BlockwiseStudent(list(blocks or []), num_classes, init)

@@ -14,7 +14,10 @@ and ``kdray nas FILE.yaml``.
    epoch; its result is kept in ``blocks/<block>-<candidate>.json`` so a resumed search trains nothing twice.
 4. The assembly minimising the summed block scores within ``budget`` parameters (exhaustive over the product)
    becomes a ``blockwise_student`` and is distilled end to end from the teacher (``kdray.distill``, offline
-   scheme, the base job's methods), nested under the search's MLflow run. ``compare: k`` distils ``k`` more
+   scheme, the base job's methods), nested under the search's MLflow run. With ``inherit`` (the default) it
+   starts from the weights its blocks learnt in their trials and the teacher's classifier (the blocks end at
+   the teacher's channel count, so it fits); DNA retrains the found architecture from scratch instead
+   (``inherit: false``). ``compare: k`` distils ``k`` more
    assemblies spread over the score ranking, for the plot of block loss vs final accuracy and its Spearman rho.
 
 The search's MLflow parent run holds the per-block scores (metrics and ``block_scores.csv``), the chosen
@@ -58,6 +61,7 @@ class BlockSearchSpec(BaseModel):
     seed: int = 0
     max_concurrent: int | Literal["auto"] = "auto"
     compare: int = Field(0, ge=0)  # further assemblies distilled end to end (block loss vs accuracy)
+    inherit: bool = True  # start the assembled student from the searched blocks' weights + the teacher's head
 
 
 class NasFile(BaseModel):
@@ -295,6 +299,9 @@ def block_trial(config: dict, setup: BlockTrialSetup) -> None:
             tune.report({"block_loss": loss, "epoch": epoch + 1, **extra})
 
     history = train_block(module, train, val, setup.epochs, setup.lr, setup.batch_size, setup.seed, on_epoch)
+    os.makedirs(setup.results_dir, exist_ok=True)
+    torch.save(module.state_dict(), path.removesuffix(".json") + ".pt.tmp")
+    os.replace(path.removesuffix(".json") + ".pt.tmp", path.removesuffix(".json") + ".pt")
     final = {"block_loss": history[-1], "epoch": setup.epochs, "trial_epochs": setup.epochs,
              "start": start, "end": time.time(), "pid": os.getpid(), **extra}
     os.makedirs(setup.results_dir, exist_ok=True)
@@ -365,6 +372,30 @@ def _teacher_state(run_dir: str) -> dict:
     if teacher is None:
         raise RuntimeError(f"no trained teacher in the base job's checkpoints under {run_dir}")
     return teacher
+
+
+def _inherited_weights(setup: BlockTrialSetup, choice: list[str], blocks: list[dict], num_classes: int,
+                       path: str) -> str:
+    """The assembled student's initial ``state_dict``: each block as its trial trained it on the teacher's
+    features, and the teacher's own tensors where name and shape match (the classifier ``fc``: the blocks end
+    at the teacher's channel count, so the teacher's head fits). Written to ``path``; returns it."""
+    import torch
+
+    from kdray.models.blockwise import BlockwiseStudent
+
+    student = BlockwiseStudent(blocks, num_classes)
+    state = student.state_dict()
+    for i, name in enumerate(choice):
+        trained = torch.load(result_file(setup.results_dir, i, name).removesuffix(".json") + ".pt",
+                             map_location="cpu", weights_only=True)
+        state.update({f"blocks.{i}.{k}": v for k, v in trained.items()})
+    teacher = torch.load(setup.teacher_path, map_location="cpu", weights_only=True)
+    state.update({k: v for k, v in teacher.items() if not k.startswith("blocks.") and k in state
+                  and state[k].shape == v.shape})
+    student.load_state_dict(state)
+    torch.save(student.state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def _distilled(outcome, cfg: Config) -> dict:
@@ -462,14 +493,19 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
             if key in candidates:
                 continue
             blocks = [bw.with_interface(by_name[n], s) for n, s in zip(pick.choice, shapes)]
-            craw = {**copy.deepcopy(job_raw), "name": "assembled" if k == 0 else f"assembly-{k}",
-                    "output_dir": sweep_dir, "student": {"model": "blockwise_student", "args": {"blocks": blocks}}}
+            job = "assembled" if k == 0 else f"assembly-{k}"
+            args: dict = {"blocks": blocks}
+            if spec.inherit:
+                args["init"] = _inherited_weights(setup, pick.choice, blocks, info["num_classes"],
+                                                  os.path.join(sweep_dir, f"{job}-init.pt"))
+            craw = {**copy.deepcopy(job_raw), "name": job, "output_dir": sweep_dir,
+                    "student": {"model": "blockwise_student", "args": args}}
             ccfg = load_config(craw)
             log(f"distilling {'the chosen assembly' if k == 0 else f'assembly {k}'} {' / '.join(pick.choice)} "
                 f"({pick.params:,} params, summed block loss {pick.loss:.4f})")
             got = _distilled(distill(ccfg, resume=True, parent_run_id=parent, log=_quiet), ccfg)
             candidates[key] = {"choice": pick.choice, "block_loss": pick.loss, "params": pick.params,
-                               "blocks": blocks, "name": ccfg.name, **got}
+                               "blocks": blocks, "args": args, "name": ccfg.name, **got}
             write_state(state_path, state)
         done = [candidates["|".join(p.choice)] for p in picks]
         assembled = done[0]
@@ -481,7 +517,7 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
         write_state(state_path, state)
         result = BlockSearchResult(
             table, {"choice": chosen.choice, "block_loss": chosen.loss, "params": chosen.params},
-            {"model": "blockwise_student", "args": {"blocks": assembled["blocks"]}}, assembled, done, rho, cost,
+            {"model": "blockwise_student", "args": assembled["args"]}, assembled, done, rho, cost,
             state["base"], sweep_dir, uri, parent)
         if tracking and not state.get("logged"):
             _log_outcome(tracking, result, spec)
