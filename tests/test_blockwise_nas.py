@@ -158,11 +158,11 @@ def test_cli_nas_reports_a_bad_budget_in_one_line(tmp_path, capsys):
 
 def test_the_example_nas_file_validates():
     from kdray.config import read_yaml
-    from kdray.search.blockwise import NasFile, _base_config, validate
+    from kdray.search.blockwise import NasFile, nas_base_config, validate
     from kdray.search.spec import base_raw
 
     spec = NasFile.model_validate(read_yaml(os.path.join(ROOT, "examples", "digits_blockwise_nas.yaml")))
-    info = validate(_base_config(base_raw(spec.base, os.path.join(ROOT, "examples"))), spec.blocks)
+    info = validate(nas_base_config(base_raw(spec.base, os.path.join(ROOT, "examples"))), spec.blocks)
     assert len(info["names"]) == 16 and len(info["params"]) == 2
     assert bw.smallest_assembly(info["params"], info["head_params"]) <= spec.blocks.budget
 

@@ -175,7 +175,8 @@ def nas_file(source: str | dict, overrides: list[str] | None = None, resume: boo
 
 
 # --- the search ----------------------------------------------------------------------------------
-def _base_config(raw: dict) -> Config:
+def nas_base_config(raw: dict) -> Config:
+    """The base job of a block search: an offline job with one teacher, no from-scratch baseline."""
     raw = copy.deepcopy(raw)
     raw["baseline"] = False
     try:
@@ -425,7 +426,7 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
         check_job_name(name)
     except ValueError as err:
         raise ConfigError(f"name: {err} (got {name!r})") from None
-    base = _base_config(raw)
+    base = nas_base_config(raw)
     sweep_dir = os.path.join(os.path.abspath(os.path.expanduser(output_dir or base.output_dir)), name)
     state_path = os.path.join(sweep_dir, STATE_FILE)
     if not resume and os.path.exists(state_path):
