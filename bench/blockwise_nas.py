@@ -1,0 +1,130 @@
+"""Block-wise NAS-guided distillation (DNA) against kdray's whole-student search at one parameter budget.
+
+Both searches distil the same digits_cnn teacher (same data, split, seed, epochs) with Hinton KD; each trains
+its own teacher in its base job (counted in its wall time, not in its trial-epochs).
+
+- block-wise: ``kdray.block_search`` over 16 candidates per block (width {2,4,8,16} x depth {1,2} x kernel
+  {3,5}) on the teacher's two stages, the best assembly within the budget distilled end to end (starting from
+  its searched blocks and the teacher's head), ``--compare`` more assemblies spread over the score ranking
+  distilled too, for the Spearman rho of summed block loss vs val top-1; the chosen architecture is also
+  distilled from random weights (``inherit: false``, DNA's retraining from scratch).
+- whole-student: ``kdray.sweep`` (TPE + ASHA) over students that all fit the budget: digits_cnn width 2..W
+  and digits_mlp hidden 4..H, and the learning rate.
+
+Block trial-epochs train one block on cached teacher features: far cheaper than a whole-student epoch; the
+table gives both counts and the wall times.
+
+    python bench/blockwise_nas.py                  # budget 3000, 12 whole-student trials, 5 compared assemblies
+    python bench/blockwise_nas.py --budget 2000 --samples 8 --compare 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+
+def base_job(out: str, epochs: int, teacher_epochs: int, fraction: float, uri: str | None) -> dict:
+    return {
+        "name": "bench", "output_dir": out,
+        "data": {"name": "digits", "options": {"train_fraction": fraction}},
+        "teacher": {"model": "digits_cnn", "args": {"width": 16},
+                    "train": {"epochs": teacher_epochs, "lr": 0.05, "batch_size": 32}},
+        "student": {"model": "digits_cnn", "args": {"width": 2}},
+        "methods": [{"name": "kd", "alpha": 0.9, "temperature": 4.0}],
+        "train": {"epochs": epochs, "lr": 0.05, "batch_size": 32},
+        "seeds": [0], "baseline": False, "ray": {"num_workers": 0},
+        "mlflow": {"tracking_uri": uri, "enabled": uri is not None, "experiment": "bench-blockwise-nas"},
+    }
+
+
+def cnn_params(width: int) -> int:
+    from kdray.models import create_model
+
+    return sum(p.numel() for p in create_model("digits_cnn", 10, width=width).parameters())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", type=int, default=3000)
+    p.add_argument("--epochs", type=int, default=20, help="end-to-end distillation epochs (both searches)")
+    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--fraction", type=float, default=0.5, help="data.options.train_fraction")
+    p.add_argument("--samples", type=int, default=12, help="whole-student sweep trials")
+    p.add_argument("--compare", type=int, default=5, help="further assemblies distilled for the Spearman rho")
+    p.add_argument("--block-epochs", type=int, default=10)
+    p.add_argument("--mlflow", action="store_true", help="track both in an MLflow store under the output dir")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import kdray
+    from kdray.orchestrator.api import distill
+
+    out = args.out or tempfile.mkdtemp(prefix="kdray-bench-nas-")
+    uri = f"sqlite:///{os.path.join(out, 'mlflow.db')}" if args.mlflow else None
+    base = base_job(os.path.join(out, "runs"), args.epochs, args.teacher_epochs, args.fraction, uri)
+
+    # --- block-wise (DNA) ---
+    t0 = time.time()
+    nas = kdray.block_search(base, ["stage1", "stage2"], widths=[2, 4, 8, 16], depths=[1, 2], kernels=[3, 5],
+                             epochs=args.block_epochs, budget=args.budget, compare=args.compare, name="nas",
+                             output_dir=out, log=lambda m: print(f"  [nas] {m}", flush=True))
+    nas_wall = time.time() - t0
+    # the chosen architecture from random weights (DNA retrains the found architecture from scratch)
+    scratch_raw = {**base, "name": "assembled-scratch", "output_dir": nas.path,
+                   "teacher": {"model": "digits_cnn", "args": {"width": 16},
+                               "checkpoint": os.path.join(nas.path, "teacher.pt")},
+                   "student": {"model": "blockwise_student", "args": {"blocks": nas.assembled["blocks"]}}}
+    t1 = time.time()
+    stages = [s for s in distill(scratch_raw, log=lambda m: None, quiet=True).stages if s["kind"] == "student"]
+    scratch = {"val_top1": stages[0]["val_top1"], "test_top1": stages[0]["test_top1"], "wall": time.time() - t1}
+
+    # --- whole-student search at the same budget ---
+    w_max = max(w for w in range(2, 17) if cnn_params(w) <= args.budget)
+    h_max = (args.budget - 10) // 75  # digits_mlp, depth 1: 75 h + 10 parameters
+    space = {"student.model": {"choice": {"digits_cnn": {"student.args.width": {"int": [2, w_max]}},
+                                          "digits_mlp": {"student.args.hidden": {"int": [4, h_max], "log": True}}}},
+             "train.lr": {"float": [0.02, 0.2], "log": True}}
+    t0 = time.time()
+    sw = kdray.sweep(space, base, num_samples=args.samples, sampler="tpe", seeds=[0], name="whole",
+                     output_dir=out, verbose=0, register_model=False,
+                     log=lambda m: print(f"  [sweep] {m}", flush=True))
+    sw_wall = time.time() - t0
+    best = sw.best
+    assert best["params"] <= args.budget, best
+
+    rows = [("block-wise (DNA): chosen assembly, inherited blocks", nas.assembled["val_top1"],
+             nas.assembled["test_top1"], nas.assembled["params"],
+             f"{nas.cost['block_trial_epochs']} block + {nas.cost['distill_epochs']} e2e"
+             + (f" (+{nas.cost['compare_epochs']} e2e for rho)" if nas.cost["compare_epochs"] else ""), nas_wall),
+            ("block-wise (DNA): chosen architecture, from scratch", scratch["val_top1"], scratch["test_top1"],
+             nas.assembled["params"], f"+{args.epochs} e2e", scratch["wall"]),
+            (f"whole-student search best ({best['student.model']})", best["val_top1"], best["test_top1"],
+             best["params"], f"{int(sw.trials['trial_epochs'].sum())} e2e ({len(sw.trials)} trials)", sw_wall)]
+    print(f"\nBudget {args.budget:,} params; teacher digits_cnn(16) {cnn_params(16):,} params; digits, "
+          f"train_fraction {args.fraction}, {args.epochs} distillation epochs, seed 0")
+    print("| search | val top-1 | test top-1 | params | trial-epochs | wall s |")
+    print("|---|---|---|---|---|---|")
+    for name, val, test, params, epochs, wall in rows:
+        print(f"| {name} | {val:.4f} | {test:.4f} | {int(params):,} | {epochs} | {wall:.0f} |")
+    print(f"\nchosen blocks: {' / '.join(nas.chosen['choice'])} (summed block loss {nas.chosen['block_loss']:.3f})")
+    print("assemblies distilled (summed block loss -> val top-1):")
+    for c in nas.candidates:
+        print(f"  {' / '.join(c['choice']):24s} {c['params']:6,} params  loss {c['block_loss']:.3f}  "
+              f"val {c['val_top1']:.4f}  test {c['test_top1']:.4f}")
+    rho = nas.spearman
+    print(f"Spearman rho (summed block loss vs val top-1, {len(nas.candidates)} assemblies): "
+          f"{'n/a' if rho is None else f'{rho:.3f}'}  (negative: lower block loss, higher accuracy)")
+    print(f"whole-student best: {sw.best_params}")
+    print(f"output: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
