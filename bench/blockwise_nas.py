@@ -65,24 +65,24 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import kdray
     from kdray.orchestrator.api import distill
+    from kdray.orchestrator.plan import get_scheme
 
     out = args.out or tempfile.mkdtemp(prefix="kdray-bench-nas-")
     uri = f"sqlite:///{os.path.join(out, 'mlflow.db')}" if args.mlflow else None
     base = base_job(os.path.join(out, "runs"), args.epochs, args.teacher_epochs, args.fraction, uri)
 
     # --- block-wise (DNA) ---
-    t0 = time.time()
     nas = kdray.block_search(base, ["stage1", "stage2"], widths=[2, 4, 8, 16], depths=[1, 2], kernels=[3, 5],
                              epochs=args.block_epochs, budget=args.budget, compare=args.compare, name="nas",
-                             output_dir=out, log=lambda m: print(f"  [nas] {m}", flush=True))
-    nas_wall = time.time() - t0
+                             output_dir=out, resume=os.path.exists(os.path.join(out, "nas", "nas.json")), log=lambda m: print(f"  [nas] {m}", flush=True))
     # the chosen architecture from random weights (DNA retrains the found architecture from scratch)
     scratch_raw = {**base, "name": "assembled-scratch", "output_dir": nas.path,
                    "teacher": {"model": "digits_cnn", "args": {"width": 16},
                                "checkpoint": os.path.join(nas.path, "teacher.pt")},
                    "student": {"model": "blockwise_student", "args": {"blocks": nas.assembled["blocks"]}}}
     t1 = time.time()
-    stages = [s for s in distill(scratch_raw, log=lambda m: None, quiet=True).stages if s["kind"] == "student"]
+    kind = get_scheme("offline").searched_kind
+    stages = [s for s in distill(scratch_raw, resume=True, log=lambda m: None, quiet=True).stages if s["kind"] == kind]
     scratch = {"val_top1": stages[0]["val_top1"], "test_top1": stages[0]["test_top1"], "wall": time.time() - t1}
 
     # --- whole-student search at the same budget ---
@@ -93,16 +93,17 @@ def main(argv=None) -> int:
              "train.lr": {"float": [0.02, 0.2], "log": True}}
     t0 = time.time()
     sw = kdray.sweep(space, base, num_samples=args.samples, sampler="tpe", seeds=[0], name="whole",
-                     output_dir=out, verbose=0, register_model=False,
+                     output_dir=out, resume=os.path.exists(os.path.join(out, "whole", "sweep.json")), verbose=0, register_model=False,
                      log=lambda m: print(f"  [sweep] {m}", flush=True))
     sw_wall = time.time() - t0
     best = sw.best
     assert best["params"] <= args.budget, best
 
+    c = nas.cost
+    search_s = c["base_s"] + c["trials_s"] + c["distill_s"]  # without the assemblies distilled only for rho
     rows = [("block-wise (DNA): chosen assembly, inherited blocks", nas.assembled["val_top1"],
              nas.assembled["test_top1"], nas.assembled["params"],
-             f"{nas.cost['block_trial_epochs']} block + {nas.cost['distill_epochs']} e2e"
-             + (f" (+{nas.cost['compare_epochs']} e2e for rho)" if nas.cost["compare_epochs"] else ""), nas_wall),
+             f"{c['block_trial_epochs']} block + {c['distill_epochs']} e2e", search_s),
             ("block-wise (DNA): chosen architecture, from scratch", scratch["val_top1"], scratch["test_top1"],
              nas.assembled["params"], f"+{args.epochs} e2e", scratch["wall"]),
             (f"whole-student search best ({best['student.model']})", best["val_top1"], best["test_top1"],
@@ -113,11 +114,14 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for name, val, test, params, epochs, wall in rows:
         print(f"| {name} | {val:.4f} | {test:.4f} | {int(params):,} | {epochs} | {wall:.0f} |")
+    print(f"\nwall s: teacher + base job {c['base_s']:.0f} (both searches train one), block trials {c['trials_s']:.0f}, "
+          f"chosen assembly's distillation {c['distill_s']:.0f}, {len(nas.candidates) - 1} more for rho "
+          f"{c['compare_s']:.0f} ({c['compare_epochs']} e2e epochs); whole-student sweep incl. its base job {sw_wall:.0f}")
     print(f"\nchosen blocks: {' / '.join(nas.chosen['choice'])} (summed block loss {nas.chosen['block_loss']:.3f})")
     print("assemblies distilled (summed block loss -> val top-1):")
-    for c in nas.candidates:
-        print(f"  {' / '.join(c['choice']):24s} {c['params']:6,} params  loss {c['block_loss']:.3f}  "
-              f"val {c['val_top1']:.4f}  test {c['test_top1']:.4f}")
+    for a in nas.candidates:
+        print(f"  {' / '.join(a['choice']):24s} {int(a['params']):6,} params  loss {a['block_loss']:.3f}  "
+              f"val {a['val_top1']:.4f}  test {a['test_top1']:.4f}")
     rho = nas.spearman
     print(f"Spearman rho (summed block loss vs val top-1, {len(nas.candidates)} assemblies): "
           f"{'n/a' if rho is None else f'{rho:.3f}'}  (negative: lower block loss, higher accuracy)")

@@ -79,7 +79,9 @@ class BlockSearchResult:
     student's ``{model, args}``; ``assembled``: its end-to-end distillation (val/test top-1, params);
     ``candidates``: every assembly distilled (the chosen one first) with its summed block loss;
     ``spearman``: rank correlation of summed block loss and val top-1 over ``candidates`` (negative is good:
-    lower loss, higher accuracy); ``cost``: block trial-epochs, end-to-end epochs, wall seconds."""
+    lower loss, higher accuracy); ``cost``: block trial-epochs, end-to-end epochs, wall seconds (``base_s``: the base job that trains the
+    teacher; ``trials_s``: the block trials; ``distill_s``: the chosen assembly's distillation; ``compare_s``:
+    the compared assemblies'; ``wall_s``: the whole first call)."""
 
     scores: Any  # pandas.DataFrame
     chosen: dict
@@ -463,8 +465,9 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
             braw = {**copy.deepcopy(job_raw), "name": "base", "output_dir": sweep_dir}
             bcfg = load_config(braw)
             log(f"base job: teacher {bcfg.teacher.model}, student {bcfg.student.model} {bcfg.student.args}")
+            t0 = time.time()
             state["base"] = {**_distilled(distill(bcfg, resume=True, parent_run_id=parent, log=_quiet), bcfg),
-                             "model": bcfg.student.model, "run_dir": bcfg.run_dir()}
+                             "model": bcfg.student.model, "run_dir": bcfg.run_dir(), "wall_s": time.time() - t0}
             write_state(state_path, state)
         teacher_path = os.path.join(sweep_dir, "teacher.pt")
         if base.teacher.train is not None:
@@ -479,7 +482,9 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
         setup = BlockTrialSetup(base=job_raw, cuts=list(spec.cuts), shapes=info["shapes"], teacher_path=teacher_path,
                                 teacher_bytes=teacher_bytes, results_dir=os.path.join(sweep_dir, "blocks"),
                                 epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed)
+        t0 = time.time()
         _run_tune(setup, spec, info, sweep_dir, log)
+        state.setdefault("trials_wall_s", time.time() - t0)  # a resumed search keeps the first measurement
         table = _score_table(setup, info, spec)
         scores = [{r.candidate: r.block_loss for r in table[table["block"] == i].itertuples()}
                   for i in range(len(spec.cuts))]
@@ -504,7 +509,9 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
             ccfg = load_config(craw)
             log(f"distilling {'the chosen assembly' if k == 0 else f'assembly {k}'} {' / '.join(pick.choice)} "
                 f"({pick.params:,} params, summed block loss {pick.loss:.4f})")
+            t0 = time.time()
             got = _distilled(distill(ccfg, resume=True, parent_run_id=parent, log=_quiet), ccfg)
+            got["wall_s"] = time.time() - t0
             candidates[key] = {"choice": pick.choice, "block_loss": pick.loss, "params": pick.params,
                                "blocks": blocks, "args": args, "name": ccfg.name, **got}
             write_state(state_path, state)
@@ -514,6 +521,9 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
         cost = {"block_trial_epochs": int(table["trial_epochs"].sum()),
                 "distill_epochs": int(assembled["epochs"]),
                 "compare_epochs": int(sum(c["epochs"] for c in done[1:])),
+                "base_s": float(state["base"].get("wall_s", 0.0)), "trials_s": float(state["trials_wall_s"]),
+                "distill_s": float(assembled.get("wall_s", 0.0)),
+                "compare_s": float(sum(c.get("wall_s", 0.0) for c in done[1:])),
                 "wall_s": state.setdefault("wall_s", time.time() - started)}
         write_state(state_path, state)
         result = BlockSearchResult(
