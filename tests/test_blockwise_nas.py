@@ -249,3 +249,20 @@ def test_a_finished_block_search_resumes_without_training_again(nas_run):
     assert {f: os.path.getmtime(os.path.join(result.path, "blocks", f)) for f in files} == mtimes
     with pytest.raises(ConfigError, match="already has results"):
         kdray.block_search(base, ["stage1", "stage2"], **kwargs)
+
+
+@pytest.mark.ray
+def test_kdray_nas_runs_the_example_file_end_to_end(ray_session, tmp_path, capsys):
+    from kdray.cli import main
+
+    example = os.path.join(ROOT, "examples", "digits_blockwise_nas.yaml")
+    code = main(["nas", example, f"output_dir={tmp_path / 'out'}", "base.teacher.train.epochs=2",
+                 "base.train.epochs=2", "blocks.widths=[2, 16]", "blocks.depths=[1]", "blocks.kernels=[3]",
+                 "blocks.epochs=1", "blocks.compare=0", "blocks.budget=1500",
+                 f"base.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "**assembled**" in out and '"model": "blockwise_student"' in out and "4 block trials" in out, out
+    state = json.load(open(tmp_path / "out" / "digits-blockwise-nas" / "nas.json"))
+    assert state["finished"] and len(state["candidates"]) == 1
+    assert next(iter(state["candidates"].values()))["params"] <= 1500
