@@ -266,3 +266,56 @@ def test_kdray_nas_runs_the_example_file_end_to_end(ray_session, tmp_path, capsy
     state = json.load(open(tmp_path / "out" / "digits-blockwise-nas" / "nas.json"))
     assert state["finished"] and len(state["candidates"]) == 1
     assert next(iter(state["candidates"].values()))["params"] <= 1500
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_stops_a_block_search_as_killed_and_resume_trains_no_finished_block_again(ray_session, workdir):
+    import glob
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from jobs import cli_env
+    from kdray.cli import main
+
+    tmp = workdir
+    base = digits_job(tmp, f"sqlite:///{tmp / 'mlflow.db'}")
+    base["teacher"]["train"]["epochs"] = 2
+    base["train"]["epochs"] = 2
+    (tmp / "nas.yaml").write_text(yaml.safe_dump({
+        "name": "ctrl-c", "output_dir": str(tmp / "out"), "base": base,
+        "blocks": {"cuts": ["stage1", "stage2"], "widths": [2, 4, 8, 16], "depths": [1], "kernels": [3],
+                   "epochs": 8, "max_concurrent": 2, "budget": 3000}}))
+    blocks_dir = tmp / "out" / "ctrl-c" / "blocks"
+    env = {**cli_env(), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    with open(tmp / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "kdray.cli", "nas", "nas.yaml"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
+        deadline = time.time() + 300
+        while time.time() < deadline and driver.poll() is None and not glob.glob(str(blocks_dir / "*.json")):
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGINT)
+        try:
+            driver.wait(120)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    output = (tmp / "driver.log").read_text()
+    assert driver.returncode == 130, output[-3000:]
+    assert "kdray: interrupted (Ctrl-C: Tune stopped the block search with" in output, output[-3000:]
+    state = json.loads((tmp / "out" / "ctrl-c" / "nas.json").read_text())
+    assert not state.get("finished") and "candidates" not in state
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
+    before = {f: os.path.getmtime(f) for f in glob.glob(str(blocks_dir / "*.json"))}
+    assert 1 <= len(before) < 8, before
+
+    assert main(["nas", "nas.yaml", "--resume"]) == 0
+    after = {f: os.path.getmtime(f) for f in glob.glob(str(blocks_dir / "*.json"))}
+    assert len(after) == 8 and all(after[f] == t for f, t in before.items())  # finished blocks not retrained
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"

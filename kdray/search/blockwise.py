@@ -345,10 +345,37 @@ def _run_tune(setup: BlockTrialSetup, spec: BlockSearchSpec, info: dict, sweep_d
                                         max_concurrent_trials=min(concurrent, total), reuse_actors=True),
             run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)))
-    results = tuner.fit()
+    results = _fit(tuner, total)
     errors = [r.error for r in results if r.error is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} block trial(s) failed; first: {str(errors[0]).splitlines()[0]}")
+    return results
+
+
+def _fit(tuner, total: int):
+    """``tuner.fit()`` as a sweep runs it (the same public interrupt helpers as ``kdray.search.api``): Tune
+    answers Ctrl-C / SIGTERM by stopping its trials and returning partial results; fewer than ``total`` ended
+    trials raises ``KeyboardInterrupt`` (``Terminated`` for SIGTERM), so the search run is marked KILLED and
+    ``--resume`` continues it (finished block trials are not trained again: their result files are kept)."""
+    import signal
+
+    from kdray.orchestrator.interrupts import interruption, reclaim_sigterm, sigterm_forwarded, \
+        signal_handlers_restored
+
+    key = "TUNE_GLOBAL_CHECKPOINT_S"
+    previous = os.environ.get(key)
+    os.environ[key] = previous or "1"
+    reclaim_sigterm()  # ray.init replaced it
+    try:
+        with signal_handlers_restored(), sigterm_forwarded(signal.SIGUSR1) as terms:
+            results = tuner.fit()
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+    ended = results.num_terminated + results.num_errors
+    if ended < total:
+        raise interruption(terms, f"Ctrl-C: Tune stopped the block search with {ended} of {total} block trials "
+                                  f"ended; `kdray nas FILE --resume` (or resume=True) continues it")
     return results
 
 
