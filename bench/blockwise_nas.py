@@ -6,8 +6,8 @@ its own teacher in its base job (counted in its wall time, not in its trial-epoc
 - block-wise: ``kdray.block_search`` over 16 candidates per block (width {2,4,8,16} x depth {1,2} x kernel
   {3,5}) on the teacher's two stages, the best assembly within the budget distilled end to end (starting from
   its searched blocks and the teacher's head), ``--compare`` more assemblies spread over the score ranking
-  distilled too, for the Spearman rho of summed block loss vs val top-1; the chosen architecture is also
-  distilled from random weights (``inherit: false``, DNA's retraining from scratch).
+  distilled too, for the Spearman rho of summed block loss vs val top-1; each of them is also distilled from
+  random weights (``inherit: false``, DNA's retraining from scratch), with its own rho.
 - whole-student: ``kdray.sweep`` (TPE + ASHA) over students that all fit the budget: digits_cnn width 2..W
   and digits_mlp hidden 4..H, and the learning rate.
 
@@ -16,6 +16,9 @@ table gives both counts and the wall times.
 
     python bench/blockwise_nas.py                  # budget 3000, 12 whole-student trials, 5 compared assemblies
     python bench/blockwise_nas.py --budget 2000 --samples 8 --compare 3
+
+``--out DIR`` of an earlier run resumes both searches (nothing trained twice); the block search keeps the wall
+times of its first run, the sweep's wall time is then that of the resumed call.
 """
 from __future__ import annotations
 
@@ -75,15 +78,19 @@ def main(argv=None) -> int:
     nas = kdray.block_search(base, ["stage1", "stage2"], widths=[2, 4, 8, 16], depths=[1, 2], kernels=[3, 5],
                              epochs=args.block_epochs, budget=args.budget, compare=args.compare, name="nas",
                              output_dir=out, resume=os.path.exists(os.path.join(out, "nas", "nas.json")), log=lambda m: print(f"  [nas] {m}", flush=True))
-    # the chosen architecture from random weights (DNA retrains the found architecture from scratch)
-    scratch_raw = {**base, "name": "assembled-scratch", "output_dir": nas.path,
-                   "teacher": {"model": "digits_cnn", "args": {"width": 16},
-                               "checkpoint": os.path.join(nas.path, "teacher.pt")},
-                   "student": {"model": "blockwise_student", "args": {"blocks": nas.assembled["blocks"]}}}
-    t1 = time.time()
+    # every distilled assembly again from random weights (DNA retrains the found architecture from scratch)
     kind = get_scheme("offline").searched_kind
-    stages = [s for s in distill(scratch_raw, resume=True, log=lambda m: None, quiet=True).stages if s["kind"] == kind]
-    scratch = {"val_top1": stages[0]["val_top1"], "test_top1": stages[0]["test_top1"], "wall": time.time() - t1}
+    scratch_all = []
+    for k, a in enumerate(nas.candidates):
+        raw = {**base, "name": "assembled-scratch" if k == 0 else f"assembly-{k}-scratch", "output_dir": nas.path,
+               "teacher": {"model": "digits_cnn", "args": {"width": 16},
+                           "checkpoint": os.path.join(nas.path, "teacher.pt")},
+               "student": {"model": "blockwise_student", "args": {"blocks": a["blocks"]}}}
+        t1 = time.time()
+        stages = [s for s in distill(raw, resume=True, log=lambda m: None, quiet=True).stages if s["kind"] == kind]
+        scratch_all.append({"val_top1": stages[0]["val_top1"], "test_top1": stages[0]["test_top1"],
+                            "wall": time.time() - t1})
+    scratch = scratch_all[0]
 
     # --- whole-student search at the same budget ---
     w_max = max(w for w in range(2, 17) if cnn_params(w) <= args.budget)
@@ -119,12 +126,17 @@ def main(argv=None) -> int:
           f"{c['compare_s']:.0f} ({c['compare_epochs']} e2e epochs); whole-student sweep incl. its base job {sw_wall:.0f}")
     print(f"\nchosen blocks: {' / '.join(nas.chosen['choice'])} (summed block loss {nas.chosen['block_loss']:.3f})")
     print("assemblies distilled (summed block loss -> val top-1):")
-    for a in nas.candidates:
+    for a, z in zip(nas.candidates, scratch_all):
         print(f"  {' / '.join(a['choice']):24s} {int(a['params']):6,} params  loss {a['block_loss']:.3f}  "
-              f"val {a['val_top1']:.4f}  test {a['test_top1']:.4f}")
+              f"val {a['val_top1']:.4f}  test {a['test_top1']:.4f}  (from scratch: val {z['val_top1']:.4f}  "
+              f"test {z['test_top1']:.4f})")
     rho = nas.spearman
     print(f"Spearman rho (summed block loss vs val top-1, {len(nas.candidates)} assemblies): "
           f"{'n/a' if rho is None else f'{rho:.3f}'}  (negative: lower block loss, higher accuracy)")
+    from kdray.search.blockwise import spearman
+
+    rho0 = spearman([a["block_loss"] for a in nas.candidates], [z["val_top1"] for z in scratch_all])
+    print(f"Spearman rho, the same assemblies distilled from scratch: {'n/a' if rho0 is None else f'{rho0:.3f}'}")
     print(f"whole-student best: {sw.best_params}")
     print(f"output: {out}")
     return 0
