@@ -188,6 +188,10 @@ def nas_base_config(raw: dict) -> Config:
     if get_scheme(cfg.scheme).searched_kind is None or cfg.teacher is None or cfg.scheme != "offline":
         raise ConfigError(f"base: block-wise NAS distils from one teacher (scheme offline with teacher:), got "
                           f"scheme {cfg.scheme!r}{'' if cfg.teacher is not None else ' without teacher:'}")
+    if cfg.teacher.train is None and cfg.teacher.checkpoint is None:
+        raise ConfigError("base.teacher: block-wise NAS reads the teacher's weights from teacher.train (trained by "
+                          "the base job) or teacher.checkpoint (a state_dict file); an MLflow teacher is not "
+                          "supported")
     return cfg
 
 
@@ -253,8 +257,10 @@ def _teacher_features(setup: BlockTrialSetup, block: int):
         with open(tmp, "wb") as fh:
             fh.write(setup.teacher_bytes)
         os.replace(tmp, setup.teacher_path)
+    from kdray.orchestrator.weights import load_weights, read_weights
+
     teacher = create_model(cfg.teacher.model, splits.num_classes, **cfg.teacher.args)
-    teacher.load_state_dict(torch.load(setup.teacher_path, map_location="cpu", weights_only=True))
+    load_weights(teacher, read_weights(setup.teacher_path, "teacher.checkpoint"), "teacher", splits.num_classes)
     teacher.eval()
 
     def images(ds):
@@ -419,7 +425,9 @@ def _inherited_weights(setup: BlockTrialSetup, choice: list[str], blocks: list[d
         trained = torch.load(result_file(setup.results_dir, i, name).removesuffix(".json") + ".pt",
                              map_location="cpu", weights_only=True)
         state.update({f"blocks.{i}.{k}": v for k, v in trained.items()})
-    teacher = torch.load(setup.teacher_path, map_location="cpu", weights_only=True)
+    from kdray.orchestrator.weights import read_weights, unwrap_state
+
+    teacher = unwrap_state(read_weights(setup.teacher_path, "teacher.checkpoint"))
     state.update({k: v for k, v in teacher.items() if not k.startswith("blocks.") and k in state
                   and state[k].shape == v.shape})
     student.load_state_dict(state)
