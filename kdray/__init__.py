@@ -13,6 +13,7 @@ _LAZY = {
     "ConfigError": "kdray.config",
     "load_config": "kdray.config",
     "sweep": "kdray.search",
+    "block_search": "kdray.search.blockwise",
 }
 
 
@@ -24,7 +25,7 @@ def distill(config, **kwargs):
 
 
 def __getattr__(name):
-    """Load ``Config``, ``ConfigError``, ``load_config`` and ``sweep`` when first asked for, and cache them."""
+    """Load ``Config``, ``ConfigError``, ``load_config``, ``sweep`` and ``block_search`` when first asked for, and cache them."""
     if name not in _LAZY:
         raise AttributeError(f"module 'kdray' has no attribute {name!r}")
     value = getattr(importlib.import_module(_LAZY[name]), name)
@@ -36,4 +37,4 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["Config", "ConfigError", "distill", "load_config", "__version__"]
+__all__ = ["Config", "ConfigError", "block_search", "distill", "load_config", "__version__"]

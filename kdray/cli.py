@@ -1,4 +1,4 @@
-"""``kdray`` command line: ``run``, ``list``, ``ui``, ``runs``, ``cache``, ``sweep``. User errors are one line
+"""``kdray`` command line: ``run``, ``list``, ``ui``, ``runs``, ``cache``, ``sweep``, ``nas``. User errors are one line
 (``--debug`` for a traceback). The one module that imports both the orchestrator and search (the layer above it).
 
 Exit codes: 0 done, 2 a user error, 130 Ctrl-C, 143 SIGTERM (the runs KILLED, ``--resume`` continues)."""
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     stale_runs.add_parser(sub)
     __import__("kdray.orchestrator.teacher_cache", fromlist=["add_parser"]).add_parser(sub)
     __import__("kdray.search.cli", fromlist=["add_parser"]).add_parser(sub)  # kdray sweep
+    __import__("kdray.search.blockwise", fromlist=["add_parser"]).add_parser(sub)  # kdray nas
     return parser
 
 

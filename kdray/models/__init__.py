@@ -16,6 +16,7 @@ from kdray.models.registry import (
 from kdray.models import digits as _digits  # noqa: F401  (registers digits models)
 from kdray.models import cifar as _cifar  # noqa: F401  (registers the CIFAR zoo)
 from kdray.models import graph as _graph  # noqa: F401  (registers the graph models)
+from kdray.models import blockwise as _blockwise  # noqa: F401  (registers the block-wise searched student)
 
 __all__ = [
     "UnknownModelError",
