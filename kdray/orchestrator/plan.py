@@ -287,13 +287,42 @@ def teacher_sources(cfg: "Config", stages: list[Stage]) -> list[TeacherSource]:
     return sources
 
 
-def taught_students(cfg: "Config", stages: list[Stage], sources: list[TeacherSource]) -> list[Stage]:
-    """Per seed: the student from scratch (``baseline``) and the student taught by ``sources``."""
+@dataclass(frozen=True)
+class SeedStage:
+    """A stage each seed adds before the taught student: its name before ``-seed<N>``, its kind, and whether
+    it reads the teacher sources (a noise-input student does; a from-scratch one does not)."""
+
+    name: str
+    kind: str
+    taught: bool = False
+
+
+def scratch_baseline(cfg: "Config") -> list[SeedStage]:
+    """The student from scratch, when ``cfg.baseline`` asks for it: every scheme's default baseline."""
+    return [SeedStage("scratch", "scratch")] if cfg.baseline else []
+
+
+def taught_students(cfg: "Config", stages: list[Stage], sources: list[TeacherSource], *, kind: str = "distill",
+                    name: str | None = None, methods: str | None = None,
+                    baselines: list[SeedStage] | None = None) -> list[Stage]:
+    """Per seed: the ``baselines`` (default :func:`scratch_baseline`), then the student taught by ``sources``
+    as a stage of ``kind`` named ``<name>-seed<N>`` (``name`` and ``methods`` default to the methods' label).
+
+    Every teacher-student scheme plans this same "per seed, baselines then the taught student" shape; only the
+    kinds and names differ, so they are arguments rather than one copy per scheme."""
+    label = method_label(cfg)
+    methods = label if methods is None else methods
+    name = methods if name is None else name
+    baselines = scratch_baseline(cfg) if baselines is None else baselines
     for seed in cfg.seeds:
-        if cfg.baseline:
-            stages.append(stage(f"scratch-seed{seed}", "scratch", seed, "student", cfg.student.model))
-        stages.append(stage(f"{method_label(cfg)}-seed{seed}", "distill", seed, "student", cfg.student.model,
-                            sources, methods=method_label(cfg)))
+        for extra in baselines:
+            if extra.taught:
+                stages.append(stage(f"{extra.name}-seed{seed}", extra.kind, seed, "student", cfg.student.model,
+                                    sources, methods=methods))
+            else:
+                stages.append(stage(f"{extra.name}-seed{seed}", extra.kind, seed, "student", cfg.student.model))
+        stages.append(stage(f"{name}-seed{seed}", kind, seed, "student", cfg.student.model, sources,
+                            methods=methods))
     return stages
 
 

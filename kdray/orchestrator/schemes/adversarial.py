@@ -16,7 +16,8 @@ from kdray.config import MethodSpec
 from kdray.models.features import FeatureTap, resolve_points
 from kdray.orchestrator.build import check_distiller_builds
 from kdray.orchestrator.job import complete_stage, prepare_stage
-from kdray.orchestrator.plan import Scheme, method_label, needs_methods, register_scheme, stage, teacher_sources
+from kdray.orchestrator.plan import (Scheme, method_label, needs_methods, register_scheme, taught_students,
+                                     teacher_sources)
 
 MEAL_V2_METHODS = [{"name": "kd", "alpha": 1.0, "temperature": 1.0}]
 
@@ -82,14 +83,8 @@ class Adversarial(Scheme):
     def plan(self, cfg):
         """[teachers] -> per seed [scratch] + the adversarially taught student."""
         stages: list = []
-        sources = teacher_sources(cfg, stages)
         label = "+".join(filter(None, [method_label(cfg), "adversarial"]))
-        for seed in cfg.seeds:
-            if cfg.baseline:
-                stages.append(stage(f"scratch-seed{seed}", "scratch", seed, "student", cfg.student.model))
-            stages.append(stage(f"{label}-seed{seed}", "adversarial", seed, "student", cfg.student.model, sources,
-                                methods=label))
-        return stages
+        return taught_students(cfg, stages, teacher_sources(cfg, stages), kind="adversarial", methods=label)
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
         check_distiller_builds(cfg, example, student, teachers, orders, len(splits.train))

@@ -39,8 +39,8 @@ from kdray.models import create_model
 from kdray.orchestrator.build import build_optimizer, build_teacher, build_terms, example_batch, worker_cpus
 from kdray.orchestrator.job import StageParts, complete_stage, stage_logging, train_stage
 from kdray.orchestrator.placement import make_loaders
-from kdray.orchestrator.plan import Scheme, method_label, needs_live_teacher, needs_methods, register_scheme, stage, \
-    teacher_sources
+from kdray.orchestrator.plan import (SeedStage, Scheme, needs_live_teacher, needs_methods, register_scheme,
+                                     taught_students, teacher_sources)
 
 
 def check_modalities(cfg, inputs) -> None:
@@ -82,14 +82,8 @@ class CrossModal(Scheme):
     def plan(self, cfg):
         """[teacher] -> per seed [labelled-only baseline] + the cross-modal student."""
         stages: list = []
-        sources = teacher_sources(cfg, stages)
-        label = method_label(cfg)
-        for seed in cfg.seeds:
-            if cfg.baseline:
-                stages.append(stage(f"labelled-seed{seed}", "labelled", seed, "student", cfg.student.model))
-            stages.append(stage(f"{label}-seed{seed}", "cross_modal", seed, "student", cfg.student.model, sources,
-                                methods=label))
-        return stages
+        baselines = [SeedStage("labelled", "labelled")] if cfg.baseline else []
+        return taught_students(cfg, stages, teacher_sources(cfg, stages), kind="cross_modal", baselines=baselines)
 
     def model_inputs(self, cfg, path, inputs):
         check_modalities(cfg, inputs)

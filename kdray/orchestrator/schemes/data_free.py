@@ -16,8 +16,8 @@ from kdray.algorithms.datafree.loop import DataFreeLoop
 from kdray.models.features import FeatureTap, default_points
 from kdray.orchestrator.build import check_distiller_builds
 from kdray.orchestrator.job import complete_stage, prepare_stage
-from kdray.orchestrator.plan import (Scheme, method_label, needs_live_teacher, needs_methods, register_scheme, stage,
-                                     teacher_sources)
+from kdray.orchestrator.plan import (SeedStage, Scheme, needs_live_teacher, needs_methods, register_scheme,
+                                     scratch_baseline, taught_students, teacher_sources)
 
 
 def build_generator(cfg, input_shape: tuple[int, ...]) -> Generator:
@@ -95,17 +95,11 @@ class DataFree(Scheme):
     def plan(self, cfg):
         """[teacher] -> per seed [scratch] + [noise] + the data-free student."""
         stages: list = []
-        sources = teacher_sources(cfg, stages)
-        label = method_label(cfg)
-        for seed in cfg.seeds:
-            if cfg.baseline:
-                stages.append(stage(f"scratch-seed{seed}", "scratch", seed, "student", cfg.student.model))
-            if cfg.data_free.noise_baseline:
-                stages.append(stage(f"noise-seed{seed}", "noise", seed, "student", cfg.student.model, sources,
-                                    methods=label))
-            stages.append(stage(f"{cfg.data_free.method}-seed{seed}", "data_free", seed, "student",
-                                cfg.student.model, sources, methods=label))
-        return stages
+        baselines = scratch_baseline(cfg)
+        if cfg.data_free.noise_baseline:
+            baselines.append(SeedStage("noise", "noise", taught=True))
+        return taught_students(cfg, stages, teacher_sources(cfg, stages), kind="data_free",
+                               name=cfg.data_free.method, baselines=baselines)
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
         check_distiller_builds(cfg, example, student, teachers[:1], orders[:1], len(splits.train))

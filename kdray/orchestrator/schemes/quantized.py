@@ -29,8 +29,8 @@ from kdray.algorithms.quantize import (QuantizedLoop, export_quantized, latency_
 from kdray.models import create_model
 from kdray.orchestrator.build import check_distiller_builds
 from kdray.orchestrator.job import complete_stage, prepare_stage
-from kdray.orchestrator.plan import (Scheme, method_label, needs_methods, needs_teacher, register_scheme, stage,
-                                     teacher_sources)
+from kdray.orchestrator.plan import (SeedStage, Scheme, method_label, needs_methods, needs_teacher, register_scheme,
+                                     scratch_baseline, taught_students, teacher_sources)
 
 LATENCY_BATCH = 64
 
@@ -115,17 +115,12 @@ class Quantized(Scheme):
     def plan(self, cfg):
         """[teacher] -> per seed [fp32 scratch] + the quantised student alone + the quantised taught student."""
         stages: list = []
-        sources = teacher_sources(cfg, stages)
-        bits, label = cfg.quantized.bits, method_label(cfg)
-        for seed in cfg.seeds:
-            if cfg.baseline:
-                stages.append(stage(f"scratch-seed{seed}", "scratch", seed, "student", cfg.student.model))
-            if cfg.quantized.alone_baseline:
-                stages.append(stage(f"q{bits}-scratch-seed{seed}", "quantized_scratch", seed, "student",
-                                    cfg.student.model))
-            stages.append(stage(f"q{bits}-{label}-seed{seed}", "distill", seed, "student", cfg.student.model,
-                                sources, methods=label))
-        return stages
+        bits = cfg.quantized.bits
+        baselines = scratch_baseline(cfg)
+        if cfg.quantized.alone_baseline:
+            baselines.append(SeedStage(f"q{bits}-scratch", "quantized_scratch"))
+        return taught_students(cfg, stages, teacher_sources(cfg, stages), name=f"q{bits}-{method_label(cfg)}",
+                               baselines=baselines)
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
         check_distiller_builds(cfg, example, student, teachers, orders, len(splits.train))
