@@ -237,3 +237,20 @@ def test_zskt_attention_term_joins_the_students_loss_only(tmp_path):
     assert history["train_loss"] == pytest.approx(history["train_attention"] + history["train_discrepancy"],
                                                   rel=1e-5)
     assert history["train_generator"] < 0
+
+
+def test_generated_grid_titles_each_image_with_the_teachers_class():
+    """The epoch grid is plots.image_grid: one panel per generated image, titled with the class the teacher
+    gives it (what the user checks: does the teacher read the drawing as a digit?)."""
+    from types import SimpleNamespace
+
+    from kdray.algorithms.base import ModelOutput
+    from kdray.orchestrator.schemes.data_free import LogGeneratedImages
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 1.0, 5.0]])
+    logged = {}
+    logger = SimpleNamespace(log_epoch_figure=lambda epoch, fig: logged.update({epoch: fig}))
+    loop = SimpleNamespace(last_images=torch.rand(3, 1, 8, 8), teacher_forward=lambda x: ModelOutput(logits[:len(x)]))
+    LogGeneratedImages(logger, ["zero", "one", "two"], shown=2).on_epoch_end(4, {}, loop)
+    titles = [ax.get_title() for ax in logged[4].axes if ax.get_title()]
+    assert titles == ["one", "zero"]

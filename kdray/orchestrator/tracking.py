@@ -357,10 +357,10 @@ class StageLogger:
         self._pending = [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
                          for r in rows] + self._pending
 
-    def log_image(self, epoch: int, image) -> None:
-        """An image (``H x W x C`` uint8 array) into the run as ``generated/epoch_NNNN.png``: one file per
-        epoch, so a replayed epoch overwrites its own file instead of adding one (data-free samples)."""
-        self.client.log_image(self.run_id, image, artifact_file=f"generated/epoch_{epoch:04d}.png")
+    def log_epoch_figure(self, epoch: int, figure) -> None:
+        """A matplotlib figure into the run as ``generated/epoch_NNNN.png``: one file per epoch, so a replayed
+        epoch overwrites its own file instead of adding one (data-free samples)."""
+        self.client.log_figure(self.run_id, figure, f"generated/epoch_{epoch:04d}.png")
 
     @holds_sigint
     def flush(self) -> None:

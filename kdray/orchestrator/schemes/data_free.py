@@ -28,24 +28,23 @@ def build_generator(cfg, input_shape: tuple[int, ...]) -> Generator:
                      spec.generator_width)
 
 
-def image_grid(images: torch.Tensor):
-    """A batch as one ``H x W x C`` uint8 grid (each image min-max scaled on its own), for MLflow."""
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images[:64].float().cpu(), nrow=8, normalize=True, scale_each=True, pad_value=1.0)
-    return (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-
-
 class LogGeneratedImages:
     """Epoch-end callback (rank 0, where a stage logs): the epoch's last generated batch as an image grid in
-    the stage's MLflow run, so the user sees what the generator learnt to draw."""
+    the stage's MLflow run, each image titled with the teacher's class for it, so the user sees what the
+    generator learnt to draw and whether the teacher reads it as the class it was meant to be."""
 
-    def __init__(self, logger):
-        self.logger = logger
+    def __init__(self, logger, classes: list[str], shown: int = 40):
+        self.logger, self.classes, self.shown = logger, classes, shown
 
     def on_epoch_end(self, epoch, metrics, loop):
-        if loop.last_images is not None:
-            self.logger.log_image(epoch, image_grid(loop.last_images))
+        if loop.last_images is None:
+            return
+        from kdray.orchestrator.plots import image_grid
+
+        images = loop.last_images[:self.shown]
+        with torch.no_grad():
+            labels = loop.teacher_forward(images).logits.argmax(1)
+        self.logger.log_epoch_figure(epoch, image_grid(images, labels, self.classes))
 
 
 def attention_points(cfg) -> tuple[list[str], list[str]] | None:
@@ -121,7 +120,7 @@ class DataFree(Scheme):
             generator = ctx.wrap(generator.to(ctx.device))
             optimizer = torch.optim.Adam(generator.parameters(), lr=spec.generator_lr)
         if parts.logger is not None and method != "noise":
-            parts.callbacks.insert(0, LogGeneratedImages(parts.logger))
+            parts.callbacks.insert(0, LogGeneratedImages(parts.logger, splits.classes))
         student_steps = spec.student_steps if method in ("dfad", "zskt") else 1
         loop = DataFreeLoop(method=method, generator=generator, generator_optimizer=optimizer,
                             noise_seed=(stage.seed, ctx.rank), input_shape=input_shape,
