@@ -129,7 +129,7 @@ def short_text_training(method: str, steps: int = 30, **params) -> list[float]:
     values = []
     for _ in range(steps):
         _, losses = distiller(batch, t_out)
-        values.append(float(sum(v for k, v in losses.items() if k != "ce")))
+        values.append(float(sum(v.detach() for k, v in losses.items() if k != "ce")))
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
