@@ -76,3 +76,14 @@ def test_gradients_reach_student_only_and_training_lowers_the_loss():
     assert_gradients_reach_student_only("bert_pkd", **EQUAL_WIDTH)
     losses = short_text_training("bert_pkd", **EQUAL_WIDTH)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_a_feature_without_the_sequence_axis_is_refused_in_one_line():
+    term = create_method("bert_pkd", layer_map={1: 2})
+    term.resolve_student_points(geometry(2), "student")
+    term.resolve_teacher_points(geometry(4), "teacher")
+    batch = Batch({"input_ids": torch.ones(1, 2, dtype=torch.long)}, torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"^bert_pkd: student feature hidden_states.1 has shape \(1, 2\); the text "
+                                         r"contract gives it 3 dimensions"):
+        term(ModelOutput(torch.zeros(1, 2), {"hidden_states.1": torch.zeros(1, 2)}),
+             ModelOutput(torch.zeros(1, 2), {"hidden_states.2": torch.zeros(1, 2, 2)}), batch)

@@ -90,3 +90,17 @@ def test_gradients_reach_student_and_projections_only_and_training_lowers_the_lo
     assert_gradients_reach_student_only("tinybert")
     losses = short_text_training("tinybert")
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_features_of_another_length_are_refused_in_one_line():
+    term = create_method("tinybert")
+    term.resolve_student_points(geometry(1), "student")
+    term.resolve_teacher_points(geometry(2), "teacher")
+    s_feats = {p: tokens([1.0, 1.0]) for p in ("hidden_states.0", "hidden_states.1", "queries.0", "keys.0")}
+    t_feats = {p: torch.zeros(1, 3, 2) for p in ("hidden_states.0", "hidden_states.2", "queries.1", "keys.1")}
+    s_out, t_out = ModelOutput(torch.zeros(1, 2), s_feats), ModelOutput(torch.zeros(1, 2), t_feats)
+    term.build(s_out, t_out, 0)
+    batch = Batch({"input_ids": torch.ones(1, 2, dtype=torch.long)}, torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"^tinybert: student hidden_states.0 \(1, 2, 2\) and teacher hidden_states.0 "
+                                         r"\(1, 3, 2\) differ in batch or sequence length; both models must read"):
+        term(s_out, t_out, batch)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch, ModelOutput, register_method
-from kdray.algorithms.text.contract import Geometry, LayerMapError, TextTerm, check_layer, check_shape, hidden_state
+from kdray.algorithms.text.contract import Geometry, LayerMapError, TextTerm, check_layer, check_pair, hidden_state
 
 STRATEGIES = ("skip", "last")
 
@@ -87,8 +87,9 @@ class BertPKD(TextTerm):
         s_cls, t_cls = [], []
         for j, i in self.pairs.items():
             sp, tp = hidden_state(j), hidden_state(i)
-            s_cls.append(check_shape(self.name, sp, student.features[sp], 3, "student")[:, 0])
-            t_cls.append(check_shape(self.name, tp, teacher.features[tp], 3, "teacher")[:, 0])
+            h_s, h_t = check_pair(self.name, sp, student.features[sp], tp, teacher.features[tp])
+            s_cls.append(h_s[:, 0])
+            t_cls.append(h_t[:, 0])
         s = F.normalize(torch.stack(s_cls, 1), dim=-1)
         t = F.normalize(torch.stack(t_cls, 1), dim=-1)
         return {"bert_pkd": self.beta * F.mse_loss(s, t)}

@@ -103,6 +103,16 @@ def check_shape(term: str, path: str, x: torch.Tensor, dims: int, role: str) -> 
     return x
 
 
+def check_pair(term: str, s_path: str, s: torch.Tensor, t_path: str, t: torch.Tensor, dims: int = 3):
+    """Both features have ``dims`` dimensions and the same (batch, length) leading sizes, or a one-line error."""
+    check_shape(term, s_path, s, dims, "student")
+    check_shape(term, t_path, t, dims, "teacher")
+    if s.shape[0] != t.shape[0] or s.shape[-2] != t.shape[-2]:
+        raise ValueError(f"{term}: student {s_path} {tuple(s.shape)} and teacher {t_path} {tuple(t.shape)} differ "
+                         f"in batch or sequence length; both models must read the same tokenised batch")
+    return s, t
+
+
 def masked_row_kl(p_teacher: torch.Tensor, log_p_student: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Mean over the ``rows`` (boolean, broadcast over the leading dims) of ``KL(p_t || p_s)`` along the last
     dimension, with ``0 log 0 = 0`` so padded keys (probability 0 in both) contribute nothing."""

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch, ModelOutput, register_method
 from kdray.algorithms.response.kd import kl_div_with_temperature
-from kdray.algorithms.text.contract import Geometry, TextTerm, check_shape, hidden_state, token_mask
+from kdray.algorithms.text.contract import Geometry, TextTerm, check_pair, hidden_state, token_mask
 
 IGNORE_INDEX = -100  # transformers' label for tokens that carry no MLM target
 
@@ -60,8 +60,7 @@ class DistilBERT(TextTerm):
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
         s_geom, t_geom = self.geometries()
         sp, tp = hidden_state(s_geom.num_layers), hidden_state(t_geom.num_layers)
-        h_s = check_shape(self.name, sp, student.features[sp], 3, "student")
-        h_t = check_shape(self.name, tp, teacher.features[tp], 3, "teacher")
+        h_s, h_t = check_pair(self.name, sp, student.features[sp], tp, teacher.features[tp])
         s_logits, t_logits, targets = student.logits, teacher.logits, batch.targets
         if s_logits.dim() == 3:  # masked LM: (B, L, V) logits and (B, L) labels
             s_logits, t_logits, targets = s_logits.flatten(0, 1), t_logits.flatten(0, 1), targets.flatten()

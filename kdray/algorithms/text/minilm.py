@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kdray.algorithms.base import Batch, ModelOutput, register_method
-from kdray.algorithms.text.contract import (Geometry, LayerMapError, TextTerm, attention_point, check_shape,
+from kdray.algorithms.text.contract import (Geometry, LayerMapError, TextTerm, attention_point, check_pair,
                                             masked_row_kl, relation_log_probs, split_heads, token_mask)
 
 
@@ -50,11 +50,8 @@ class MiniLM(TextTerm):
         s_geom, t_geom = self.geometries()
         sa, sv = attention_point("attentions", s_geom.num_layers), attention_point("values", s_geom.num_layers)
         ta, tv = attention_point("attentions", t_geom.num_layers), attention_point("values", t_geom.num_layers)
-        a_s = check_shape(self.name, sa, student.features[sa], 4, "student")
-        a_t = check_shape(self.name, ta, teacher.features[ta], 4, "teacher")
-        if a_s.shape != a_t.shape:
-            raise ValueError(f"minilm: student {sa} {tuple(a_s.shape)} and teacher {ta} {tuple(a_t.shape)} differ; "
-                             f"both must be (batch, heads, length, length) of the same batch")
+        a_s, a_t = check_pair(self.name, sa, student.features[sa], ta, teacher.features[ta], dims=4)
+        check_pair(self.name, sv, student.features[sv], tv, teacher.features[tv])
         v_s = split_heads(student.features[sv], s_geom.num_attention_heads, self.name, sv)
         v_t = split_heads(teacher.features[tv], t_geom.num_attention_heads, self.name, tv)
         mask = token_mask(batch, student.features[sv], self.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kdray.algorithms.base import Batch, ModelOutput, register_method
-from kdray.algorithms.text.contract import (Geometry, LayerMapError, TextTerm, attention_point, check_layer,
+from kdray.algorithms.text.contract import (Geometry, LayerMapError, TextTerm, attention_point, check_layer, check_pair,
                                             masked_row_kl, relation_log_probs, split_heads, token_mask)
 
 RELATIONS = ("queries", "keys", "values")
@@ -64,11 +64,9 @@ class MiniLMv2(TextTerm):
         losses = {}
         for relation in RELATIONS:
             sp, tp = attention_point(relation, s_layer), attention_point(relation, t_layer)
+            check_pair(self.name, sp, student.features[sp], tp, teacher.features[tp])
             x_s = split_heads(student.features[sp], self.num_relation_heads, self.name, sp)
             x_t = split_heads(teacher.features[tp], self.num_relation_heads, self.name, tp)
-            if x_s.shape[:3] != x_t.shape[:3]:
-                raise ValueError(f"minilmv2: student {sp} {tuple(student.features[sp].shape)} and teacher {tp} "
-                                 f"{tuple(teacher.features[tp].shape)} differ in batch or length")
             mask = token_mask(batch, student.features[sp], self.name)
             kl = masked_row_kl(relation_log_probs(x_t, mask).exp(), relation_log_probs(x_s, mask), mask[:, None, :])
             losses[f"minilmv2_{relation[0] * 2}"] = self.weight * kl

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch, ModelOutput, register_method
 from kdray.algorithms.text.contract import (Geometry, LayerMapError, TextTerm, attention_point, check_layer,
-                                            check_shape, hidden_state, split_heads, token_mask)
+                                            check_pair, hidden_state, split_heads, token_mask)
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
@@ -117,16 +117,16 @@ class TinyBERT(TextTerm):
         s_geom, t_geom = self.geometries()
         if self.embedding_projection is None:
             raise RuntimeError("tinybert: build() was not called (the distiller builds terms before training)")
-        e_s = check_shape(self.name, hidden_state(0), student.features[hidden_state(0)], 3, "student")
-        e_t = check_shape(self.name, hidden_state(0), teacher.features[hidden_state(0)], 3, "teacher")
+        e_s, e_t = check_pair(self.name, hidden_state(0), student.features[hidden_state(0)], hidden_state(0),
+                              teacher.features[hidden_state(0)])
         mask = token_mask(batch, e_s, self.name)
         tokens = mask.unsqueeze(-1)
         pairs_ = mask[:, None, :, None] & mask[:, None, None, :]
         hidden = e_s.new_zeros(())
         attention = e_s.new_zeros(())
         for m, n in self.pairs.items():
-            h_s = check_shape(self.name, hidden_state(m), student.features[hidden_state(m)], 3, "student")
-            h_t = check_shape(self.name, hidden_state(n), teacher.features[hidden_state(n)], 3, "teacher")
+            h_s, h_t = check_pair(self.name, hidden_state(m), student.features[hidden_state(m)], hidden_state(n),
+                                  teacher.features[hidden_state(n)])
             hidden = hidden + masked_mse(self.hidden_projection(h_s), h_t, tokens)
             if self.attention_weight:
                 sq, sk = attention_point("queries", m), attention_point("keys", m)
