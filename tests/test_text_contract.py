@@ -12,7 +12,7 @@ from kdray.algorithms.distiller import Distiller, Teacher, forward_with_features
 from kdray.algorithms.text.contract import LayerMapError
 from kdray.cli import main
 from kdray.models.features import FeatureTap
-from tests.text_features import TinyEncoder, text_batch
+from tests.text_features import TinyEncoder, make_text_pair, text_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXT_TERMS = {"distilbert", "bert_pkd", "tinybert", "minilm", "minilmv2"}
@@ -95,3 +95,18 @@ def test_a_layer_map_beyond_the_student_fails_at_construction():
     with pytest.raises(LayerMapError, match=r"^tinybert.layer_map names student layer 3, but the student has 2 "
                                             r"layers \(allowed 1..2\)$"):
         Distiller(TinyEncoder(num_layers=2), [create_method("tinybert", layer_map={1: 2, 3: 4})])
+
+
+@pytest.mark.parametrize("method,kwargs", [
+    ("distilbert", {"student": {"hidden_size": 24}}), ("bert_pkd", {"student": {"hidden_size": 24}}),
+    ("tinybert", {}), ("minilm", {}), ("minilmv2", {"num_relation_heads": 4})])
+def test_text_terms_under_bf16_autocast_stay_close_to_fp32(method, kwargs):
+    """Models in bf16 autocast, terms in fp32 (KnowledgeTerm.__call__): each loss finite and within 5% (+ 0.02)."""
+    distiller, teacher, batch = make_text_pair(method, **kwargs)
+    with torch.no_grad():
+        _, fp32 = distiller(batch, teacher(batch.inputs))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, bf16 = distiller(batch, teacher(batch.inputs))
+    for key, value in fp32.items():
+        assert bf16[key].dtype == torch.float32 and torch.isfinite(bf16[key]), key
+        assert abs(bf16[key].item() - value.item()) <= 0.05 * abs(value.item()) + 0.02, (key, value, bf16[key])
