@@ -121,7 +121,7 @@ class TinyBERT(TextTerm):
                               teacher.features[hidden_state(0)])
         mask = token_mask(batch, e_s, self.name)
         tokens = mask.unsqueeze(-1)
-        pairs_ = mask[:, None, :, None] & mask[:, None, None, :]
+        real_pairs = mask[:, None, :, None] & mask[:, None, None, :]
         hidden = e_s.new_zeros(())
         attention = e_s.new_zeros(())
         for m, n in self.pairs.items():
@@ -135,7 +135,7 @@ class TinyBERT(TextTerm):
                                        self.name, (sq, sk))
                 a_t = attention_scores(teacher.features[tq], teacher.features[tk], t_geom.num_attention_heads,
                                        self.name, (tq, tk))
-                attention = attention + masked_mse(a_s, a_t, pairs_)
+                attention = attention + masked_mse(a_s, a_t, real_pairs)
         losses = {"tinybert_embedding": self.embedding_weight * masked_mse(self.embedding_projection(e_s), e_t, tokens),
                   "tinybert_hidden": self.hidden_weight * hidden,
                   "tinybert_attention": self.attention_weight * attention}
