@@ -18,6 +18,8 @@ import torch.nn as nn
 from kdray.algorithms.precision import autocast_off, full_precision
 
 KINDS = ("response", "feature", "relation")
+# the built-in method packages (``kdray.algorithms.<package>``): one per kind, plus terms grouped by modality
+PACKAGES = KINDS + ("text",)
 
 
 @dataclass
@@ -60,6 +62,8 @@ class KnowledgeTerm(nn.Module):
     default_student_points: ClassVar[str | list[str] | None] = None
     default_teacher_points: ClassVar[str | list[str] | None] = None
     provides_ce: ClassVar[bool] = False  # True when the term already includes the hard-label CE
+    # "text": needs the transformer feature-point contract (kdray.algorithms.text); "any": logits / module paths
+    modality: ClassVar[str] = "any"
 
     def __init__(self):
         super().__init__()
@@ -121,13 +125,13 @@ def register_method(cls: type[KnowledgeTerm]) -> type[KnowledgeTerm]:
 
 
 def _load_builtin_methods():
-    """Import every module of the built-in method packages (``kdray.algorithms.<kind>``) by name: each
-    registers its terms. The registry depends on no method; the methods depend on it."""
+    """Import every module of the built-in method packages (``kdray.algorithms.<package>``, :data:`PACKAGES`)
+    by name: each registers its terms. The registry depends on no method; the methods depend on it."""
     import importlib
     import pkgutil
 
-    for kind in KINDS:
-        sub = importlib.import_module(f"{__package__}.{kind}")
+    for package in PACKAGES:
+        sub = importlib.import_module(f"{__package__}.{package}")
         for info in pkgutil.iter_modules(sub.__path__):
             importlib.import_module(f"{sub.__name__}.{info.name}")
 

@@ -13,6 +13,7 @@ response terms read the ensemble's combined logits. Still one module, so DDP sti
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -24,9 +25,12 @@ from kdray.models.features import FeatureTap, default_points, unwrap
 
 
 def expand_points(model: nn.Module, points, role: str) -> list[str]:
-    """``None`` -> [], ``"stages"``/``"embedding"`` -> the model's defaults, a list -> itself."""
+    """``None`` -> [], ``"stages"``/``"embedding"`` -> the model's defaults, a list -> itself, a callable ->
+    what it answers for the bare model and ``role`` (terms whose points follow the model's depth: text layer maps)."""
     if points is None:
         return []
+    if callable(points):
+        return expand_points(model, points(unwrap(model), role), role)
     if isinstance(points, str):
         if points in ("stages", "embedding"):
             return default_points(model, points, role)
@@ -38,11 +42,15 @@ def expand_points(model: nn.Module, points, role: str) -> list[str]:
 
 
 def forward_with_features(model: nn.Module, tap: FeatureTap | None, inputs: torch.Tensor) -> ModelOutput:
-    """``model(inputs)`` plus the features ``tap`` captures at its points (none when ``tap`` is ``None``)."""
+    """``model(inputs)`` plus the features ``tap`` captures at its points (none when ``tap`` is ``None``); inputs
+    that are a mapping (text: ``input_ids``, ``attention_mask``) are passed as keywords, ``model(**inputs)``."""
+    def call():
+        return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
     if tap is None:
-        return ModelOutput(model(inputs))
+        return ModelOutput(call())
     with tap.capture() as feats:
-        logits = model(inputs)
+        logits = call()
     return ModelOutput(logits, dict(feats))
 
 
