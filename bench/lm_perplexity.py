@@ -77,14 +77,15 @@ def train_student(corpus: CharCorpus, teacher, loss_name: str, steps: int, seed:
     return student.eval()
 
 
-def compare(seeds=(0, 1, 2), teacher_steps: int = 600, student_steps: int = 300, corpus: CharCorpus | None = None):
-    """Train the teacher once and every (loss, seed) student; returns the teacher's perplexities and
-    ``{loss: [(true_ppl, teacher_ppl) per seed]}``."""
+def compare(seeds=(0, 1, 2), teacher_steps: int = 600, student_steps: int = 300, corpus: CharCorpus | None = None,
+            losses=tuple(LOSSES), length: int = 64):
+    """Train the teacher once and every (loss, seed) student; returns the teacher's perplexities,
+    ``{loss: [(true_ppl, teacher_ppl) per seed]}`` and the vocabulary size."""
     corpus = corpus or load_char_corpus(lee_background_path())
-    teacher = train_teacher(corpus, teacher_steps)
-    windows = held_out_windows(corpus)
-    results = {name: [perplexities(train_student(corpus, teacher, name, student_steps, seed), teacher, windows)
-                      for seed in seeds] for name in LOSSES}
+    teacher = train_teacher(corpus, teacher_steps, length)
+    windows = held_out_windows(corpus, length=length)
+    results = {name: [perplexities(train_student(corpus, teacher, name, student_steps, seed, length), teacher,
+                                   windows) for seed in seeds] for name in losses}
     return perplexities(teacher, teacher, windows), results, corpus.vocab_size
 
 
