@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kdray.algorithms.lm.divergence import get_divergence, jsd
+from kdray.algorithms.lm.divergence import jsd
 from kdray.algorithms.lm.token_loss import next_token_mask, token_distill_loss
 
 P = [0.5, 0.25, 0.25]      # teacher

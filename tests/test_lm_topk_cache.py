@@ -55,7 +55,7 @@ def test_training_from_the_cache_equals_live_top_k_step_for_step(tmp_path):
                                  torch.cat([p.logprobs for p in parts]), temperature=1.0, vocab_size=V,
                                  fingerprint=fingerprint)
     live_losses, live_student = train(live)
-    del teacher             # the cached run never sees a teacher
+    teacher = None          # the cached run has no teacher: any use of it would fail
     cache = read_lm_topk_parquet(path, expected_fingerprint=fingerprint)
 
     def cached(rows):
