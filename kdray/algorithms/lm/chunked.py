@@ -50,7 +50,7 @@ def chunked_masked_mean(per_token: PerTokenLoss, sequences: tuple[torch.Tensor, 
         part = checkpoint(chunk_sum, chunk_weights, *(t[:, piece] for t in sequences), use_reentrant=False)
         total = part if total is None else total + part
     if total is None:   # nothing kept: a zero that still belongs to the student's graph
-        return sum((t.sum() * 0.0 for t in sequences if t.requires_grad), torch.zeros(()))
+        return sum((t.sum() * 0.0 for t in sequences if t.requires_grad), weights.new_zeros(()))
     return total / weights.sum()
 
 
