@@ -6,6 +6,13 @@ against the teacher. Metric: held-out perplexity *under the teacher's distributi
 student's ordinary held-out perplexity on the true characters, over seeds (mean, min and max per loss).
 
 Every student sees the same windows in the same order (the window sampler is seeded per seed, not per loss).
+
+Measured (defaults, seeds 0 1 2, 1 thread, 1002 s on a loaded 2-core CPU): teacher held-out perplexity 5.77
+(uniform 55). Perplexity under the teacher, mean [min, max]: CE 11.970 [11.783, 12.081]; forward KL 11.174
+[10.867, 11.360] (beats CE on every seed: its worst is 0.42 below CE's best); JSD(0.5) 11.774 [11.513, 11.927]
+(0.195 below CE on the mean, the ranges overlap); reverse KL 13.439 [13.325, 13.599] does **not** beat CE
+(+1.469: mode-seeking, a 1x32 student drops the teacher's minor modes, which this cross-entropy-under-the-teacher
+metric charges for). True held-out perplexity: CE 11.16, forward KL 10.78, JSD 11.47, reverse KL 13.19.
 Run: ``python bench/lm_perplexity.py [--seeds 0 1 2] [--teacher-steps 600] [--student-steps 300] [--threads 1]``.
 """
 from __future__ import annotations
