@@ -45,7 +45,8 @@ class PKD(KnowledgeTerm):
 
     name = "pkd"
     kind = "feature"
-    paper = "Cao et al. 2022, PKD: General Distillation Framework for Object Detectors via Pearson Correlation Coefficient"
+    paper = ("Cao et al. 2022, PKD: General Distillation Framework for Object Detectors via Pearson Correlation "
+             "Coefficient")
     default_student_points = "stages"
     default_teacher_points = "stages"
 

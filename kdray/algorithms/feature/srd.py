@@ -52,7 +52,8 @@ class SRD(KnowledgeTerm):
     Not kdray's ``srrl``: that is Yang et al. (ICLR 2021), "Softmax Regression Representation Learning", which
     the issues also abbreviate SRD; this is the AAAI 2024 method torchdistill calls SRD.
 
-    Points: one pair, the penultimate embedding (``feature_index=-1``).
+    Points: one pair, the penultimate embedding (``feature_index=-1``). ``weight`` scales both terms (1: the
+    config's ``weight: 1.0`` of the whole ``SRDLoss``).
     """
 
     name = "srd"
@@ -61,12 +62,13 @@ class SRD(KnowledgeTerm):
     default_student_points = "embedding"
     default_teacher_points = "embedding"
 
-    def __init__(self, feature_weight: float = 2.0, kl_weight: float = 1.0, exponent: float = 4.0,
-                 temperature: float = 1.0, feature_index: int = -1):
+    def __init__(self, weight: float = 1.0, feature_weight: float = 2.0, kl_weight: float = 1.0,
+                 exponent: float = 4.0, temperature: float = 1.0, feature_index: int = -1):
         super().__init__()
-        if feature_weight < 0 or kl_weight < 0:
-            raise ValueError(f"srd.feature_weight and srd.kl_weight must be >= 0, got {feature_weight} and "
-                             f"{kl_weight}")
+        if weight < 0 or feature_weight < 0 or kl_weight < 0:
+            raise ValueError(f"srd.weight, srd.feature_weight and srd.kl_weight must be >= 0, got {weight}, "
+                             f"{feature_weight} and {kl_weight}")
+        self.weight = weight
         if exponent <= 0 or temperature <= 0:
             raise ValueError(f"srd.exponent and srd.temperature must be > 0, got {exponent} and {temperature}")
         self.feature_weight = feature_weight
@@ -102,4 +104,5 @@ class SRD(KnowledgeTerm):
         tau = self.temperature
         kl = F.kl_div(F.log_softmax(student.logits / tau, dim=1), F.log_softmax(teacher.logits / tau, dim=1),
                       reduction="batchmean", log_target=True)
-        return {"srd_feature": self.feature_weight * feature, "srd_kl": self.kl_weight * kl}
+        return {"srd_feature": self.weight * self.feature_weight * feature,
+                "srd_kl": self.weight * self.kl_weight * kl}
