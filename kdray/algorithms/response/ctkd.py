@@ -83,6 +83,10 @@ class CTKD(KnowledgeTerm):
         self.theta = nn.Parameter(torch.full((1,), float(initial_theta)))
         self.set_epoch(0)
 
+    def build(self, student: ModelOutput, teacher: ModelOutput, num_samples: int) -> None:
+        """Put ``theta`` on the logits' device and dtype (a float64 student gets a float64 temperature)."""
+        self.theta.data = self.theta.data.to(device=student.logits.device, dtype=student.logits.dtype)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.reversal = self.lambda_max * cosine_ramp(self.epoch + 1, self.lambda_epochs)
