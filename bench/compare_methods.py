@@ -56,7 +56,7 @@ PHASES = {"ab": "init_epochs", "fitnet": "hint_epochs", "ft": "paraphraser_epoch
 # Warm-up ramps published as 20 of 240 epochs: scaled to the run's length.
 WARMUPS = {"dkd": "warmup", "reviewkd": "warmup_epochs"}
 # Convex CE / soft-target mixes: the soft term is not rescaled.
-NOT_SCALED = {"kd", "ctkd", "messy_collab", "probability_shift", "label_smoothing"}
+NOT_SCALED = {"kd", "ctkd", "mlkd", "messy_collab", "probability_shift", "label_smoothing"}
 # Methods without one `weight` parameter: the parameters that weight their parts, scaled together.
 WEIGHT_PARAMS = {"dist": ("beta", "gamma"), "dist_plus": ("beta", "gamma", "iota", "kappa"),
                  "skd": ("instance_weight", "direction_weight"), "srrl": ("feature_weight", "sr_weight"),
