@@ -107,6 +107,8 @@ def test_graph_parquet_round_trip_and_an_edge_to_an_unknown_node(tmp_path):
                                    r"'digits' has no edges"),
     ({"student": {"model": "node_mlp", "args": {"in_features": 32}}},
      r"student.args.in_features is 32 but the graph's nodes have 64 features; set student.args.in_features: 64"),
+    ({"teacher": {"model": "gcn", "args": {"in_features": 16}, "train": {"epochs": 1}}},
+     r"teacher.args.in_features is 16 but the graph's nodes have 64 features; set teacher.args.in_features: 64"),
     ({"teacher": {"model": "node_mlp", "train": {"epochs": 1}}}, r"the teacher 'node_mlp' reads no edges"),
     ({"graph": {"method": "lsp"}}, r"graph.method: lsp matches each node's neighbourhood in the student too"),
     ({"graph": {"method": "gat"}}, r"graph.method: Input should be 'glnn' or 'lsp'"),
@@ -116,6 +118,24 @@ def test_bad_graph_configs_fail_in_one_line_before_training(tmp_path, over, patt
     with pytest.raises(ConfigError, match=pattern) as err:
         kdray.distill(graph_job(tmp_path, **over), quiet=True)
     assert "\n" not in str(err.value) and not (tmp_path / "runs" / "glnn").exists()
+
+
+def test_preflight_builds_each_node_model_once(tmp_path, monkeypatch):
+    """The width check sits where the generic preflight builds the models: a graph job's preflight builds the
+    teacher and the student once each (the scheme's data check builds none)."""
+    from kdray.models.graph import NodeModel
+    from kdray.orchestrator.api import preflight
+
+    built = []
+    original = NodeModel.__init__
+
+    def counting(self, layer, *args, **kwargs):
+        built.append(layer.__name__)
+        original(self, layer, *args, **kwargs)
+
+    monkeypatch.setattr(NodeModel, "__init__", counting)
+    preflight(kdray.load_config(graph_job(tmp_path)))
+    assert sorted(built) == ["GCNLayer", "Linear"]
 
 
 # --- the methods on digits_graph ---------------------------------------------------------------------------

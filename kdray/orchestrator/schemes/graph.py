@@ -18,7 +18,7 @@ import torch
 
 from kdray.algorithms.engine import seed_everything
 from kdray.algorithms.schemes.graph import GraphLoop
-from kdray.models import create_model
+from kdray.models import create_model, list_models, model_family
 from kdray.models.features import FeatureTap
 from kdray.orchestrator.build import build_optimizer, build_teacher_model
 from kdray.orchestrator.job import StageParts, complete_stage, stage_logging
@@ -26,10 +26,6 @@ from kdray.orchestrator.plan import (Scheme, TeacherSource, from_stage, model_sp
                                      stage)
 
 KINDS = {"teacher": "graph_teacher", "scratch": "graph_scratch", "taught": "graph_distill"}
-
-
-def node_model_width(model) -> int | None:
-    return getattr(model, "in_features", None)
 
 
 @torch.no_grad()
@@ -78,20 +74,18 @@ class GraphDistillation(Scheme):
         return stages
 
     def check_data(self, cfg, splits):
-        """A graph dataset, and node models as wide as its node features (before anything runs on them)."""
-        graph = splits.graph
-        if graph is None:
+        """A graph dataset, and node models by name (the registry's ``graph`` family), before any model is built.
+        Their widths are checked against the node features where the generic preflight builds them
+        (``check_input_width``), so no model is built only for this check."""
+        if splits.graph is None:
             raise ValueError(f"scheme 'graph' needs a graph dataset (digits_graph, graph_parquet); "
                              f"{cfg.data.name!r} has no edges")
+        node_models = [name for name in list_models() if model_family(name) == "graph"]
         for role in ("student", "teacher"):
-            spec = getattr(cfg, role)
-            width = node_model_width(create_model(spec.model, splits.num_classes, **spec.args))
-            if width is None:
-                raise ValueError(f"scheme 'graph' trains node models (gcn, graphsage, node_mlp); the {role} "
-                                 f"{spec.model!r} is not one")
-            if width != graph.num_features:
-                raise ValueError(f"{role}.args.in_features is {width} but the graph's nodes have "
-                                 f"{graph.num_features} features; set {role}.args.in_features: {graph.num_features}")
+            name = getattr(cfg, role).model
+            if name not in node_models:
+                raise ValueError(f"scheme 'graph' trains node models ({', '.join(node_models)}); the {role} "
+                                 f"{name!r} is not one")
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
         if not getattr(teachers[0], "uses_edges", False):
