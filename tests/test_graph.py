@@ -120,6 +120,54 @@ def test_bad_graph_configs_fail_in_one_line_before_training(tmp_path, over, patt
     assert "\n" not in str(err.value) and not (tmp_path / "runs" / "glnn").exists()
 
 
+def test_degree_and_hops_to_the_labelled_nodes_by_hand():
+    from kdray.data.graph import hops_from, in_degree
+    from kdray.orchestrator.schemes.graph import HOP_BUCKETS, bucket_index, bucket_names, structure_groups
+
+    # path 0 - 1 - 2 - 3 - 4 - 5, a self loop on 2 (not a neighbour), node 6 alone; 0 labelled
+    edges = torch.tensor([[0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 2], [1, 0, 2, 1, 3, 2, 4, 3, 5, 4, 2]])
+    assert in_degree(edges, 7).tolist() == [1, 2, 2, 2, 2, 1, 0]
+    assert hops_from(edges, 7, torch.tensor([0])).tolist() == [0, 1, 2, 3, 4, 5, -1]
+    assert bucket_names(HOP_BUCKETS) == ["0", "1", "2", "3", "4plus"]
+    assert bucket_index(torch.tensor([0, 3, 4, 9, -1]), HOP_BUCKETS).tolist() == [0, 3, 4, 4, -1]
+    graph = Graph(torch.randn(7, 2), torch.zeros(7, dtype=torch.long), edges, torch.tensor([0]),
+                  torch.tensor([1]), torch.tensor([5, 6]), 2)
+    groups = structure_groups(graph)
+    names, index = groups["hops"]
+    assert [names[i] for i in index.tolist()] == ["0", "1", "2", "3", "4plus", "4plus", "unreached"]
+    names, index = groups["degree"]
+    assert [names[i] for i in index.tolist()] == ["1", "2to3", "2to3", "2to3", "2to3", "1", "0"]
+
+
+def test_top1_by_structure_is_logged_per_stage_and_plotted_on_the_jobs_run(tmp_path, mlflow_uri):
+    """Each stage's run holds ``test_top1_degree_*`` / ``test_top1_hops_*`` with node counts adding up to the
+    test nodes and averaging back to ``test_top1``; the job's run holds ``accuracy_by_structure.png``."""
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    result = kdray.distill(graph_job(tmp_path, epochs=20, mlflow={"tracking_uri": mlflow_uri}), quiet=True,
+                           log=lambda *a: None)
+    tests = len(build_datasets("digits_graph", label_fraction=0.05).graph.test)
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(result.parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.info.run_name for r in runs} == {"teacher", "scratch-seed0", "glnn-seed0"}
+    for run in runs:
+        metrics = run.data.metrics
+        for name in ("degree", "hops"):
+            counts = {k.rsplit("_", 1)[1]: v for k, v in metrics.items() if k.startswith(f"test_nodes_{name}_")}
+            tops = {k.rsplit("_", 1)[1]: v for k, v in metrics.items() if k.startswith(f"test_top1_{name}_")}
+            assert sum(counts.values()) == tests and set(tops) == set(counts) and len(counts) >= 2, metrics
+            mean = sum(tops[b] * counts[b] for b in counts) / tests
+            assert mean == pytest.approx(metrics["test_top1"], abs=1e-6)
+    row = next(s for s in result.stages if s["kind"] == "graph_distill")
+    assert row["test_top1_hops_1"] == pytest.approx(
+        next(r for r in runs if r.info.run_name == "glnn-seed0").data.metrics["test_top1_hops_1"])
+    assert "accuracy_by_structure.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    path = client.download_artifacts(parent.info.run_id, "accuracy_by_structure.png", str(tmp_path))
+    assert min(Image.open(path).size) > 200
+
+
 def test_preflight_builds_each_node_model_once(tmp_path, monkeypatch):
     """The width check sits where the generic preflight builds the models: a graph job's preflight builds the
     teacher and the student once each (the scheme's data check builds none)."""

@@ -75,6 +75,33 @@ class Graph:
         return digest.hexdigest()[:16]
 
 
+def in_degree(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """Each node's number of in-neighbours (self loops not counted; a symmetric graph: its degree)."""
+    dst = edge_index[1][edge_index[0] != edge_index[1]]
+    return torch.bincount(dst, minlength=num_nodes)
+
+
+def hops_from(edge_index: torch.Tensor, num_nodes: int, sources: torch.Tensor) -> torch.Tensor:
+    """Each node's number of hops (edges src -> dst followed) from the nearest of ``sources`` (0 for a
+    source, -1 for a node none reaches): a breadth-first search from every source at once."""
+    hops = torch.full((num_nodes,), -1, dtype=torch.long)
+    frontier = torch.unique(sources)
+    hops[frontier] = 0
+    reached = torch.zeros(num_nodes, dtype=torch.bool)
+    reached[frontier] = True
+    src, dst = edge_index
+    distance = 0
+    while frontier.numel():
+        distance += 1
+        on_frontier = torch.zeros(num_nodes, dtype=torch.bool)
+        on_frontier[frontier] = True
+        step = torch.unique(dst[on_frontier[src]])
+        frontier = step[~reached[step]]
+        reached[frontier] = True
+        hops[frontier] = distance
+    return hops
+
+
 def knn_graph(features: torch.Tensor, k: int) -> torch.Tensor:
     """Symmetric k-nearest-neighbour edges (Euclidean, no self loops) as a ``2 x E`` edge index: i -> j and
     j -> i for every j among i's k nearest, each pair once per direction."""

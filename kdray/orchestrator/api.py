@@ -208,7 +208,8 @@ def _run(cfg: Config, resume: bool, log, callbacks: list, run_callbacks: list, q
             with sigint_held():  # a Ctrl-C inside matplotlib's C init would surface as an ImportError
                 groups = {k: outcome.accuracies(k) for k in outcome.kinds()}
                 tracking.finish(outcome.summary(), outcome.table(),
-                                grouped_bars(groups, "test top-1", f"{cfg.name}: test accuracy"))
+                                grouped_bars(groups, "test top-1", f"{cfg.name}: test accuracy"),
+                                get_scheme(cfg.scheme).job_figures(cfg, outcome.stages))
         return outcome
     except BaseException as err:
         if tracking:

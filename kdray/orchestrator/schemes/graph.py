@@ -18,6 +18,7 @@ import torch
 
 from kdray.algorithms.engine import seed_everything
 from kdray.algorithms.schemes.graph import GraphLoop
+from kdray.data.graph import hops_from, in_degree
 from kdray.models import create_model, list_models, model_family
 from kdray.models.features import FeatureTap
 from kdray.orchestrator.build import build_optimizer, build_teacher_model
@@ -40,6 +41,59 @@ def inference_ms(model, x: torch.Tensor, edge_index: torch.Tensor | None, repeat
         times.append((time.perf_counter() - start) * 1e3)
     model.train(was_training)
     return statistics.median(times[1:])
+
+
+DEGREE_BUCKETS = ((0, 0), (1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63), (64, None))
+HOP_BUCKETS = ((0, 0), (1, 1), (2, 2), (3, 3), (4, None))
+
+
+def bucket_names(bounds) -> list[str]:
+    """``(low, high)`` bounds as metric-key-safe names: ``8to15``, ``3``, ``64plus``."""
+    return [f"{low}plus" if high is None else str(low) if low == high else f"{low}to{high}" for low, high in bounds]
+
+
+def bucket_index(values: torch.Tensor, bounds) -> torch.Tensor:
+    """Each value's bucket in ``bounds`` (-1 for a negative value: none applies)."""
+    index = torch.full_like(values, -1)
+    for k, (low, high) in enumerate(bounds):
+        index[(values >= low) & (values <= (high if high is not None else values.max().clamp_min(low)))] = k
+    return index
+
+
+def structure_groups(graph) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """The test report's node groupings on the graph the test sees: in-degree (powers of two) and hops to the
+    nearest labelled training node (1, 2, 3, 4 or more; ``unreached``: no path from any)."""
+    hops = hops_from(graph.edge_index, graph.num_nodes, graph.train)
+    hop_index = bucket_index(hops, HOP_BUCKETS)
+    hop_index[hops < 0] = len(HOP_BUCKETS)
+    return {"degree": (bucket_names(DEGREE_BUCKETS), bucket_index(in_degree(graph.edge_index, graph.num_nodes),
+                                                                  DEGREE_BUCKETS)),
+            "hops": (bucket_names(HOP_BUCKETS) + ["unreached"], hop_index)}
+
+
+def structure_figure(cfg, rows: list[dict]):
+    """``accuracy_by_structure.png``: test top-1 by degree and by hops bucket of the teacher, the student on
+    labels alone and the taught student (each the mean over its seeds), buckets labelled with their node count."""
+    from kdray.orchestrator.plots import bucket_bars
+
+    series_of = {KINDS["teacher"]: f"teacher ({cfg.teacher.model})", KINDS["scratch"]: f"{cfg.student.model} alone",
+                 KINDS["taught"]: f"{cfg.graph.method} {cfg.student.model}"}
+    panels = {}
+    for name, title in (("degree", "by in-degree"), ("hops", "by hops to the nearest labelled node")):
+        prefix = f"test_top1_{name}_"
+        buckets = list(dict.fromkeys(k[len(prefix):] for row in rows for k in row if k.startswith(prefix)))
+        if not buckets:
+            continue
+        counts = next(row for row in rows if f"{prefix}{buckets[0]}" in row)
+        labels = [f"{b}\n(n={counts.get(f'test_nodes_{name}_{b}', 0)})" for b in buckets]
+        series = {}
+        for kind, label in series_of.items():
+            kind_rows = [row for row in rows if row["kind"] == kind]
+            if kind_rows:
+                series[label] = [statistics.mean(row.get(f"{prefix}{b}", float("nan")) for row in kind_rows)
+                                 for b in buckets]
+        panels[title] = (labels, series)
+    return bucket_bars(panels, "test top-1", f"{cfg.name}: test top-1 by node structure") if panels else None
 
 
 @register_scheme
@@ -95,6 +149,10 @@ class GraphDistillation(Scheme):
             raise ValueError(f"graph.method: lsp matches each node's neighbourhood in the student too; "
                              f"{cfg.student.model!r} reads no edges (use gcn or graphsage, or method: glnn)")
 
+    def job_figures(self, cfg, rows):
+        figure = structure_figure(cfg, rows)
+        return {} if figure is None else {"accuracy_by_structure.png": figure}
+
     def run_stage(self, cfg, stage, splits, ctx, job_state, resume_loop):
         spec_cfg, graph = cfg.graph, splits.graph
         spec = model_spec(cfg, stage.spec)
@@ -127,7 +185,8 @@ class GraphDistillation(Scheme):
                          lsp_weight=spec_cfg.lsp_weight, lsp_kernel=spec_cfg.lsp_kernel, distiller=trainable,
                          optimizer=optimizer,
                          scheduler=scheduler, val_loader=graph.val, num_classes=splits.num_classes,
-                         epochs=optim.epochs, device=ctx.device, callbacks=callbacks, eval_model=model)
+                         epochs=optim.epochs, device=ctx.device, callbacks=callbacks, eval_model=model,
+                         test_groups=structure_groups(graph))
         parts = StageParts(spec, optim, model, model, trainable, None, None, graph.val, graph.test,
                            graph.x[:2], optimizer, scheduler, logger, callbacks)
         edges = graph.edge_index.to(ctx.device) if model.uses_edges else None
