@@ -102,6 +102,72 @@ def test_graph_parquet_round_trip_and_an_edge_to_an_unknown_node(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def edit_nodes(folder, column, edit):
+    """Rewrite one column of ``folder/nodes.parquet`` through ``edit(values) -> values``."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(f"{folder}/nodes.parquet")
+    values = edit(table.column(column).to_pylist())
+    table = table.set_column(table.column_names.index(column), column, [values])
+    pq.write_table(table, f"{folder}/nodes.parquet")
+
+
+def set_at(values, row, value):
+    return values[:row] + [value] + values[row + 1:]
+
+
+@pytest.mark.parametrize("column, edit, pattern", [
+    ("id", lambda v: set_at(v, 2, 11), r"lists node id 11 twice \(rows 1 and 2\); node ids must be unique$"),
+    ("x", lambda v: set_at(v, 3, [0.5, float("nan"), 1.0]),
+     r"node 13's x holds a NaN, inf or null \(1 node\(s\) do\); clean or impute the features before training$"),
+    ("x", lambda v: set_at(v, 1, [0.5, None, 1.0]), r"node 11's x holds a NaN, inf or null"),
+    ("x", lambda v: set_at(v, 2, [0.5]), r"node 12 has 1 features, node 10 has 3; every x must be a list of the "
+                                         r"same length$"),
+    ("label", lambda v: set_at(v, 0, -1), r"node 10 \(train split\) has label -1; a train node needs a class "
+                                          r"index 0, 1, ... \(unknown labels: split unlabelled\)$"),
+    ("label", lambda v: set_at(v, 2, None), r"node 12 \(test split\) has label None"),
+])
+def test_bad_graph_tables_fail_in_one_line_naming_the_node(tmp_path, column, edit, pattern):
+    graph = Graph(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 0]), torch.tensor([[0, 1, 2], [1, 2, 3]]),
+                  torch.tensor([0]), torch.tensor([1]), torch.tensor([2, 3]), 2)
+    folder = write_graph_parquet(str(tmp_path / "g"), graph, ids=[10, 11, 12, 13, 14])
+    edit_nodes(folder, column, edit)
+    job = graph_job(tmp_path, data={"name": "graph_parquet", "root": folder},
+                    teacher={"model": "gcn", "args": {"in_features": 3}, "train": {"epochs": 1, **ADAM}},
+                    student={"model": "node_mlp", "args": {"in_features": 3}})
+    with pytest.raises(ConfigError, match=r"^data: graph_parquet: \S*nodes.parquet .*" + pattern.lstrip("^")) as err:
+        kdray.distill(job, quiet=True)
+    assert "\n" not in str(err.value) and not (tmp_path / "runs").exists()
+
+
+def test_an_unlabelled_node_may_have_no_label(tmp_path):
+    graph = Graph(torch.randn(3, 2), torch.tensor([0, 1, 0]), torch.tensor([[0, 1], [1, 2]]), torch.tensor([0]),
+                  torch.tensor([1]), torch.tensor([], dtype=torch.long), 2)
+    folder = write_graph_parquet(str(tmp_path / "g"), graph)
+    edit_nodes(folder, "label", lambda v: set_at(v, 2, None))
+    back = read_graph_parquet(folder)
+    assert back.y.tolist() == [0, 1, -1] and back.num_classes == 2
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"train": torch.tensor([9])}, r"^the train split names node 9, but the graph has nodes 0..3; list only this "
+                                   r"graph's node ids$"),
+    ({"test": torch.tensor([0, 3])}, r"^node 0 is listed 2 times in the train / test split\(s\); give each node at "
+                                     r"most one split$"),
+    ({"y": torch.tensor([0, 5, 0, 1])}, r"^node 1 \(val split\) has label 5, outside the 2 classes 0..1; a labelled "
+                                        r"node needs a class index$"),
+    ({"y": torch.tensor([0, 1, 0])}, r"^3 labels for 4 nodes; give one label per node \(-1 if unlabelled\)$"),
+    ({"x": torch.tensor([[0.0, 1.0], [1.0, 1.0], [float("inf"), 0.0], [0.0, 0.0]])},
+     r"^node 2's features hold NaN or inf \(1 node\(s\) do\); clean or impute them before building the graph$"),
+])
+def test_bad_graphs_are_refused_in_one_line(change, pattern):
+    parts = {"x": torch.randn(4, 2), "y": torch.tensor([0, 1, -1, 1]), "edge_index": torch.tensor([[0, 1], [1, 2]]),
+             "train": torch.tensor([0]), "val": torch.tensor([1]), "test": torch.tensor([3]), "num_classes": 2}
+    Graph(**parts)  # the unchanged graph is fine (node 2 unlabelled, label -1)
+    with pytest.raises(ValueError, match=pattern):
+        Graph(**{**parts, **change})
+
+
 @pytest.mark.parametrize("over, pattern", [
     ({"data": {"name": "digits"}}, r"scheme 'graph' needs a graph dataset \(digits_graph, graph_parquet\); "
                                    r"'digits' has no edges"),
