@@ -7,7 +7,10 @@ taught student) is full-graph training through :class:`~kdray.algorithms.schemes
 common :func:`~kdray.orchestrator.job.complete_stage` (checkpoints, resume, MLflow). ``graph.setting:
 inductive`` trains everything without the test nodes' edges (GLNN's inductive split); the test then uses the
 whole graph, as a deployed GNN would. Each stage records ``inference_ms``: the median CPU time of one forward over
-every node (the GNN with its edges, the MLP without).
+every node (the GNN with its edges, the MLP without), and its test top-1 by node in-degree and by hops to the
+nearest labelled node (``test_top1_degree_*``, ``test_top1_hops_*``, with ``test_nodes_*`` counts); the job's
+run plots them for the teacher and both students as ``accuracy_by_structure.png`` (GLNN's claim to check: does
+an MLP that never sees edges hold up on nodes far from the labels?).
 """
 from __future__ import annotations
 
