@@ -205,30 +205,43 @@ def test_degree_and_hops_to_the_labelled_nodes_by_hand():
     assert [names[i] for i in index.tolist()] == ["1", "2to3", "2to3", "2to3", "2to3", "1", "0"]
 
 
+def structure_buckets(metrics: dict, name: str) -> tuple[dict, dict]:
+    """``test_nodes_<name>_*`` counts and ``test_top1_<name>_*`` accuracies of a result row or an MLflow run."""
+    counts = {k.rsplit("_", 1)[1]: v for k, v in metrics.items() if k.startswith(f"test_nodes_{name}_")}
+    return counts, {k.rsplit("_", 1)[1]: v for k, v in metrics.items() if k.startswith(f"test_top1_{name}_")}
+
+
+def test_top1_by_structure_partitions_the_test_nodes(tmp_path):
+    """Each stage's row holds top-1 by degree and by hops bucket: the buckets' node counts add up to the test
+    nodes and their count-weighted top-1s to the stage's ``test_top1``."""
+    result = kdray.distill(graph_job(tmp_path, epochs=2, baseline=False), quiet=True, log=lambda *a: None)
+    tests = len(build_datasets("digits_graph", label_fraction=0.05).graph.test)
+    assert [s["kind"] for s in result.stages] == ["graph_teacher", "graph_distill"]
+    for row in result.stages:
+        for name in ("degree", "hops"):
+            counts, tops = structure_buckets(row, name)
+            assert sum(counts.values()) == tests and set(tops) == set(counts) and len(counts) >= 2, row
+            mean = sum(tops[b] * counts[b] for b in counts) / tests
+            assert mean == pytest.approx(row["test_top1"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_top1_by_structure_is_logged_per_stage_and_plotted_on_the_jobs_run(tmp_path, mlflow_uri):
-    """Each stage's run holds ``test_top1_degree_*`` / ``test_top1_hops_*`` with node counts adding up to the
-    test nodes and averaging back to ``test_top1``; the job's run holds ``accuracy_by_structure.png``."""
+    """The same metrics in each stage's MLflow run; the job's run holds ``accuracy_by_structure.png``."""
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    result = kdray.distill(graph_job(tmp_path, epochs=20, mlflow={"tracking_uri": mlflow_uri}), quiet=True,
-                           log=lambda *a: None)
-    tests = len(build_datasets("digits_graph", label_fraction=0.05).graph.test)
+    result = kdray.distill(graph_job(tmp_path, epochs=2, baseline=False, mlflow={"tracking_uri": mlflow_uri}),
+                           quiet=True, log=lambda *a: None)
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(result.parent_run_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {r.info.run_name for r in runs} == {"teacher", "scratch-seed0", "glnn-seed0"}
+    rows = {s["name"]: s for s in result.stages}
+    assert {r.info.run_name for r in runs} == set(rows) == {"teacher", "glnn-seed0"}
     for run in runs:
-        metrics = run.data.metrics
+        row = rows[run.info.run_name]
         for name in ("degree", "hops"):
-            counts = {k.rsplit("_", 1)[1]: v for k, v in metrics.items() if k.startswith(f"test_nodes_{name}_")}
-            tops = {k.rsplit("_", 1)[1]: v for k, v in metrics.items() if k.startswith(f"test_top1_{name}_")}
-            assert sum(counts.values()) == tests and set(tops) == set(counts) and len(counts) >= 2, metrics
-            mean = sum(tops[b] * counts[b] for b in counts) / tests
-            assert mean == pytest.approx(metrics["test_top1"], abs=1e-6)
-    row = next(s for s in result.stages if s["kind"] == "graph_distill")
-    assert row["test_top1_hops_1"] == pytest.approx(
-        next(r for r in runs if r.info.run_name == "glnn-seed0").data.metrics["test_top1_hops_1"])
+            assert structure_buckets(run.data.metrics, name) == pytest.approx(structure_buckets(row, name))
     assert "accuracy_by_structure.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     path = client.download_artifacts(parent.info.run_id, "accuracy_by_structure.png", str(tmp_path))
     assert min(Image.open(path).size) > 200
@@ -261,12 +274,22 @@ def test_glnn_mlp_beats_the_mlp_on_labels_alone_and_needs_no_edges(tmp_path):
     """digits kNN graph (k = 10), 5 % of the 1797 nodes labelled (90), GCN teacher (hidden 64), MLP student
     (hidden 64), AdamW lr 0.01, 200 full-graph epochs, GLNN lam 0.5, T 1, seeds 0..2. Measured (2-core CPU,
     2026-12-02): teacher 0.930, MLP alone 0.849, GLNN 0.919 (0.925 / 0.916 / 0.916); inference over every node
-    5.96 ms (GCN with its 24,664 edges) vs 0.37 ms (the MLP, features only). Asserted: GLNN >= MLP alone + 0.04,
-    >= teacher - 0.04; the student's predictions do not change without edges (the teacher's do)."""
+    5.96 ms (GCN with its 24,664 edges) vs 0.37 ms (the MLP, features only). By hops to the nearest labelled
+    node (1 / 2 / 3 hops: 177 / 166 / 16 test nodes; 2026-12-03): teacher 0.966 / 0.904 / 0.812, MLP alone 0.944 /
+    0.771 / 0.604, GLNN 0.974 / 0.876 / 0.771. Asserted: GLNN >= MLP alone + 0.04, >= teacher - 0.04; GLNN's gain
+    over the MLP alone at 2 hops >= its gain at 1 hop + 0.03 (measured 0.105 vs 0.030: the teacher's soft labels
+    carry the graph to nodes no label is near); the student's predictions do not change without edges (the
+    teacher's do)."""
     result = kdray.distill(graph_job(tmp_path, seeds=[0, 1, 2]), quiet=True, log=lambda *a: None)
     [teacher] = by_kind(result, "graph_teacher")
     alone, glnn = statistics.mean(by_kind(result, "graph_scratch")), statistics.mean(by_kind(result, "graph_distill"))
     assert glnn >= alone + 0.04 and glnn >= teacher - 0.04, (teacher, alone, glnn)
+
+    def gain(hops):
+        return statistics.mean(s[f"test_top1_hops_{hops}"] for s in result.stages if s["kind"] == "graph_distill") - \
+            statistics.mean(s[f"test_top1_hops_{hops}"] for s in result.stages if s["kind"] == "graph_scratch")
+
+    assert gain(2) >= gain(1) + 0.03, (gain(1), gain(2))
     rows = {s["kind"]: s for s in result.stages}
     assert rows["graph_distill"]["inference_ms"] < rows["graph_teacher"]["inference_ms"]
     graph = build_datasets("digits_graph", label_fraction=0.05).graph
