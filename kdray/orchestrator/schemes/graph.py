@@ -59,7 +59,8 @@ def bucket_index(values: torch.Tensor, bounds) -> torch.Tensor:
     """Each value's bucket in ``bounds`` (-1 for a negative value: none applies)."""
     index = torch.full_like(values, -1)
     for k, (low, high) in enumerate(bounds):
-        index[(values >= low) & (values <= (high if high is not None else values.max().clamp_min(low)))] = k
+        inside = values >= low if high is None else (values >= low) & (values <= high)
+        index[inside] = k
     return index
 
 
