@@ -231,6 +231,11 @@ class TrainLoop:
         return evaluate(self.eval_model, loader, self.device, self.num_classes, self.eval_reduce, self.precision,
                         self.channels_last)
 
+    def evaluate_test(self, loader) -> dict[str, float]:
+        """The final test: :meth:`evaluate_split`, plus what a loop reports once, after training (a graph loop's
+        top-1 by node structure)."""
+        return self.evaluate_split(loader)
+
     def run(self) -> list[dict[str, float]]:
         """Train from ``self.epoch`` to ``self.epochs``, evaluating and calling back after each epoch."""
         while self.epoch < self.epochs:

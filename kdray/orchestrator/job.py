@@ -124,8 +124,9 @@ def complete_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_st
             logger.restore(resume_loop.get("mlflow_pending", []))
         ctx.log(f"[{stage.name}] resumed at epoch {loop.epoch}")
     history = loop.run()
-    test = loop.evaluate_split(parts.test_loader)
+    test = loop.evaluate_test(parts.test_loader)
     result = {**stage.row(), "test_top1": test["top1"],
+              **{f"test_{k}": v for k, v in test.items() if k not in ("top1", "top5", "loss")},  # per group
               "val_top1": history[-1]["val_top1"] if history else float("nan"),
               "params": sum(p.numel() for p in model.parameters()),
               "epoch_time_s": sum(h["epoch_time_s"] for h in history) / max(len(history), 1), **(extra or {})}

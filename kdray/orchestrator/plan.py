@@ -100,6 +100,11 @@ class Scheme:
         """After every stage ran: add job-level results to ``job_state.done`` rows (a
         :class:`~kdray.orchestrator.run_dir.JobState`)."""
 
+    def job_figures(self, cfg: "Config", rows: list[dict]) -> dict:
+        """Figures of the whole job's result rows for its MLflow run, by artifact name (``graph``: top-1 by
+        node structure); default none."""
+        return {}
+
     def check_data(self, cfg: "Config", splits) -> None:
         """Checks of the data alone, before any model is built or run on it (a dataset of the wrong kind for
         the scheme): raise ``ValueError`` with one line."""
