@@ -69,9 +69,10 @@ class ModelSpec(_Strict):
 class OptimSpec(_Strict):
     epochs: int = Field(20, gt=0)
     batch_size: int = Field(64, gt=0)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adamw", "dot"] = "sgd"  # dot: Zhao et al. 2023, see kdray.algorithms.optim.DOT
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
+    dot_delta: float = Field(0.075, ge=0, lt=1)  # DOT: momentum + dot_delta on KD, momentum - dot_delta on CE
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["constant", "step", "cosine"] = "cosine"
     milestones: list[int] = Field(default_factory=list)
@@ -82,6 +83,17 @@ class OptimSpec(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False  # student, teacher and 4-D inputs in torch.channels_last
     compile: bool = False  # torch.compile student and teacher: seconds to a minute of start-up per stage
+
+    @model_validator(mode="after")
+    def _dot_fits(self):
+        if self.optimizer == "dot":
+            if not self.dot_delta <= self.momentum or self.momentum + self.dot_delta >= 1:
+                raise ValueError(f"optimizer dot needs 0 <= dot_delta <= momentum and momentum + dot_delta < 1 "
+                                 f"(got momentum {self.momentum}, dot_delta {self.dot_delta})")
+            if self.precision == "fp16":
+                raise ValueError("optimizer dot cannot run with precision: fp16 (one GradScaler step over two "
+                                 "backward passes); use precision: bf16 or fp32")
+        return self
 
 
 class TeacherSpec(ModelSpec):
@@ -535,6 +547,9 @@ class Config(_Strict):
 
         scheme = get_scheme(self.scheme)
         scheme.check(self)
+        if self.train.optimizer == "dot" and self.ray.num_workers > 1:
+            raise ValueError(f"train.optimizer: dot cannot run data-parallel (DDP syncs one backward per forward, "
+                             f"DOT needs two); set ray.num_workers: 1 or 0 (got {self.ray.num_workers})")
         for section, owners in section_owners().items():
             if section in scheme.sections or section not in self.model_fields_set:
                 continue
