@@ -422,6 +422,24 @@ class LifelongSpec(_Strict):
         return methods
 
 
+class RCOSpec(_Strict):
+    """Route-constrained optimisation (scheme ``rco``, Jin et al. ICCV 2019): the teacher's weights after each
+    of the ``anchors`` epochs (1-based: ``3`` = after its third epoch, before the last) teach the student in
+    turn, ``epochs_per_anchor`` epochs each (None: ``train.epochs``), then the final teacher for
+    ``train.epochs``. The student carries its weights from one anchor to the next; the optimizer and the
+    schedule restart per anchor. See :mod:`kdray.orchestrator.schemes.rco`."""
+
+    anchors: list[int] = Field(default_factory=list)
+    epochs_per_anchor: int | None = Field(None, gt=0)
+
+    @field_validator("anchors")
+    @classmethod
+    def _increasing(cls, anchors: list[int]) -> list[int]:
+        if any(a < 1 for a in anchors) or any(b <= a for a, b in zip(anchors, anchors[1:])):
+            raise ValueError(f"anchors must be increasing teacher epochs >= 1, got {anchors}")
+        return anchors
+
+
 class CrossModalSpec(_Strict):
     """Cross-modal distillation (scheme ``cross_modal``, Gupta, Hoffman & Malik 2016): a dataset whose inputs
     are a mapping of modalities (``data: {name: digits_two_views}``); the teacher reads ``teacher_input``, the
@@ -509,6 +527,7 @@ class Config(_Strict):
     quantized: QuantizedSpec = Field(default_factory=QuantizedSpec)
     lifelong: LifelongSpec = Field(default_factory=LifelongSpec)
     cross_modal: CrossModalSpec = Field(default_factory=CrossModalSpec)
+    rco: RCOSpec = Field(default_factory=RCOSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])
     ce_weight: float = Field(1.0, ge=0)
