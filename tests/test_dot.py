@@ -50,6 +50,15 @@ def test_parameter_reached_by_one_loss_takes_plain_momentum_and_weight_decay():
     assert p3.item() == pytest.approx(0.79 - 0.3969, abs=1e-6)
 
 
+def test_a_step_without_the_kd_gradient_apart_is_refused():
+    p = torch.tensor(1.0, requires_grad=True)
+    opt = DOT([p], lr=0.1)
+    (p * 2).backward()
+    with pytest.raises(RuntimeError, match="needs the KD and CE gradients apart.*use train.optimizer: sgd"):
+        opt.step()
+    assert p.item() == 1.0
+
+
 def test_delta_zero_equals_sgd_momentum():
     torch.manual_seed(0)
     x, y, soft = torch.randn(16, 5), torch.randint(0, 3, (16,)), torch.randn(16, 3).softmax(1)

@@ -216,7 +216,7 @@ class TrainLoop:
             kd = [v for k, v in losses.items() if k != "ce"]
             if kd:
                 sum(kd).backward(retain_graph="ce" in losses)
-                self.optimizer.step_kd()
+            self.optimizer.step_kd()
             if "ce" in losses:
                 losses["ce"].backward()
             self.optimizer.step()

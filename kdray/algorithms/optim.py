@@ -35,7 +35,10 @@ class DOT(torch.optim.Optimizer):
     and mdistiller's ``DOT.DELTA``.
 
     The step needs the two gradients apart: the training loop calls ``backward`` on the KD losses,
-    :meth:`step_kd` (which moves those gradients aside), ``backward`` on the task loss, then :meth:`step`.
+    :meth:`step_kd` (which moves those gradients aside), ``backward`` on the task loss, then :meth:`step`
+    (which refuses to run without :meth:`step_kd` first: a scheme's own loop that backwards the summed loss
+    once would otherwise get plain momentum silently). kdray's ``TrainLoop.step`` does this; the loops of the
+    schemes that override it (adversarial, quantized, lifelong, data-free, graph) do not.
     Per parameter ``p`` with task gradient ``g`` and KD gradient ``k``::
 
         b_task <- (beta - delta) * b_task + (g + weight_decay * p)     # b = gradient at the first step
@@ -55,12 +58,14 @@ class DOT(torch.optim.Optimizer):
                              f"(got momentum {momentum}, dot_delta {delta})")
         super().__init__(params, dict(lr=lr, momentum=momentum, delta=delta, weight_decay=weight_decay))
         self._kd_grads: dict[torch.Tensor, torch.Tensor] = {}
+        self._kd_taken = False  # step_kd ran for this step (a loop that backwards once never calls it)
 
     @torch.no_grad()
     def step_kd(self) -> None:
         """Take the gradients now in ``.grad`` as the distillation gradients and clear ``.grad`` for the task
         backward that follows."""
         self._kd_grads = {}
+        self._kd_taken = True
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -69,6 +74,9 @@ class DOT(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if not self._kd_taken:
+            raise RuntimeError("train.optimizer: dot needs the KD and CE gradients apart, but this stage's training "
+                               "step backwards their sum once (no step_kd call); use train.optimizer: sgd here")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -97,6 +105,7 @@ class DOT(torch.optim.Optimizer):
                     update.add_(buf)
                 p.add_(update, alpha=-lr)
         self._kd_grads = {}
+        self._kd_taken = False
         return loss
 
 
