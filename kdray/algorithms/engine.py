@@ -141,6 +141,13 @@ class TrainLoop:
         self.channels_last = channels_last
         self.compile = compile
         self.scaler = prec.grad_scaler(device, precision)
+        if getattr(optimizer, "splits_task_and_kd", False):
+            if self.scaler.is_enabled():
+                raise ValueError("train.optimizer: dot cannot run with precision: fp16 (one GradScaler step over "
+                                 "two backward passes); use precision: bf16 or fp32")
+            if isinstance(distiller, nn.parallel.DistributedDataParallel):
+                raise ValueError("train.optimizer: dot cannot run data-parallel (DDP syncs one backward per "
+                                 "forward, DOT needs two); use ray.num_workers: 1 or 0")
         if channels_last:
             prec.to_channels_last(distiller)
             if teacher is not None:
@@ -189,7 +196,9 @@ class TrainLoop:
     def step(self, batch: Batch, epoch: int = 0, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimisation step on a batch already on the device (and in the memory format): teacher forward
         and student step under the loop's autocast, the NaN guard, backward through the (maybe disabled)
-        gradient scaler, the optimizer step. Returns the total loss and the named losses."""
+        gradient scaler, the optimizer step. Returns the total loss and the named losses. An optimizer with
+        ``splits_task_and_kd`` (DOT) gets the gradients apart: backward of the KD losses, its ``step_kd``,
+        backward of ``ce``, its ``step`` (refused with fp16 and DDP at construction)."""
         with prec.autocast(self.device, self.precision):  # teacher and student alike; terms run in fp32
             # A teacher source with ``wants_batch`` (a cache looked up by sample index) gets the whole batch.
             teacher_out = (None if self.teacher is None else
@@ -203,6 +212,15 @@ class TrainLoop:
                 f"{[float(losses[k].detach()) for k in bad]}; lower the lr or the term's weight"
             )
         self.optimizer.zero_grad(set_to_none=True)
+        if getattr(self.optimizer, "splits_task_and_kd", False):  # DOT: the KD and task gradients apart
+            kd = [v for k, v in losses.items() if k != "ce"]
+            if kd:
+                sum(kd).backward(retain_graph="ce" in losses)
+            self.optimizer.step_kd()
+            if "ce" in losses:
+                losses["ce"].backward()
+            self.optimizer.step()
+            return loss, losses
         self.scaler.scale(loss).backward()  # disabled scaler (fp32, bf16): plain backward and step
         self.scaler.step(self.optimizer)
         self.scaler.update()

@@ -59,7 +59,8 @@ def build_distiller(cfg: Config, model: nn.Module, stage: Stage | None = None, n
 
 def build_optimizer(params, optim) -> tuple:
     """``(optimizer, scheduler)`` from a training section (``train:`` or a teacher's ``train:``)."""
-    optimizer = make_optimizer(list(params), optim.optimizer, optim.lr, optim.weight_decay, optim.momentum)
+    optimizer = make_optimizer(list(params), optim.optimizer, optim.lr, optim.weight_decay, optim.momentum,
+                               optim.dot_delta)
     return optimizer, make_schedule(optimizer, optim.schedule, optim.epochs, optim.milestones, optim.gamma)
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Registration order is the order of `kdray list schemes` and of the scheme error message.
 BUILTIN_SCHEMES = ("offline", "online", "self_distill", "assistant", "multi_teacher", "adversarial",
-                   "data_free", "deep_inversion", "quantized", "graph", "lifelong", "cross_modal")
+                   "data_free", "deep_inversion", "quantized", "graph", "lifelong", "cross_modal", "rco")
 ENTRY_POINT_GROUP = "kdray.schemes"
 
 _REGISTRY: dict[str, "Scheme"] = {}
@@ -267,10 +267,11 @@ def model_spec(cfg: "Config", path: str):
 
 
 def stage_spec_path(cfg: "Config", source: TeacherSource) -> str:
-    """The config path of the model behind a teacher source (an earlier stage's model, or the spec itself)."""
+    """The config path of the model behind a teacher source (an earlier stage's model, or the spec itself).
+    ``<stage>@epoch<N>``, weights a stage kept during its training (RCO's anchors), is that stage's model."""
     if source.kind == "spec":
         return source.ref
-    return {s.name: s.spec for s in plan_stages(cfg)}[source.ref]
+    return {s.name: s.spec for s in plan_stages(cfg)}[source.ref.partition("@")[0]]
 
 
 def method_label(cfg: "Config") -> str:
