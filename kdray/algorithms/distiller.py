@@ -201,11 +201,11 @@ class Distiller(nn.Module):
         under autocast) are upcast first, so connector weights are never low-precision master weights."""
         if self._built:
             return
+        self._view_teacher = check_view_teacher(self.terms, teacher)
         was_training = self.student.training
         self.student.eval()
         s_out = self.student_forward(example_inputs).in_full_precision()
         t_out = teacher(example_inputs) if teacher is not None else ModelOutput(s_out.logits)
-        self._view_teacher = check_view_teacher(self.terms, teacher)
         with autocast_off(s_out.logits):
             for term, slot in zip(self.terms, self.term_teachers):
                 bind = getattr(term, "bind_teacher_model", None)  # terms that reuse a teacher module (SRRL's head)

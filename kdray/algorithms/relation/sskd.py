@@ -135,10 +135,10 @@ class SSKD(KnowledgeTerm):
                              f"{len(ROTATIONS) * n})")
         own = torch.arange(len(ROTATIONS) * n, device=student.logits.device) % n  # each view's source sample
         ce = F.cross_entropy(student.logits, batch.targets)
-        kd = kl_rows(student.logits, teacher.logits, self.temperature)
+        kd = kl_rows(student.logits, teacher.logits.detach(), self.temperature)
         with torch.no_grad():
             keep_tf = confident_rows(t_views.logits, batch.targets[own], self.ratio_tf)
-        tf = kl_rows(s_views.logits[keep_tf], t_views.logits[keep_tf], self.temperature)
+        tf = kl_rows(s_views.logits[keep_tf], t_views.logits.detach()[keep_tf], self.temperature)
         s_sim = row_similarities(self.head(self.embedding(s_views, "student")),
                                  self.head(self.embedding(student, "student")))
         with torch.no_grad():
