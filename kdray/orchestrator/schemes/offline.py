@@ -14,9 +14,9 @@ class Offline(Scheme):
     searched_kind = "distill"
 
     def check(self, cfg):
-        needs_methods(cfg)
-        if methods_need_teacher(cfg):  # self-distilling terms alone (cs_kd, mean_teacher) need none
+        if not cfg.methods or methods_need_teacher(cfg):  # self-distilling terms alone (cs_kd, mean_teacher) need none
             needs_teacher(cfg)
+        needs_methods(cfg)
         no_cache_with_views(cfg)
 
     def plan(self, cfg):
