@@ -48,7 +48,8 @@ def test_registered_without_teacher_with_paper_defaults():
 def test_values_by_hand():
     term = create_method("cs_kd", lambda_cls=2.0, temperature=2.0, ce_weight=0.5)
     logits = torch.tensor(LOGITS, dtype=torch.float64)
-    out = term(ModelOutput(logits), ModelOutput(logits), Batch(torch.zeros(4, 1), torch.tensor(TARGETS), torch.arange(4)))
+    batch = Batch(torch.zeros(4, 1), torch.tensor(TARGETS), torch.arange(4))
+    out = term(ModelOutput(logits), ModelOutput(logits), batch)
     ce = -(math.log(_softmax(LOGITS[0])[2]) + math.log(_softmax(LOGITS[1])[0])) / 2
     kl = 0.0
     for a, p in ((0, 2), (1, 3)):  # KL(partner_T || anchor_T), batchmean over the 2 anchors, times T^2

@@ -28,8 +28,8 @@ from kdray.algorithms.distiller import Teacher
 from kdray.algorithms.packing import OutputLayout
 from kdray.algorithms.schemes.multi_teacher import COMBINE_RULES, ensemble_output
 from kdray.config import ConfigError
-from kdray.data import (ClassPairBatchSampler, NotOnDeviceError, device_batches, device_eval_batches, device_refusal, has_random_transform,
-                        loader_options)
+from kdray.data import (ClassPairBatchSampler, NotOnDeviceError, device_batches, device_eval_batches, device_refusal,
+                        has_random_transform, loader_options)
 from kdray.data.two_views import split_targets
 from kdray.data.views import cached_train_data
 
