@@ -61,6 +61,9 @@ NOT_SCALED = {"kd", "ctkd", "mlkd", "messy_collab", "probability_shift", "label_
 WEIGHT_PARAMS = {"dist": ("beta", "gamma"), "dist_plus": ("beta", "gamma", "iota", "kappa"),
                  "skd": ("instance_weight", "direction_weight"), "srrl": ("feature_weight", "sr_weight"),
                  "wsld": ("alpha",)}
+# SSKD's three distillation weights scale together (its CE weight stays). cs_kd and mean_teacher have no `weight`:
+# their terms are ~0 at initialisation by construction (a network matching itself), so they keep their defaults.
+WEIGHT_PARAMS["sskd"] = ("kd_weight", "tf_weight", "ss_weight")
 KIND_ORDER = {"response": 0, "feature": 1, "relation": 2}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- compare_methods:begin -->", "<!-- compare_methods:end -->"
@@ -183,11 +186,12 @@ def measure_terms(names: list[str], args, teacher_path: str) -> dict[str, dict]:
     from torch.utils.data import DataLoader
 
     from kdray.algorithms import create_method
-    from kdray.algorithms.base import method_params
+    from kdray.algorithms.base import get_method, method_params
     from kdray.algorithms.base import Batch
     from kdray.algorithms.distiller import Distiller, Teacher
     from kdray.algorithms.engine import seed_everything
-    from kdray.data import build_datasets
+    from kdray.data import ClassPairBatchSampler, build_datasets
+    from kdray.data.two_views import split_targets
     from kdray.models import create_model
 
     splits = build_datasets("digits", **data_options(args))
@@ -196,8 +200,14 @@ def measure_terms(names: list[str], args, teacher_path: str) -> dict[str, dict]:
     it = iter(loader)
     batches = [next(it) for _ in range(min(args.measure_batches, len(loader)))]
     example = torch.stack([splits.train[i][0] for i in range(2)])  # what the job builds connectors with
+    pair_batches = None  # CS-KD reads class pairs: the job's loaders make them, so its measurement does too
     out = {}
     for name in names:
+        if get_method(name).needs_class_pairs and pair_batches is None:
+            pairs = DataLoader(splits.train, batch_sampler=ClassPairBatchSampler(split_targets(splits.train),
+                                                                                 args.batch_size, 0))
+            pair_batches = [b for b, _ in zip(pairs, range(args.measure_batches))]
+        term_batches = pair_batches if get_method(name).needs_class_pairs else batches
         params = base_params(name, args)
         signature = method_params(name)
         published = {k: signature[k].default for k in WEIGHT_PARAMS.get(name, ("weight",)) if k in signature}
@@ -212,11 +222,11 @@ def measure_terms(names: list[str], args, teacher_path: str) -> dict[str, dict]:
         distiller.train()
         term_sum = ce_sum = 0.0
         with torch.no_grad():
-            for x, y, idx in batches:
+            for x, y, idx in term_batches:
                 logits, losses = distiller(Batch(x, y, idx), teacher(x))
                 term_sum += float(sum(v for k, v in losses.items() if k != "ce"))
                 ce_sum += float(F.cross_entropy(logits, y))
-        term, ce = term_sum / len(batches), ce_sum / len(batches)
+        term, ce = term_sum / len(term_batches), ce_sum / len(term_batches)
         row = {"published": published, "term": term, "ce": ce, "params": params}
         if name in NOT_SCALED or not published:
             row.update(scale=None, weight={})

@@ -167,6 +167,9 @@ class DataSpec(_Strict):
     # DataLoader worker processes on the per-sample path; None = from the worker's CPUs (ray.cpus_per_worker,
     # at most 8). With a random transform the worker count changes the draws, so it is part of the results.
     loader_workers: int | None = Field(None, ge=0)
+    # Training batches of class pairs (anchors, then a same-class partner of each: CS-KD); a method that reads
+    # them (``cs_kd``) turns this on by itself.
+    class_pairs: bool = False
 
     def builder_options(self) -> dict:
         """The dataset builder's options as every split is built with them (CIFAR's ``download`` comes from

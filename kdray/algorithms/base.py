@@ -64,6 +64,12 @@ class KnowledgeTerm(nn.Module):
     provides_ce: ClassVar[bool] = False  # True when the term already includes the hard-label CE
     # "text": needs the transformer feature-point contract (kdray.algorithms.text); "any": logits / module paths
     modality: ClassVar[str] = "any"
+    # False for self-distillation terms (CS-KD, mean teacher): with no term needing one, a stage runs without
+    # a teacher and the loop skips the teacher forward; such a term is called with the student's detached output
+    needs_teacher: ClassVar[bool] = True
+    # True when the term reads batches of class pairs (CS-KD: the second half's sample i has the class of the
+    # first half's sample i), which the loaders then make (:class:`kdray.data.ClassPairBatchSampler`)
+    needs_class_pairs: ClassVar[bool] = False
 
     def __init__(self):
         super().__init__()
@@ -87,6 +93,15 @@ class KnowledgeTerm(nn.Module):
         only this group: which ranks share a term's data depends on the placement (in peer-parallel
         online training the world holds other peers), which only the orchestrator knows. Default: no-op.
         """
+
+    def extra_inputs(self, batch: Batch) -> torch.Tensor | None:
+        """More inputs the term needs both models' outputs on (SSKD's rotated views), or ``None``. The distiller
+        runs the student and the teacher on them and hands the outputs over as ``student.views`` /
+        ``teacher.views``; such a term needs a live teacher (a cache holds only the training inputs' outputs)."""
+        return None
+
+    def after_step(self) -> None:
+        """Called by the loop after each optimizer step (the mean teacher's EMA update). Default: nothing."""
 
     def uses_hard_labels(self) -> bool:
         """``False`` during a pre-training phase (FitNet hints, FT paraphraser): the distiller then

@@ -143,6 +143,7 @@ class Distiller(nn.Module):
         self._tap = FeatureTap(student, self.student_points, role="student") if self.student_points else None
         self._built = not self.terms
         self._resolved = False
+        self._view_teacher: tuple[Teacher, ...] = ()  # a tuple: the teacher must not become a submodule
         self.set_num_teachers(num_teachers)
 
     def set_num_teachers(self, num_teachers: int) -> None:
@@ -200,6 +201,7 @@ class Distiller(nn.Module):
         under autocast) are upcast first, so connector weights are never low-precision master weights."""
         if self._built:
             return
+        self._view_teacher = check_view_teacher(self.terms, teacher)
         was_training = self.student.training
         self.student.eval()
         s_out = self.student_forward(example_inputs).in_full_precision()
@@ -209,6 +211,9 @@ class Distiller(nn.Module):
                 bind = getattr(term, "bind_teacher_model", None)  # terms that reuse a teacher module (SRRL's head)
                 if callable(bind):
                     bind(teacher_module(teacher, slot))
+                bind = getattr(term, "bind_student_model", None)  # terms that follow the student (mean teacher)
+                if callable(bind):
+                    bind(self.student)
                 term.build(select_points(s_out, term.student_points),
                            _teacher_view(t_out, slot, term).in_full_precision(), num_samples)
         self.student.train(was_training)
@@ -217,6 +222,11 @@ class Distiller(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         for term in self.terms:
             term.set_epoch(epoch)
+
+    def after_step(self) -> None:
+        """After each optimizer step (called by the loop): every term's :meth:`KnowledgeTerm.after_step`."""
+        for term in self.terms:
+            term.after_step()
 
     def set_process_group(self, group) -> None:
         """Hand every term the group of the ranks that split this distiller's batches (its DDP group)."""
@@ -230,9 +240,15 @@ class Distiller(nn.Module):
             losses["ce"] = self.ce_weight * F.cross_entropy(full_precision(s_out.logits), batch.targets)
         member_weights = None
         for term, slot in zip(self.terms, self.term_teachers):
-            if teacher_out is None:
+            if teacher_out is None and term.needs_teacher:
                 raise ValueError(f"method {term.name!r} needs a teacher, but this stage has none")
-            out = term(select_points(s_out, term.student_points), _teacher_view(teacher_out, slot, term), batch)
+            s_in = select_points(s_out, term.student_points)
+            t_in = ModelOutput(s_out.logits.detach()) if teacher_out is None else _teacher_view(teacher_out, slot, term)
+            views = term.extra_inputs(batch)
+            if views is not None:  # SSKD's rotations: both models' outputs on them, handed over with the batch's
+                s_in.views = select_points(self.student_forward(views), term.student_points)
+                t_in.views = select_points(self._view_teacher[0](views), term.teacher_points).in_full_precision()
+            out = term(s_in, t_in, batch)
             if slot is not None:
                 if member_weights is None:
                     member_weights = getattr(teacher_out, "member_weights", None)
@@ -248,6 +264,20 @@ class Distiller(nn.Module):
     def export_student(self) -> nn.Module:
         """The bare student (no connectors, no DDP wrapper) for saving and serving."""
         return unwrap(self.student)
+
+
+def check_view_teacher(terms, teacher) -> tuple[Teacher, ...]:
+    """The teacher that runs on the terms' :meth:`~KnowledgeTerm.extra_inputs`, when a term has them: it must be
+    one in-process :class:`Teacher`; a cache (outputs of the training inputs only) is refused in one line."""
+    wanting = [t.name for t in terms if type(t).extra_inputs is not KnowledgeTerm.extra_inputs]
+    if not wanting:
+        return ()
+    if not isinstance(teacher, Teacher):
+        what = ("no teacher" if teacher is None else "a teacher cache" if getattr(teacher, "wants_batch", False)
+                else f"a {type(teacher).__name__}")
+        raise ValueError(f"method {wanting[0]!r} runs the teacher on extra views of each batch, but this stage has "
+                         f"{what}; give one live teacher (teacher.train, checkpoint or mlflow_uri, no cache)")
+    return (teacher,)
 
 
 def teacher_module(teacher: nn.Module | None, member: int | None = None) -> nn.Module | None:

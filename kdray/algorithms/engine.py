@@ -201,7 +201,8 @@ class TrainLoop:
         backward of ``ce``, its ``step`` (refused with fp16 and DDP at construction)."""
         with prec.autocast(self.device, self.precision):  # teacher and student alike; terms run in fp32
             # A teacher source with ``wants_batch`` (a cache looked up by sample index) gets the whole batch.
-            teacher_out = (None if self.teacher is None else
+            # No term needing a teacher (CS-KD, mean teacher): its forward is skipped.
+            teacher_out = (None if self.teacher is None or not wants_teacher(self.distiller) else
                            self.teacher(batch if getattr(self.teacher, "wants_batch", False) else batch.inputs))
             _logits, losses = self.distiller(batch, teacher_out)
         loss = sum(losses.values())
@@ -224,14 +225,17 @@ class TrainLoop:
         self.scaler.scale(loss).backward()  # disabled scaler (fp32, bf16): plain backward and step
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        inner = _inner(self.distiller)
+        if isinstance(inner, Distiller):
+            inner.after_step()  # the terms' post-step updates (the mean teacher's EMA)
         return loss, losses
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.distiller.train()
         _inner(self.distiller).set_epoch(epoch)
-        sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        for sampler in (getattr(self.train_loader, "sampler", None), getattr(self.train_loader, "batch_sampler", None)):
+            if hasattr(sampler, "set_epoch"):  # a batch sampler too: CS-KD's class pairs
+                sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
         steps = 0
         for step, raw in enumerate(self.train_loader):
@@ -290,6 +294,14 @@ def compile_targets(module: nn.Module | None) -> list[nn.Module]:
         if isinstance(found, (list, tuple)) and found and all(isinstance(m, nn.Module) for m in found):
             return list(found)
     return []
+
+
+def wants_teacher(module: nn.Module) -> bool:
+    """Whether a step of this (maybe wrapped) distiller reads the teacher's output: ``False`` only for a
+    :class:`Distiller` whose terms all have ``needs_teacher = False`` (other trainables always get it)."""
+    inner = _inner(module)
+    terms = getattr(inner, "terms", None) if isinstance(inner, Distiller) else None
+    return not terms or any(t.needs_teacher for t in terms)
 
 
 def _inner(module: nn.Module) -> Distiller:

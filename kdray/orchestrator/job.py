@@ -19,7 +19,7 @@ from kdray.algorithms.precision import to_channels_last
 from kdray.config import Config
 from kdray.models import create_model
 from kdray.orchestrator.build import (build_distiller, build_optimizer, build_splits, build_stage_teacher,
-                                      example_batch, worker_cpus)
+                                      example_batch, wants_class_pairs, worker_cpus)
 from kdray.orchestrator.callbacks import Checkpointer, Progress, WithStage
 from kdray.orchestrator.placement import WorkerContext, make_loaders
 from kdray.orchestrator.plan import Stage, get_scheme, model_spec, plan_stages
@@ -96,7 +96,8 @@ def prepare_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_sta
     by_index = getattr(teacher, "wants_batch", False)  # a cache: outputs looked up by the batch's row ids
     train_loader, val_loader, test_loader = make_loaders(splits, optim.batch_size, seed, ctx,
                                                          cfg.data.loader_workers, teacher if by_index else None,
-                                                         pipeline=cfg.data.pipeline, cpus=worker_cpus(cfg))
+                                                         pipeline=cfg.data.pipeline, cpus=worker_cpus(cfg),
+                                                         class_pairs=wants_class_pairs(cfg, distiller))
     example = example_batch(splits.train)
     distiller.build(example, teacher.bind(range(len(example))) if by_index else teacher, len(splits.train))
     distiller.to(ctx.device)

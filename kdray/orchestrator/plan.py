@@ -343,6 +343,24 @@ def needs_teacher(cfg: "Config") -> None:
         raise ValueError(f"scheme {cfg.scheme!r} needs a teacher (teacher: {{model, train|checkpoint|mlflow_uri}})")
 
 
+def methods_need_teacher(cfg: "Config") -> bool:
+    """Whether any of ``methods:`` reads a teacher (``KnowledgeTerm.needs_teacher``): a student taught only by
+    self-distilling terms (CS-KD, mean teacher) is planned and trained without one."""
+    from kdray.algorithms.base import get_method
+
+    return any(get_method(m.name).needs_teacher for m in cfg.methods)
+
+
+def no_cache_with_views(cfg: "Config") -> None:
+    """A method that runs the teacher on extra views of each batch (SSKD's rotations) cannot read a cache."""
+    from kdray.algorithms.base import KnowledgeTerm, get_method
+
+    views = [m.name for m in cfg.methods if get_method(m.name).extra_inputs is not KnowledgeTerm.extra_inputs]
+    if views and cfg.teacher is not None and cfg.teacher.cache is not None:
+        raise ValueError(f"method {views[0]!r} runs the teacher on extra views of each batch; a teacher cache holds "
+                         f"only its outputs on the training inputs: drop teacher.cache")
+
+
 def needs_live_teacher(cfg: "Config", use: str) -> None:
     """The scheme runs the teacher on inputs of its own making (``use`` says on what): a teacher cache, which
     holds only the teacher's outputs on the training set, cannot serve it."""
