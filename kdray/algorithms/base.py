@@ -33,10 +33,13 @@ class ModelOutput:
         """This output with ``float16`` / ``bfloat16`` logits and features upcast to ``float32`` (other dtypes
         kept); ``self`` when nothing needs upcasting. Extra attributes (an ensemble's ``members``) are kept."""
         tensors = [self.logits, *self.features.values()]
-        if not any(full_precision(t) is not t for t in tensors):
+        extras = {k: v for k, v in self.__dict__.items() if k not in ("logits", "features")}
+        # nested outputs (a term's ``views``: the models' outputs on its extra inputs) are upcast too
+        nested = {k: v.in_full_precision() for k, v in extras.items() if isinstance(v, ModelOutput)}
+        if not any(full_precision(t) is not t for t in tensors) and all(nested[k] is extras[k] for k in nested):
             return self
         out = ModelOutput(full_precision(self.logits), {k: full_precision(v) for k, v in self.features.items()})
-        out.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("logits", "features")})
+        out.__dict__.update({**extras, **nested})
         return out
 
 
@@ -70,6 +73,9 @@ class KnowledgeTerm(nn.Module):
     # True when the term reads batches of class pairs (CS-KD: the second half's sample i has the class of the
     # first half's sample i), which the loaders then make (:class:`kdray.data.ClassPairBatchSampler`)
     needs_class_pairs: ClassVar[bool] = False
+    # False when only the student is run on :meth:`extra_inputs` (soft randomisation: the student on noisy
+    # inputs against the teacher on the clean batch); then a teacher cache serves the term as well
+    teacher_sees_views: ClassVar[bool] = True
 
     def __init__(self):
         super().__init__()

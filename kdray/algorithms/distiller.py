@@ -247,7 +247,8 @@ class Distiller(nn.Module):
             views = term.extra_inputs(batch)
             if views is not None:  # SSKD's rotations: both models' outputs on them, handed over with the batch's
                 s_in.views = select_points(self.student_forward(views), term.student_points)
-                t_in.views = select_points(self._view_teacher[0](views), term.teacher_points).in_full_precision()
+                if term.teacher_sees_views:
+                    t_in.views = select_points(self._view_teacher[0](views), term.teacher_points).in_full_precision()
             out = term(s_in, t_in, batch)
             if slot is not None:
                 if member_weights is None:
@@ -269,7 +270,7 @@ class Distiller(nn.Module):
 def check_view_teacher(terms, teacher) -> tuple[Teacher, ...]:
     """The teacher that runs on the terms' :meth:`~KnowledgeTerm.extra_inputs`, when a term has them: it must be
     one in-process :class:`Teacher`; a cache (outputs of the training inputs only) is refused in one line."""
-    wanting = [t.name for t in terms if type(t).extra_inputs is not KnowledgeTerm.extra_inputs]
+    wanting = [t.name for t in terms if type(t).extra_inputs is not KnowledgeTerm.extra_inputs and t.teacher_sees_views]
     if not wanting:
         return ()
     if not isinstance(teacher, Teacher):

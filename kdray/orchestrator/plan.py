@@ -355,7 +355,8 @@ def no_cache_with_views(cfg: "Config") -> None:
     """A method that runs the teacher on extra views of each batch (SSKD's rotations) cannot read a cache."""
     from kdray.algorithms.base import KnowledgeTerm, get_method
 
-    views = [m.name for m in cfg.methods if get_method(m.name).extra_inputs is not KnowledgeTerm.extra_inputs]
+    views = [m.name for m in cfg.methods if get_method(m.name).extra_inputs is not KnowledgeTerm.extra_inputs
+             and get_method(m.name).teacher_sees_views]
     if views and cfg.teacher is not None and cfg.teacher.cache is not None:
         raise ValueError(f"method {views[0]!r} runs the teacher on extra views of each batch; a teacher cache holds "
                          f"only its outputs on the training inputs: drop teacher.cache")
