@@ -41,8 +41,11 @@ from kdray.config import Config, ConfigError, check_job_name, format_error, load
 from kdray.orchestrator.plan import get_scheme
 from kdray.search.spec import base_raw
 from kdray.search.tracking import read_state, write_state
+from kdray.search.tuning import fit_tuner, open_tracking
 
 STATE_FILE = "nas.json"
+NAS_STOPPED = ("Ctrl-C: Tune stopped the block search with {ended} of {total} block trials ended; "
+               "`kdray nas FILE --resume` (or resume=True) continues it")
 
 
 class BlockSearchSpec(BaseModel):
@@ -351,37 +354,10 @@ def _run_tune(setup: BlockTrialSetup, spec: BlockSearchSpec, info: dict, sweep_d
                                         max_concurrent_trials=min(concurrent, total), reuse_actors=True),
             run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)))
-    results = _fit(tuner, total)
+    results = fit_tuner(tuner, total, NAS_STOPPED)
     errors = [r.error for r in results if r.error is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} block trial(s) failed; first: {str(errors[0]).splitlines()[0]}")
-    return results
-
-
-def _fit(tuner, total: int):
-    """``tuner.fit()`` as a sweep runs it (the same public interrupt helpers as ``kdray.search.api``): Tune
-    answers Ctrl-C / SIGTERM by stopping its trials and returning partial results; fewer than ``total`` ended
-    trials raises ``KeyboardInterrupt`` (``Terminated`` for SIGTERM), so the search run is marked KILLED and
-    ``--resume`` continues it (finished block trials are not trained again: their result files are kept)."""
-    import signal
-
-    from kdray.orchestrator.interrupts import interruption, reclaim_sigterm, sigterm_forwarded, \
-        signal_handlers_restored
-
-    key = "TUNE_GLOBAL_CHECKPOINT_S"
-    previous = os.environ.get(key)
-    os.environ[key] = previous or "1"
-    reclaim_sigterm()  # ray.init replaced it
-    try:
-        with signal_handlers_restored(), sigterm_forwarded(signal.SIGUSR1) as terms:
-            results = tuner.fit()
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
-    ended = results.num_terminated + results.num_errors
-    if ended < total:
-        raise interruption(terms, f"Ctrl-C: Tune stopped the block search with {ended} of {total} block trials "
-                                  f"ended; `kdray nas FILE --resume` (or resume=True) continues it")
     return results
 
 
@@ -456,7 +432,7 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
     from kdray.algorithms import blockwise as bw
     from kdray.orchestrator.api import distill
     from kdray.orchestrator.runtime import ensure_ray
-    from kdray.orchestrator.tracking import tracking_uri_for
+    from kdray.orchestrator.tracking import flatten
 
     started = time.time()
     try:
@@ -476,21 +452,11 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
     state = read_state(state_path) if resume else {}
     os.makedirs(sweep_dir, exist_ok=True)
     ensure_ray(base.ray.address, num_cpus=1)
-    uri = tracking_uri_for(base)
-    tracking = None
-    if uri:
-        from kdray.orchestrator.tracking import check_reachable, flatten
-        from kdray.search.tracking import SweepTracking
-
-        check_reachable(uri)
-        tracking = SweepTracking(uri, base.mlflow.experiment, sweep_dir, name)
-        params = flatten("blocks", spec.model_dump(mode="json"), {})
-        params.update(flatten("base", {"teacher": base.teacher.model, "train": base.train.model_dump(mode="json"),
-                                       "methods": [m.model_dump() for m in base.methods], "seeds": base.seeds}, {}))
-        tracking.start(state.get("parent_run_id"), params, {"blocks.json": spec.model_dump_json(indent=2)}, resume)
-        state.update(parent_run_id=tracking.parent_id, tracking_uri=uri, name=name)
-        write_state(state_path, state)
-        log(f"MLflow: {uri}  (block search run {tracking.parent_id})")
+    params = flatten("blocks", spec.model_dump(mode="json"), {})
+    params.update(flatten("base", {"teacher": base.teacher.model, "train": base.train.model_dump(mode="json"),
+                                   "methods": [m.model_dump() for m in base.methods], "seeds": base.seeds}, {}))
+    uri, tracking = open_tracking(base, sweep_dir, name, state, state_path, params,
+                                  {"blocks.json": spec.model_dump_json(indent=2)}, resume, log, "block search")
     parent = tracking.parent_id if tracking else None
     job_raw = base.model_dump(mode="json")
     job_raw["mlflow"] = {**job_raw["mlflow"], "tracking_uri": uri, "enabled": uri is not None}
