@@ -249,6 +249,34 @@ def test_the_assembled_student_respects_a_latency_budget_measured_on_the_whole(t
     assert measured <= 1.5 * limit and measured < unconstrained, (measured, limit, unconstrained, table)
 
 
+@pytest.mark.slow  # ~15 s alone, 40 s on a loaded 2-core box: one short job that logs the teacher
+def test_a_teacher_from_a_local_mlflow_store_is_accepted_and_read_as_a_job_reads_it(tmp_path, monkeypatch):
+    """A digits_cnn teacher logged by a short in-process job to a local MLflow file store: the block search's
+    base config accepts it by ``runs:/`` URI, and its weights come back tensor for tensor; a URI whose model is
+    not ``teacher.model`` is one line."""
+    import kdray
+    from kdray.orchestrator.tracking import RUNS_FILE, download_model
+    from kdray.search.blockwise import logged_teacher_state, nas_base_config
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.7+ refuses a new file store otherwise
+    uri = f"file://{tmp_path / 'mlruns'}"
+    job = digits_job(tmp_path, uri, name="teacher-job")
+    job["teacher"]["train"]["epochs"] = 1
+    job["train"]["epochs"] = 1
+    kdray.distill(job, log=lambda m: None)
+    stages = json.load(open(os.path.join(tmp_path / "runs", "teacher-job", RUNS_FILE)))["stages"]
+    teacher_uri = f"runs:/{stages['teacher']}/model"
+    raw = digits_job(tmp_path, uri, teacher={"model": "digits_cnn", "mlflow_uri": teacher_uri})
+    base = nas_base_config(raw)
+    assert base.teacher.mlflow_uri == teacher_uri and base.teacher.train is None
+    got = logged_teacher_state(base, 10, uri)
+    _, logged = download_model(teacher_uri, uri)
+    assert set(got) == set(logged) and all(torch.equal(got[k], logged[k]) for k in logged)
+    wrong = nas_base_config({**raw, "teacher": {"model": "digits_mlp", "mlflow_uri": teacher_uri}})
+    with pytest.raises(ConfigError, match=r"^teacher.mlflow_uri holds a 'digits_cnn', config says 'digits_mlp'$"):
+        logged_teacher_state(wrong, 10, uri)
+
+
 # --- a block search on Ray ------------------------------------------------------------------------
 BUDGET = 1500  # block 1's w16 candidate (2,912 params) does not fit; w2 of both blocks + head = 836
 
@@ -331,6 +359,29 @@ def test_a_finished_block_search_resumes_without_training_again(nas_run):
     assert {f: os.path.getmtime(os.path.join(result.path, "blocks", f)) for f in files} == mtimes
     with pytest.raises(ConfigError, match="already has results"):
         kdray.block_search(base, ["stage1", "stage2"], **kwargs)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_block_search_distils_from_a_teacher_given_by_its_mlflow_uri(nas_run):
+    """The teacher the fixture's base job trained and logged, given back as ``teacher.mlflow_uri``: no teacher
+    is trained again, the block trials see exactly its weights, and the assembled student learns from it."""
+    import kdray
+    from kdray.orchestrator.tracking import RUNS_FILE
+
+    result, uri, base, kwargs = nas_run
+    stages = json.load(open(os.path.join(result.path, "base", RUNS_FILE)))["stages"]
+    raw = {**base, "teacher": {"model": "digits_cnn", "mlflow_uri": f"runs:/{stages['teacher']}/model"},
+           "train": {**base["train"], "epochs": 2}}
+    got = kdray.block_search(raw, ["stage1", "stage2"], widths=[2], depths=[1], kernels=[3], epochs=2,
+                             max_concurrent=2, name="nas-logged-teacher", output_dir=kwargs["output_dir"],
+                             log=lambda m: None)
+    ran = json.load(open(os.path.join(got.path, "base", RUNS_FILE)))["stages"]
+    assert "teacher" not in ran and len(got.scores) == 2
+    mine = torch.load(os.path.join(got.path, "teacher.pt"), weights_only=True)
+    trained = torch.load(os.path.join(result.path, "teacher.pt"), weights_only=True)
+    assert set(mine) == set(trained) and all(torch.equal(mine[k], trained[k]) for k in trained)
+    assert got.assembled["val_top1"] > 0.3, got.assembled  # 2 epochs from the teacher (chance is 0.1)
 
 
 @pytest.mark.ray

@@ -4,7 +4,8 @@ and ``kdray nas FILE.yaml``.
 1. Everything checkable runs before any training: the cuts against the teacher's modules (one line naming
    the nearest valid paths), the candidates' parameter counts against the budget.
 2. The base job trains the teacher once (``kdray.distill``, as a sweep's base job does); its weights go to
-   ``teacher.pt``.
+   ``teacher.pt``. A teacher given by ``teacher.mlflow_uri`` is read from MLflow once, as a job reads it, into
+   the same file; ``teacher.checkpoint`` is used as it is.
 3. One Tuner whose trials are (block, candidate) pairs: an Optuna ``GridSampler`` over ``block x width x depth
    x kernel`` through Tune's ``OptunaSearch``. One Tuner rather than one per block because the blocks are
    independent searches (no trial of block 1 depends on block 0): a single experiment keeps every core busy
@@ -232,11 +233,23 @@ def nas_base_config(raw: dict) -> Config:
     if get_scheme(cfg.scheme).searched_kind is None or cfg.teacher is None or cfg.scheme != "offline":
         raise ConfigError(f"base: block-wise NAS distils from one teacher (scheme offline with teacher:), got "
                           f"scheme {cfg.scheme!r}{'' if cfg.teacher is not None else ' without teacher:'}")
-    if cfg.teacher.train is None and cfg.teacher.checkpoint is None:
-        raise ConfigError("base.teacher: block-wise NAS reads the teacher's weights from teacher.train (trained by "
-                          "the base job) or teacher.checkpoint (a state_dict file); an MLflow teacher is not "
-                          "supported")
+    if cfg.teacher.train is None and cfg.teacher.checkpoint is None and cfg.teacher.mlflow_uri is None:
+        raise ConfigError("base.teacher: block-wise NAS cuts the teacher's own modules, so it needs its weights: "
+                          "teacher.train (trained by the base job), teacher.checkpoint (a state_dict file) or "
+                          "teacher.mlflow_uri (a kdray model in MLflow), not only its cached outputs")
     return cfg
+
+
+def logged_teacher_state(base: Config, num_classes: int, uri: str | None) -> dict:
+    """The weights of a ``teacher.mlflow_uri`` teacher (``runs:/<id>/model`` or ``models:/...``), read as a
+    job reads them (:func:`kdray.orchestrator.build.build_teacher_model`: tensors only, its logged model name
+    and parameter shapes checked against ``teacher:``), so the block trials can load them from ``teacher.pt``
+    without reaching the store."""
+    from kdray.orchestrator.build import build_teacher_model
+    from kdray.orchestrator.plan import TeacherSource
+
+    model = build_teacher_model(base, TeacherSource("spec", "teacher"), num_classes, {}, uri)
+    return model.state_dict()
 
 
 def validate(base: Config, spec: BlockSearchSpec) -> dict:
@@ -568,9 +581,11 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
                              "model": bcfg.student.model, "run_dir": bcfg.run_dir(), "wall_s": time.time() - t0}
             write_state(state_path, state)
         teacher_path = os.path.join(sweep_dir, "teacher.pt")
-        if base.teacher.train is not None:
+        if base.teacher.train is not None or base.teacher.mlflow_uri is not None:
             if not os.path.exists(teacher_path):
-                torch.save(_teacher_state(state["base"]["run_dir"]), teacher_path + ".tmp")
+                weights = (_teacher_state(state["base"]["run_dir"]) if base.teacher.train is not None else
+                           logged_teacher_state(base, info["num_classes"], uri))
+                torch.save(weights, teacher_path + ".tmp")
                 os.replace(teacher_path + ".tmp", teacher_path)
             job_raw["teacher"] = {"model": base.teacher.model, "args": base.teacher.args, "checkpoint": teacher_path}
         else:
