@@ -318,7 +318,8 @@ def check_budget(params: list[dict[str, int]], budget: float | None, extra_param
                           f"candidates ({fastest:.4f} ms: the fastest candidate of every block plus the head, "
                           f"measured); raise it or add faster candidates")
     zeros = [{n: 0.0 for n in p} for p in params]
-    if next(_combinations(zeros, params, budget, extra_params, latency, latency_budget, extra_latency), None) is None:
+    feasible = _combinations(zeros, params, budget, extra_params, latency, latency_budget, extra_latency)
+    if next(feasible, None) is None:
         raise BudgetError(f"blocks.budget: no assembly has both <= {int(budget):,} parameters and <= "
                           f"{latency_budget:g} ms (the fastest is {fastest:.4f} ms, the smallest "
                           f"{smallest_assembly(params, extra_params):,} parameters); raise either limit")

@@ -13,10 +13,11 @@ and ``kdray nas FILE.yaml``.
    run exactly once (no cross-block modelling). Each trial trains its candidate block on the teacher's block
    input -> output (:func:`kdray.algorithms.blockwise.train_block`) and reports the validation block loss per
    epoch; its result is kept in ``blocks/<block>-<candidate>.json`` so a resumed search trains nothing twice.
-4. The assembly minimising the summed block scores within ``budget`` (exhaustive over the product) becomes a ``blockwise_student`` and is distilled end to end from the teacher (``kdray.distill``, offline
-   scheme, the base job's methods), nested under the search's MLflow run. With ``inherit`` (the default) it
-   starts from the weights its blocks learnt in their trials and the teacher's classifier (the blocks end at
-   the teacher's channel count, so it fits); DNA retrains the found architecture from scratch instead
+4. The assembly minimising the summed block scores within ``budget`` (exhaustive over the product) becomes
+   a ``blockwise_student`` and is distilled end to end from the teacher (``kdray.distill``, offline scheme,
+   the base job's methods), nested under the search's MLflow run. With ``inherit`` (the default) it starts
+   from the weights its blocks learnt in their trials and the teacher's classifier (the blocks end at the
+   teacher's channel count, so it fits); DNA retrains the found architecture from scratch instead
    (``inherit: false``). ``compare: k`` distils ``k`` more
    assemblies spread over the score ranking, for the plot of block loss vs final accuracy and its Spearman rho.
 
