@@ -365,14 +365,14 @@ def test_a_finished_block_search_resumes_without_training_again(nas_run):
 @pytest.mark.slow
 def test_block_search_distils_from_a_teacher_given_by_its_mlflow_uri(nas_run):
     """The teacher the fixture's base job trained and logged, given back as ``teacher.mlflow_uri``: no teacher
-    is trained again, the block trials see exactly its weights, and the assembled student learns from it."""
+    is trained again, the block trials see exactly its weights, and the base job's student learns from it as
+    much as from the teacher it was logged from."""
     import kdray
     from kdray.orchestrator.tracking import RUNS_FILE
 
     result, uri, base, kwargs = nas_run
     stages = json.load(open(os.path.join(result.path, "base", RUNS_FILE)))["stages"]
-    raw = {**base, "teacher": {"model": "digits_cnn", "mlflow_uri": f"runs:/{stages['teacher']}/model"},
-           "train": {**base["train"], "epochs": 2}}
+    raw = {**base, "teacher": {"model": "digits_cnn", "mlflow_uri": f"runs:/{stages['teacher']}/model"}}
     got = kdray.block_search(raw, ["stage1", "stage2"], widths=[2], depths=[1], kernels=[3], epochs=2,
                              max_concurrent=2, name="nas-logged-teacher", output_dir=kwargs["output_dir"],
                              log=lambda m: None)
@@ -381,7 +381,9 @@ def test_block_search_distils_from_a_teacher_given_by_its_mlflow_uri(nas_run):
     mine = torch.load(os.path.join(got.path, "teacher.pt"), weights_only=True)
     trained = torch.load(os.path.join(result.path, "teacher.pt"), weights_only=True)
     assert set(mine) == set(trained) and all(torch.equal(mine[k], trained[k]) for k in trained)
-    assert got.assembled["val_top1"] > 0.3, got.assembled  # 2 epochs from the teacher (chance is 0.1)
+    # the base job's student, distilled from the logged teacher with the fixture's seed and epochs, does as well
+    # as the fixture's, distilled from the teacher it had just trained (margin 0.02 top-1)
+    assert got.base["val_top1"] == pytest.approx(result.base["val_top1"], abs=0.02), (got.base, result.base)
 
 
 @pytest.mark.ray
