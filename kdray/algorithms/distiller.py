@@ -219,7 +219,7 @@ class Distiller(nn.Module):
         s_out = self.student_forward(batch.inputs)
         losses: dict[str, torch.Tensor] = {}
         if self._adds_ce and self.ce_weight and all(t.uses_hard_labels() for t in self.terms):
-            losses["ce"] = self.ce_weight * F.cross_entropy(full_precision(s_out.logits), batch.targets)
+            losses["ce"] = self.ce_weight * hard_label_ce(full_precision(s_out.logits), batch.targets)
         member_weights = None
         for term, slot in zip(self.terms, self.term_teachers):
             if teacher_out is None:
@@ -240,6 +240,17 @@ class Distiller(nn.Module):
     def export_student(self) -> nn.Module:
         """The bare student (no connectors, no DDP wrapper) for saving and serving."""
         return unwrap(self.student)
+
+
+def hard_label_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the labels: one per sample (``(B, C)`` logits), or one per token (``(B, L, V)``
+    logits, ``(B, L)`` targets: masked-LM labels, -100 where a token is not predicted, the positions BERT's
+    MLM loss averages over). A batch without any label (all -100) gives 0, not the NaN of an empty mean."""
+    if logits.dim() > 2:
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if not bool((targets != -100).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, targets, ignore_index=-100)
 
 
 def teacher_module(teacher: nn.Module | None, member: int | None = None) -> nn.Module | None:
