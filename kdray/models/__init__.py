@@ -17,6 +17,7 @@ from kdray.models import digits as _digits  # noqa: F401  (registers digits mode
 from kdray.models import cifar as _cifar  # noqa: F401  (registers the CIFAR zoo)
 from kdray.models import graph as _graph  # noqa: F401  (registers the graph models)
 from kdray.models import blockwise as _blockwise  # noqa: F401  (registers the block-wise searched student)
+from kdray.models import text as _text  # noqa: F401  (registers the transformers text models; imports them lazily)
 
 __all__ = [
     "UnknownModelError",
