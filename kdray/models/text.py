@@ -166,6 +166,27 @@ def _local_dir(path: str | Path, what: str) -> Path:
     return directory
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """A local model / tokenizer directory (``all_minilm_l6_v2``: the shipped package's), or a one-line error."""
+    return _local_dir(path, "tokenizer")
+
+
+def vocab_mismatch(tokenizer_dir: str | Path, model: nn.Module, role: str = "student") -> str | None:
+    """Why ``model`` cannot read the token ids of the tokenizer in ``tokenizer_dir`` (one line), or ``None``:
+    ids beyond its embedding table, or a tokenizer of its own that maps words to other ids."""
+    tokenizer = load_tokenizer(resolve_model_dir(tokenizer_dir))
+    size = int(getattr(model, "vocab_size", 0) or 0)
+    if size and len(tokenizer) > size:
+        return (f"the {role}'s vocabulary has {size} tokens but the data's tokenizer ({tokenizer_dir}) emits ids up "
+                f"to {len(tokenizer) - 1}; give the {role} vocab={len(tokenizer)} or the teacher's tokenizer")
+    own = getattr(model, "tokenizer_dir", None)
+    if own and Path(own).resolve() != resolve_model_dir(tokenizer_dir).resolve():
+        if load_tokenizer(own).get_vocab() != tokenizer.get_vocab():
+            return (f"the {role}'s tokenizer ({own}) maps tokens to other ids than the data's ({tokenizer_dir}); "
+                    f"tokenise with one vocabulary (the teacher's) for both")
+    return None
+
+
 def _quiet_load(head: str, directory: Path, **kwargs):
     """``from_pretrained`` with local files only; the expected "newly initialised head" notice silenced."""
     transformers = require_transformers()
