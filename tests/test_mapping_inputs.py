@@ -91,3 +91,18 @@ def test_evaluate_counts_only_labelled_tokens():
     items = [({"input_ids": ids, "attention_mask": torch.ones(3, dtype=torch.long)}, torch.tensor([1, 0, -100]), 0)]
     metrics = evaluate(Fixed(), DataLoader(items, batch_size=1, collate_fn=collate_batch), "cpu", num_classes=2)
     assert metrics["top1"] == 0.5  # 2 labelled tokens, one right; the -100 token is not counted
+
+
+def test_kd_on_per_token_logits_averages_over_attended_tokens_only():
+    torch.manual_seed(0)
+    s, t = torch.randn(1, 3, 5), torch.randn(1, 3, 5)
+    inputs = {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0]])}
+    batch = Batch(inputs, torch.tensor([[2, -100, -100]]), torch.arange(1))
+    kd = create_method("kd", alpha=0.5, temperature=2.0)
+    from kdray.algorithms.base import ModelOutput
+
+    out = kd(ModelOutput(s), ModelOutput(t), batch)
+    p_t, log_p_s = F.softmax(t[0, :2] / 2, -1), F.log_softmax(s[0, :2] / 2, -1)
+    by_hand = (p_t * (p_t.log() - log_p_s)).sum(-1).mean() * 4  # mean over the 2 attended tokens, T^2 = 4
+    assert torch.allclose(out["kd"], 0.5 * by_hand, atol=1e-6)
+    assert torch.allclose(out["ce"], 0.5 * F.cross_entropy(s[0, :1], torch.tensor([2])), atol=1e-6)

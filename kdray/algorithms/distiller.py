@@ -253,6 +253,18 @@ def hard_label_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets, ignore_index=-100)
 
 
+def token_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: Batch):
+    """Per-token logits ``(B, L, V)`` as the ``(N, V)`` rows of the tokens the batch attends to (its
+    ``attention_mask``; all when it has none), so a per-sample soft loss averages over real tokens, not over
+    padding (DistilBERT's default soft-target mask); ``(B, C)`` logits are returned as they are."""
+    if student_logits.dim() <= 2:
+        return student_logits, teacher_logits
+    mask = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
+    keep = (torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device) if mask is None
+            else mask.bool())
+    return student_logits[keep], teacher_logits[keep]
+
+
 def teacher_module(teacher: nn.Module | None, member: int | None = None) -> nn.Module | None:
     """The teacher's own network (teacher ``member``'s in an in-process ensemble), for the terms that reuse
     part of it (``bind_teacher_model``); ``None`` where only its outputs are at hand (a cache, a remote shard)."""

@@ -96,6 +96,7 @@ class TextModel(nn.Module):
         self.num_attention_heads = int(config.num_attention_heads)
         self.hidden_size = int(config.hidden_size)
         self.vocab_size = int(config.vocab_size)
+        self.outputs_classes = head == "classification"  # embeddings (B, H) and token logits (B, L, V) are not classes
         n = self.num_layers
         self.hidden_states = nn.ModuleList(nn.Identity() for _ in range(n + 1))
         self.attentions = nn.ModuleList(nn.Identity() for _ in range(n))
@@ -241,23 +242,41 @@ def copy_teacher_layers(student: nn.Module, teacher: nn.Module, layer_map: list[
     return copied
 
 
+def _check_head(head: str) -> None:
+    if head not in HEADS:
+        raise TextModelError(f"unknown text head {head!r}; allowed: {', '.join(HEADS)}")
+
+
+def saved_head(directory: Path) -> str:
+    """The head a saved directory was written with, from its config's ``architectures`` (``BertForMaskedLM``:
+    ``masked_lm``; ``...ForSequenceClassification``: ``classification``; a bare encoder: ``embedding``)."""
+    transformers = require_transformers()
+    names = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True).architectures or []
+    if any(n.endswith("ForMaskedLM") for n in names):
+        return "masked_lm"
+    if any(n.endswith("ForSequenceClassification") for n in names):
+        return "classification"
+    return "embedding"
+
+
 def text_model(num_classes: int = 2, *, path: str | None = None, teacher: str | None = None,
-               head: str = "classification", layers: int | None = None, hidden: int | None = None,
+               head: str | None = None, layers: int | None = None, hidden: int | None = None,
                heads: int | None = None, intermediate: int | None = None, vocab: int | None = None,
                init_from_teacher: list[int] | None = None) -> TextModel:
-    """A :class:`TextModel`: pretrained from ``path``; or a new one shaped by the knobs (``layers``, ``hidden``,
+    """A :class:`TextModel`: pretrained from ``path`` (``head`` default: the one it was saved with); or a new one shaped by the knobs (``layers``, ``hidden``,
     ``heads``, ``intermediate``, ``vocab``: default the ``teacher`` directory's config and tokenizer size, else
     BERT-base's), random weights, optionally initialised from ``teacher``'s embeddings and layers
     ``init_from_teacher``."""
-    if head not in HEADS:
-        raise TextModelError(f"unknown text head {head!r}; allowed: {', '.join(HEADS)}")
-    kwargs = _head_kwargs(head, num_classes)
     if path is not None:
         if any(k is not None for k in (layers, hidden, heads, intermediate, vocab, init_from_teacher)):
             raise TextModelError("a text model from 'path' takes no size knobs or init_from_teacher (they shape a "
                                  "new model); drop them or drop 'path'")
         directory = _local_dir(path, "path")
-        return TextModel(_quiet_load(head, directory, **kwargs), head, str(directory))
+        head = head or saved_head(directory)
+        _check_head(head)
+        return TextModel(_quiet_load(head, directory, **_head_kwargs(head, num_classes)), head, str(directory))
+    head = head or "classification"
+    _check_head(head)
     teacher_dir = _local_dir(teacher, "teacher") if teacher is not None else None
     if init_from_teacher is not None:
         if teacher_dir is None:
@@ -296,7 +315,7 @@ def minilm_dir() -> Path:
 
 
 @register_model("hf_text", family="text")
-def hf_text(num_classes: int = 2, path: str | None = None, teacher: str | None = None, head: str = "classification",
+def hf_text(num_classes: int = 2, path: str | None = None, teacher: str | None = None, head: str | None = None,
             layers: int | None = None, hidden: int | None = None, heads: int | None = None,
             intermediate: int | None = None, vocab: int | None = None,
             init_from_teacher: list[int] | None = None) -> TextModel:

@@ -58,6 +58,22 @@ class DistillResult:
         return "\n".join(rows)
 
 
+def check_vocabularies(cfg: Config, models: list[tuple[str, object]]) -> None:
+    """Text jobs: every text model reads the token ids of the data's tokenizer (``data.options.tokenizer``),
+    else a one-line :class:`ConfigError` before training (ids past a student's embedding table would crash
+    mid-step; another tokenizer's ids would train on scrambled words)."""
+    tokenizer = cfg.data.options.get("tokenizer")
+    if tokenizer is None:
+        return
+    from kdray.models.text import TextModel, vocab_mismatch
+
+    for path, model in models:
+        if isinstance(model, TextModel):
+            reason = vocab_mismatch(tokenizer, model, path)
+            if reason is not None:
+                raise ConfigError(reason)
+
+
 def preflight(cfg: Config) -> None:
     """Checks that need data or models but no training: files exist, shapes and class counts agree,
     feature points resolve. Each failure is a one-line :class:`ConfigError`."""
@@ -93,10 +109,11 @@ def preflight(cfg: Config) -> None:
         with torch.no_grad():
             for model, path in zip(teacher_models, model_paths):
                 classes = model.eval()(scheme.model_inputs(cfg, path, example)).shape[1]
-                if classes != splits.num_classes:
+                if getattr(model, "outputs_classes", True) and classes != splits.num_classes:
                     raise ConfigError(f"a teacher ({type(model).__name__}) outputs {classes} classes but dataset "
                                       f"{cfg.data.name!r} has {splits.num_classes}")
         student = create_spec_model(cfg.student, "student", splits.num_classes)
+        check_vocabularies(cfg, [("student", student)] + list(zip(model_paths, teacher_models)))
         scheme.preflight(cfg, splits, example, student, teacher_models[: len(paths)], orders)
     except ConfigError:
         raise

@@ -111,6 +111,8 @@ def build_teacher_model(cfg: Config, source: TeacherSource | str, num_classes: i
         return load_weights(model, weights[ref], f"stage {ref}", num_classes)
     spec = model_spec(cfg, ref)
     model = create_spec_model(spec, ref, num_classes)
+    if getattr(spec, "pretrained", False):  # the builder loaded its weights (a local pretrained directory)
+        return model
     if spec.checkpoint is not None:
         state = read_weights(spec.checkpoint, f"{ref}.checkpoint")
         return load_weights(model, state, f"{ref}.checkpoint {spec.checkpoint}", num_classes)
