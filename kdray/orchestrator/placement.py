@@ -218,6 +218,9 @@ class ShardedTeacherEnsemble(nn.Module):
 
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> ModelOutput:
+        if not isinstance(inputs, torch.Tensor):  # a mapping (text): variable lengths per rank, not gathered yet
+            raise ValueError("ensemble.shard: true gathers one input tensor per rank; inputs that are a mapping "
+                             "(text) need ensemble.shard: false (each worker hosts every teacher)")
         comm = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
                 else inputs.device)
         home = inputs.device
