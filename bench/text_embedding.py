@@ -92,7 +92,7 @@ def distil(student, train_samples, teacher_emb: torch.Tensor, epochs: int, lr: f
     return time.perf_counter() - start
 
 
-def run(epochs: int = 2, max_train: int = 1200, lr: float = 2e-4, seed: int = 0, max_length: int = 64) -> dict:
+def run(epochs: int = 2, max_train: int = 1200, lr: float = 5e-4, seed: int = 0, max_length: int = 64) -> dict:
     torch.manual_seed(seed)
     teacher = create_model("all_minilm_l6_v2", 1).eval()
     splits = build_datasets("lee_background", tokenizer="all_minilm_l6_v2", max_length=max_length, seed=seed)
@@ -132,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-train", type=int, default=1200)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(max(1, int(os.environ.get("KDRAY_BENCH_THREADS", "2"))))

@@ -55,6 +55,18 @@ def test_feature_point_contract_shapes_and_values(encoded):
     assert torch.allclose(f["embedding"], by_hand, atol=1e-6)  # masked mean, padding excluded
 
 
+def test_a_deep_copy_feeds_its_own_taps(encoded):
+    import copy
+
+    model = create_model("hf_text", 2, **TINY).eval()
+    twin = copy.deepcopy(model)
+    tap = FeatureTap(twin, ["queries.1", "keys.0"])
+    with tap.capture() as f, torch.no_grad():
+        twin(encoded)
+    assert set(f) == {"queries.1", "keys.0"}
+    assert "queries.0" in dict(model.named_modules())  # the tap keeps its contract path
+
+
 def test_taps_carry_gradients_to_the_student(encoded):
     model = create_model("hf_text", 2, **TINY)
     tap = FeatureTap(model, ["hidden_states.1", "attentions.1", "queries.0"])

@@ -83,6 +83,11 @@ def _projection(layer: nn.Module, names: tuple[str, ...]) -> nn.Module:
     raise TextModelError(f"{type(layer).__name__} has no projection named one of {', '.join(names)}")
 
 
+def _through_tap(module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a Q/K/V projection: its output through the identity tap it feeds."""
+    return module.kdray_tap(output)
+
+
 class TextModel(nn.Module):
     """A Hugging Face model (``self.hf``) with kdray's identity tap modules (see the module docstring)."""
 
@@ -109,8 +114,11 @@ class TextModel(nn.Module):
         _path, layers = encoder_layers(hf_model, n)
         for i, layer in enumerate(layers):  # Q/K/V pass through their taps as the layer computes them
             for group, names in PROJECTIONS.items():
-                tap = getattr(self, group)[i]
-                _projection(layer, names).register_forward_hook(lambda _m, _in, out, tap=tap: tap(out))
+                projection = _projection(layer, names)
+                # A plain attribute, not a submodule (the tap's path stays ``queries.i``), which deepcopy maps to
+                # the copy's own tap: a copied model's hooks feed its own taps.
+                object.__setattr__(projection, "kdray_tap", getattr(self, group)[i])
+                projection.register_forward_hook(_through_tap)
 
     @property
     def config(self):
