@@ -24,11 +24,19 @@ Output: a markdown table (method, kind, weight used, test top-1 mean +- std over
 scratch, seconds per epoch) printed and written to ``docs/methods.md`` (only for a full run unless
 ``--output``); one MLflow parent run with every job nested under it, a bar chart and the table.
 
-Run: ``python bench/compare_methods.py [--seeds 3] [--epochs 30] [--methods kd,crd] [--mlflow URI]``.
+Resumable: each finished row (and the scratch baseline) is saved as JSON under ``--workdir``
+(``results/<row>.json``, beside the teacher and a ``settings.json`` of the protocol's arguments); a run
+given the same ``--workdir`` reuses the teacher and every saved row and trains only the missing ones, so
+adding a method to the table costs that method's jobs alone. Different protocol arguments with the same
+folder are refused in one line (they would mix incomparable rows).
+
+Run: ``python bench/compare_methods.py [--seeds 3] [--epochs 30] [--methods kd,crd] [--mlflow URI]
+[--workdir DIR]``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -48,7 +56,14 @@ PHASES = {"ab": "init_epochs", "fitnet": "hint_epochs", "ft": "paraphraser_epoch
 # Warm-up ramps published as 20 of 240 epochs: scaled to the run's length.
 WARMUPS = {"dkd": "warmup", "reviewkd": "warmup_epochs"}
 # Convex CE / soft-target mixes: the soft term is not rescaled.
-NOT_SCALED = {"kd"}
+NOT_SCALED = {"kd", "ctkd", "mlkd", "messy_collab", "probability_shift", "label_smoothing"}
+# Methods without one `weight` parameter: the parameters that weight their parts, scaled together.
+WEIGHT_PARAMS = {"dist": ("beta", "gamma"), "dist_plus": ("beta", "gamma", "iota", "kappa"),
+                 "skd": ("instance_weight", "direction_weight"), "srrl": ("feature_weight", "sr_weight"),
+                 "wsld": ("alpha",)}
+# SSKD's three distillation weights scale together (its CE weight stays). cs_kd and mean_teacher have no `weight`:
+# their terms are ~0 at initialisation by construction (a network matching itself), so they keep their defaults.
+WEIGHT_PARAMS["sskd"] = ("kd_weight", "tf_weight", "ss_weight")
 KIND_ORDER = {"response": 0, "feature": 1, "relation": 2}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- compare_methods:begin -->", "<!-- compare_methods:end -->"
@@ -98,7 +113,8 @@ def job_name(methods: tuple[str, ...]) -> str:
 
 def selected_rows(spec: str | None, registered: dict) -> list[tuple[str, ...]]:
     if spec is None:
-        rows = [(m,) for m in sorted(registered, key=lambda m: (KIND_ORDER[registered[m].kind], m))]
+        image = [m for m in registered if registered[m].modality != "text"]  # the digits bench runs image terms
+        rows = [(m,) for m in sorted(image, key=lambda m: (KIND_ORDER[registered[m].kind], m))]
         return rows + [c for c in COMBOS if all(m in registered for m in c)]
     rows = []
     for item in spec.split(","):
@@ -170,11 +186,12 @@ def measure_terms(names: list[str], args, teacher_path: str) -> dict[str, dict]:
     from torch.utils.data import DataLoader
 
     from kdray.algorithms import create_method
-    from kdray.algorithms.base import method_params
+    from kdray.algorithms.base import get_method, method_params
     from kdray.algorithms.base import Batch
     from kdray.algorithms.distiller import Distiller, Teacher
     from kdray.algorithms.engine import seed_everything
-    from kdray.data import build_datasets
+    from kdray.data import ClassPairBatchSampler, build_datasets
+    from kdray.data.two_views import split_targets
     from kdray.models import create_model
 
     splits = build_datasets("digits", **data_options(args))
@@ -183,11 +200,17 @@ def measure_terms(names: list[str], args, teacher_path: str) -> dict[str, dict]:
     it = iter(loader)
     batches = [next(it) for _ in range(min(args.measure_batches, len(loader)))]
     example = torch.stack([splits.train[i][0] for i in range(2)])  # what the job builds connectors with
+    pair_batches = None  # CS-KD reads class pairs: the job's loaders make them, so its measurement does too
     out = {}
     for name in names:
+        if get_method(name).needs_class_pairs and pair_batches is None:
+            pairs = DataLoader(splits.train, batch_sampler=ClassPairBatchSampler(split_targets(splits.train),
+                                                                                 args.batch_size, 0))
+            pair_batches = [b for b, _ in zip(pairs, range(args.measure_batches))]
+        term_batches = pair_batches if get_method(name).needs_class_pairs else batches
         params = base_params(name, args)
-        published = method_params(name).get("weight")
-        published = published.default if published is not None else None
+        signature = method_params(name)
+        published = {k: signature[k].default for k in WEIGHT_PARAMS.get(name, ("weight",)) if k in signature}
         seed_everything(0)
         student = create_model("digits_cnn", splits.num_classes, width=args.student_width)
         distiller = Distiller(student, [create_method(name, **params)])
@@ -199,19 +222,19 @@ def measure_terms(names: list[str], args, teacher_path: str) -> dict[str, dict]:
         distiller.train()
         term_sum = ce_sum = 0.0
         with torch.no_grad():
-            for x, y, idx in batches:
+            for x, y, idx in term_batches:
                 logits, losses = distiller(Batch(x, y, idx), teacher(x))
                 term_sum += float(sum(v for k, v in losses.items() if k != "ce"))
                 ce_sum += float(F.cross_entropy(logits, y))
-        term, ce = term_sum / len(batches), ce_sum / len(batches)
+        term, ce = term_sum / len(term_batches), ce_sum / len(term_batches)
         row = {"published": published, "term": term, "ce": ce, "params": params}
-        if name in NOT_SCALED or published is None:
-            row.update(scale=None, weight=published)
+        if name in NOT_SCALED or not published:
+            row.update(scale=None, weight={})
         elif not (math.isfinite(term) and term > 0):
-            row.update(scale=1.0, weight=published)  # cannot scale (e.g. a term that can be negative)
+            row.update(scale=1.0, weight=dict(published))  # cannot scale (e.g. a term that can be negative)
         else:
-            row["weight"] = round_sig(published * ce / term)
-            row["scale"] = row["weight"] / published
+            row["scale"] = round_sig(ce / term)
+            row["weight"] = {k: round_sig(v * row["scale"]) for k, v in published.items()}
         out[name] = row
     return out
 
@@ -223,8 +246,7 @@ def job_config(methods: tuple[str, ...], weights: dict, args, teacher_path: str,
     extra_epochs = 0
     for name in methods:
         params = dict(weights[name]["params"])
-        if weights[name]["weight"] is not None and name not in NOT_SCALED:
-            params["weight"] = weights[name]["weight"]
+        params.update(weights[name]["weight"])
         if name in PHASES:
             extra_epochs = max(extra_epochs, params[PHASES[name]])
         specs.append({"name": name, **params})
@@ -246,8 +268,19 @@ def job_config(methods: tuple[str, ...], weights: dict, args, teacher_path: str,
     }
 
 
+def weights_text(name: str, weights: dict) -> str:
+    """``0.5`` for a single ``weight``, ``beta 0.5, gamma 0.5`` for several, ``defaults`` for none."""
+    if name == "kd":
+        return "alpha 0.9"
+    if not weights:
+        return "defaults"
+    if list(weights) == ["weight"]:
+        return fmt_num(weights["weight"])
+    return ", ".join(f"{k} {fmt_num(v)}" for k, v in weights.items())
+
+
 def weight_text(methods: tuple[str, ...], weights: dict) -> str:
-    parts = ["alpha 0.9" if m in NOT_SCALED else fmt_num(weights[m]["weight"]) for m in methods]
+    parts = [weights_text(m, weights[m]["weight"]) for m in methods]
     return parts[0] if len(parts) == 1 else ", ".join(f"{m} {p}" for m, p in zip(methods, parts))
 
 
@@ -272,12 +305,14 @@ def weights_table(weights: dict) -> str:
            "other settings |", "|---|---|---|---|---|---|---|"]
     for name, w in weights.items():
         other = ", ".join(f"{k}={v}" for k, v in w["params"].items()) or "-"
-        if name in NOT_SCALED:
+        if name == "kd":
             published, scale, used = "alpha 0.9 (T 4)", "not scaled", "alpha 0.9"
+        elif not w["weight"]:  # a convex CE / soft mix, or no weight parameter: the method's defaults
+            published, scale, used = weights_text(name, w["published"]), "not scaled", "defaults"
         else:
-            published = fmt_num(w["published"])
+            published = weights_text(name, w["published"])
             scale = f"{w['scale']:.3g}" if w["scale"] is not None else "-"
-            used = fmt_num(w["weight"])
+            used = weights_text(name, w["weight"])
         out.append(f"| {name} | {published} | {w['term']:.4g} | {w['ce']:.3f} | {scale} | {used} | {other} |")
     return "\n".join(out)
 
@@ -297,6 +332,47 @@ def write_doc(path: str, body: str) -> None:
         fh.write(block)
 
 
+# Arguments that change a row's numbers: a saved row is reused only under the same values.
+PROTOCOL = ("seeds", "epochs", "student_width", "train_fraction", "batch_size", "lr", "teacher_epochs", "teacher",
+            "phase_epochs", "measure_batches", "threads")
+
+
+def check_settings(workdir: str, args) -> None:
+    """Write ``settings.json`` on the first run in ``workdir``; later runs must match it (one line if not)."""
+    path = os.path.join(workdir, "settings.json")
+    settings = {k: getattr(args, k) for k in PROTOCOL}
+    if os.path.exists(path):
+        with open(path) as fh:
+            saved = json.load(fh)
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if changed:
+            raise SystemExit(f"{workdir} holds rows measured with other settings {changed} (saved, now); "
+                             f"use another --workdir or the same settings")
+    else:
+        write_json(path, settings)
+
+
+def write_json(path: str, data: dict) -> None:
+    """Atomically: a killed run leaves either the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def saved_row(workdir: str, key: str, weight_text_now: str | None = None) -> dict | None:
+    """The saved result of ``key`` (a row's job name, or ``scratch``), if its weights are still the same."""
+    path = os.path.join(workdir, "results", f"{key}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        row = json.load(fh)
+    if weight_text_now is not None and row.get("weight_text") != weight_text_now:
+        return None  # the term's measured weight changed (its code changed): measure it again
+    return row
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -314,6 +390,7 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = os.path.abspath(args.workdir or os.path.join("kdray-runs", f"compare-{stamp}"))
     os.makedirs(workdir, exist_ok=True)
+    check_settings(workdir, args)
     uri = resolve_tracking_uri(args.mlflow or f"sqlite:///{os.path.join(os.getcwd(), 'mlflow.db')}")
     start = time.perf_counter()
 
@@ -327,6 +404,8 @@ def main(argv=None) -> int:
     try:
         client.log_batch(parent_id, params=[Param(k, v) for k, v in flatten("", vars(args), {}).items()])
         teacher_path = os.path.join(workdir, "teacher_digits_cnn_w16.pt")
+        if os.path.exists(teacher_path) and not args.teacher:
+            args.teacher = teacher_path  # resumed: the same (seeded) teacher, not trained again
         teacher_acc = train_teacher(args, teacher_path, log)
         client.log_metric(parent_id, "teacher_test_top1", teacher_acc)
         from kdray.data import build_datasets
@@ -337,36 +416,45 @@ def main(argv=None) -> int:
         names = list(dict.fromkeys(m for row in rows_spec for m in row))
         weights = measure_terms(names, args, teacher_path)
         for name, w in weights.items():
-            scale = (f"scale {w['scale']:.3g} -> weight {fmt_num(w['weight'])}" if w["scale"] is not None
+            scale = (f"scale {w['scale']:.3g} -> {weights_text(name, w['weight'])}" if w["scale"] is not None
                      else "not scaled")
             log(f"{name:>15}: term at init {w['term']:.4g} (published weight {w['published']}), "
                 f"CE {w['ce']:.3f}; {scale}")
-            if w["scale"] is not None:
-                client.log_metric(parent_id, f"weight.{name}", w["weight"])
+            for param, value in w["weight"].items():
+                client.log_metric(parent_id, f"weight.{name}.{param}", value)
 
         results = []
-        scratch_accs, scratch_secs = [], []
-        for i, methods in enumerate(rows_spec):
-            cfg = job_config(methods, weights, args, teacher_path, uri, workdir, baseline=(i == 0))
-            t0 = time.perf_counter()
-            quiet = print if args.verbose else (lambda msg: None)
-            res = kdray.distill(cfg, log=quiet, parent_run_id=parent_id)
-            accs = res.accuracies("distill")
-            secs = [s["epoch_time_s"] for s in res.stages if s["kind"] == "distill"]
-            if i == 0:
-                scratch_accs = res.accuracies("scratch")
-                scratch_secs = [s["epoch_time_s"] for s in res.stages if s["kind"] == "scratch"]
-            mean, std = summarise(accs)
-            kinds = "+".join(dict.fromkeys(registered[m].kind for m in methods))
-            results.append({"label": label(methods), "kind": kinds, "weight_text": weight_text(methods, weights),
-                            "accs": accs,
-                            "mean": mean, "std": std, "sec": statistics.mean(secs), "epochs": cfg["train"]["epochs"]})
-            client.log_metric(parent_id, f"test_top1_mean.{job_name(methods)}", mean)
-            log(f"{label(methods):>15}: test top-1 {100 * mean:.2f} +- {100 * std:.2f}  "
-                f"({cfg['train']['epochs']} epochs, {time.perf_counter() - t0:.0f}s)")
-        s_mean, s_std = summarise(scratch_accs)
-        scratch = {"mean": s_mean, "std": s_std, "sec": statistics.mean(scratch_secs), "accs": scratch_accs}
-        client.log_metric(parent_id, "test_top1_mean.scratch", s_mean)
+        scratch = saved_row(workdir, "scratch")
+        for methods in rows_spec:
+            key, text = job_name(methods), weight_text(methods, weights)
+            row = saved_row(workdir, key, text)
+            if row is not None:
+                log(f"{label(methods):>15}: test top-1 {100 * row['mean']:.2f} +- {100 * row['std']:.2f}  (saved)")
+            else:
+                baseline = scratch is None
+                cfg = job_config(methods, weights, args, teacher_path, uri, workdir, baseline=baseline)
+                t0 = time.perf_counter()
+                quiet = print if args.verbose else (lambda msg: None)
+                res = kdray.distill(cfg, log=quiet, parent_run_id=parent_id)
+                accs = res.accuracies("distill")
+                secs = [s["epoch_time_s"] for s in res.stages if s["kind"] == "distill"]
+                if baseline:
+                    s_accs = res.accuracies("scratch")
+                    s_mean, s_std = summarise(s_accs)
+                    scratch = {"mean": s_mean, "std": s_std, "accs": s_accs,
+                               "sec": statistics.mean(s["epoch_time_s"] for s in res.stages if s["kind"] == "scratch")}
+                    write_json(os.path.join(workdir, "results", "scratch.json"), scratch)
+                mean, std = summarise(accs)
+                kinds = "+".join(dict.fromkeys(registered[m].kind for m in methods))
+                row = {"label": label(methods), "kind": kinds, "weight_text": text, "accs": accs, "mean": mean,
+                       "std": std, "sec": statistics.mean(secs), "epochs": cfg["train"]["epochs"]}
+                write_json(os.path.join(workdir, "results", f"{key}.json"), row)
+                log(f"{label(methods):>15}: test top-1 {100 * mean:.2f} +- {100 * std:.2f}  "
+                    f"({cfg['train']['epochs']} epochs, {time.perf_counter() - t0:.0f}s)")
+            results.append(row)
+            client.log_metric(parent_id, f"test_top1_mean.{key}", row["mean"])
+        scratch_accs = scratch["accs"]
+        client.log_metric(parent_id, "test_top1_mean.scratch", scratch["mean"])
         elapsed = time.perf_counter() - start
 
         main_table = table(results, scratch)
@@ -383,7 +471,8 @@ def main(argv=None) -> int:
             main_table,
             "Test top-1 is mean +- std over seeds; delta vs scratch is the difference of the means in percentage "
             "points; s / epoch is the mean wall time of an epoch (training + validation) of the distilled "
-            f"student on a shared machine. Whole run: {elapsed / 60:.1f} min.",
+            f"student on a shared machine. This run: {elapsed / 60:.1f} min (rows saved by earlier runs in the same "
+            "--workdir are reused, not timed again).",
             "Weights: each term measured at initialisation with its published weight, then scaled to the CE's "
             "size (see the docstring of bench/compare_methods.py):",
             weights_table(weights),

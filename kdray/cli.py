@@ -51,6 +51,11 @@ def _cmd_list(args) -> int:
 
         for name, cls in list_methods().items():
             print(f"{name}\t{cls.kind}\t{cls.paper}")
+    elif args.what == "optimizers":
+        from kdray.algorithms.optim import OPTIMIZER_HELP
+
+        for name, text in OPTIMIZER_HELP.items():
+            print(f"{name}\t{text}")
     elif args.what == "schemes":
         from kdray.orchestrator.plan import list_schemes
 
@@ -89,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the job from its last checkpoint")
     run.set_defaults(func=_cmd_run)
 
-    lst = sub.add_parser("list", help="list models, datasets, methods or schemes")
-    lst.add_argument("what", choices=["models", "datasets", "methods", "schemes"])
+    lst = sub.add_parser("list", help="list models, datasets, methods, optimizers or schemes")
+    lst.add_argument("what", choices=["models", "datasets", "methods", "optimizers", "schemes"])
     lst.add_argument("pattern", nargs="?", default="*", help="shell pattern for models, e.g. 'resnet*'")
     lst.add_argument("--torchvision", action="store_true", help="include torchvision models")
     lst.set_defaults(func=_cmd_list)

@@ -69,9 +69,10 @@ class ModelSpec(_Strict):
 class OptimSpec(_Strict):
     epochs: int = Field(20, gt=0)
     batch_size: int = Field(64, gt=0)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adamw", "dot"] = "sgd"  # dot: Zhao et al. 2023, see kdray.algorithms.optim.DOT
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
+    dot_delta: float = Field(0.075, ge=0, lt=1)  # DOT: momentum + dot_delta on KD, momentum - dot_delta on CE
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["constant", "step", "cosine"] = "cosine"
     milestones: list[int] = Field(default_factory=list)
@@ -82,6 +83,17 @@ class OptimSpec(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False  # student, teacher and 4-D inputs in torch.channels_last
     compile: bool = False  # torch.compile student and teacher: seconds to a minute of start-up per stage
+
+    @model_validator(mode="after")
+    def _dot_fits(self):
+        if self.optimizer == "dot":
+            if not self.dot_delta <= self.momentum or self.momentum + self.dot_delta >= 1:
+                raise ValueError(f"optimizer dot needs 0 <= dot_delta <= momentum and momentum + dot_delta < 1 "
+                                 f"(got momentum {self.momentum}, dot_delta {self.dot_delta})")
+            if self.precision == "fp16":
+                raise ValueError("optimizer dot cannot run with precision: fp16 (one GradScaler step over two "
+                                 "backward passes); use precision: bf16 or fp32")
+        return self
 
 
 class TeacherSpec(ModelSpec):
@@ -160,6 +172,9 @@ class DataSpec(_Strict):
     # DataLoader worker processes on the per-sample path; None = from the worker's CPUs (ray.cpus_per_worker,
     # at most 8). With a random transform the worker count changes the draws, so it is part of the results.
     loader_workers: int | None = Field(None, ge=0)
+    # Training batches of class pairs (anchors, then a same-class partner of each: CS-KD); a method that reads
+    # them (``cs_kd``) turns this on by itself.
+    class_pairs: bool = False
 
     def builder_options(self) -> dict:
         """The dataset builder's options as every split is built with them (CIFAR's ``download`` comes from
@@ -415,6 +430,24 @@ class LifelongSpec(_Strict):
         return methods
 
 
+class RCOSpec(_Strict):
+    """Route-constrained optimisation (scheme ``rco``, Jin et al. ICCV 2019): the teacher's weights after each
+    of the ``anchors`` epochs (1-based: ``3`` = after its third epoch, before the last) teach the student in
+    turn, ``epochs_per_anchor`` epochs each (None: ``train.epochs``), then the final teacher for
+    ``train.epochs``. The student carries its weights from one anchor to the next; the optimizer and the
+    schedule restart per anchor. See :mod:`kdray.orchestrator.schemes.rco`."""
+
+    anchors: list[int] = Field(default_factory=list)
+    epochs_per_anchor: int | None = Field(None, gt=0)
+
+    @field_validator("anchors")
+    @classmethod
+    def _increasing(cls, anchors: list[int]) -> list[int]:
+        if any(a < 1 for a in anchors) or any(b <= a for a, b in zip(anchors, anchors[1:])):
+            raise ValueError(f"anchors must be increasing teacher epochs >= 1, got {anchors}")
+        return anchors
+
+
 class CrossModalSpec(_Strict):
     """Cross-modal distillation (scheme ``cross_modal``, Gupta, Hoffman & Malik 2016): a dataset whose inputs
     are a mapping of modalities (``data: {name: digits_two_views}``); the teacher reads ``teacher_input``, the
@@ -502,6 +535,7 @@ class Config(_Strict):
     quantized: QuantizedSpec = Field(default_factory=QuantizedSpec)
     lifelong: LifelongSpec = Field(default_factory=LifelongSpec)
     cross_modal: CrossModalSpec = Field(default_factory=CrossModalSpec)
+    rco: RCOSpec = Field(default_factory=RCOSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])
     ce_weight: float = Field(1.0, ge=0)
@@ -540,6 +574,9 @@ class Config(_Strict):
 
         scheme = get_scheme(self.scheme)
         scheme.check(self)
+        if self.train.optimizer == "dot" and self.ray.num_workers > 1:
+            raise ValueError(f"train.optimizer: dot cannot run data-parallel (DDP syncs one backward per forward, "
+                             f"DOT needs two); set ray.num_workers: 1 or 0 (got {self.ray.num_workers})")
         for section, owners in section_owners().items():
             if section in scheme.sections or section not in self.model_fields_set:
                 continue

@@ -11,13 +11,24 @@ import math
 import torch
 from torch.utils.data import DataLoader
 
-from kdray.algorithms import create_method
+from kdray.algorithms import create_method, get_method
 from kdray.algorithms.base import Batch
 from kdray.algorithms.distiller import Distiller, Teacher
 from kdray.algorithms.engine import TrainLoop, seed_everything
 from kdray.algorithms.optim import make_optimizer, make_schedule
-from kdray.data import build_datasets
+from kdray.data import ClassPairBatchSampler, build_datasets
+from kdray.data.two_views import split_targets
 from kdray.models import create_model
+
+
+def train_batches(method: str, split, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A digits loader for ``method``: class-pair batches (``batch_size`` anchors + partners) for a term that
+    reads them (CS-KD), else plain batches."""
+    if get_method(method).needs_class_pairs:
+        return DataLoader(split, batch_sampler=ClassPairBatchSampler(split_targets(split), batch_size // 2, seed))
+    if shuffle:
+        return DataLoader(split, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(split, batch_size=batch_size, shuffle=False)
 
 
 def make_pair(method: str, student_width: int = 8, teacher_width: int = 16, dtype: torch.dtype = torch.float32,
@@ -31,7 +42,7 @@ def make_pair(method: str, student_width: int = 8, teacher_width: int = 16, dtyp
     teacher_model = create_model("digits_cnn", 10, width=teacher_width).to(dtype)
     distiller = Distiller(student, [create_method(method, **params)])
     teacher = Teacher(teacher_model, distiller.resolve_teacher_points(teacher_model))
-    loader = DataLoader(splits.train, batch_size=16, shuffle=False)
+    loader = train_batches(method, splits.train, 16, shuffle=False)
     x, y, idx = next(iter(loader))
     x = x.to(dtype)
     distiller.build(x, teacher, len(splits.train))
@@ -39,15 +50,12 @@ def make_pair(method: str, student_width: int = 8, teacher_width: int = 16, dtyp
 
 
 def assert_gradients_reach_student_and_connectors(method: str, **params):
-    """Backward through the term only: student and connector params get gradients, the teacher none."""
+    """Backward through the term only (the distiller's step without its "ce"): student and connector params get
+    gradients, the teacher none. Through the distiller, so a term with extra inputs (SSKD) gets their outputs."""
     distiller, teacher, batch = make_pair(method, **params)
     distiller.train()
     term = distiller.terms[0]
-    s_out = distiller.student_forward(batch.inputs)
-    t_out = teacher(batch.inputs)
-    from kdray.algorithms.distiller import select_points
-
-    losses = term(select_points(s_out, term.student_points), select_points(t_out, term.teacher_points), batch)
+    _logits, losses = distiller(batch, teacher(batch.inputs))
     total = sum(v for k, v in losses.items() if k != "ce")
     total.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters()), \
@@ -68,6 +76,8 @@ def short_training(method: str, epochs: int = 4, **params) -> list[float]:
     pre = Distiller(teacher_model)
     opt = make_optimizer(pre.parameters(), "sgd", 0.05)
     TrainLoop(pre, None, opt, make_schedule(opt, "constant", 3), loader, val, 10, 3, "cpu").run()
+    if get_method(method).needs_class_pairs:  # CS-KD: 16 anchors + their partners per batch
+        loader = train_batches(method, splits.train, 32, shuffle=True)
     student = create_model("digits_cnn", 10, width=8)
     distiller = Distiller(student, [create_method(method, **params)])
     teacher = Teacher(teacher_model, distiller.resolve_teacher_points(teacher_model))

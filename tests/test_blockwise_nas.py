@@ -95,6 +95,32 @@ def test_budget_assembly_picks_the_best_combination_of_a_hand_made_table():
     assert "\n" not in str(err.value)
 
 
+def test_a_latency_budget_picks_the_best_assembly_within_both_limits_of_a_hand_made_table():
+    scores = [{"a": 1.0, "b": 0.5, "c": 0.2}, {"x": 1.0, "y": 0.3}]
+    params = [{"a": 10, "b": 20, "c": 50}, {"x": 5, "y": 40}]
+    latency = [{"a": 1.0, "b": 3.0, "c": 2.0}, {"x": 0.5, "y": 4.0}]  # ms; b is small but slow
+    # head 5 params, 0.5 ms: (a,x) 20p 2.0ms L2.0, (a,y) 55p 5.5ms L1.3, (b,x) 30p 4.0ms L1.5,
+    # (b,y) 65p 7.5ms L0.8, (c,x) 60p 3.0ms L1.2, (c,y) 95p 6.5ms L0.5
+    def pick(budget, latency_ms):
+        return bw.assemble(scores, params, budget, 5, latency, latency_ms, 0.5)
+
+    assert pick(None, None).choice == ["c", "y"] and pick(None, None).latency_ms == pytest.approx(6.5)
+    assert pick(None, 6.4).choice == ["c", "x"]  # the latency limit alone drops (b,y) and (c,y)
+    got = pick(59, 6.4)  # the parameter limit drops (c,x) too
+    assert (got.choice, got.params, got.latency_ms) == (["a", "y"], 55, pytest.approx(5.5))
+    assert pick(59, 5.0).choice == ["b", "x"] and pick(59, 3.5).choice == ["a", "x"]
+    assert [a.choice for a in bw.all_assemblies(scores, params, 59, 5, latency, 5.0, 0.5)] == [["b", "x"],
+                                                                                             ["a", "x"]]
+    assert bw.fastest_assembly(latency, 0.5) == pytest.approx(2.0)
+    with pytest.raises(bw.BudgetError, match=r"^blocks.budget.latency_ms: 1.9 ms is below the fastest assembly "
+                                             r"of the candidates \(2.0000 ms: ") as err:
+        pick(None, 1.9)
+    assert "\n" not in str(err.value)
+    # each limit alone can be met, not both: the small candidate is the slow one
+    with pytest.raises(bw.BudgetError, match=r"^blocks.budget: no assembly has both <= 20 parameters and <= 1.5 ms"):
+        bw.assemble([{"s": 1.0, "f": 1.0}], [{"s": 10, "f": 30}], 20, 0, [{"s": 2.0, "f": 1.0}], 1.5, 0.0)
+
+
 def test_the_assembled_student_is_a_registered_model_whose_params_add_up():
     teacher, x = teacher_and_batch()
     shapes = bw.cut_teacher(teacher, ["stage1", "stage2"], x).shapes(x)
@@ -165,6 +191,90 @@ def test_the_example_nas_file_validates():
     info = validate(nas_base_config(base_raw(spec.base, os.path.join(ROOT, "examples"))), spec.blocks)
     assert len(info["names"]) == 16 and len(info["params"]) == 2
     assert bw.smallest_assembly(info["params"], info["head_params"]) <= spec.blocks.budget
+
+
+def small_nas_base(tmp):
+    from kdray.config import read_yaml
+    from kdray.search.spec import base_raw
+
+    raw = read_yaml(os.path.join(ROOT, "examples", "digits_blockwise_nas.yaml"))
+    return base_raw(raw["base"], os.path.join(ROOT, "examples")) | {"output_dir": str(tmp / "out")}
+
+
+@pytest.mark.parametrize("budget, fragments", [
+    ({"params": 3000, "latency": 1.0}, ["blocks.budget: unknown key(s) ['latency']", "params and/or latency_ms"]),
+    ({"params": 3000, "latency_ms": -1}, ["blocks.budget: latency_ms must be a positive number, got -1"]),
+    ({"latency_ms": 0.001}, ["blocks.budget.latency_ms: 0.001 ms is below the fastest assembly of the candidates",
+                             "raise it or add faster candidates", "(batch 64, 1 CPU thread)"]),
+])
+def test_a_bad_latency_budget_fails_in_one_line_before_any_training(tmp_path, budget, fragments):
+    import kdray
+
+    with pytest.raises(ConfigError) as err:
+        kdray.block_search(small_nas_base(tmp_path), ["stage1", "stage2"], widths=[2, 16], depths=[1],
+                           kernels=[3], budget=budget, name="bad", log=lambda m: None)
+    msg = str(err.value)
+    assert "\n" not in msg and all(f in msg for f in fragments), msg
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_the_assembled_student_respects_a_latency_budget_measured_on_the_whole(tmp_path):
+    """A latency table measured on digits; scores that favour wide, deep blocks (the unconstrained choice is
+    the slowest assembly); a limit a third of the way from the fastest to the slowest summed latency. The
+    chosen student's summed estimate is within the limit by construction; measured as a whole (1 thread, median
+    of 30) it stays within 1.5x the limit (the margin: per-block calls miss the whole's extra dispatch and a
+    loaded 2-core box's noise) and is faster than the unconstrained choice measured the same way."""
+    from kdray.models.blockwise import BlockwiseStudent
+    from kdray.search.blockwise import BlockSearchSpec, cpu_latency_ms, latency_table, nas_base_config, validate
+
+    spec = BlockSearchSpec(cuts=["stage1", "stage2"], widths=[2, 16], depths=[1, 2], kernels=[3])
+    info = validate(nas_base_config(small_nas_base(tmp_path)), spec)
+    table = latency_table(info, 64)
+    assert [set(t) for t in table["blocks"]] == [set(info["names"])] * 2 and table["head"] > 0
+    scores = [{n: 1.0 / (c["width"] * c["depth"]) for n, c in zip(info["names"], info["choices"])}] * 2
+    fast = bw.fastest_assembly(table["blocks"], table["head"])
+    slow = bw.assemble(scores, info["params"], None, info["head_params"], table["blocks"], None, table["head"])
+    assert slow.choice == ["w16-d2-k3"] * 2
+    limit = fast + (slow.latency_ms - fast) / 3
+    got = bw.assemble(scores, info["params"], None, info["head_params"], table["blocks"], limit, table["head"])
+    assert got.latency_ms <= limit and got.choice != slow.choice
+    by_name = dict(zip(info["names"], info["choices"]))
+    shapes = [bw.BlockShape(**s) for s in info["shapes"]]
+
+    def whole(a):
+        model = BlockwiseStudent([bw.with_interface(by_name[n], s) for n, s in zip(a.choice, shapes)], 10)
+        return cpu_latency_ms(model, (64, *shapes[0].in_shape))
+
+    measured, unconstrained = whole(got), whole(slow)
+    assert measured <= 1.5 * limit and measured < unconstrained, (measured, limit, unconstrained, table)
+
+
+@pytest.mark.slow  # ~15 s alone, 40 s on a loaded 2-core box: one short job that logs the teacher
+def test_a_teacher_from_a_local_mlflow_store_is_accepted_and_read_as_a_job_reads_it(tmp_path, monkeypatch):
+    """A digits_cnn teacher logged by a short in-process job to a local MLflow file store: the block search's
+    base config accepts it by ``runs:/`` URI, and its weights come back tensor for tensor; a URI whose model is
+    not ``teacher.model`` is one line."""
+    import kdray
+    from kdray.orchestrator.tracking import RUNS_FILE, download_model
+    from kdray.search.blockwise import logged_teacher_state, nas_base_config
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.7+ refuses a new file store otherwise
+    uri = f"file://{tmp_path / 'mlruns'}"
+    job = digits_job(tmp_path, uri, name="teacher-job")
+    job["teacher"]["train"]["epochs"] = 1
+    job["train"]["epochs"] = 1
+    kdray.distill(job, log=lambda m: None)
+    stages = json.load(open(os.path.join(tmp_path / "runs", "teacher-job", RUNS_FILE)))["stages"]
+    teacher_uri = f"runs:/{stages['teacher']}/model"
+    raw = digits_job(tmp_path, uri, teacher={"model": "digits_cnn", "mlflow_uri": teacher_uri})
+    base = nas_base_config(raw)
+    assert base.teacher.mlflow_uri == teacher_uri and base.teacher.train is None
+    got = logged_teacher_state(base, 10, uri)
+    _, logged = download_model(teacher_uri, uri)
+    assert set(got) == set(logged) and all(torch.equal(got[k], logged[k]) for k in logged)
+    wrong = nas_base_config({**raw, "teacher": {"model": "digits_mlp", "mlflow_uri": teacher_uri}})
+    with pytest.raises(ConfigError, match=r"^teacher.mlflow_uri holds a 'digits_cnn', config says 'digits_mlp'$"):
+        logged_teacher_state(wrong, 10, uri)
 
 
 # --- a block search on Ray ------------------------------------------------------------------------
@@ -252,20 +362,57 @@ def test_a_finished_block_search_resumes_without_training_again(nas_run):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
+def test_block_search_distils_from_a_teacher_given_by_its_mlflow_uri(nas_run):
+    """The teacher the fixture's base job trained and logged, given back as ``teacher.mlflow_uri``: no teacher
+    is trained again, the block trials see exactly its weights, and the base job's student learns from it as
+    much as from the teacher it was logged from."""
+    import kdray
+    from kdray.orchestrator.tracking import RUNS_FILE
+
+    result, uri, base, kwargs = nas_run
+    stages = json.load(open(os.path.join(result.path, "base", RUNS_FILE)))["stages"]
+    raw = {**base, "teacher": {"model": "digits_cnn", "mlflow_uri": f"runs:/{stages['teacher']}/model"}}
+    got = kdray.block_search(raw, ["stage1", "stage2"], widths=[2], depths=[1], kernels=[3], epochs=2,
+                             max_concurrent=2, name="nas-logged-teacher", output_dir=kwargs["output_dir"],
+                             log=lambda m: None)
+    ran = json.load(open(os.path.join(got.path, "base", RUNS_FILE)))["stages"]
+    assert "teacher" not in ran and len(got.scores) == 2
+    mine = torch.load(os.path.join(got.path, "teacher.pt"), weights_only=True)
+    trained = torch.load(os.path.join(result.path, "teacher.pt"), weights_only=True)
+    assert set(mine) == set(trained) and all(torch.equal(mine[k], trained[k]) for k in trained)
+    # the base job's student, distilled from the logged teacher with the fixture's seed and epochs, does as well
+    # as the fixture's, distilled from the teacher it had just trained (margin 0.02 top-1)
+    assert got.base["val_top1"] == pytest.approx(result.base["val_top1"], abs=0.02), (got.base, result.base)
+
+
+@pytest.mark.ray
 def test_kdray_nas_runs_the_example_file_end_to_end(ray_session, tmp_path, capsys):
     from kdray.cli import main
 
     example = os.path.join(ROOT, "examples", "digits_blockwise_nas.yaml")
     code = main(["nas", example, f"output_dir={tmp_path / 'out'}", "base.teacher.train.epochs=2",
                  "base.train.epochs=2", "blocks.widths=[2, 16]", "blocks.depths=[1]", "blocks.kernels=[3]",
-                 "blocks.epochs=1", "blocks.compare=0", "blocks.budget=1500",
+                 "blocks.epochs=1", "blocks.compare=0", "blocks.budget={params: 1500, latency_ms: 100}",
                  f"base.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "**assembled**" in out and '"model": "blockwise_student"' in out and "4 block trials" in out, out
+    assert "ms measured on the assembled student" in out, out
     state = json.load(open(tmp_path / "out" / "digits-blockwise-nas" / "nas.json"))
     assert state["finished"] and len(state["candidates"]) == 1
-    assert next(iter(state["candidates"].values()))["params"] <= 1500
+    chosen = next(iter(state["candidates"].values()))
+    assert chosen["params"] <= 1500 and 0 < chosen["latency_est_ms"] <= 100 and chosen["latency_ms"] > 0
+    table = state["latency"]  # measured once, kept for a resumed search
+    assert table["batch"] == 64 and chosen["latency_est_ms"] == pytest.approx(
+        table["head"] + sum(t[n] for t, n in zip(table["blocks"], chosen["choice"])))
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(state["parent_run_id"])
+    m = run.data.metrics
+    assert m["assembled_latency_ms"] == pytest.approx(chosen["latency_ms"])
+    assert m["assembled_latency_est_ms"] == pytest.approx(chosen["latency_est_ms"])
+    assert run.data.params["chosen.latency_ms"].endswith("summed (batch 64)")
 
 
 @pytest.mark.ray

@@ -24,7 +24,7 @@ CASES = [
     ("unknown method", dict(methods=[{"name": "kdd"}]), r"unknown method 'kdd'; did you mean kd"),
     ("unknown method parameter", dict(methods=[{"name": "kd", "temp": 4}]), r"kd' has no parameter\(s\) \['temp'\]"),
     ("unknown dataset", dict(data={"name": "mnist"}), r"data\.name: unknown dataset 'mnist'; allowed:"),
-    ("unknown optimizer", dict(train__optimizer="lbfgs"), r"train\.optimizer: Input should be 'sgd' or 'adamw'"),
+    ("unknown optimizer", dict(train__optimizer="lbfgs"), r"train\.optimizer: Input should be 'sgd', 'adamw' or 'dot'"),
     ("two teacher sources", dict(teacher={"model": "digits_cnn", "train": {}, "mlflow_uri": "runs:/x/model"}),
      r"teacher: give exactly one of train, checkpoint, mlflow_uri"),
     ("missing teacher checkpoint", dict(teacher={"model": "digits_cnn", "checkpoint": "/nope/t.pt"}),

@@ -20,9 +20,9 @@ class BagOfTokens(nn.Module):
         super().__init__()
         self.emb, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, classes)
 
-    def forward(self, inputs):
-        mask = inputs["attention_mask"].unsqueeze(-1).float()
-        pooled = (self.emb(inputs["input_ids"]) * mask).sum(1) / mask.sum(1)
+    def forward(self, input_ids, attention_mask):  # the distiller calls a model with a mapping's items as keywords
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = (self.emb(input_ids) * mask).sum(1) / mask.sum(1)
         return self.head(pooled)
 
 
@@ -84,8 +84,8 @@ def test_distiller_and_loop_train_on_mapping_inputs():
 
 def test_evaluate_counts_only_labelled_tokens():
     class Fixed(nn.Module):
-        def forward(self, inputs):  # (B, L, 2): always predicts class 1
-            return F.one_hot(torch.ones_like(inputs["input_ids"]), 2).float() * 5
+        def forward(self, input_ids, attention_mask):  # (B, L, 2): always predicts class 1
+            return F.one_hot(torch.ones_like(input_ids), 2).float() * 5
 
     ids = torch.tensor([1, 2, 3])
     items = [({"input_ids": ids, "attention_mask": torch.ones(3, dtype=torch.long)}, torch.tensor([1, 0, -100]), 0)]

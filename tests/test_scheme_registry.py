@@ -93,16 +93,16 @@ def test_a_scheme_in_one_module_runs_through_distill_into_mlflow(tmp_path, mlflo
 
 
 def test_builtin_schemes_keep_their_order_and_sections():
-    assert list(list_schemes())[:12] == ["offline", "online", "self", "assistant", "multi_teacher", "adversarial",
+    assert list(list_schemes())[:13] == ["offline", "online", "self", "assistant", "multi_teacher", "adversarial",
                                          "data_free", "deep_inversion", "quantized", "graph",
-                                         "lifelong", "cross_modal"]
+                                         "lifelong", "cross_modal", "rco"]
     assert {n: s.sections for n, s in list_schemes().items()} == {
         "offline": ("teacher",), "online": ("online",), "self": ("self_distill",),
         "assistant": ("teacher", "assistants"), "multi_teacher": ("teachers", "ensemble"),
         "adversarial": ("teacher", "teachers", "ensemble", "adversarial"),
         "data_free": ("teacher", "data_free"), "deep_inversion": ("teacher", "deep_inversion"),
         "quantized": ("teacher", "quantized"), "graph": ("teacher", "graph"),
-        "lifelong": ("lifelong",), "cross_modal": ("teacher", "cross_modal")}
+        "lifelong": ("lifelong",), "cross_modal": ("teacher", "cross_modal"), "rco": ("teacher", "rco")}
 
 
 CNN8 = {"model": "digits_cnn", "args": {"width": 8}}

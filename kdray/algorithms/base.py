@@ -18,6 +18,8 @@ import torch.nn as nn
 from kdray.algorithms.precision import autocast_off, full_precision
 
 KINDS = ("response", "feature", "relation")
+# the built-in method packages (``kdray.algorithms.<package>``): one per kind, plus terms grouped by modality
+PACKAGES = KINDS + ("text",)
 
 
 @dataclass
@@ -31,10 +33,13 @@ class ModelOutput:
         """This output with ``float16`` / ``bfloat16`` logits and features upcast to ``float32`` (other dtypes
         kept); ``self`` when nothing needs upcasting. Extra attributes (an ensemble's ``members``) are kept."""
         tensors = [self.logits, *self.features.values()]
-        if not any(full_precision(t) is not t for t in tensors):
+        extras = {k: v for k, v in self.__dict__.items() if k not in ("logits", "features")}
+        # nested outputs (a term's ``views``: the models' outputs on its extra inputs) are upcast too
+        nested = {k: v.in_full_precision() for k, v in extras.items() if isinstance(v, ModelOutput)}
+        if not any(full_precision(t) is not t for t in tensors) and all(nested[k] is extras[k] for k in nested):
             return self
         out = ModelOutput(full_precision(self.logits), {k: full_precision(v) for k, v in self.features.items()})
-        out.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("logits", "features")})
+        out.__dict__.update({**extras, **nested})
         return out
 
 
@@ -60,6 +65,17 @@ class KnowledgeTerm(nn.Module):
     default_student_points: ClassVar[str | list[str] | None] = None
     default_teacher_points: ClassVar[str | list[str] | None] = None
     provides_ce: ClassVar[bool] = False  # True when the term already includes the hard-label CE
+    # "text": needs the transformer feature-point contract (kdray.algorithms.text); "any": logits / module paths
+    modality: ClassVar[str] = "any"
+    # False for self-distillation terms (CS-KD, mean teacher): with no term needing one, a stage runs without
+    # a teacher and the loop skips the teacher forward; such a term is called with the student's detached output
+    needs_teacher: ClassVar[bool] = True
+    # True when the term reads batches of class pairs (CS-KD: the second half's sample i has the class of the
+    # first half's sample i), which the loaders then make (:class:`kdray.data.ClassPairBatchSampler`)
+    needs_class_pairs: ClassVar[bool] = False
+    # False when only the student is run on :meth:`extra_inputs` (soft randomisation: the student on noisy
+    # inputs against the teacher on the clean batch); then a teacher cache serves the term as well
+    teacher_sees_views: ClassVar[bool] = True
 
     def __init__(self):
         super().__init__()
@@ -83,6 +99,15 @@ class KnowledgeTerm(nn.Module):
         only this group: which ranks share a term's data depends on the placement (in peer-parallel
         online training the world holds other peers), which only the orchestrator knows. Default: no-op.
         """
+
+    def extra_inputs(self, batch: Batch) -> torch.Tensor | None:
+        """More inputs the term needs both models' outputs on (SSKD's rotated views), or ``None``. The distiller
+        runs the student and the teacher on them and hands the outputs over as ``student.views`` /
+        ``teacher.views``; such a term needs a live teacher (a cache holds only the training inputs' outputs)."""
+        return None
+
+    def after_step(self) -> None:
+        """Called by the loop after each optimizer step (the mean teacher's EMA update). Default: nothing."""
 
     def uses_hard_labels(self) -> bool:
         """``False`` during a pre-training phase (FitNet hints, FT paraphraser): the distiller then
@@ -121,13 +146,13 @@ def register_method(cls: type[KnowledgeTerm]) -> type[KnowledgeTerm]:
 
 
 def _load_builtin_methods():
-    """Import every module of the built-in method packages (``kdray.algorithms.<kind>``) by name: each
-    registers its terms. The registry depends on no method; the methods depend on it."""
+    """Import every module of the built-in method packages (``kdray.algorithms.<package>``, :data:`PACKAGES`)
+    by name: each registers its terms. The registry depends on no method; the methods depend on it."""
     import importlib
     import pkgutil
 
-    for kind in KINDS:
-        sub = importlib.import_module(f"{__package__}.{kind}")
+    for package in PACKAGES:
+        sub = importlib.import_module(f"{__package__}.{package}")
         for info in pkgutil.iter_modules(sub.__path__):
             importlib.import_module(f"{sub.__name__}.{info.name}")
 

@@ -21,7 +21,9 @@ Paper defaults and where kdray departs:
   them, followed by a ReLU as the teacher's stages end (:func:`kdray.models.blockwise.candidate_block`); DNA's
   blocks end at the teacher's channel count too.
 - DNA searches the assembly under a constraint with a traversal of the ranked block choices; kdray enumerates
-  the product of the per-block choices exhaustively (exact; the spaces are small) subject to total parameters.
+  the product of the per-block choices exhaustively (exact; the spaces are small) subject to total parameters
+  and, optionally, a latency limit on the sum of the candidates' measured latencies plus the head's (DNA's
+  constraints are FLOPs / parameters; the summed latency table is how latency-aware NAS usually estimates it).
 - Training: Adam; kdray's search defaults to lr 1e-2, batch 32, 10 epochs per candidate on the job's train split
   (DNA: Adam 2e-3, 20 epochs per supernet on ImageNet). Scores are taken in eval mode (BN running statistics).
 """
@@ -242,38 +244,48 @@ class Assembly:
     choice: list[str]  # the candidate name per block
     loss: float  # summed block scores
     params: int  # the whole student's parameters (blocks + head)
+    latency_ms: float | None = None  # summed measured block latencies + the head's (None: no latency table)
 
 
-def assemble(scores: list[dict[str, float]], params: list[dict[str, int]], budget: float | None,
-             extra_params: int = 0) -> Assembly:
-    """The combination (one candidate per block) minimising the summed block scores subject to
-    ``sum(params) + extra_params <= budget`` (``extra_params``: the head), by exhaustive enumeration of the
-    product. ``scores[i]`` maps candidate names of block ``i`` to their score, ``params[i]`` to their
-    parameter counts; ties go to the smaller student. A budget below the smallest assembly: :class:`BudgetError`."""
-    check_budget(params, budget, extra_params)
-    best: Assembly | None = None
+def _combinations(scores, params, budget, extra_params, latency, latency_budget, extra_latency):
+    """Every combination within both limits, as :class:`Assembly` rows (unsorted)."""
     for names in itertools.product(*[sorted(s) for s in scores]):
         total_p = extra_params + sum(params[i][n] for i, n in enumerate(names))
         if budget is not None and total_p > budget:
             continue
-        loss = sum(scores[i][n] for i, n in enumerate(names))
-        if not math.isfinite(loss):
+        total_t = None if latency is None else extra_latency + sum(latency[i][n] for i, n in enumerate(names))
+        if latency_budget is not None and total_t > latency_budget:
             continue
-        if best is None or (loss, total_p) < (best.loss, best.params):
-            best = Assembly(list(names), float(loss), int(total_p))
+        yield Assembly(list(names), float(sum(scores[i][n] for i, n in enumerate(names))), int(total_p), total_t)
+
+
+def assemble(scores: list[dict[str, float]], params: list[dict[str, int]], budget: float | None,
+             extra_params: int = 0, latency: list[dict[str, float]] | None = None,
+             latency_budget: float | None = None, extra_latency: float = 0.0) -> Assembly:
+    """The combination (one candidate per block) minimising the summed block scores subject to
+    ``sum(params) + extra_params <= budget`` (``extra_params``: the head) and, given a latency table,
+    ``sum(latency) + extra_latency <= latency_budget`` (ms; the head's), by exhaustive enumeration of the
+    product. ``scores[i]`` maps candidate names of block ``i`` to their score, ``params[i]`` / ``latency[i]``
+    to their parameter counts / latencies; ties go to the smaller student. Limits no assembly meets:
+    :class:`BudgetError`.
+
+    A summed latency is an estimate of the whole student's (DNA also sums per-block latencies from a lookup
+    table); :mod:`kdray.search.blockwise` measures the assembled student too and logs both."""
+    check_budget(params, budget, extra_params, latency, latency_budget, extra_latency)
+    best: Assembly | None = None
+    for a in _combinations(scores, params, budget, extra_params, latency, latency_budget, extra_latency):
+        if math.isfinite(a.loss) and (best is None or (a.loss, a.params) < (best.loss, best.params)):
+            best = a
     if best is None:
         raise BudgetError("no assembly within the budget has finite block scores")
     return best
 
 
 def all_assemblies(scores: list[dict[str, float]], params: list[dict[str, int]], budget: float | None,
-                   extra_params: int = 0) -> list[Assembly]:
-    """Every combination within the budget, best (lowest summed score) first."""
-    out = []
-    for names in itertools.product(*[sorted(s) for s in scores]):
-        total_p = extra_params + sum(params[i][n] for i, n in enumerate(names))
-        if budget is None or total_p <= budget:
-            out.append(Assembly(list(names), float(sum(scores[i][n] for i, n in enumerate(names))), int(total_p)))
+                   extra_params: int = 0, latency: list[dict[str, float]] | None = None,
+                   latency_budget: float | None = None, extra_latency: float = 0.0) -> list[Assembly]:
+    """Every combination within the limits, best (lowest summed score) first."""
+    out = _combinations(scores, params, budget, extra_params, latency, latency_budget, extra_latency)
     return sorted(out, key=lambda a: (a.loss, a.params))
 
 
@@ -281,21 +293,41 @@ def smallest_assembly(params: list[dict[str, int]], extra_params: int = 0) -> in
     return extra_params + sum(min(p.values()) for p in params)
 
 
-def check_budget(params: list[dict[str, int]], budget: float | None, extra_params: int = 0) -> None:
-    if budget is None:
+def fastest_assembly(latency: list[dict[str, float]], extra_latency: float = 0.0) -> float:
+    return extra_latency + sum(min(t.values()) for t in latency)
+
+
+def check_budget(params: list[dict[str, int]], budget: float | None, extra_params: int = 0,
+                 latency: list[dict[str, float]] | None = None, latency_budget: float | None = None,
+                 extra_latency: float = 0.0) -> None:
+    """One :class:`BudgetError` line when no assembly meets the limits: each limit below its smallest /
+    fastest assembly, or the two limits together (the small assemblies too slow, the fast ones too big)."""
+    if budget is not None:
+        smallest = smallest_assembly(params, extra_params)
+        if budget < smallest:
+            raise BudgetError(f"blocks.budget: {int(budget):,} parameters is below the smallest assembly of the "
+                              f"candidates ({smallest:,}: the narrowest candidate of every block plus the head); "
+                              f"raise the budget or add smaller candidates")
+    if latency_budget is None:
         return
-    smallest = smallest_assembly(params, extra_params)
-    if budget < smallest:
-        raise BudgetError(f"blocks.budget: {int(budget):,} parameters is below the smallest assembly of the "
-                          f"candidates ({smallest:,}: the narrowest candidate of every block plus the head); "
-                          f"raise the budget or add smaller candidates")
-
-
+    if latency is None:
+        raise BudgetError("blocks.budget.latency_ms: no latency table was measured for the candidates")
+    fastest = fastest_assembly(latency, extra_latency)
+    if latency_budget < fastest:
+        raise BudgetError(f"blocks.budget.latency_ms: {latency_budget:g} ms is below the fastest assembly of the "
+                          f"candidates ({fastest:.4f} ms: the fastest candidate of every block plus the head, "
+                          f"measured); raise it or add faster candidates")
+    zeros = [{n: 0.0 for n in p} for p in params]
+    feasible = _combinations(zeros, params, budget, extra_params, latency, latency_budget, extra_latency)
+    if next(feasible, None) is None:
+        raise BudgetError(f"blocks.budget: no assembly has both <= {int(budget):,} parameters and <= "
+                          f"{latency_budget:g} ms (the fastest is {fastest:.4f} ms, the smallest "
+                          f"{smallest_assembly(params, extra_params):,} parameters); raise either limit")
 def build_student(blocks: list[dict], num_classes: int) -> BlockwiseStudent:
     return BlockwiseStudent(blocks, num_classes)
 
 
 __all__ = ["Assembly", "BlockCutError", "BlockShape", "BudgetError", "TeacherBlocks", "all_assemblies", "assemble",
            "block_name", "block_params", "build_student", "candidate_grid", "check_budget", "cut_teacher",
-           "evaluate_block", "head_params", "num_params", "relative_mse", "smallest_assembly", "train_block",
+           "evaluate_block", "fastest_assembly", "head_params", "num_params", "relative_mse", "smallest_assembly", "train_block",
            "with_interface"]

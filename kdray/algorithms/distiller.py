@@ -13,6 +13,7 @@ response terms read the ensemble's combined logits. Still one module, so DDP sti
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -24,9 +25,12 @@ from kdray.models.features import FeatureTap, default_points, unwrap
 
 
 def expand_points(model: nn.Module, points, role: str) -> list[str]:
-    """``None`` -> [], ``"stages"``/``"embedding"`` -> the model's defaults, a list -> itself."""
+    """``None`` -> [], ``"stages"``/``"embedding"`` -> the model's defaults, a list -> itself, a callable ->
+    what it answers for the bare model and ``role`` (terms whose points follow the model's depth: text layer maps)."""
     if points is None:
         return []
+    if callable(points):
+        return expand_points(model, points(unwrap(model), role), role)
     if isinstance(points, str):
         if points in ("stages", "embedding"):
             return default_points(model, points, role)
@@ -37,12 +41,22 @@ def expand_points(model: nn.Module, points, role: str) -> list[str]:
     return out
 
 
+def call_model(model: nn.Module, inputs):
+    """``model(inputs)``; inputs that are a mapping (text: ``input_ids``, ``attention_mask``) as keywords,
+    ``model(**inputs)``: the one calling convention of training, evaluation and teachers."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
 def forward_with_features(model: nn.Module, tap: FeatureTap | None, inputs: torch.Tensor) -> ModelOutput:
-    """``model(inputs)`` plus the features ``tap`` captures at its points (none when ``tap`` is ``None``)."""
+    """``model(inputs)`` plus the features ``tap`` captures at its points (none when ``tap`` is ``None``); inputs
+    that are a mapping (text: ``input_ids``, ``attention_mask``) are passed as keywords, ``model(**inputs)``."""
+    def call():
+        return call_model(model, inputs)
+
     if tap is None:
-        return ModelOutput(model(inputs))
+        return ModelOutput(call())
     with tap.capture() as feats:
-        logits = model(inputs)
+        logits = call()
     return ModelOutput(logits, dict(feats))
 
 
@@ -135,6 +149,7 @@ class Distiller(nn.Module):
         self._tap = FeatureTap(student, self.student_points, role="student") if self.student_points else None
         self._built = not self.terms
         self._resolved = False
+        self._view_teacher: tuple[Teacher, ...] = ()  # a tuple: the teacher must not become a submodule
         self.set_num_teachers(num_teachers)
 
     def set_num_teachers(self, num_teachers: int) -> None:
@@ -192,6 +207,7 @@ class Distiller(nn.Module):
         under autocast) are upcast first, so connector weights are never low-precision master weights."""
         if self._built:
             return
+        self._view_teacher = check_view_teacher(self.terms, teacher)
         was_training = self.student.training
         self.student.eval()
         s_out = self.student_forward(example_inputs).in_full_precision()
@@ -201,6 +217,9 @@ class Distiller(nn.Module):
                 bind = getattr(term, "bind_teacher_model", None)  # terms that reuse a teacher module (SRRL's head)
                 if callable(bind):
                     bind(teacher_module(teacher, slot))
+                bind = getattr(term, "bind_student_model", None)  # terms that follow the student (mean teacher)
+                if callable(bind):
+                    bind(self.student)
                 term.build(select_points(s_out, term.student_points),
                            _teacher_view(t_out, slot, term).in_full_precision(), num_samples)
         self.student.train(was_training)
@@ -209,6 +228,11 @@ class Distiller(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         for term in self.terms:
             term.set_epoch(epoch)
+
+    def after_step(self) -> None:
+        """After each optimizer step (called by the loop): every term's :meth:`KnowledgeTerm.after_step`."""
+        for term in self.terms:
+            term.after_step()
 
     def set_process_group(self, group) -> None:
         """Hand every term the group of the ranks that split this distiller's batches (its DDP group)."""
@@ -222,9 +246,16 @@ class Distiller(nn.Module):
             losses["ce"] = self.ce_weight * hard_label_ce(full_precision(s_out.logits), batch.targets)
         member_weights = None
         for term, slot in zip(self.terms, self.term_teachers):
-            if teacher_out is None:
+            if teacher_out is None and term.needs_teacher:
                 raise ValueError(f"method {term.name!r} needs a teacher, but this stage has none")
-            out = term(select_points(s_out, term.student_points), _teacher_view(teacher_out, slot, term), batch)
+            s_in = select_points(s_out, term.student_points)
+            t_in = ModelOutput(s_out.logits.detach()) if teacher_out is None else _teacher_view(teacher_out, slot, term)
+            views = term.extra_inputs(batch)
+            if views is not None:  # SSKD's rotations: both models' outputs on them, handed over with the batch's
+                s_in.views = select_points(self.student_forward(views), term.student_points)
+                if term.teacher_sees_views:
+                    t_in.views = select_points(self._view_teacher[0](views), term.teacher_points).in_full_precision()
+            out = term(s_in, t_in, batch)
             if slot is not None:
                 if member_weights is None:
                     member_weights = getattr(teacher_out, "member_weights", None)
@@ -263,6 +294,20 @@ def token_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch
     keep = (torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device) if mask is None
             else mask.bool())
     return student_logits[keep], teacher_logits[keep]
+
+
+def check_view_teacher(terms, teacher) -> tuple[Teacher, ...]:
+    """The teacher that runs on the terms' :meth:`~KnowledgeTerm.extra_inputs`, when a term has them: it must be
+    one in-process :class:`Teacher`; a cache (outputs of the training inputs only) is refused in one line."""
+    wanting = [t.name for t in terms if type(t).extra_inputs is not KnowledgeTerm.extra_inputs and t.teacher_sees_views]
+    if not wanting:
+        return ()
+    if not isinstance(teacher, Teacher):
+        what = ("no teacher" if teacher is None else "a teacher cache" if getattr(teacher, "wants_batch", False)
+                else f"a {type(teacher).__name__}")
+        raise ValueError(f"method {wanting[0]!r} runs the teacher on extra views of each batch, but this stage has "
+                         f"{what}; give one live teacher (teacher.train, checkpoint or mlflow_uri, no cache)")
+    return (teacher,)
 
 
 def teacher_module(teacher: nn.Module | None, member: int | None = None) -> nn.Module | None:

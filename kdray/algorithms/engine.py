@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from kdray.algorithms import precision as prec
 from kdray.algorithms.base import Batch
-from kdray.algorithms.distiller import Distiller, Teacher
+from kdray.algorithms.distiller import Distiller, Teacher, call_model
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -90,7 +90,7 @@ def evaluate(model: nn.Module, loader: Iterable, device, num_classes: int, reduc
     for raw in loader:
         batch = _to_batch(raw, device, channels_last)
         with prec.autocast(device, precision):
-            logits = model(batch.inputs)
+            logits = call_model(model, batch.inputs)
         logits, targets = prec.full_precision(logits), batch.targets
         if logits.dim() > 2 or bool((targets == -100).any()):  # per-token labels (masked LM), -100: no label
             logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
@@ -145,6 +145,13 @@ class TrainLoop:
         self.channels_last = channels_last
         self.compile = compile
         self.scaler = prec.grad_scaler(device, precision)
+        if getattr(optimizer, "splits_task_and_kd", False):
+            if self.scaler.is_enabled():
+                raise ValueError("train.optimizer: dot cannot run with precision: fp16 (one GradScaler step over "
+                                 "two backward passes); use precision: bf16 or fp32")
+            if isinstance(distiller, nn.parallel.DistributedDataParallel):
+                raise ValueError("train.optimizer: dot cannot run data-parallel (DDP syncs one backward per "
+                                 "forward, DOT needs two); use ray.num_workers: 1 or 0")
         if channels_last:
             prec.to_channels_last(distiller)
             if teacher is not None:
@@ -193,10 +200,13 @@ class TrainLoop:
     def step(self, batch: Batch, epoch: int = 0, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimisation step on a batch already on the device (and in the memory format): teacher forward
         and student step under the loop's autocast, the NaN guard, backward through the (maybe disabled)
-        gradient scaler, the optimizer step. Returns the total loss and the named losses."""
+        gradient scaler, the optimizer step. Returns the total loss and the named losses. An optimizer with
+        ``splits_task_and_kd`` (DOT) gets the gradients apart: backward of the KD losses, its ``step_kd``,
+        backward of ``ce``, its ``step`` (refused with fp16 and DDP at construction)."""
         with prec.autocast(self.device, self.precision):  # teacher and student alike; terms run in fp32
             # A teacher source with ``wants_batch`` (a cache looked up by sample index) gets the whole batch.
-            teacher_out = (None if self.teacher is None else
+            # No term needing a teacher (CS-KD, mean teacher): its forward is skipped.
+            teacher_out = (None if self.teacher is None or not wants_teacher(self.distiller) else
                            self.teacher(batch if getattr(self.teacher, "wants_batch", False) else batch.inputs))
             _logits, losses = self.distiller(batch, teacher_out)
         loss = sum(losses.values())
@@ -207,17 +217,29 @@ class TrainLoop:
                 f"{[float(losses[k].detach()) for k in bad]}; lower the lr or the term's weight"
             )
         self.optimizer.zero_grad(set_to_none=True)
+        if getattr(self.optimizer, "splits_task_and_kd", False):  # DOT: the KD and task gradients apart
+            kd = [v for k, v in losses.items() if k != "ce"]
+            if kd:
+                sum(kd).backward(retain_graph="ce" in losses)
+            self.optimizer.step_kd()
+            if "ce" in losses:
+                losses["ce"].backward()
+            self.optimizer.step()
+            return loss, losses
         self.scaler.scale(loss).backward()  # disabled scaler (fp32, bf16): plain backward and step
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        inner = _inner(self.distiller)
+        if isinstance(inner, Distiller):
+            inner.after_step()  # the terms' post-step updates (the mean teacher's EMA)
         return loss, losses
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.distiller.train()
         _inner(self.distiller).set_epoch(epoch)
-        sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        for sampler in (getattr(self.train_loader, "sampler", None), getattr(self.train_loader, "batch_sampler", None)):
+            if hasattr(sampler, "set_epoch"):  # a batch sampler too: CS-KD's class pairs
+                sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
         steps = 0
         for step, raw in enumerate(self.train_loader):
@@ -234,6 +256,11 @@ class TrainLoop:
         a loop whose model reads more than a batch (a graph) overrides it."""
         return evaluate(self.eval_model, loader, self.device, self.num_classes, self.eval_reduce, self.precision,
                         self.channels_last)
+
+    def evaluate_test(self, loader) -> dict[str, float]:
+        """The final test: :meth:`evaluate_split`, plus what a loop reports once, after training (a graph loop's
+        top-1 by node structure)."""
+        return self.evaluate_split(loader)
 
     def run(self) -> list[dict[str, float]]:
         """Train from ``self.epoch`` to ``self.epochs``, evaluating and calling back after each epoch."""
@@ -271,6 +298,14 @@ def compile_targets(module: nn.Module | None) -> list[nn.Module]:
         if isinstance(found, (list, tuple)) and found and all(isinstance(m, nn.Module) for m in found):
             return list(found)
     return []
+
+
+def wants_teacher(module: nn.Module) -> bool:
+    """Whether a step of this (maybe wrapped) distiller reads the teacher's output: ``False`` only for a
+    :class:`Distiller` whose terms all have ``needs_teacher = False`` (other trainables always get it)."""
+    inner = _inner(module)
+    terms = getattr(inner, "terms", None) if isinstance(inner, Distiller) else None
+    return not terms or any(t.needs_teacher for t in terms)
 
 
 def _inner(module: nn.Module) -> Distiller:

@@ -3,6 +3,7 @@ teacher-output cache need the sample index from the start. Training batches come
 ``DataLoader`` (:func:`loader_options`) or, for splits that fit in memory, from the device pipeline
 (:func:`device_batches`, :func:`device_refusal`)."""
 from kdray.data.collate import collate_batch
+from kdray.data.class_pairs import ClassPairBatchSampler
 from kdray.data.device import (
     NotOnDeviceError,
     can_use_device_pipeline,
@@ -23,6 +24,7 @@ from kdray.data.registry import (
 )
 
 __all__ = [
+    "ClassPairBatchSampler",
     "DatasetFilesMissingError",
     "DatasetSplits",
     "IndexedDataset",

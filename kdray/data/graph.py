@@ -12,7 +12,10 @@ Two datasets:
   k-nearest-neighbour graph on those features (``k``, Euclidean), ``label_fraction`` of the nodes labelled;
 - ``graph_parquet``: a graph stored on disk as ``nodes.parquet`` (``id``, ``label``, ``split`` in
   train | val | test | unlabelled, ``x`` a list of floats) and ``edges.parquet`` (``src``, ``dst`` node ids).
-  An edge naming a node the node table lacks is a one-line error.
+  A bad table is a one-line error naming the node: a repeated id, an edge to an id the node table lacks, a
+  labelled node without a class index, ragged or non-finite features (a null label is allowed on unlabelled
+  nodes, read as -1); :class:`Graph` itself refuses splits naming unknown nodes, a node in two splits, labels
+  outside the classes and NaN features, however the graph was made.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
@@ -40,7 +44,18 @@ class Graph:
     num_classes: int
 
     def __post_init__(self):
+        """One-line errors for a graph that would train on garbage or fail deep inside a model: its shapes,
+        non-finite features, edges or splits naming nodes it lacks, a node in two splits, labels that are not
+        class indices. Unlabelled nodes' labels are never read (they may be -1)."""
+        if self.x.dim() != 2:
+            raise ValueError(f"node features must be N x F, got shape {tuple(self.x.shape)}")
         n = self.x.shape[0]
+        if self.y.shape != (n,):
+            raise ValueError(f"{self.y.numel()} labels for {n} nodes; give one label per node (-1 if unlabelled)")
+        bad = (~torch.isfinite(self.x).all(dim=1)).nonzero().flatten()
+        if bad.numel():
+            raise ValueError(f"node {int(bad[0])}'s features hold NaN or inf ({bad.numel()} node(s) do); clean or "
+                             f"impute them before building the graph")
         if self.edge_index.dim() != 2 or self.edge_index.shape[0] != 2:
             raise ValueError(f"edge_index must be 2 x E, got shape {tuple(self.edge_index.shape)}")
         if self.edge_index.numel():
@@ -49,8 +64,24 @@ class Graph:
                 raise ValueError(f"an edge names node {low if low < 0 else high}, but the graph has nodes 0..{n - 1}")
         for name in ("train", "val", "test"):
             ids = getattr(self, name)
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-                raise ValueError(f"the {name} split names nodes outside 0..{n - 1}")
+            outside = ids[(ids < 0) | (ids >= n)]
+            if outside.numel():
+                raise ValueError(f"the {name} split names node {int(outside[0])}, but the graph has nodes "
+                                 f"0..{n - 1}; list only this graph's node ids")
+        labelled = torch.cat([self.train, self.val, self.test])
+        times = torch.bincount(labelled, minlength=n)
+        if labelled.numel() and int(times.max()) > 1:
+            node = int(times.argmax())
+            where = [name for name in ("train", "val", "test") if bool((getattr(self, name) == node).any())]
+            raise ValueError(f"node {node} is listed {int(times.max())} times in the {' / '.join(where)} split(s); "
+                             f"give each node at most one split")
+        labels = self.y[labelled]
+        wrong = ((labels < 0) | (labels >= self.num_classes)).nonzero().flatten()
+        if wrong.numel():
+            node = int(labelled[wrong[0]])
+            split = next(name for name in ("train", "val", "test") if bool((getattr(self, name) == node).any()))
+            raise ValueError(f"node {node} ({split} split) has label {int(self.y[node])}, outside the "
+                             f"{self.num_classes} classes 0..{self.num_classes - 1}; a labelled node needs a class index")
 
     @property
     def num_nodes(self) -> int:
@@ -73,6 +104,33 @@ class Graph:
         for t in (self.x, self.y, self.edge_index, self.train, self.val, self.test):
             digest.update(t.contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def in_degree(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """Each node's number of in-neighbours (self loops not counted; a symmetric graph: its degree)."""
+    dst = edge_index[1][edge_index[0] != edge_index[1]]
+    return torch.bincount(dst, minlength=num_nodes)
+
+
+def hops_from(edge_index: torch.Tensor, num_nodes: int, sources: torch.Tensor) -> torch.Tensor:
+    """Each node's number of hops (edges src -> dst followed) from the nearest of ``sources`` (0 for a
+    source, -1 for a node none reaches): a breadth-first search from every source at once."""
+    hops = torch.full((num_nodes,), -1, dtype=torch.long)
+    frontier = torch.unique(sources)
+    hops[frontier] = 0
+    reached = torch.zeros(num_nodes, dtype=torch.bool)
+    reached[frontier] = True
+    src, dst = edge_index
+    distance = 0
+    while frontier.numel():
+        distance += 1
+        on_frontier = torch.zeros(num_nodes, dtype=torch.bool)
+        on_frontier[frontier] = True
+        step = torch.unique(dst[on_frontier[src]])
+        frontier = step[~reached[step]]
+        reached[frontier] = True
+        hops[frontier] = distance
+    return hops
 
 
 def knn_graph(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -151,9 +209,12 @@ def read_graph_parquet(folder: str) -> Graph:
         if missing:
             raise ValueError(f"graph_parquet: {paths[name]} lacks column(s) {missing} (has {table.column_names})")
     ids = nodes.column("id").to_pylist()
-    position = {node: i for i, node in enumerate(ids)}
-    if len(position) != len(ids):
-        raise ValueError(f"graph_parquet: {paths['nodes']} lists a node id more than once")
+    position: dict = {}
+    for row, node in enumerate(ids):
+        if node in position:
+            raise ValueError(f"graph_parquet: {paths['nodes']} lists node id {node} twice (rows {position[node]} and "
+                             f"{row}); node ids must be unique")
+        position[node] = row
     src, dst = edges.column("src").to_pylist(), edges.column("dst").to_pylist()
     for row, (a, b) in enumerate(zip(src, dst)):
         if a not in position or b not in position:
@@ -163,11 +224,27 @@ def read_graph_parquet(folder: str) -> Graph:
     unknown = sorted(set(split) - set(SPLITS))
     if unknown:
         raise ValueError(f"graph_parquet: split value(s) {unknown} in nodes.parquet; allowed: {', '.join(SPLITS)}")
-    labels = torch.tensor(nodes.column("label").to_pylist(), dtype=torch.long)
+    raw_labels = nodes.column("label").to_pylist()
+    for row, (label, part) in enumerate(zip(raw_labels, split)):
+        if part != "unlabelled" and (label is None or label < 0):
+            raise ValueError(f"graph_parquet: nodes.parquet node {ids[row]} ({part} split) has label {label}; "
+                             f"a {part} node needs a class index 0, 1, ... (unknown labels: split unlabelled)")
+    features = nodes.column("x").to_pylist()
+    width = len(features[0] or []) if features else 0
+    for row, vector in enumerate(features):
+        if vector is None or len(vector) != width:
+            raise ValueError(f"graph_parquet: nodes.parquet node {ids[row]} has {len(vector or [])} features, node "
+                             f"{ids[0]} has {width}; every x must be a list of the same length")
+    x = torch.from_numpy(np.array(features, dtype=np.float32).reshape(len(ids), width))  # a null: NaN
+    bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten()
+    if bad.numel():
+        raise ValueError(f"graph_parquet: nodes.parquet node {ids[int(bad[0])]}'s x holds a NaN, inf or null "
+                         f"({bad.numel()} node(s) do); clean or impute the features before training")
+    labels = torch.tensor([-1 if label is None else label for label in raw_labels], dtype=torch.long)
     by_split = {name: torch.tensor([i for i, s in enumerate(split) if s == name], dtype=torch.long)
                 for name in ("train", "val", "test")}
     edge_index = torch.tensor([[position[a] for a in src], [position[b] for b in dst]], dtype=torch.long)
-    return Graph(torch.tensor(nodes.column("x").to_pylist(), dtype=torch.float32), labels,
+    return Graph(x, labels,
                  edge_index.reshape(2, -1), by_split["train"], by_split["val"], by_split["test"],
                  int(labels.max()) + 1 if len(labels) else 0)
 

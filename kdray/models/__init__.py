@@ -14,10 +14,12 @@ from kdray.models.registry import (
     register_model,
 )
 from kdray.models import digits as _digits  # noqa: F401  (registers digits models)
+from kdray.models import deit as _deit  # noqa: F401  (registers deit_vit, the ViT with a distillation token)
 from kdray.models import cifar as _cifar  # noqa: F401  (registers the CIFAR zoo)
 from kdray.models import graph as _graph  # noqa: F401  (registers the graph models)
 from kdray.models import blockwise as _blockwise  # noqa: F401  (registers the block-wise searched student)
 from kdray.models import text as _text  # noqa: F401  (registers the transformers text models; imports them lazily)
+from kdray.models import bilstm as _bilstm  # noqa: F401  (registers the distilled BiLSTM text student)
 
 __all__ = [
     "UnknownModelError",

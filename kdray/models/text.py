@@ -127,9 +127,12 @@ class TextModel(nn.Module):
     def _wants_attentions(self) -> bool:
         return any(t._forward_hooks for t in self.attentions)
 
-    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if not isinstance(inputs, Mapping):
-            raise TypeError(f"a text model takes a mapping of inputs (input_ids, attention_mask), got "
+    def forward(self, inputs: Mapping[str, torch.Tensor] | None = None, **named: torch.Tensor) -> torch.Tensor:
+        """``model(inputs_mapping)`` or ``model(input_ids=..., attention_mask=...)`` (kdray's distiller calls a
+        model with a mapping's items as keywords)."""
+        inputs = named if inputs is None else inputs
+        if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
+            raise TypeError(f"a text model takes input_ids (and attention_mask), as keywords or one mapping, got "
                             f"{type(inputs).__name__}")
         kwargs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
         out = self.hf(**kwargs, output_hidden_states=True, output_attentions=self._wants_attentions(),

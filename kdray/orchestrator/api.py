@@ -74,6 +74,20 @@ def check_vocabularies(cfg: Config, models: list[tuple[str, object]]) -> None:
                 raise ConfigError(reason)
 
 
+def check_input_width(cfg: Config, splits, path: str, model, inputs) -> None:
+    """A model that declares the width of the vectors it reads (``in_features``: node models, vector MLPs)
+    against the width of the data's ``inputs`` it is given, checked where preflight builds it, before running
+    it: one line naming both widths and the fix instead of a matrix-shape error from inside the model."""
+    width = getattr(model, "in_features", None)
+    if not isinstance(width, int) or not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        return
+    have = inputs.shape[-1]
+    if width != have:
+        what = "the graph's nodes" if splits.graph is not None else f"dataset {cfg.data.name!r}'s inputs"
+        raise ConfigError(f"{path}.args.in_features is {width} but {what} have {have} features; "
+                          f"set {path}.args.in_features: {have}")
+
+
 def preflight(cfg: Config) -> None:
     """Checks that need data or models but no training: files exist, shapes and class counts agree,
     feature points resolve. Each failure is a one-line :class:`ConfigError`."""
@@ -108,11 +122,14 @@ def preflight(cfg: Config) -> None:
             model_paths.append(path)
         with torch.no_grad():
             for model, path in zip(teacher_models, model_paths):
-                classes = model.eval()(scheme.model_inputs(cfg, path, example)).shape[1]
+                inputs = scheme.model_inputs(cfg, path, example)
+                check_input_width(cfg, splits, path, model, inputs)
+                classes = model.eval()(inputs).shape[1]
                 if getattr(model, "outputs_classes", True) and classes != splits.num_classes:
                     raise ConfigError(f"a teacher ({type(model).__name__}) outputs {classes} classes but dataset "
                                       f"{cfg.data.name!r} has {splits.num_classes}")
         student = create_spec_model(cfg.student, "student", splits.num_classes)
+        check_input_width(cfg, splits, "student", student, scheme.model_inputs(cfg, "student", example))
         check_vocabularies(cfg, [("student", student)] + list(zip(model_paths, teacher_models)))
         scheme.preflight(cfg, splits, example, student, teacher_models[: len(paths)], orders)
     except ConfigError:
@@ -208,7 +225,8 @@ def _run(cfg: Config, resume: bool, log, callbacks: list, run_callbacks: list, q
             with sigint_held():  # a Ctrl-C inside matplotlib's C init would surface as an ImportError
                 groups = {k: outcome.accuracies(k) for k in outcome.kinds()}
                 tracking.finish(outcome.summary(), outcome.table(),
-                                grouped_bars(groups, "test top-1", f"{cfg.name}: test accuracy"))
+                                grouped_bars(groups, "test top-1", f"{cfg.name}: test accuracy"),
+                                get_scheme(cfg.scheme).job_figures(cfg, outcome.stages))
         return outcome
     except BaseException as err:
         if tracking:

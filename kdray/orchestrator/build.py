@@ -25,7 +25,7 @@ from kdray.data.collate import collate_batch
 from kdray.models import create_model
 from kdray.orchestrator.cache_store import open_cache_for_run
 from kdray.orchestrator.placement import ShardedTeacherEnsemble, WorkerContext
-from kdray.orchestrator.plan import Stage, TeacherSource, model_spec, stage_spec_path
+from kdray.orchestrator.plan import Stage, TeacherSource, methods_need_teacher, model_spec, stage_spec_path
 from kdray.orchestrator.weights import load_weights, read_weights
 
 
@@ -54,14 +54,20 @@ def build_distiller(cfg: Config, model: nn.Module, stage: Stage | None = None, n
     stage), or the plain cross-entropy wrapper (teacher, scratch)."""
     if stage is not None and stage.kind == "byot":
         return BYOTDistiller(model)
-    taught = stage is None or bool(stage.teachers)
+    taught = stage is None or bool(stage.teachers) or (stage.kind == "distill" and not methods_need_teacher(cfg))
     return Distiller(model, build_terms(cfg) if taught else [], cfg.ce_weight if taught else 1.0,
                      num_teachers=num_teachers)
 
 
+def wants_class_pairs(cfg: Config, distiller: Distiller) -> bool:
+    """Whether a stage's training batches are class pairs: ``data.class_pairs``, or a term reading them (CS-KD)."""
+    return cfg.data.class_pairs or any(t.needs_class_pairs for t in getattr(distiller, "terms", []))
+
+
 def build_optimizer(params, optim) -> tuple:
     """``(optimizer, scheduler)`` from a training section (``train:`` or a teacher's ``train:``)."""
-    optimizer = make_optimizer(list(params), optim.optimizer, optim.lr, optim.weight_decay, optim.momentum)
+    optimizer = make_optimizer(list(params), optim.optimizer, optim.lr, optim.weight_decay, optim.momentum,
+                               optim.dot_delta)
     return optimizer, make_schedule(optimizer, optim.schedule, optim.epochs, optim.milestones, optim.gamma)
 
 
@@ -175,8 +181,10 @@ def check_distiller_builds(cfg: Config, example, student: nn.Module, teachers: l
                            num_samples: int) -> None:
     """Preflight: the methods' feature points resolve against each teacher and their connectors build
     (one connector per teacher with several)."""
-    distiller = build_distiller(cfg, student, num_teachers=len(teachers))
-    if len(teachers) == 1:
+    distiller = build_distiller(cfg, student, num_teachers=max(len(teachers), 1))
+    if not teachers:  # self-distilling methods only (cs_kd, mean_teacher)
+        teacher = None
+    elif len(teachers) == 1:
         teacher = Teacher(teachers[0], distiller.resolve_teacher_points(teachers[0]), orders[0])
     else:
         teacher = TeacherEnsemble([Teacher(m, distiller.resolve_teacher_points(m, member=i), orders[i])

@@ -19,7 +19,7 @@ from kdray.algorithms.precision import to_channels_last
 from kdray.config import Config
 from kdray.models import create_model
 from kdray.orchestrator.build import (build_distiller, build_optimizer, build_splits, build_stage_teacher,
-                                      example_batch, worker_cpus)
+                                      example_batch, wants_class_pairs, worker_cpus)
 from kdray.orchestrator.callbacks import Checkpointer, Progress, WithStage
 from kdray.orchestrator.placement import WorkerContext, make_loaders
 from kdray.orchestrator.plan import Stage, get_scheme, model_spec, plan_stages
@@ -96,7 +96,8 @@ def prepare_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_sta
     by_index = getattr(teacher, "wants_batch", False)  # a cache: outputs looked up by the batch's row ids
     train_loader, val_loader, test_loader = make_loaders(splits, optim.batch_size, seed, ctx,
                                                          cfg.data.loader_workers, teacher if by_index else None,
-                                                         pipeline=cfg.data.pipeline, cpus=worker_cpus(cfg))
+                                                         pipeline=cfg.data.pipeline, cpus=worker_cpus(cfg),
+                                                         class_pairs=wants_class_pairs(cfg, distiller))
     example = example_batch(splits.train)
     distiller.build(example, teacher.bind(range(len(example))) if by_index else teacher, len(splits.train))
     distiller.to(ctx.device)
@@ -124,8 +125,9 @@ def complete_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_st
             logger.restore(resume_loop.get("mlflow_pending", []))
         ctx.log(f"[{stage.name}] resumed at epoch {loop.epoch}")
     history = loop.run()
-    test = loop.evaluate_split(parts.test_loader)
+    test = loop.evaluate_test(parts.test_loader)
     result = {**stage.row(), "test_top1": test["top1"],
+              **{f"test_{k}": v for k, v in test.items() if k not in ("top1", "top5", "loss")},  # per group
               "val_top1": history[-1]["val_top1"] if history else float("nan"),
               "params": sum(p.numel() for p in model.parameters()),
               "epoch_time_s": sum(h["epoch_time_s"] for h in history) / max(len(history), 1), **(extra or {})}

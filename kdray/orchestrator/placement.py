@@ -28,9 +28,10 @@ from kdray.algorithms.distiller import Teacher
 from kdray.algorithms.packing import OutputLayout
 from kdray.algorithms.schemes.multi_teacher import COMBINE_RULES, ensemble_output
 from kdray.config import ConfigError
-from kdray.data import (NotOnDeviceError, device_batches, device_eval_batches, device_refusal, has_random_transform,
-                        loader_options)
+from kdray.data import (ClassPairBatchSampler, NotOnDeviceError, device_batches, device_eval_batches, device_refusal,
+                        has_random_transform, loader_options)
 from kdray.data.collate import collate_batch
+from kdray.data.two_views import split_targets
 from kdray.data.views import cached_train_data
 
 
@@ -58,7 +59,7 @@ def _shard(dataset, rank: int, world: int):
 
 
 def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_workers: int | None = 0, cache=None,
-                 *, pipeline: str = "per_sample", cpus: int | None = None):
+                 *, pipeline: str = "per_sample", cpus: int | None = None, class_pairs: bool = False):
     """Training batches of ``batch_size // world_size`` per worker (so the global batch is the configured
     one); evaluation on disjoint shards whose counts are summed across ranks (no padding duplicates).
 
@@ -66,8 +67,20 @@ def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_
     epoch k sees exactly the batches the uninterrupted run saw; ``cache``: a teacher cache, whose batches
     carry cache row ids (recorded views, this worker's shard). ``pipeline`` (``data.pipeline``): batches made
     on the device (:func:`~kdray.data.device_batches`: the same samples in the same order) or per sample by a
-    DataLoader with ``loader_workers`` processes (None: from ``cpus``)."""
+    DataLoader with ``loader_workers`` processes (None: from ``cpus``). ``class_pairs`` (``data.class_pairs``, or a
+    method that reads them): each training batch is this worker's anchors followed by a same-class partner of
+    each (:class:`~kdray.data.ClassPairBatchSampler`), per sample, never from a cache."""
     per_worker = max(1, batch_size // ctx.world_size)
+    if class_pairs:
+        if cache is not None:
+            raise ConfigError("data.class_pairs: a teacher cache's batches are fixed views of each sample; class "
+                              "pairs need the live teacher or none (drop teacher.cache)")
+        pairs = ClassPairBatchSampler(split_targets(splits.train), per_worker, seed, ctx.rank, ctx.world_size)
+        kw = loader_options(ctx.device, loader_workers, cpus=cpus, random_transform=has_random_transform(splits.train))
+        eval_kw = loader_options(ctx.device, loader_workers, cpus=cpus)
+        return (DataLoader(splits.train, batch_sampler=pairs, **kw),
+                DataLoader(_shard(splits.val, ctx.rank, ctx.world_size), batch_size=256, **eval_kw),
+                DataLoader(_shard(splits.test, ctx.rank, ctx.world_size), batch_size=256, **eval_kw))
     if use_device_pipeline(splits.train, ctx.device, pipeline):
         train = device_batches(splits.train, per_worker, seed=seed, device=ctx.device, rank=ctx.rank,
                                world_size=ctx.world_size, cache=cache)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Registration order is the order of `kdray list schemes` and of the scheme error message.
 BUILTIN_SCHEMES = ("offline", "online", "self_distill", "assistant", "multi_teacher", "adversarial",
-                   "data_free", "deep_inversion", "quantized", "graph", "lifelong", "cross_modal")
+                   "data_free", "deep_inversion", "quantized", "graph", "lifelong", "cross_modal", "rco")
 ENTRY_POINT_GROUP = "kdray.schemes"
 
 _REGISTRY: dict[str, "Scheme"] = {}
@@ -99,6 +99,11 @@ class Scheme:
     def finish(self, cfg: "Config", stages: list["Stage"], splits, ctx, job_state: dict) -> None:
         """After every stage ran: add job-level results to ``job_state.done`` rows (a
         :class:`~kdray.orchestrator.run_dir.JobState`)."""
+
+    def job_figures(self, cfg: "Config", rows: list[dict]) -> dict:
+        """Figures of the whole job's result rows for its MLflow run, by artifact name (``graph``: top-1 by
+        node structure); default none."""
+        return {}
 
     def check_data(self, cfg: "Config", splits) -> None:
         """Checks of the data alone, before any model is built or run on it (a dataset of the wrong kind for
@@ -262,10 +267,11 @@ def model_spec(cfg: "Config", path: str):
 
 
 def stage_spec_path(cfg: "Config", source: TeacherSource) -> str:
-    """The config path of the model behind a teacher source (an earlier stage's model, or the spec itself)."""
+    """The config path of the model behind a teacher source (an earlier stage's model, or the spec itself).
+    ``<stage>@epoch<N>``, weights a stage kept during its training (RCO's anchors), is that stage's model."""
     if source.kind == "spec":
         return source.ref
-    return {s.name: s.spec for s in plan_stages(cfg)}[source.ref]
+    return {s.name: s.spec for s in plan_stages(cfg)}[source.ref.partition("@")[0]]
 
 
 def method_label(cfg: "Config") -> str:
@@ -335,6 +341,25 @@ def needs_methods(cfg: "Config") -> None:
 def needs_teacher(cfg: "Config") -> None:
     if cfg.teacher is None:
         raise ValueError(f"scheme {cfg.scheme!r} needs a teacher (teacher: {{model, train|checkpoint|mlflow_uri}})")
+
+
+def methods_need_teacher(cfg: "Config") -> bool:
+    """Whether any of ``methods:`` reads a teacher (``KnowledgeTerm.needs_teacher``): a student taught only by
+    self-distilling terms (CS-KD, mean teacher) is planned and trained without one."""
+    from kdray.algorithms.base import get_method
+
+    return any(get_method(m.name).needs_teacher for m in cfg.methods)
+
+
+def no_cache_with_views(cfg: "Config") -> None:
+    """A method that runs the teacher on extra views of each batch (SSKD's rotations) cannot read a cache."""
+    from kdray.algorithms.base import KnowledgeTerm, get_method
+
+    views = [m.name for m in cfg.methods if get_method(m.name).extra_inputs is not KnowledgeTerm.extra_inputs
+             and get_method(m.name).teacher_sees_views]
+    if views and cfg.teacher is not None and cfg.teacher.cache is not None:
+        raise ValueError(f"method {views[0]!r} runs the teacher on extra views of each batch; a teacher cache holds "
+                         f"only its outputs on the training inputs: drop teacher.cache")
 
 
 def needs_live_teacher(cfg: "Config", use: str) -> None:

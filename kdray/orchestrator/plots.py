@@ -101,3 +101,25 @@ def accuracy_matrix(acc: list[list[float]], title: str):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def bucket_bars(panels: dict[str, tuple[list[str], dict[str, list[float]]]], ylabel: str, title: str):
+    """One panel per grouping (title -> bucket labels and, per series, one value per bucket), the series' bars
+    side by side in each bucket (e.g. teacher and students' top-1 by node degree and by hops)."""
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (name, (labels, series)) in zip(axes.flat, panels.items()):
+        width = 0.8 / max(len(series), 1)
+        at = np.arange(len(labels))
+        for k, (label, values) in enumerate(series.items()):
+            ax.bar(at + (k - (len(series) - 1) / 2) * width, values, width, label=label)
+        ax.set_xticks(at, labels, fontsize=8)
+        ax.set_ylim(0.0, 1.0)
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+    axes.flat[0].legend(loc="lower left", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

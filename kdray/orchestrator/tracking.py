@@ -260,7 +260,9 @@ class JobTracking:
         return {} if self.outer_parent else {REGISTERED_MODEL_TAG: f"{job_name}-{role}"}
 
     @holds_sigint
-    def finish(self, summary: dict[str, float], table_md: str, figure=None) -> None:
+    def finish(self, summary: dict[str, float], table_md: str, figure=None, figures: dict | None = None) -> None:
+        """The job's summary metrics, results table and figures (``test_accuracy.png`` and ``figures`` by artifact
+        name) on the parent run; then every run FINISHED."""
         metrics = [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in summary.items()]
         if metrics:
             self.client.log_batch(self.parent_id, metrics=metrics)
@@ -268,6 +270,8 @@ class JobTracking:
         self.client.set_tag(self.parent_id, NOTE_TAG, table_md)  # the run's description in the UI
         if figure is not None:
             self.client.log_figure(self.parent_id, figure, "test_accuracy.png")
+        for name, extra in (figures or {}).items():
+            self.client.log_figure(self.parent_id, extra, name)
         for run_id in self.stage_ids.values():
             if self.client.get_run(run_id).info.status == "RUNNING":
                 self.client.set_terminated(run_id, "FINISHED")

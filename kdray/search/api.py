@@ -15,23 +15,24 @@ import copy
 import json
 import math
 import os
-import signal
 import statistics
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from kdray.config import Config, ConfigError, check_job_name, load_config
-from kdray.orchestrator.interrupts import interruption, reclaim_sigterm, sigterm_forwarded, signal_handlers_restored
 from kdray.orchestrator.plan import get_scheme, list_schemes
 from kdray.orchestrator.runtime import ensure_ray
 from kdray.search.space import CallableSpace, Space, apply_params, make_space
 from kdray.search.spec import SearchSpec, auto_grace, base_raw, load_sweep_spec
 from kdray.search.tracking import read_state, write_state
+from kdray.search.tuning import fit_tuner, open_tracking
 from kdray.search.trial import RESULT_FILE, TrialSetup, continue_job, job_run_id, mark_early_stopped, run_trial, \
     trial_name
 
 STATE_FILE = "sweep.json"
+SWEEP_STOPPED = ("Ctrl-C: Tune stopped the sweep with {ended} of {total} trials ended; "
+                 "`kdray sweep FILE --resume` (or resume=True) continues it")
 
 
 @dataclass
@@ -386,7 +387,7 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
         log(f"resuming Tune experiment {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
-        return _fit(tuner, num_samples)
+        return fit_tuner(tuner, num_samples, SWEEP_STOPPED)
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrent = (max(1, int(cpus // per_trial)) if search.max_concurrent == "auto"
                   else int(search.max_concurrent))
@@ -415,7 +416,7 @@ def _run_tune(setup: TrialSetup, space, search: SearchSpec, sweep_dir: str, info
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   callbacks=[_progress_callback(num_samples)]),
     )
-    return _fit(tuner, num_samples)
+    return fit_tuner(tuner, num_samples, SWEEP_STOPPED)
 
 
 def is_complete_pickle(path: str) -> bool:
@@ -473,33 +474,6 @@ def repair_tune_state(path: str, log=print) -> list[str]:
                 f"restores from the earlier copy in {path}")
             changed.append(file)
     return changed
-
-
-def _fit(tuner, num_samples: int):
-    """``tuner.fit()`` with the experiment state saved every second (Tune's default period is adaptive,
-    >= 10 s): a killed driver loses at most the trials it started in its last second, whose runs the resumed
-    sweep removes (:meth:`SweepTracking.reconcile`) while Tune samples as many new ones.
-
-    Tune answers Ctrl-C by stopping the trials, saving its state and *returning* the partial results; read
-    as a finished sweep they would be ranked, logged and a best student registered. Fewer than
-    ``num_samples`` trials ended (terminated or errored) means the sweep was stopped: it raises
-    ``KeyboardInterrupt``, so the sweep run is marked KILLED and ``--resume`` continues it. SIGTERM takes the
-    same way (Tune's SIGUSR1 stop) and raises ``Terminated``."""
-    key = "TUNE_GLOBAL_CHECKPOINT_S"
-    previous = os.environ.get(key)
-    os.environ[key] = previous or "1"
-    reclaim_sigterm()  # ray.init (in _ensure_ray) replaced it
-    try:
-        with signal_handlers_restored(), sigterm_forwarded(signal.SIGUSR1) as terms:  # Tune leaves its Ctrl-C
-            results = tuner.fit()                                     # handler behind (see interrupts.py)
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
-    ended = results.num_terminated + results.num_errors
-    if ended < num_samples:
-        raise interruption(terms, f"Ctrl-C: Tune stopped the sweep with {ended} of {num_samples} trials ended; "
-                                  f"`kdray sweep FILE --resume` (or resume=True) continues it")
-    return results
 
 
 def _trial_rows(results, setup: TrialSetup, space, search: SearchSpec, info: dict):
@@ -704,25 +678,13 @@ def run_sweep(name: str, output_dir: str | None, raw: dict, space: Space | Calla
     state = read_state(state_path) if resume else {}
     os.makedirs(sweep_dir, exist_ok=True)
     _ensure_ray(base, search)
-    from kdray.orchestrator.tracking import tracking_uri_for
+    from kdray.orchestrator.tracking import flatten
 
-    uri = tracking_uri_for(base)
-    tracking = None
-    if uri:
-        from kdray.orchestrator.tracking import check_reachable
-        from kdray.orchestrator.tracking import flatten
-        from kdray.search.tracking import SweepTracking
-
-        check_reachable(uri)
-        tracking = SweepTracking(uri, base.mlflow.experiment, sweep_dir, name)
-        params = flatten("search", search.model_dump(mode="json"), {})
-        params.update(flatten("base", {"student": base.student.model_dump(mode="json"),
-                                       "teacher": base.teacher.model if base.teacher else None, "train": base.train.model_dump(mode="json"),
-                                       "methods": [m.model_dump() for m in base.methods], "seeds": base.seeds}, {}))
-        tracking.start(state.get("parent_run_id"), params, texts or {}, resume)
-        state.update(parent_run_id=tracking.parent_id, tracking_uri=uri, name=name)
-        write_state(state_path, state)
-        log(f"MLflow: {uri}  (sweep run {tracking.parent_id})")
+    params = flatten("search", search.model_dump(mode="json"), {})
+    params.update(flatten("base", {"student": base.student.model_dump(mode="json"),
+                                   "teacher": base.teacher.model if base.teacher else None, "train": base.train.model_dump(mode="json"),
+                                   "methods": [m.model_dump() for m in base.methods], "seeds": base.seeds}, {}))
+    uri, tracking = open_tracking(base, sweep_dir, name, state, state_path, params, texts or {}, resume, log)
     parent = tracking.parent_id if tracking else None
     try:
         if "base" not in state:

@@ -4,7 +4,8 @@ and ``kdray nas FILE.yaml``.
 1. Everything checkable runs before any training: the cuts against the teacher's modules (one line naming
    the nearest valid paths), the candidates' parameter counts against the budget.
 2. The base job trains the teacher once (``kdray.distill``, as a sweep's base job does); its weights go to
-   ``teacher.pt``.
+   ``teacher.pt``. A teacher given by ``teacher.mlflow_uri`` is read from MLflow once, as a job reads it, into
+   the same file; ``teacher.checkpoint`` is used as it is.
 3. One Tuner whose trials are (block, candidate) pairs: an Optuna ``GridSampler`` over ``block x width x depth
    x kernel`` through Tune's ``OptunaSearch``. One Tuner rather than one per block because the blocks are
    independent searches (no trial of block 1 depends on block 0): a single experiment keeps every core busy
@@ -12,13 +13,19 @@ and ``kdray nas FILE.yaml``.
    run exactly once (no cross-block modelling). Each trial trains its candidate block on the teacher's block
    input -> output (:func:`kdray.algorithms.blockwise.train_block`) and reports the validation block loss per
    epoch; its result is kept in ``blocks/<block>-<candidate>.json`` so a resumed search trains nothing twice.
-4. The assembly minimising the summed block scores within ``budget`` parameters (exhaustive over the product)
-   becomes a ``blockwise_student`` and is distilled end to end from the teacher (``kdray.distill``, offline
-   scheme, the base job's methods), nested under the search's MLflow run. With ``inherit`` (the default) it
-   starts from the weights its blocks learnt in their trials and the teacher's classifier (the blocks end at
-   the teacher's channel count, so it fits); DNA retrains the found architecture from scratch instead
+4. The assembly minimising the summed block scores within ``budget`` (exhaustive over the product) becomes
+   a ``blockwise_student`` and is distilled end to end from the teacher (``kdray.distill``, offline scheme,
+   the base job's methods), nested under the search's MLflow run. With ``inherit`` (the default) it starts
+   from the weights its blocks learnt in their trials and the teacher's classifier (the blocks end at the
+   teacher's channel count, so it fits); DNA retrains the found architecture from scratch instead
    (``inherit: false``). ``compare: k`` distils ``k`` more
    assemblies spread over the score ranking, for the plot of block loss vs final accuracy and its Spearman rho.
+
+``budget`` is a parameter count or ``{params: N, latency_ms: X}``. A latency limit is checked against a table
+measured once per search before any training (:func:`latency_table`: each candidate block on its teacher
+block's input shape at ``latency_batch``, the median of 30 runs in one CPU thread, and the head); an
+assembly's latency is the sum of its blocks' and the head's. The summed estimate ignores what the blocks do
+not share (cache, dispatch), so the assembled student is measured too and both are logged.
 
 The search's MLflow parent run holds the per-block scores (metrics and ``block_scores.csv``), the chosen
 architecture (params and ``architecture.json``), the figure ``block_loss_vs_accuracy.png`` and the
@@ -35,14 +42,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kdray.config import Config, ConfigError, check_job_name, format_error, load_config
 from kdray.orchestrator.plan import get_scheme
 from kdray.search.spec import base_raw
 from kdray.search.tracking import read_state, write_state
+from kdray.search.tuning import fit_tuner, open_tracking
 
 STATE_FILE = "nas.json"
+BUDGET_KEYS = ("params", "latency_ms")
+NAS_STOPPED = ("Ctrl-C: Tune stopped the block search with {ended} of {total} block trials ended; "
+               "`kdray nas FILE --resume` (or resume=True) continues it")
 
 
 class BlockSearchSpec(BaseModel):
@@ -54,7 +65,10 @@ class BlockSearchSpec(BaseModel):
     widths: list[int] = Field(default_factory=lambda: [2, 4, 8, 16], min_length=1)
     depths: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
     kernels: list[int] = Field(default_factory=lambda: [3, 5], min_length=1)
-    budget: int | None = Field(None, gt=0)  # the assembled student's parameters (blocks + head)
+    # the assembled student's parameters (blocks + head), or {params: N, latency_ms: X}: either or both limits,
+    # the latency one on the summed CPU latencies of its blocks + head measured at a batch of latency_batch
+    budget: int | dict | None = None
+    latency_batch: int = Field(64, ge=1)
     epochs: int = Field(10, ge=1)  # per candidate block
     lr: float = Field(1e-2, gt=0)  # Adam
     batch_size: int = Field(32, ge=1)
@@ -62,6 +76,35 @@ class BlockSearchSpec(BaseModel):
     max_concurrent: int | Literal["auto"] = "auto"
     compare: int = Field(0, ge=0)  # further assemblies distilled end to end (block loss vs accuracy)
     inherit: bool = True  # start the assembled student from the searched blocks' weights + the teacher's head
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _one_budget(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, dict):
+            unknown = sorted(set(v) - set(BUDGET_KEYS))
+            if unknown or not v:
+                raise ValueError(f"unknown key(s) {unknown}; a budget is a parameter count or a mapping of "
+                                 f"{' and/or '.join(BUDGET_KEYS)}" if unknown else
+                                 f"an empty mapping; give {' and/or '.join(BUDGET_KEYS)}")
+            for key, value in v.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or \
+                        (key == "params" and int(value) != value):
+                    raise ValueError(f"{key} must be a positive {'integer' if key == 'params' else 'number'}, "
+                                     f"got {value!r}")
+            return {k: (int(x) if k == "params" else float(x)) for k, x in v.items()}
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError("a budget is a positive parameter count or {params: N, latency_ms: X}")
+        return v
+
+    @property
+    def params_budget(self) -> int | None:
+        return self.budget.get("params") if isinstance(self.budget, dict) else self.budget
+
+    @property
+    def latency_budget_ms(self) -> float | None:
+        return self.budget.get("latency_ms") if isinstance(self.budget, dict) else None
 
 
 class NasFile(BaseModel):
@@ -106,6 +149,9 @@ class BlockSearchResult:
         lines = ["\n".join(rows), "",
                  f"{len(self.scores)} block trials, {c['block_trial_epochs']} block trial-epochs, "
                  f"{c['distill_epochs']} end-to-end epochs, {c['wall_s']:.1f} s"]
+        if "latency_ms" in self.chosen:
+            lines.append(f"latency (1 CPU thread): {self.chosen['latency_ms']:.3f} ms measured on the assembled "
+                         f"student, {self.chosen['latency_est_ms']:.3f} ms summed over its blocks + head")
         if self.spearman is not None:
             lines.append(f"Spearman rho (summed block loss vs val top-1, {len(self.candidates)} assemblies): "
                          f"{self.spearman:.3f}")
@@ -188,11 +234,23 @@ def nas_base_config(raw: dict) -> Config:
     if get_scheme(cfg.scheme).searched_kind is None or cfg.teacher is None or cfg.scheme != "offline":
         raise ConfigError(f"base: block-wise NAS distils from one teacher (scheme offline with teacher:), got "
                           f"scheme {cfg.scheme!r}{'' if cfg.teacher is not None else ' without teacher:'}")
-    if cfg.teacher.train is None and cfg.teacher.checkpoint is None:
-        raise ConfigError("base.teacher: block-wise NAS reads the teacher's weights from teacher.train (trained by "
-                          "the base job) or teacher.checkpoint (a state_dict file); an MLflow teacher is not "
-                          "supported")
+    if cfg.teacher.train is None and cfg.teacher.checkpoint is None and cfg.teacher.mlflow_uri is None:
+        raise ConfigError("base.teacher: block-wise NAS cuts the teacher's own modules, so it needs its weights: "
+                          "teacher.train (trained by the base job), teacher.checkpoint (a state_dict file) or "
+                          "teacher.mlflow_uri (a kdray model in MLflow), not only its cached outputs")
     return cfg
+
+
+def logged_teacher_state(base: Config, num_classes: int, uri: str | None) -> dict:
+    """The weights of a ``teacher.mlflow_uri`` teacher (``runs:/<id>/model`` or ``models:/...``), read as a
+    job reads them (:func:`kdray.orchestrator.build.build_teacher_model`: tensors only, its logged model name
+    and parameter shapes checked against ``teacher:``), so the block trials can load them from ``teacher.pt``
+    without reaching the store."""
+    from kdray.orchestrator.build import build_teacher_model
+    from kdray.orchestrator.plan import TeacherSource
+
+    model = build_teacher_model(base, TeacherSource("spec", "teacher"), num_classes, {}, uri)
+    return model.state_dict()
 
 
 def validate(base: Config, spec: BlockSearchSpec) -> dict:
@@ -218,11 +276,57 @@ def validate(base: Config, spec: BlockSearchSpec) -> dict:
     params = [{n: bw.block_params(bw.with_interface(c, s)) for n, c in zip(names, choices)} for s in shapes]
     head = bw.head_params(shapes[-1].cout, splits.num_classes)
     try:
-        bw.check_budget(params, spec.budget, head)
+        bw.check_budget(params, spec.params_budget, head)
     except bw.BudgetError as err:
         raise ConfigError(str(err)) from None
     return {"num_classes": splits.num_classes, "shapes": [s.__dict__ for s in shapes], "choices": choices,
             "names": names, "params": params, "head_params": head}
+
+
+def cpu_latency_ms(module, shape: tuple) -> float:
+    """Median CPU forward time (ms) of ``module`` on a random batch of ``shape``, 30 runs after 5 warm-up
+    runs, in one thread (the sweep's ``latency_ms`` measurement, :func:`kdray.search.trial.measure_latency`):
+    one thread so that the table does not depend on how many trials share the machine at that moment."""
+    import torch
+
+    from kdray.search.trial import measure_latency
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure_latency(module, shape)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def latency_table(info: dict, batch: int) -> dict:
+    """Every candidate block's latency on its teacher block's input shape at ``batch`` (``blocks``: one
+    ``{candidate: ms}`` per block) and the head's (``head``: pooling + classifier on the last block's output),
+    measured once per search: the summed table is the assembly's latency estimate."""
+    import torch.nn as nn
+
+    from kdray.algorithms import blockwise as bw
+    from kdray.models.blockwise import candidate_block
+
+    blocks = []
+    for s in info["shapes"]:
+        shape = bw.BlockShape(**s)
+        blocks.append({n: cpu_latency_ms(candidate_block(**bw.with_interface(c, shape)), (batch, *shape.in_shape))
+                       for n, c in zip(info["names"], info["choices"])})
+    last = info["shapes"][-1]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(last["cout"], info["num_classes"]))
+    return {"batch": batch, "blocks": blocks, "head": cpu_latency_ms(head, (batch, *last["out_shape"]))}
+
+
+def check_latency(info: dict, spec: BlockSearchSpec, table: dict) -> None:
+    """Both limits of ``spec.budget`` against the measured table, before any training (one ConfigError line)."""
+    from kdray.algorithms import blockwise as bw
+
+    try:
+        bw.check_budget(info["params"], spec.params_budget, info["head_params"], table["blocks"],
+                        spec.latency_budget_ms, table["head"])
+    except bw.BudgetError as err:
+        raise ConfigError(f"{err} (batch {table['batch']}, 1 CPU thread)") from None
 
 
 @dataclass
@@ -351,37 +455,10 @@ def _run_tune(setup: BlockTrialSetup, spec: BlockSearchSpec, info: dict, sweep_d
                                         max_concurrent_trials=min(concurrent, total), reuse_actors=True),
             run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)))
-    results = _fit(tuner, total)
+    results = fit_tuner(tuner, total, NAS_STOPPED)
     errors = [r.error for r in results if r.error is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} block trial(s) failed; first: {str(errors[0]).splitlines()[0]}")
-    return results
-
-
-def _fit(tuner, total: int):
-    """``tuner.fit()`` as a sweep runs it (the same public interrupt helpers as ``kdray.search.api``): Tune
-    answers Ctrl-C / SIGTERM by stopping its trials and returning partial results; fewer than ``total`` ended
-    trials raises ``KeyboardInterrupt`` (``Terminated`` for SIGTERM), so the search run is marked KILLED and
-    ``--resume`` continues it (finished block trials are not trained again: their result files are kept)."""
-    import signal
-
-    from kdray.orchestrator.interrupts import interruption, reclaim_sigterm, sigterm_forwarded, \
-        signal_handlers_restored
-
-    key = "TUNE_GLOBAL_CHECKPOINT_S"
-    previous = os.environ.get(key)
-    os.environ[key] = previous or "1"
-    reclaim_sigterm()  # ray.init replaced it
-    try:
-        with signal_handlers_restored(), sigterm_forwarded(signal.SIGUSR1) as terms:
-            results = tuner.fit()
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
-    ended = results.num_terminated + results.num_errors
-    if ended < total:
-        raise interruption(terms, f"Ctrl-C: Tune stopped the block search with {ended} of {total} block trials "
-                                  f"ended; `kdray nas FILE --resume` (or resume=True) continues it")
     return results
 
 
@@ -454,9 +531,10 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
     import torch
 
     from kdray.algorithms import blockwise as bw
+    from kdray.models.blockwise import BlockwiseStudent
     from kdray.orchestrator.api import distill
     from kdray.orchestrator.runtime import ensure_ray
-    from kdray.orchestrator.tracking import tracking_uri_for
+    from kdray.orchestrator.tracking import flatten
 
     started = time.time()
     try:
@@ -472,25 +550,24 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
     info = validate(base, spec)
     log(f"cuts {spec.cuts} checked: {len(info['names'])} candidates per block, smallest assembly "
         f"{bw.smallest_assembly(info['params'], info['head_params']):,} params"
-        f"{'' if spec.budget is None else f', budget {spec.budget:,}'}")
+        f"{'' if spec.params_budget is None else f', budget {spec.params_budget:,}'}")
     state = read_state(state_path) if resume else {}
+    latency = None
+    if spec.latency_budget_ms is not None:
+        latency = state.get("latency") or latency_table(info, spec.latency_batch)
+        check_latency(info, spec, latency)
+        log(f"latency table at batch {spec.latency_batch}: fastest assembly "
+            f"{bw.fastest_assembly(latency['blocks'], latency['head']):.4f} ms, budget {spec.latency_budget_ms:g} ms")
     os.makedirs(sweep_dir, exist_ok=True)
-    ensure_ray(base.ray.address, num_cpus=1)
-    uri = tracking_uri_for(base)
-    tracking = None
-    if uri:
-        from kdray.orchestrator.tracking import check_reachable, flatten
-        from kdray.search.tracking import SweepTracking
-
-        check_reachable(uri)
-        tracking = SweepTracking(uri, base.mlflow.experiment, sweep_dir, name)
-        params = flatten("blocks", spec.model_dump(mode="json"), {})
-        params.update(flatten("base", {"teacher": base.teacher.model, "train": base.train.model_dump(mode="json"),
-                                       "methods": [m.model_dump() for m in base.methods], "seeds": base.seeds}, {}))
-        tracking.start(state.get("parent_run_id"), params, {"blocks.json": spec.model_dump_json(indent=2)}, resume)
-        state.update(parent_run_id=tracking.parent_id, tracking_uri=uri, name=name)
+    if latency is not None and "latency" not in state:
+        state["latency"] = latency  # measured once: a resumed search assembles with the same table
         write_state(state_path, state)
-        log(f"MLflow: {uri}  (block search run {tracking.parent_id})")
+    ensure_ray(base.ray.address, num_cpus=1)
+    params = flatten("blocks", spec.model_dump(mode="json"), {})
+    params.update(flatten("base", {"teacher": base.teacher.model, "train": base.train.model_dump(mode="json"),
+                                   "methods": [m.model_dump() for m in base.methods], "seeds": base.seeds}, {}))
+    uri, tracking = open_tracking(base, sweep_dir, name, state, state_path, params,
+                                  {"blocks.json": spec.model_dump_json(indent=2)}, resume, log, "block search")
     parent = tracking.parent_id if tracking else None
     job_raw = base.model_dump(mode="json")
     job_raw["mlflow"] = {**job_raw["mlflow"], "tracking_uri": uri, "enabled": uri is not None}
@@ -505,9 +582,11 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
                              "model": bcfg.student.model, "run_dir": bcfg.run_dir(), "wall_s": time.time() - t0}
             write_state(state_path, state)
         teacher_path = os.path.join(sweep_dir, "teacher.pt")
-        if base.teacher.train is not None:
+        if base.teacher.train is not None or base.teacher.mlflow_uri is not None:
             if not os.path.exists(teacher_path):
-                torch.save(_teacher_state(state["base"]["run_dir"]), teacher_path + ".tmp")
+                weights = (_teacher_state(state["base"]["run_dir"]) if base.teacher.train is not None else
+                           logged_teacher_state(base, info["num_classes"], uri))
+                torch.save(weights, teacher_path + ".tmp")
                 os.replace(teacher_path + ".tmp", teacher_path)
             job_raw["teacher"] = {"model": base.teacher.model, "args": base.teacher.args, "checkpoint": teacher_path}
         else:
@@ -523,8 +602,10 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
         table = _score_table(setup, info, spec)
         scores = [{r.candidate: r.block_loss for r in table[table["block"] == i].itertuples()}
                   for i in range(len(spec.cuts))]
-        chosen = bw.assemble(scores, info["params"], spec.budget, info["head_params"])
-        ranked = bw.all_assemblies(scores, info["params"], spec.budget, info["head_params"])
+        limits = (spec.params_budget, info["head_params"], latency and latency["blocks"], spec.latency_budget_ms,
+                  latency["head"] if latency else 0.0)
+        chosen = bw.assemble(scores, info["params"], *limits)
+        ranked = bw.all_assemblies(scores, info["params"], *limits)
         picks = [chosen] + _spread(ranked[1:], spec.compare)
         by_name = dict(zip(info["names"], info["choices"]))
         shapes = [bw.BlockShape(**s) for s in info["shapes"]]
@@ -549,6 +630,10 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
             got["wall_s"] = time.time() - t0
             candidates[key] = {"choice": pick.choice, "block_loss": pick.loss, "params": pick.params,
                                "blocks": blocks, "args": args, "name": ccfg.name, **got}
+            if latency is not None:  # the summed table's estimate beside the assembled whole, measured
+                whole = BlockwiseStudent(blocks, info["num_classes"])
+                candidates[key].update(latency_est_ms=pick.latency_ms, latency_ms=cpu_latency_ms(
+                    whole, (spec.latency_batch, *info["shapes"][0]["in_shape"])))
             write_state(state_path, state)
         done = [candidates["|".join(p.choice)] for p in picks]
         assembled = done[0]
@@ -562,7 +647,9 @@ def run_block_search(name: str, output_dir: str | None, raw: dict, spec: BlockSe
                 "wall_s": state.setdefault("wall_s", time.time() - started)}
         write_state(state_path, state)
         result = BlockSearchResult(
-            table, {"choice": chosen.choice, "block_loss": chosen.loss, "params": chosen.params},
+            table, {"choice": chosen.choice, "block_loss": chosen.loss, "params": chosen.params,
+                    **({} if "latency_ms" not in assembled else {"latency_est_ms": chosen.latency_ms,
+                                                   "latency_ms": assembled["latency_ms"]})},
             {"model": "blockwise_student", "args": assembled["args"]}, assembled, done, rho, cost,
             state["base"], sweep_dir, uri, parent)
         if tracking and not state.get("logged"):
@@ -626,8 +713,14 @@ def _log_outcome(tracking, result: BlockSearchResult, spec: BlockSearchSpec) -> 
                    n_block_trials=len(result.scores))
     if result.spearman is not None:
         metrics["spearman_block_loss_val_top1"] = result.spearman
+    if "latency_ms" in result.chosen:  # measured on the assembled student vs the summed block table
+        metrics.update(assembled_latency_ms=result.chosen["latency_ms"],
+                       assembled_latency_est_ms=result.chosen["latency_est_ms"])
     params = {f"chosen.block{i}": f"{spec.cuts[i]}:{n}" for i, n in enumerate(result.chosen["choice"])}
     params["chosen.params"] = str(result.chosen["params"])
+    if "latency_ms" in result.chosen:
+        params["chosen.latency_ms"] = f"{result.chosen['latency_ms']:.4f} measured, " \
+                                      f"{result.chosen['latency_est_ms']:.4f} summed (batch {spec.latency_batch})"
     texts = {"block_scores.csv": result.scores.to_csv(index=False), "summary.md": result.summary(),
              "architecture.json": json.dumps({"student": result.student, "choice": result.chosen["choice"],
                                               "cuts": spec.cuts, "budget": spec.budget}, indent=2),

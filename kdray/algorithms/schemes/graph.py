@@ -108,7 +108,7 @@ class GraphLoop(TrainLoop):
                  eval_edges: torch.Tensor, labelled: torch.Tensor, distilled: torch.Tensor,
                  teacher_logits: torch.Tensor | None = None, teacher_embedding: torch.Tensor | None = None,
                  lam: float = 0.5, temperature: float = 1.0, lsp_weight: float = 10.0, lsp_kernel: str = "rbf",
-                 **loop_kwargs):
+                 test_groups: dict[str, tuple[list[str], torch.Tensor]] | None = None, **loop_kwargs):
         if method not in METHODS:
             raise ValueError(f"graph method {method!r} is not one of {', '.join(METHODS)}")
         if method == "glnn" and teacher_logits is None or method == "lsp" and teacher_embedding is None:
@@ -123,6 +123,7 @@ class GraphLoop(TrainLoop):
         if lsp_kernel not in KERNELS:
             raise ValueError(f"LSP kernel {lsp_kernel!r} is not one of {', '.join(KERNELS)}")
         self.lam, self.temperature, self.lsp_weight, self.lsp_kernel = lam, temperature, lsp_weight, lsp_kernel
+        self.test_groups = test_groups or {}
         model = unwrap_module(self.distiller)
         self.tap = FeatureTap(model, [model.kd_embedding], "student") if method == "lsp" else None
 
@@ -151,6 +152,30 @@ class GraphLoop(TrainLoop):
         loss.backward()
         self.optimizer.step()
         return {"train_loss": float(loss.detach()), **{f"train_{k}": float(v.detach()) for k, v in losses.items()}}
+
+    @torch.no_grad()
+    def evaluate_test(self, nodes) -> dict[str, float]:
+        """:meth:`evaluate_split`, plus for each grouping in ``test_groups`` (name -> bucket names and every
+        node's bucket index, -1 for none) and each bucket holding test nodes ``top1_<name>_<bucket>`` and its
+        node count ``nodes_<name>_<bucket>``: where in the graph a model is right (GLNN's question of whether
+        an MLP holds up on nodes far from the labels)."""
+        out = self.evaluate_split(nodes)
+        if not self.test_groups or len(nodes) == 0:
+            return out
+        model = self.eval_model
+        was_training = model.training
+        model.eval()
+        nodes = nodes.to(self.device)
+        correct = (model(self.x, self.eval_edges)[nodes].argmax(1) == self.y[nodes]).cpu()
+        model.train(was_training)
+        for name, (buckets, index) in self.test_groups.items():
+            of_test = index[nodes.cpu()]
+            for k, bucket in enumerate(buckets):
+                hit = correct[of_test == k]
+                if hit.numel():
+                    out[f"top1_{name}_{bucket}"] = float(hit.float().mean())
+                    out[f"nodes_{name}_{bucket}"] = hit.numel()
+        return out
 
     @torch.no_grad()
     def evaluate_split(self, nodes) -> dict[str, float]:

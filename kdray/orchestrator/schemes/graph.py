@@ -7,7 +7,10 @@ taught student) is full-graph training through :class:`~kdray.algorithms.schemes
 common :func:`~kdray.orchestrator.job.complete_stage` (checkpoints, resume, MLflow). ``graph.setting:
 inductive`` trains everything without the test nodes' edges (GLNN's inductive split); the test then uses the
 whole graph, as a deployed GNN would. Each stage records ``inference_ms``: the median CPU time of one forward over
-every node (the GNN with its edges, the MLP without).
+every node (the GNN with its edges, the MLP without), and its test top-1 by node in-degree and by hops to the
+nearest labelled node (``test_top1_degree_*``, ``test_top1_hops_*``, with ``test_nodes_*`` counts); the job's
+run plots them for the teacher and both students as ``accuracy_by_structure.png`` (GLNN's claim to check: does
+an MLP that never sees edges hold up on nodes far from the labels?).
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import torch
 
 from kdray.algorithms.engine import seed_everything
 from kdray.algorithms.schemes.graph import GraphLoop
-from kdray.models import create_model
+from kdray.data.graph import hops_from, in_degree
+from kdray.models import create_model, list_models, model_family
 from kdray.models.features import FeatureTap
 from kdray.orchestrator.build import build_optimizer, build_teacher_model
 from kdray.orchestrator.job import StageParts, complete_stage, stage_logging
@@ -26,10 +30,6 @@ from kdray.orchestrator.plan import (Scheme, TeacherSource, from_stage, model_sp
                                      stage)
 
 KINDS = {"teacher": "graph_teacher", "scratch": "graph_scratch", "taught": "graph_distill"}
-
-
-def node_model_width(model) -> int | None:
-    return getattr(model, "in_features", None)
 
 
 @torch.no_grad()
@@ -44,6 +44,60 @@ def inference_ms(model, x: torch.Tensor, edge_index: torch.Tensor | None, repeat
         times.append((time.perf_counter() - start) * 1e3)
     model.train(was_training)
     return statistics.median(times[1:])
+
+
+DEGREE_BUCKETS = ((0, 0), (1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63), (64, None))
+HOP_BUCKETS = ((0, 0), (1, 1), (2, 2), (3, 3), (4, None))
+
+
+def bucket_names(bounds) -> list[str]:
+    """``(low, high)`` bounds as metric-key-safe names: ``8to15``, ``3``, ``64plus``."""
+    return [f"{low}plus" if high is None else str(low) if low == high else f"{low}to{high}" for low, high in bounds]
+
+
+def bucket_index(values: torch.Tensor, bounds) -> torch.Tensor:
+    """Each value's bucket in ``bounds`` (-1 for a negative value: none applies)."""
+    index = torch.full_like(values, -1)
+    for k, (low, high) in enumerate(bounds):
+        inside = values >= low if high is None else (values >= low) & (values <= high)
+        index[inside] = k
+    return index
+
+
+def structure_groups(graph) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """The test report's node groupings on the graph the test sees: in-degree (powers of two) and hops to the
+    nearest labelled training node (1, 2, 3, 4 or more; ``unreached``: no path from any)."""
+    hops = hops_from(graph.edge_index, graph.num_nodes, graph.train)
+    hop_index = bucket_index(hops, HOP_BUCKETS)
+    hop_index[hops < 0] = len(HOP_BUCKETS)
+    return {"degree": (bucket_names(DEGREE_BUCKETS), bucket_index(in_degree(graph.edge_index, graph.num_nodes),
+                                                                  DEGREE_BUCKETS)),
+            "hops": (bucket_names(HOP_BUCKETS) + ["unreached"], hop_index)}
+
+
+def structure_figure(cfg, rows: list[dict]):
+    """``accuracy_by_structure.png``: test top-1 by degree and by hops bucket of the teacher, the student on
+    labels alone and the taught student (each the mean over its seeds), buckets labelled with their node count."""
+    from kdray.orchestrator.plots import bucket_bars
+
+    series_of = {KINDS["teacher"]: f"teacher ({cfg.teacher.model})", KINDS["scratch"]: f"{cfg.student.model} alone",
+                 KINDS["taught"]: f"{cfg.graph.method} {cfg.student.model}"}
+    panels = {}
+    for name, title in (("degree", "by in-degree"), ("hops", "by hops to the nearest labelled node")):
+        prefix = f"test_top1_{name}_"
+        buckets = list(dict.fromkeys(k[len(prefix):] for row in rows for k in row if k.startswith(prefix)))
+        if not buckets:
+            continue
+        counts = next(row for row in rows if f"{prefix}{buckets[0]}" in row)
+        labels = [f"{b}\n(n={counts.get(f'test_nodes_{name}_{b}', 0)})" for b in buckets]
+        series = {}
+        for kind, label in series_of.items():
+            kind_rows = [row for row in rows if row["kind"] == kind]
+            if kind_rows:
+                series[label] = [statistics.mean(row.get(f"{prefix}{b}", float("nan")) for row in kind_rows)
+                                 for b in buckets]
+        panels[title] = (labels, series)
+    return bucket_bars(panels, "test top-1", f"{cfg.name}: test top-1 by node structure") if panels else None
 
 
 @register_scheme
@@ -78,20 +132,18 @@ class GraphDistillation(Scheme):
         return stages
 
     def check_data(self, cfg, splits):
-        """A graph dataset, and node models as wide as its node features (before anything runs on them)."""
-        graph = splits.graph
-        if graph is None:
+        """A graph dataset, and node models by name (the registry's ``graph`` family), before any model is built.
+        Their widths are checked against the node features where the generic preflight builds them
+        (``check_input_width``), so no model is built only for this check."""
+        if splits.graph is None:
             raise ValueError(f"scheme 'graph' needs a graph dataset (digits_graph, graph_parquet); "
                              f"{cfg.data.name!r} has no edges")
+        node_models = [name for name in list_models() if model_family(name) == "graph"]
         for role in ("student", "teacher"):
-            spec = getattr(cfg, role)
-            width = node_model_width(create_model(spec.model, splits.num_classes, **spec.args))
-            if width is None:
-                raise ValueError(f"scheme 'graph' trains node models (gcn, graphsage, node_mlp); the {role} "
-                                 f"{spec.model!r} is not one")
-            if width != graph.num_features:
-                raise ValueError(f"{role}.args.in_features is {width} but the graph's nodes have "
-                                 f"{graph.num_features} features; set {role}.args.in_features: {graph.num_features}")
+            name = getattr(cfg, role).model
+            if name not in node_models:
+                raise ValueError(f"scheme 'graph' trains node models ({', '.join(node_models)}); the {role} "
+                                 f"{name!r} is not one")
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
         if not getattr(teachers[0], "uses_edges", False):
@@ -100,6 +152,10 @@ class GraphDistillation(Scheme):
         if cfg.graph.method == "lsp" and not getattr(student, "uses_edges", False):
             raise ValueError(f"graph.method: lsp matches each node's neighbourhood in the student too; "
                              f"{cfg.student.model!r} reads no edges (use gcn or graphsage, or method: glnn)")
+
+    def job_figures(self, cfg, rows):
+        figure = structure_figure(cfg, rows)
+        return {} if figure is None else {"accuracy_by_structure.png": figure}
 
     def run_stage(self, cfg, stage, splits, ctx, job_state, resume_loop):
         spec_cfg, graph = cfg.graph, splits.graph
@@ -133,7 +189,8 @@ class GraphDistillation(Scheme):
                          lsp_weight=spec_cfg.lsp_weight, lsp_kernel=spec_cfg.lsp_kernel, distiller=trainable,
                          optimizer=optimizer,
                          scheduler=scheduler, val_loader=graph.val, num_classes=splits.num_classes,
-                         epochs=optim.epochs, device=ctx.device, callbacks=callbacks, eval_model=model)
+                         epochs=optim.epochs, device=ctx.device, callbacks=callbacks, eval_model=model,
+                         test_groups=structure_groups(graph))
         parts = StageParts(spec, optim, model, model, trainable, None, None, graph.val, graph.test,
                            graph.x[:2], optimizer, scheduler, logger, callbacks)
         edges = graph.edge_index.to(ctx.device) if model.uses_edges else None

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from kdray.orchestrator.build import check_distiller_builds
-from kdray.orchestrator.plan import (Scheme, needs_methods, needs_teacher, register_scheme,
-                                     taught_students, teacher_sources)
+from kdray.orchestrator.plan import (Scheme, methods_need_teacher, needs_methods, needs_teacher, no_cache_with_views,
+                                     register_scheme, taught_students, teacher_sources)
 
 
 @register_scheme
@@ -14,8 +14,10 @@ class Offline(Scheme):
     searched_kind = "distill"
 
     def check(self, cfg):
-        needs_teacher(cfg)
+        if not cfg.methods or methods_need_teacher(cfg):  # self-distilling terms alone (cs_kd, mean_teacher) need none
+            needs_teacher(cfg)
         needs_methods(cfg)
+        no_cache_with_views(cfg)
 
     def plan(self, cfg):
         """[teacher] -> per seed [scratch] + the distilled student."""
