@@ -111,17 +111,22 @@ class TeacherSpec(ModelSpec):
     # Recorded augmentations per sample: how many ``kdray cache`` records (default for --views), and how many of
     # the cached views a run cycles through (default: all; more than cached is an error).
     cache_views: int | None = Field(None, ge=1)
+    # The model's builder loads its own pretrained weights (a text model from a local directory, e.g.
+    # all_minilm_l6_v2 or hf_text with args.path): the teacher is used as built.
+    pretrained: bool = False
 
     @model_validator(mode="after")
     def _one_source(self):
         sources = [s for s in ("train", "checkpoint", "mlflow_uri") if getattr(self, s) is not None]
+        sources += ["pretrained"] if self.pretrained else []
         if self.cache is not None:
             if self.train is not None or len(sources) > 1:
                 raise ValueError(f"teacher.cache replaces a teacher stage; beside it give at most one of checkpoint, "
                                  f"mlflow_uri (got {sources})")
             self.__dict__["cache"] = os.path.abspath(os.path.expanduser(self.cache))
         elif len(sources) != 1:
-            raise ValueError(f"give exactly one of train, checkpoint, mlflow_uri, cache (got {sources or 'none'})")
+            raise ValueError(f"give exactly one of train, checkpoint, mlflow_uri, pretrained, cache (got "
+                             f"{sources or 'none'})")
         if self.classes is not None:
             repeated = sorted({c for c in self.classes if self.classes.count(c) > 1})
             if repeated:

@@ -41,11 +41,17 @@ def expand_points(model: nn.Module, points, role: str) -> list[str]:
     return out
 
 
+def call_model(model: nn.Module, inputs):
+    """``model(inputs)``; inputs that are a mapping (text: ``input_ids``, ``attention_mask``) as keywords,
+    ``model(**inputs)``: the one calling convention of training, evaluation and teachers."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
 def forward_with_features(model: nn.Module, tap: FeatureTap | None, inputs: torch.Tensor) -> ModelOutput:
     """``model(inputs)`` plus the features ``tap`` captures at its points (none when ``tap`` is ``None``); inputs
     that are a mapping (text: ``input_ids``, ``attention_mask``) are passed as keywords, ``model(**inputs)``."""
     def call():
-        return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+        return call_model(model, inputs)
 
     if tap is None:
         return ModelOutput(call())
@@ -237,7 +243,7 @@ class Distiller(nn.Module):
         s_out = self.student_forward(batch.inputs)
         losses: dict[str, torch.Tensor] = {}
         if self._adds_ce and self.ce_weight and all(t.uses_hard_labels() for t in self.terms):
-            losses["ce"] = self.ce_weight * F.cross_entropy(full_precision(s_out.logits), batch.targets)
+            losses["ce"] = self.ce_weight * hard_label_ce(full_precision(s_out.logits), batch.targets)
         member_weights = None
         for term, slot in zip(self.terms, self.term_teachers):
             if teacher_out is None and term.needs_teacher:
@@ -265,6 +271,29 @@ class Distiller(nn.Module):
     def export_student(self) -> nn.Module:
         """The bare student (no connectors, no DDP wrapper) for saving and serving."""
         return unwrap(self.student)
+
+
+def hard_label_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the labels: one per sample (``(B, C)`` logits), or one per token (``(B, L, V)``
+    logits, ``(B, L)`` targets: masked-LM labels, -100 where a token is not predicted, the positions BERT's
+    MLM loss averages over). A batch without any label (all -100) gives 0, not the NaN of an empty mean."""
+    if logits.dim() > 2:
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if not bool((targets != -100).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, targets, ignore_index=-100)
+
+
+def token_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: Batch):
+    """Per-token logits ``(B, L, V)`` as the ``(N, V)`` rows of the tokens the batch attends to (its
+    ``attention_mask``; all when it has none), so a per-sample soft loss averages over real tokens, not over
+    padding (DistilBERT's default soft-target mask); ``(B, C)`` logits are returned as they are."""
+    if student_logits.dim() <= 2:
+        return student_logits, teacher_logits
+    mask = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
+    keep = (torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device) if mask is None
+            else mask.bool())
+    return student_logits[keep], teacher_logits[keep]
 
 
 def check_view_teacher(terms, teacher) -> tuple[Teacher, ...]:

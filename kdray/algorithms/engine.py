@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from kdray.algorithms import precision as prec
 from kdray.algorithms.base import Batch
-from kdray.algorithms.distiller import Distiller, Teacher
+from kdray.algorithms.distiller import Distiller, Teacher, call_model
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -90,12 +90,16 @@ def evaluate(model: nn.Module, loader: Iterable, device, num_classes: int, reduc
     for raw in loader:
         batch = _to_batch(raw, device, channels_last)
         with prec.autocast(device, precision):
-            logits = model(batch.inputs)
-        logits = prec.full_precision(logits)
-        totals[0] += batch.targets.numel()
-        totals[3] += F.cross_entropy(logits, batch.targets, reduction="sum").double()
-        topk = logits.topk(min(5, num_classes), dim=1).indices
-        hit = topk == batch.targets[:, None]
+            logits = call_model(model, batch.inputs)
+        logits, targets = prec.full_precision(logits), batch.targets
+        if logits.dim() > 2 or bool((targets == -100).any()):  # per-token labels (masked LM), -100: no label
+            logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+            keep = targets != -100
+            logits, targets = logits[keep], targets[keep]
+        totals[0] += targets.numel()
+        totals[3] += F.cross_entropy(logits, targets, reduction="sum").double()
+        topk = logits.topk(min(5, logits.shape[-1]), dim=1).indices
+        hit = topk == targets[:, None]
         totals[1] += hit[:, 0].sum()
         totals[2] += hit.any(dim=1).sum()
     model.train(was_training)

@@ -2,6 +2,7 @@
 teacher-output cache need the sample index from the start. Training batches come from a per-sample
 ``DataLoader`` (:func:`loader_options`) or, for splits that fit in memory, from the device pipeline
 (:func:`device_batches`, :func:`device_refusal`)."""
+from kdray.data.collate import collate_batch
 from kdray.data.class_pairs import ClassPairBatchSampler
 from kdray.data.device import (
     NotOnDeviceError,
@@ -30,6 +31,7 @@ __all__ = [
     "NotOnDeviceError",
     "UnknownDatasetError",
     "build_datasets",
+    "collate_batch",
     "read_image_parquet",
     "write_image_parquet",
     "can_use_device_pipeline",

@@ -88,6 +88,7 @@ def _ensure_builtin():
     importlib.import_module(f"{__package__}.image_parquet")
     importlib.import_module(f"{__package__}.graph")
     importlib.import_module(f"{__package__}.two_views")
+    importlib.import_module(f"{__package__}.text")  # transformers only when a text dataset is built
 
 
 def build_datasets(name: str, *, root: str | None = None, seed: int = 0, **options) -> DatasetSplits:

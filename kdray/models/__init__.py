@@ -18,6 +18,7 @@ from kdray.models import deit as _deit  # noqa: F401  (registers deit_vit, the V
 from kdray.models import cifar as _cifar  # noqa: F401  (registers the CIFAR zoo)
 from kdray.models import graph as _graph  # noqa: F401  (registers the graph models)
 from kdray.models import blockwise as _blockwise  # noqa: F401  (registers the block-wise searched student)
+from kdray.models import text as _text  # noqa: F401  (registers the transformers text models; imports them lazily)
 from kdray.models import bilstm as _bilstm  # noqa: F401  (registers the distilled BiLSTM text student)
 
 __all__ = [

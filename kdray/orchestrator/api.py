@@ -58,6 +58,22 @@ class DistillResult:
         return "\n".join(rows)
 
 
+def check_vocabularies(cfg: Config, models: list[tuple[str, object]]) -> None:
+    """Text jobs: every text model reads the token ids of the data's tokenizer (``data.options.tokenizer``),
+    else a one-line :class:`ConfigError` before training (ids past a student's embedding table would crash
+    mid-step; another tokenizer's ids would train on scrambled words)."""
+    tokenizer = cfg.data.options.get("tokenizer")
+    if tokenizer is None:
+        return
+    from kdray.models.text import TextModel, vocab_mismatch
+
+    for path, model in models:
+        if isinstance(model, TextModel):
+            reason = vocab_mismatch(tokenizer, model, path)
+            if reason is not None:
+                raise ConfigError(reason)
+
+
 def check_input_width(cfg: Config, splits, path: str, model, inputs) -> None:
     """A model that declares the width of the vectors it reads (``in_features``: node models, vector MLPs)
     against the width of the data's ``inputs`` it is given, checked where preflight builds it, before running
@@ -109,11 +125,12 @@ def preflight(cfg: Config) -> None:
                 inputs = scheme.model_inputs(cfg, path, example)
                 check_input_width(cfg, splits, path, model, inputs)
                 classes = model.eval()(inputs).shape[1]
-                if classes != splits.num_classes:
+                if getattr(model, "outputs_classes", True) and classes != splits.num_classes:
                     raise ConfigError(f"a teacher ({type(model).__name__}) outputs {classes} classes but dataset "
                                       f"{cfg.data.name!r} has {splits.num_classes}")
         student = create_spec_model(cfg.student, "student", splits.num_classes)
         check_input_width(cfg, splits, "student", student, scheme.model_inputs(cfg, "student", example))
+        check_vocabularies(cfg, [("student", student)] + list(zip(model_paths, teacher_models)))
         scheme.preflight(cfg, splits, example, student, teacher_models[: len(paths)], orders)
     except ConfigError:
         raise

@@ -21,6 +21,7 @@ from kdray.algorithms.schemes.byot import BYOTDistiller
 from kdray.algorithms.schemes.multi_teacher import TeacherEnsemble
 from kdray.config import Config, ConfigError
 from kdray.data import build_datasets
+from kdray.data.collate import collate_batch
 from kdray.models import create_model
 from kdray.orchestrator.cache_store import open_cache_for_run
 from kdray.orchestrator.placement import ShardedTeacherEnsemble, WorkerContext
@@ -35,10 +36,11 @@ def build_splits(cfg: Config):
 
 def example_batch(dataset, count: int = 2) -> torch.Tensor | dict[str, torch.Tensor]:
     """The first ``count`` inputs of ``dataset`` stacked: what lazy connectors are built against. Inputs that
-    are a mapping (a cross-modal dataset's modalities) are stacked per key."""
+    are a mapping (a cross-modal dataset's modalities, a text sample's token ids and mask) are stacked per key,
+    variable-length ones padded as the loaders' :func:`~kdray.data.collate.collate_batch` pads them."""
     inputs = [dataset[i][0] for i in range(min(count, len(dataset)))]
     if inputs and isinstance(inputs[0], Mapping):
-        return {key: torch.stack([x[key] for x in inputs]) for key in inputs[0]}
+        return collate_batch([(x, 0, 0) for x in inputs])[0]
     return torch.stack(inputs)
 
 
@@ -115,6 +117,8 @@ def build_teacher_model(cfg: Config, source: TeacherSource | str, num_classes: i
         return load_weights(model, weights[ref], f"stage {ref}", num_classes)
     spec = model_spec(cfg, ref)
     model = create_spec_model(spec, ref, num_classes)
+    if getattr(spec, "pretrained", False):  # the builder loaded its weights (a local pretrained directory)
+        return model
     if spec.checkpoint is not None:
         state = read_weights(spec.checkpoint, f"{ref}.checkpoint")
         return load_weights(model, state, f"{ref}.checkpoint {spec.checkpoint}", num_classes)

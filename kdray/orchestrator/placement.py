@@ -30,6 +30,7 @@ from kdray.algorithms.schemes.multi_teacher import COMBINE_RULES, ensemble_outpu
 from kdray.config import ConfigError
 from kdray.data import (ClassPairBatchSampler, NotOnDeviceError, device_batches, device_eval_batches, device_refusal,
                         has_random_transform, loader_options)
+from kdray.data.collate import collate_batch
 from kdray.data.two_views import split_targets
 from kdray.data.views import cached_train_data
 
@@ -90,10 +91,12 @@ def make_loaders(splits, batch_size: int, seed: int, ctx: WorkerContext, loader_
     if cache is not None:
         train_set, sampler = cached_train_data(splits.train, cache, sampler, seed, ctx.world_size)
     kw = loader_options(ctx.device, loader_workers, cpus=cpus, random_transform=has_random_transform(train_set))
-    train = DataLoader(train_set, batch_size=per_worker, sampler=sampler, drop_last=False, **kw)
+    train = DataLoader(train_set, batch_size=per_worker, sampler=sampler, drop_last=False, collate_fn=collate_batch,
+                       **kw)
     eval_kw = loader_options(ctx.device, loader_workers, cpus=cpus)
-    val = DataLoader(_shard(splits.val, ctx.rank, ctx.world_size), batch_size=256, **eval_kw)
-    test = DataLoader(_shard(splits.test, ctx.rank, ctx.world_size), batch_size=256, **eval_kw)
+    val = DataLoader(_shard(splits.val, ctx.rank, ctx.world_size), batch_size=256, collate_fn=collate_batch, **eval_kw)
+    test = DataLoader(_shard(splits.test, ctx.rank, ctx.world_size), batch_size=256, collate_fn=collate_batch,
+                      **eval_kw)
     return train, val, test
 
 
@@ -114,7 +117,7 @@ def _eval_batches(split, rank: int, world: int, device):
     try:
         return device_eval_batches(split, 256, device=device, rank=rank, world_size=world)
     except NotOnDeviceError:
-        return DataLoader(_shard(split, rank, world), batch_size=256)
+        return DataLoader(_shard(split, rank, world), batch_size=256, collate_fn=collate_batch)
 
 
 def same_batch_loaders(splits, batch_size: int, seed: int, loader_workers: int | None, shard: int = 0,
@@ -126,10 +129,10 @@ def same_batch_loaders(splits, batch_size: int, seed: int, loader_workers: int |
         return train, _eval_batches(splits.val, 0, 1, device), _eval_batches(splits.test, 0, 1, device)
     sampler = DistributedSampler(splits.train, shards, shard, shuffle=True, seed=seed)
     kw = loader_options(device, loader_workers, cpus=cpus, random_transform=has_random_transform(splits.train))
-    train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, **kw)
+    train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch, **kw)
     eval_kw = loader_options(device, loader_workers, cpus=cpus)
-    return (train, DataLoader(splits.val, batch_size=256, **eval_kw),
-            DataLoader(splits.test, batch_size=256, **eval_kw))
+    return (train, DataLoader(splits.val, batch_size=256, collate_fn=collate_batch, **eval_kw),
+            DataLoader(splits.test, batch_size=256, collate_fn=collate_batch, **eval_kw))
 
 
 def teacher_ranks(num_teachers: int, world_size: int) -> list[int]:
@@ -228,6 +231,9 @@ class ShardedTeacherEnsemble(nn.Module):
 
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> ModelOutput:
+        if not isinstance(inputs, torch.Tensor):  # a mapping (text): variable lengths per rank, not gathered yet
+            raise ValueError("ensemble.shard: true gathers one input tensor per rank; inputs that are a mapping "
+                             "(text) need ensemble.shard: false (each worker hosts every teacher)")
         comm = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
                 else inputs.device)
         home = inputs.device

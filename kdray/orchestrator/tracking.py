@@ -405,9 +405,10 @@ class StageLogger:
             with open(os.path.join(model_dir, "model_spec.json"), "w") as fh:
                 json.dump(model_spec, fh, indent=2)
             self.client.log_artifacts(self.run_id, model_dir, "model")
+        pretrained = self._log_pretrained(model_state, model_spec)
         if splits is not None:
             self.client.log_inputs(self.run_id, dataset_inputs(dataset or "data", splits))  # repeats are no-ops
-        if example is not None:
+        if example is not None and not pretrained:
             self._log_model(model_state, model_spec, example)
         if history:
             from kdray.orchestrator.plots import accuracy_curve
@@ -424,6 +425,21 @@ class StageLogger:
         for name, figure in (figures or {}).items():
             self.client.log_figure(self.run_id, figure, name)
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def _log_pretrained(self, state: dict, spec: dict) -> bool:
+        """A model with ``save_pretrained`` (a transformers text model) is also logged as the directory it writes
+        (``hf_model/``: weights, config, tokenizer), so ``from_pretrained`` on the downloaded artifact loads it
+        back, outside kdray; that directory is then its MLflow model. Whether one was logged."""
+        from kdray.models import create_model, model_family
+
+        if model_family(spec["model"]) != "text":
+            return False
+        model = create_model(spec["model"], spec["num_classes"], **spec.get("args", {}))
+        model.load_state_dict(state)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(os.path.join(folder, "hf_model"))
+            self.client.log_artifacts(self.run_id, os.path.join(folder, "hf_model"), "hf_model")
+        return True
 
     def _log_model(self, state: dict, spec: dict, example) -> None:
         """The trained model as an MLflow logged model, so the UI lists it under "Logged models" and

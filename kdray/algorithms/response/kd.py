@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch, KnowledgeTerm, ModelOutput, register_method
+from kdray.algorithms.distiller import hard_label_ce, token_rows
 from kdray.algorithms.precision import full_precision
 
 
@@ -53,6 +54,6 @@ class KD(KnowledgeTerm):
         self.ce_weight = 1 - alpha if ce_weight is None else ce_weight
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(student.logits, batch.targets)
-        kl = kl_div_with_temperature(student.logits, teacher.logits, self.temperature)
+        ce = hard_label_ce(student.logits, batch.targets)  # per-token labels too (masked LM, -100 ignored)
+        kl = kl_div_with_temperature(*token_rows(student.logits, teacher.logits, batch), self.temperature)
         return {"ce": self.ce_weight * ce, "kd": self.alpha * kl}

