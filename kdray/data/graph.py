@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from kdray.data.parquet_io import write_parquet_atomically
 from kdray.data.registry import (DatasetFilesMissingError, DatasetSplits, IndexedDataset, register_dataset,
                                  split_indices)
 
@@ -175,7 +176,6 @@ def digits_graph(root=None, seed: int = 0, k: int = 10, label_fraction: float = 
 def write_graph_parquet(folder: str, graph: Graph, ids: list[int] | None = None) -> str:
     """``graph`` as ``folder/nodes.parquet`` + ``folder/edges.parquet`` (node ``ids`` default 0..N-1)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     os.makedirs(folder, exist_ok=True)
     ids = list(range(graph.num_nodes)) if ids is None else list(ids)
@@ -187,9 +187,7 @@ def write_graph_parquet(folder: str, graph: Graph, ids: list[int] | None = None)
     edges = pa.table({"src": [ids[i] for i in graph.edge_index[0].tolist()],
                       "dst": [ids[i] for i in graph.edge_index[1].tolist()]})
     for table, name in ((nodes, "nodes"), (edges, "edges")):
-        tmp = os.path.join(folder, f".{name}.parquet.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, os.path.join(folder, f"{name}.parquet"))
+        write_parquet_atomically(table, os.path.join(folder, f"{name}.parquet"))
     return folder
 
 

@@ -15,6 +15,7 @@ import os
 import torch
 from torch.utils.data import TensorDataset
 
+from kdray.data.parquet_io import write_parquet_atomically
 from kdray.data.registry import DatasetFilesMissingError, DatasetSplits, IndexedDataset, build_datasets, register_dataset
 
 SCHEMA_KEY = b"kdray.images"
@@ -23,7 +24,6 @@ SCHEMA_KEY = b"kdray.images"
 def write_image_parquet(path: str, images: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> str:
     """Write ``images`` (N, C, H, W) and ``labels`` (N,) to ``path`` atomically; returns ``path``."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if images.ndim != 4 or len(images) != len(labels):
         raise ValueError(f"image parquet needs images (N, C, H, W) and N labels, got {tuple(images.shape)} and "
@@ -32,12 +32,7 @@ def write_image_parquet(path: str, images: torch.Tensor, labels: torch.Tensor, c
     table = pa.table({"image": pa.array([row.numpy().tobytes() for row in x], pa.binary()),
                       "label": pa.array(labels.detach().cpu().long().numpy())})
     meta = {"shape": list(x.shape[1:]), "classes": [str(c) for c in classes]}
-    table = table.replace_schema_metadata({SCHEMA_KEY: json.dumps(meta).encode()})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_parquet_atomically(table, path, SCHEMA_KEY, meta)
 
 
 def read_image_parquet(path: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

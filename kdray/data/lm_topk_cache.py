@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from kdray.data.parquet_io import write_parquet_atomically
+
 SCHEMA_KEY = b"kdray.lm_topk"
 
 
@@ -76,7 +78,6 @@ def write_lm_topk_parquet(path: str, indices: torch.Tensor, logprobs: torch.Tens
     """Write the top-k ``indices`` / ``logprobs`` of N sequences of L positions, ``(N, L, k)``, atomically."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if indices.shape != logprobs.shape or indices.dim() != 3:
         raise ValueError(f"lm top-k cache needs indices and logprobs of one shape (N, L, k), got "
@@ -94,12 +95,7 @@ def write_lm_topk_parquet(path: str, indices: torch.Tensor, logprobs: torch.Tens
     })
     meta = {"k": k, "temperature": float(temperature), "vocab_size": int(vocab_size), "length": length,
             "sequences": n, "fingerprint": fingerprint}
-    table = table.replace_schema_metadata({SCHEMA_KEY: json.dumps(meta).encode()})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_parquet_atomically(table, path, SCHEMA_KEY, meta)
 
 
 def read_lm_topk_parquet(path: str, expected_fingerprint: str | None = None) -> LMTopKCache:
