@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kdray.algorithms.base import Batch, KnowledgeTerm, ModelOutput, register_method
 from kdray.algorithms.feature.connectors import not_built, pool_to_common
 from kdray.algorithms.feature.point_choice import pick_pair
-from kdray.algorithms.response.dist import pearson_distance
+from kdray.algorithms.response.dist import pearson_distance, prediction_relations
 
 
 @register_method
@@ -70,15 +69,14 @@ class DISTPlus(KnowledgeTerm):
             raise ValueError(f"dist_plus: student logits {tuple(student.logits.shape)} and teacher logits "
                              f"{tuple(teacher.logits.shape)} differ in shape (same batch and classes needed)")
         tau = self.temperature
-        y_s = F.softmax(student.logits / tau, dim=1)
-        y_t = F.softmax(teacher.logits / tau, dim=1)
+        inter, intra = prediction_relations(student.logits, teacher.logits, tau)
         pair = pick_pair(self, student, teacher, self.feature_index, need_map=True)
         s, t = pool_to_common(self.connector(pair.student), pair.teacher)
         # channel relation: rows are (sample, position) pairs, columns the channels
         channel = pearson_distance(s.permute(0, 2, 3, 1).flatten(0, 2), t.permute(0, 2, 3, 1).flatten(0, 2))
         s_sum, t_sum = pool_to_common(pair.student.sum(1, keepdim=True), pair.teacher.sum(1, keepdim=True))
         spatial = pearson_distance(s_sum.flatten(1).t(), t_sum.flatten(1).t())
-        return {"dist_plus_inter": self.beta * tau**2 * pearson_distance(y_s, y_t),
-                "dist_plus_intra": self.gamma * tau**2 * pearson_distance(y_s.t(), y_t.t()),
+        return {"dist_plus_inter": self.beta * tau**2 * inter,
+                "dist_plus_intra": self.gamma * tau**2 * intra,
                 "dist_plus_channel": self.iota * channel,
                 "dist_plus_spatial": self.kappa * spatial}

@@ -17,6 +17,15 @@ def pearson_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> tor
     return 1 - rho.mean()
 
 
+def prediction_relations(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                         tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIST's ``(L_inter, L_intra)`` of the predictions softened at ``tau`` (without the ``tau^2``): the Pearson
+    distance per sample (rows) and per class (columns)."""
+    y_s = F.softmax(student_logits / tau, dim=1)
+    y_t = F.softmax(teacher_logits / tau, dim=1)
+    return pearson_distance(y_s, y_t), pearson_distance(y_s.t(), y_t.t())
+
+
 @register_method
 class DIST(KnowledgeTerm):
     """DIST: match *relations* of the predictions, not the predictions: ``beta * L_inter + gamma * L_intra``.
@@ -64,8 +73,5 @@ class DIST(KnowledgeTerm):
             raise ValueError(f"dist: student logits {tuple(student.logits.shape)} and teacher logits "
                              f"{tuple(teacher.logits.shape)} differ in shape (same batch and classes needed)")
         tau = self.temperature
-        y_s = F.softmax(student.logits / tau, dim=1)
-        y_t = F.softmax(teacher.logits / tau, dim=1)
-        inter = pearson_distance(y_s, y_t)
-        intra = pearson_distance(y_s.t(), y_t.t())
+        inter, intra = prediction_relations(student.logits, teacher.logits, tau)
         return {"dist_inter": self.beta * tau**2 * inter, "dist_intra": self.gamma * tau**2 * intra}
