@@ -94,7 +94,8 @@ def test_sharded_teachers_and_ddp_student_equal_one_process(tmp_path, rule):
     diff = float((got["combined"] - expected_combined).abs().max())
     assert diff <= COMBINED_TOL, f"combined teacher log-probs differ by {diff:.2e}"
     # the two teachers really differ, so a rank that used only its own teacher would fail above
-    a, b = (F.log_softmax(build()(job.batches[0][0]), -1) for build in job.teachers)
+    with torch.no_grad():
+        a, b = (F.log_softmax(build()(job.batches[0][0]), -1) for build in job.teachers)
     assert float((a - b).abs().max()) > 0.1
     assert_same_student(got["state"], expected_state)
 
@@ -113,7 +114,8 @@ def test_fsdp_checkpoint_resume_equals_uninterrupted(tmp_path):
     assert first["start"] == 0 and len(first["losses"]) == 2
     saved = torch.load(path, weights_only=True)  # written whole by rank 0: loads without the process group
     assert saved["step"] == 2 and _max_diff(saved["model"], first["state"]) == 0.0
-    assert any("momentum_buffer" in str(v) for v in saved["optimizer"]["state"].values()) or saved["optimizer"]["state"]
+    momentum = saved["optimizer"]["state"]  # the optimizer's momentum, gathered whole as the weights are
+    assert len(momentum) == len(saved["model"]) and all("momentum_buffer" in v for v in momentum.values())
     resumed = _spawn(tmp_path, _job(student_sharding="fsdp", checkpoint_path=path), "resumed")
     assert resumed["start"] == 2 and len(resumed["losses"]) == STEPS - 2
     expected_state, _ = one_process(_job())

@@ -27,7 +27,7 @@ student's checkpoint.
 - Checkpoints of a sharded student (:func:`save_student_checkpoint`, :func:`load_student_checkpoint`): the
   full model and optimizer state dicts gathered on rank 0 (``torch.distributed.checkpoint.state_dict`` with
   ``full_state_dict`` and CPU offload), written there atomically (temp file + rename), read back on rank 0
-  and broadcast into the shards of any world size. The file loads with ``torch.load(weights_only=True)``.
+  and handed to every rank, which keeps its shards of it (any world size). The file loads with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -205,13 +205,17 @@ def save_student_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.
 
 
 def load_student_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, group=None) -> int:
-    """Read a :func:`save_student_checkpoint` file on rank 0, broadcast it into every rank's shards of
-    ``model`` and ``optimizer`` and return the step it was written at. Collective."""
+    """Read a :func:`save_student_checkpoint` file on rank 0, hand it to every rank and load it into that rank's
+    shards of ``model`` and ``optimizer``; return the step it was written at. Collective.
+
+    The whole payload crosses once as a pickled object (every rank briefly holds the full CPU state). torch's
+    ``StateDictOptions(broadcast_from_rank0=True)``, which would stream it tensor by tensor, hung on 2 gloo CPU
+    ranks with torch 2.14.1 (both ranks waiting in its ``broadcast_object_list``), so it is not used here."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    payload = torch.load(path, weights_only=True) if dist.get_rank(group) == 0 else {"model": {}, "optimizer": {}}
-    step = [payload.get("step")]
-    dist.broadcast_object_list(step, src=0, group=group)
+    box = [torch.load(path, weights_only=True) if dist.get_rank(group) == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    payload = box[0]
     set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
-                   options=_options(broadcast_from_rank0=True))
-    return int(step[0])
+                   options=_options())
+    return int(payload["step"])

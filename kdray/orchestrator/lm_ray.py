@@ -82,7 +82,7 @@ def lm_train_worker(job: LMPlacementJob, rank: int, world: int, wrap_ddp: Callab
         optimizer.zero_grad()
         (loss * global_token_scale(target_mask)).backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if job.checkpoint_path and job.checkpoint_every and (step + 1) % job.checkpoint_every == 0:
             save_student_checkpoint(job.checkpoint_path, module, optimizer, step + 1)
     state = full_student_state(module) if job.student_sharding == "fsdp" else {
