@@ -95,6 +95,14 @@ def lm_train_worker(job: LMPlacementJob, rank: int, world: int, wrap_ddp: Callab
     return {"state": state, "combined": combined_all, "losses": losses, "start": start}
 
 
+def _map_tensors(value, fn):
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return fn(value)
+
+
 def _ray_worker(loop_config: dict) -> dict:
     import ray.train
     import ray.train.torch
@@ -102,8 +110,10 @@ def _ray_worker(loop_config: dict) -> dict:
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
     job = loop_config["job"]
-    return lm_train_worker(job, ctx.get_world_rank(), ctx.get_world_size(),
-                           wrap_ddp=lambda m: ray.train.torch.prepare_model(m, parallel_strategy="ddp"))
+    result = lm_train_worker(job, ctx.get_world_rank(), ctx.get_world_size(),
+                             wrap_ddp=lambda m: ray.train.torch.prepare_model(m, parallel_strategy="ddp"))
+    # Train refuses tensors in a return value (they fail to deserialize on the driver): numpy arrays cross
+    return _map_tensors(result, lambda v: v.float().numpy() if isinstance(v, torch.Tensor) else v)
 
 
 def run_lm_on_ray(job: LMPlacementJob, workers: int, storage_path: str, name: str = "lm-placement",
@@ -117,4 +127,6 @@ def run_lm_on_ray(job: LMPlacementJob, workers: int, storage_path: str, name: st
     trainer = TorchTrainer(_ray_worker, train_loop_config={"job": job},
                            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
                            run_config=RunConfig(name=name, storage_path=storage_path))
-    return trainer.fit().return_value
+    result = trainer.fit().return_value
+    return _map_tensors(result, lambda v: torch.from_numpy(v) if hasattr(v, "__array__") and not
+                        isinstance(v, (int, float)) else v)
