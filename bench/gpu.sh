@@ -18,7 +18,7 @@ while [ $# -gt 0 ]; do
 done
 if [ "$TINY" = 1 ]; then
   STEP=(--batch 8 --repeats 1 --teacher resnet8 --student resnet8); CACHE=(--samples 2000 --views 2)
-  EPOCH=(--images 128 --batch 32 --repeats 1 --teacher resnet8 --student resnet8); SMOKE=(--epochs 1 --images 256 --workers 0)
+  EPOCH=(--images 128 --batch 32 --repeats 1 --teacher resnet8 --student resnet8); SMOKE=(--epochs 1 --images 16 --workers 0)
   COMPILE=(--no-compile)
 else
   STEP=(--batch 64 --repeats 20); CACHE=(); EPOCH=(--images 20000 --batch 64 --repeats 3); SMOKE=(--epochs 3)
