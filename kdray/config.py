@@ -26,6 +26,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# Datasets tokenised with a tokenizer directory (kdray/data/text.py): the teacher's, by default.
+TEXT_DATASETS = ("text_files", "pang_lee_polarity", "lee_background")
+
+
 class ConfigError(ValueError):
     """A configuration the user must fix; the message is one line naming the key and what is allowed."""
 
@@ -588,6 +592,20 @@ class Config(_Strict):
             belongs = " or ".join(repr(o) for o in owners)
             raise ValueError(f"{section}: is a section of scheme {belongs}, not of scheme {self.scheme!r}; remove "
                              f"it or set scheme: {owners[0]} (see `kdray list schemes`)")
+        return self
+
+    @model_validator(mode="after")
+    def _text_tokenizer_from_teacher(self):
+        """A text dataset is tokenised with the teacher's tokenizer; without ``data.options.tokenizer`` it is
+        the first teacher's own directory (``hf_text`` with ``args.path``, or ``all_minilm_l6_v2``)."""
+        if self.data.name not in TEXT_DATASETS or "tokenizer" in self.data.options:
+            return self
+        for spec in self.teacher_specs():
+            directory = "all_minilm_l6_v2" if spec.model == "all_minilm_l6_v2" else (
+                spec.args.get("path") if spec.model == "hf_text" else None)
+            if directory:
+                self.data.options["tokenizer"] = str(directory)
+                break
         return self
 
     def teacher_specs(self) -> list[TeacherSpec]:

@@ -97,3 +97,26 @@ def test_vocab_mismatch_is_one_line():
     assert reason is not None and "\n" not in reason and "vocab=30522" in reason
     fine = create_model("hf_text", 2, teacher="all_minilm_l6_v2", layers=1, hidden=32, heads=2)
     assert vocab_mismatch("all_minilm_l6_v2", fine) is None
+
+
+def test_a_text_dataset_without_a_tokenizer_takes_the_teachers(tmp_path):
+    """data.options.tokenizer defaults to the first teacher's directory (hf_text args.path, or the shipped
+    all_minilm_l6_v2); a given tokenizer and non-text data are left alone."""
+    from jobs import digits_job
+
+    from kdray.config import load_config
+
+    def job(teacher, options, data="pang_lee_polarity"):
+        cfg = digits_job(tmp_path)
+        cfg["data"] = {"name": data, "options": options}
+        cfg["teacher"] = {**teacher, "pretrained": True}
+        cfg["student"] = {"model": "hf_text", "args": {"layers": 1}}
+        return load_config(cfg)
+
+    teacher_dir = str(tmp_path / "teacher")
+    assert job({"model": "hf_text", "args": {"path": teacher_dir}}, {}).data.options["tokenizer"] == teacher_dir
+    assert job({"model": "all_minilm_l6_v2"}, {}).data.options["tokenizer"] == "all_minilm_l6_v2"
+    given = job({"model": "hf_text", "args": {"path": teacher_dir}}, {"tokenizer": "all_minilm_l6_v2"})
+    assert given.data.options["tokenizer"] == "all_minilm_l6_v2"
+    no_path = job({"model": "hf_text", "args": {"layers": 2}}, {})
+    assert "tokenizer" not in no_path.data.options  # nothing to take: the data builder's one-line error stands

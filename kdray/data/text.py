@@ -165,7 +165,8 @@ def text_splits(texts: list[str], labels: list[str] | None, *, tokenizer: str | 
         raise ValueError(f"unknown text task {task!r}; allowed: {', '.join(TASKS)}")
     if tokenizer is None:
         raise ValueError("a text dataset needs the teacher's tokenizer: give data.options.tokenizer (a model "
-                         "directory or all_minilm_l6_v2)")
+                         "directory or all_minilm_l6_v2), or a teacher hf_text with args.path / all_minilm_l6_v2 "
+                         "whose tokenizer is then used")
     if task == "classification" and labels is None:
         raise ValueError(f"task classification needs labels, but {source or 'the file'} has none; give "
                          f"label_column, or task: embedding / masked_lm")
