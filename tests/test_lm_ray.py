@@ -6,6 +6,8 @@ log-probs within 1e-6, student weights within 1e-5 (fp32; the remaining differen
 """
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ def test_two_teachers_sharded_on_two_train_workers_equal_one_process(tmp_path, r
     diff = float((got["combined"] - expected_combined).abs().max())
     assert diff <= COMBINED_TOL, f"combined teacher log-probs differ by {diff:.2e}"
     assert_same_student(got["state"], expected_state)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "Train's SIGINT handler outlived fit()"
 
 
 @pytest.mark.slow

@@ -23,9 +23,11 @@ import torch.nn as nn
 
 from kdray.algorithms.lm.generation import causal_logits
 from kdray.algorithms.lm.token_loss import next_token_mask, token_distill_loss
+from kdray.orchestrator.interrupts import fit_as_interruptible
 from kdray.orchestrator.lm_placement import (STUDENT_SHARDING, ShardedLMTeachers, full_student_state,
                                              global_token_scale, load_student_checkpoint, save_student_checkpoint,
                                              shard_student, vocab_size_of)
+from kdray.orchestrator.runtime import train_controller_env
 
 
 @dataclass
@@ -117,8 +119,11 @@ def _ray_worker(loop_config: dict) -> dict:
 
 
 def run_lm_on_ray(job: LMPlacementJob, workers: int, storage_path: str, name: str = "lm-placement",
-                  use_gpu: bool = False) -> dict:
-    """Run :func:`lm_train_worker` on ``workers`` Ray Train workers; rank 0's result (see there)."""
+                  use_gpu: bool = False, start_timeout_s: float = 60.0) -> dict:
+    """Run :func:`lm_train_worker` on ``workers`` Ray Train workers; rank 0's result (see there).
+
+    Fitted like every kdray Train job: Ctrl-C ends as ``KeyboardInterrupt`` with Train's own SIGINT handler
+    removed afterwards (it would outlive ``fit()``), and the controller polls reports every 0.1 s."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -127,6 +132,7 @@ def run_lm_on_ray(job: LMPlacementJob, workers: int, storage_path: str, name: st
     trainer = TorchTrainer(_ray_worker, train_loop_config={"job": job},
                            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
                            run_config=RunConfig(name=name, storage_path=storage_path))
-    result = trainer.fit().return_value
+    with train_controller_env(start_timeout_s):
+        result = fit_as_interruptible(trainer).return_value
     return _map_tensors(result, lambda v: torch.from_numpy(v) if hasattr(v, "__array__") and not
                         isinstance(v, (int, float)) else v)
