@@ -452,6 +452,38 @@ class RCOSpec(_Strict):
         return anchors
 
 
+class LMSpec(_Strict):
+    """Language-model distillation (scheme ``lm``; :mod:`kdray.algorithms.lm`): per token, the student's
+    next-token distribution is pulled to the teachers' by ``loss`` (``ce``: the corpus tokens alone; a
+    divergence: ``forward_kl``, ``reverse_kl``, ``jsd`` with GKD's ``beta`` (TRL's ends: 0 forward KL, 1
+    reverse KL), ``total_variation``, ``skew_kl`` / ``skew_reverse_kl`` with DistiLLM's ``skew_alpha``) at
+    ``temperature``, over the full vocabulary or the teacher's ``top_k`` plus a rest bucket, chunked over
+    ``chunk_tokens`` positions. ``on_policy_lambda`` (GKD's lambda): the fraction of batches whose completions the
+    student samples (``generation_temperature``) and the teacher scores; ``seq_kd``: completions the teacher
+    generates instead. Both need a prompt: the first ``prompt_tokens`` of every window (also left out of every
+    batch's loss). Several teachers are combined per token by ``combine`` (``mean``, ``weights``,
+    ``confidence``). Every ``log_every_steps`` steps the token losses go to MLflow; per epoch ``generations``
+    samples of ``generation_tokens`` tokens go to ``generations/epoch_NNNN.txt``."""
+
+    loss: Literal["ce", "forward_kl", "reverse_kl", "jsd", "total_variation", "skew_kl",
+                  "skew_reverse_kl"] = "forward_kl"
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.5, ge=0, le=1)
+    skew_alpha: float = Field(0.1, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    chunk_tokens: int | None = Field(None, ge=1)
+    on_policy_lambda: float = Field(0.0, ge=0, le=1)
+    seq_kd: bool = False
+    generation_temperature: float = Field(1.0, gt=0)
+    prompt_tokens: int = Field(0, ge=0)
+    combine: Literal["mean", "weights", "confidence"] = "mean"
+    weights: list[float] | None = None
+    grad_clip: float | None = Field(1.0, gt=0)
+    log_every_steps: int = Field(20, ge=1)
+    generations: int = Field(3, ge=0)
+    generation_tokens: int = Field(48, ge=1)
+
+
 class CrossModalSpec(_Strict):
     """Cross-modal distillation (scheme ``cross_modal``, Gupta, Hoffman & Malik 2016): a dataset whose inputs
     are a mapping of modalities (``data: {name: digits_two_views}``); the teacher reads ``teacher_input``, the
@@ -540,6 +572,7 @@ class Config(_Strict):
     lifelong: LifelongSpec = Field(default_factory=LifelongSpec)
     cross_modal: CrossModalSpec = Field(default_factory=CrossModalSpec)
     rco: RCOSpec = Field(default_factory=RCOSpec)
+    lm: LMSpec = Field(default_factory=LMSpec)
     student: ModelSpec
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="kd")])
     ce_weight: float = Field(1.0, ge=0)

@@ -93,16 +93,17 @@ def test_a_scheme_in_one_module_runs_through_distill_into_mlflow(tmp_path, mlflo
 
 
 def test_builtin_schemes_keep_their_order_and_sections():
-    assert list(list_schemes())[:13] == ["offline", "online", "self", "assistant", "multi_teacher", "adversarial",
+    assert list(list_schemes())[:14] == ["offline", "online", "self", "assistant", "multi_teacher", "adversarial",
                                          "data_free", "deep_inversion", "quantized", "graph",
-                                         "lifelong", "cross_modal", "rco"]
+                                         "lifelong", "cross_modal", "rco", "lm"]
     assert {n: s.sections for n, s in list_schemes().items()} == {
         "offline": ("teacher",), "online": ("online",), "self": ("self_distill",),
         "assistant": ("teacher", "assistants"), "multi_teacher": ("teachers", "ensemble"),
         "adversarial": ("teacher", "teachers", "ensemble", "adversarial"),
         "data_free": ("teacher", "data_free"), "deep_inversion": ("teacher", "deep_inversion"),
         "quantized": ("teacher", "quantized"), "graph": ("teacher", "graph"),
-        "lifelong": ("lifelong",), "cross_modal": ("teacher", "cross_modal"), "rco": ("teacher", "rco")}
+        "lifelong": ("lifelong",), "cross_modal": ("teacher", "cross_modal"), "rco": ("teacher", "rco"),
+        "lm": ("teacher", "teachers", "lm")}
 
 
 CNN8 = {"model": "digits_cnn", "args": {"width": 8}}
@@ -112,7 +113,7 @@ CNN8 = {"model": "digits_cnn", "args": {"width": 8}}
     (dict(online={"peers": [CNN8, CNN8]}), "online", "'online'"),
     (dict(assistants=[CNN8]), "assistants", "'assistant'"),
     (dict(self_distill={"method": "byot"}), "self_distill", "'self'"),
-    (dict(teachers=[{"model": "digits_cnn", "train": {}}] * 2), "teachers", "'multi_teacher' or 'adversarial'"),
+    (dict(teachers=[{"model": "digits_cnn", "train": {}}] * 2), "teachers", "'multi_teacher' or 'adversarial' or 'lm'"),
     (dict(ensemble={"combine": "confidence"}), "ensemble", "'multi_teacher' or 'adversarial'"),
     (dict(scheme="self", teacher=None, online={"mode": "ensemble"}), "online", "'online'"),
     (dict(scheme="online", teacher=None, methods=[], online={"peers": [CNN8, CNN8]}, ensemble={"shard": False}),

@@ -73,7 +73,7 @@ def test_born_again_generations_and_ensemble(tmp_path):
     (dict(scheme="self"), "trains without a pre-trained teacher"),
     (dict(scheme="multi_teacher", teacher=None, teachers=[{"model": "digits_cnn", "train": {}}] * 2,
           ensemble={"combine": "weights", "weights": [1.0]}), "needs one weight per teacher"),
-    (dict(scheme="sideways"), "scheme: Input should be 'offline', 'online', 'self', 'assistant', 'multi_teacher', 'adversarial', 'data_free', 'deep_inversion', 'quantized', 'graph', 'lifelong', 'cross_modal' or 'rco'"),
+    (dict(scheme="sideways"), "scheme: Input should be 'offline', 'online', 'self', 'assistant', 'multi_teacher', 'adversarial', 'data_free', 'deep_inversion', 'quantized', 'graph', 'lifelong', 'cross_modal', 'rco' or 'lm'"),
 ])
 def test_scheme_config_errors(tmp_path, over, pattern):
     with pytest.raises(ConfigError, match=pattern):

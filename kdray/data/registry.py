@@ -61,6 +61,8 @@ class DatasetSplits:
     # The whole graph, for a dataset of graph nodes (kdray.data.graph.Graph): the splits above are its nodes'
     # feature rows; graph schemes read the edges from here.
     graph: Any = None
+    # Token ids back to text, for a language-model corpus (kdray.data.lm_corpus): its classes are the vocabulary.
+    decode: Callable[[Any], str] | None = None
 
     def __post_init__(self):
         self.classes = [str(c) for c in self.classes] or [str(i) for i in range(self.num_classes)]
@@ -88,6 +90,7 @@ def _ensure_builtin():
     importlib.import_module(f"{__package__}.image_parquet")
     importlib.import_module(f"{__package__}.graph")
     importlib.import_module(f"{__package__}.two_views")
+    importlib.import_module(f"{__package__}.lm_corpus")
     importlib.import_module(f"{__package__}.text")  # transformers only when a text dataset is built
 
 

@@ -20,6 +20,7 @@ from kdray.models import graph as _graph  # noqa: F401  (registers the graph mod
 from kdray.models import blockwise as _blockwise  # noqa: F401  (registers the block-wise searched student)
 from kdray.models import text as _text  # noqa: F401  (registers the transformers text models; imports them lazily)
 from kdray.models import bilstm as _bilstm  # noqa: F401  (registers the distilled BiLSTM text student)
+from kdray.models import causal_lm as _causal_lm  # noqa: F401  (registers causal_lm, the small GPT-style LM)
 
 __all__ = [
     "UnknownModelError",

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdray.models.registry import register_model
+
 
 class _Block(nn.Module):
     def __init__(self, width: int, heads: int):
@@ -34,6 +36,8 @@ class _Block(nn.Module):
 
 class TinyCausalLM(nn.Module):
     """``forward(input_ids) -> logits (B, L, vocab_size)``; ``hidden_states(input_ids) -> (B, L, width)``."""
+
+    outputs_classes = False  # per-token logits, not (B, classes): scheme lm checks the vocabulary instead
 
     def __init__(self, vocab_size: int, layers: int = 2, width: int = 64, heads: int = 4, max_length: int = 128):
         super().__init__()
@@ -63,3 +67,13 @@ def tiny_causal_lm(vocab_size: int, layers: int = 2, width: int = 64, heads: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TinyCausalLM(vocab_size, layers, width, heads, max_length)
+
+
+@register_model("causal_lm", family="lm")
+def causal_lm(num_classes: int, layers: int = 2, width: int = 64, heads: int = 4, max_length: int = 128,
+              seed: int | None = None) -> TinyCausalLM:
+    """The registry's builder (scheme ``lm``): ``num_classes`` is the corpus's vocabulary size. ``seed`` None
+    draws the weights from the global RNG, which the stage runner seeds per stage."""
+    if seed is None:
+        return TinyCausalLM(num_classes, layers, width, heads, max_length)
+    return tiny_causal_lm(num_classes, layers, width, heads, max_length, seed)

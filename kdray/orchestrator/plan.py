@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Registration order is the order of `kdray list schemes` and of the scheme error message.
 BUILTIN_SCHEMES = ("offline", "online", "self_distill", "assistant", "multi_teacher", "adversarial",
-                   "data_free", "deep_inversion", "quantized", "graph", "lifelong", "cross_modal", "rco")
+                   "data_free", "deep_inversion", "quantized", "graph", "lifelong", "cross_modal", "rco", "lm")
 ENTRY_POINT_GROUP = "kdray.schemes"
 
 _REGISTRY: dict[str, "Scheme"] = {}

@@ -366,6 +366,11 @@ class StageLogger:
         epoch overwrites its own file instead of adding one (data-free samples)."""
         self.client.log_figure(self.run_id, figure, f"generated/epoch_{epoch:04d}.png")
 
+    def log_epoch_text(self, epoch: int, text: str, folder: str) -> None:
+        """Text into the run as ``<folder>/epoch_NNNN.txt`` (an LM's sampled generations), one file per epoch
+        like :meth:`log_epoch_figure`."""
+        self.client.log_text(self.run_id, text, f"{folder}/epoch_{epoch:04d}.txt")
+
     @holds_sigint
     def flush(self) -> None:
         new = self._not_logged(self._pending)

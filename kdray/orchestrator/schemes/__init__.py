@@ -1,5 +1,5 @@
 """The built-in distillation schemes, one module each: offline, online, self_distill, assistant, multi_teacher,
-adversarial, data_free, deep_inversion, quantized, graph, lifelong, cross_modal.
+adversarial, data_free, deep_inversion, quantized, graph, lifelong, cross_modal, rco, lm.
 
 Each module subclasses :class:`kdray.orchestrator.plan.Scheme` and registers it with ``@register_scheme``;
 :func:`kdray.orchestrator.plan.load_schemes` imports them by name (``plan.BUILTIN_SCHEMES``) on the
