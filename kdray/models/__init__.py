@@ -20,6 +20,7 @@ from kdray.models import graph as _graph  # noqa: F401  (registers the graph mod
 from kdray.models import blockwise as _blockwise  # noqa: F401  (registers the block-wise searched student)
 from kdray.models import text as _text  # noqa: F401  (registers the transformers text models; imports them lazily)
 from kdray.models import bilstm as _bilstm  # noqa: F401  (registers the distilled BiLSTM text student)
+from kdray.models import hf_causal as _hf_causal  # noqa: F401  (registers hf_causal_lm; imports transformers lazily)
 
 __all__ = [
     "UnknownModelError",
