@@ -7,6 +7,8 @@ import torch
 pytest.importorskip("transformers")
 
 from kdray.algorithms.lm.chunked import chunked_token_distill_loss  # noqa: E402
+from kdray.algorithms.lm.generation import sample_completions  # noqa: E402
+from kdray.algorithms.lm.on_policy import OnPolicySource  # noqa: E402
 from kdray.algorithms.lm.step import LMLossSettings, lm_step_losses  # noqa: E402
 from kdray.algorithms.lm.token_loss import next_token_mask, token_distill_loss  # noqa: E402
 from kdray.algorithms.lm.vocabulary import check_shared_vocabulary  # noqa: E402
@@ -102,6 +104,20 @@ def test_lm_step_top_k_and_two_hf_teachers_run():
                      LMLossSettings(chunk_tokens=4, top_k=8)):
         losses, _ = lm_step_losses(student, ids, completion, settings, teachers=teachers)
         assert torch.isfinite(losses["lm_forward_kl"]) and losses["lm_forward_kl"].item() > 0
+
+
+def test_on_policy_step_on_an_hf_pair_trains_on_the_student_s_cached_samples():
+    teacher, student = lm("llama", seed=10).eval(), lm("gpt2", seed=11)
+    ids, completion = batch()
+    source = OnPolicySource(lam=1.0, temperature=1.0, seed=3)
+    losses, drawn = lm_step_losses(student, ids, completion, LMLossSettings(loss="jsd"), teachers=[teacher],
+                                   source=source)
+    g = torch.Generator().manual_seed(3)
+    torch.rand((), generator=g)                                   # the source's lambda draw
+    expected = sample_completions(student, ids, completion, 1.0, g, use_cache=False)
+    assert drawn.source == "student" and torch.equal(drawn.input_ids, expected)
+    assert (expected[completion.bool()] != ids[completion.bool()]).float().mean() > 0.5
+    assert student.training and losses["lm_jsd"].requires_grad
 
 
 def word_tokenizer(directory, words):
