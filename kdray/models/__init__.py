@@ -21,6 +21,7 @@ from kdray.models import blockwise as _blockwise  # noqa: F401  (registers the b
 from kdray.models import text as _text  # noqa: F401  (registers the transformers text models; imports them lazily)
 from kdray.models import bilstm as _bilstm  # noqa: F401  (registers the distilled BiLSTM text student)
 from kdray.models import causal_lm as _causal_lm  # noqa: F401  (registers causal_lm, the small GPT-style LM)
+from kdray.models import hf_causal as _hf_causal  # noqa: F401  (registers hf_causal_lm; imports transformers lazily)
 
 __all__ = [
     "UnknownModelError",
