@@ -135,6 +135,17 @@ def test_a_job_reports_perplexities_and_logs_steps_epochs_generations_and_a_plot
     assert "lm_perplexity.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+def test_a_transformers_llama_student_learns_from_a_causal_lm_teacher(tmp_path):
+    """``hf_causal_lm`` (a transformers Llama built from size knobs, random weights) as the student of the plain
+    PyTorch teacher: the vocabulary is the corpus's for both, the taught student ends below uniform perplexity."""
+    student = {"model": "hf_causal_lm", "args": {"arch": "llama", "layers": 1, "hidden": 32, "heads": 4,
+                                                   "max_length": 32, "seed": 0}}
+    result = kdray.distill(lm_job(tmp_path, baseline=False, student=student, lm__generations=1,
+                                  data__options__max_windows=128), quiet=True, log=lambda *a: None)
+    row = {s["name"]: s for s in result.stages}["forward_kl-seed0"]
+    assert row["vocab_size"] == 55 and row["test_perplexity"] < 55
+
+
 class StudentWeights:
     """The taught student's weights after each epoch."""
 

@@ -46,6 +46,8 @@ class CausalLMError(ValueError):
 class HFCausalLM(nn.Module):
     """A transformers causal LM (``self.hf``) with kdray's LM interface (see the module doc)."""
 
+    outputs_classes = False  # per-token logits, not (B, classes): scheme lm checks the vocabulary instead
+
     def __init__(self, hf_model: nn.Module, tokenizer_dir: str | None = None):
         super().__init__()
         self.hf, self.tokenizer_dir = hf_model, tokenizer_dir

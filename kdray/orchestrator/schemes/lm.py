@@ -27,11 +27,11 @@ from kdray.algorithms.lm.generation import sample_completions
 from kdray.algorithms.lm.loop import LMTrainLoop
 from kdray.algorithms.lm.on_policy import OnPolicySource
 from kdray.algorithms.lm.step import LMLossSettings, held_out_figures
+from kdray.algorithms.lm.vocabulary import check_shared_vocabulary, lm_vocab_size
 from kdray.config import ConfigError
 from kdray.models import create_model, list_models, model_family
 from kdray.orchestrator.build import build_optimizer, build_teacher_model
 from kdray.orchestrator.job import StageParts, complete_stage, stage_logging
-from kdray.orchestrator.lm_placement import vocab_size_of
 from kdray.orchestrator.plan import Scheme, TeacherSource, from_stage, model_spec, register_scheme, stage
 
 KINDS = {"teacher": "lm_teacher", "scratch": "lm_scratch", "taught": "lm_distill"}
@@ -226,9 +226,11 @@ class LanguageModel(Scheme):
         return inputs
 
     def preflight(self, cfg, splits, example, student, teachers, orders):
-        """Teachers share the student's tokenizer: the same vocabulary size (the corpus's)."""
+        """Teachers share the student's tokenizer: the same vocabulary (the corpus's size; the same token ids
+        where both models know their tokenizer)."""
+        check_shared_vocabulary(student, teachers)
         for (path, _), teacher in zip(cfg.teacher_paths(), teachers):
-            vocab = vocab_size_of(teacher)
+            vocab = lm_vocab_size(teacher)
             if vocab != splits.num_classes:
                 raise ValueError(f"{path}: its vocabulary has {vocab} tokens, the corpus's tokenizer "
                                  f"({cfg.data.options.get('tokenizer', 'chars')}) {splits.num_classes}; teachers "
@@ -247,8 +249,8 @@ class LanguageModel(Scheme):
         teachers = []
         for source in stage.teachers:
             teacher = build_teacher_model(cfg, source, splits.num_classes, job_state.weights, ctx.tracking_uri)
-            if vocab_size_of(teacher) != splits.num_classes:
-                raise ConfigError(f"teacher {source}: vocabulary {vocab_size_of(teacher)} != the corpus's "
+            if lm_vocab_size(teacher) != splits.num_classes:
+                raise ConfigError(f"teacher {source}: vocabulary {lm_vocab_size(teacher)} != the corpus's "
                                   f"{splits.num_classes}; teachers must share the student's tokenizer")
             teachers.append(teacher.to(ctx.device).eval())
         taught = stage.kind == KINDS["taught"]
