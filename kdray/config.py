@@ -462,7 +462,9 @@ class LMSpec(_Strict):
     student samples (``generation_temperature``) and the teacher scores; ``seq_kd``: completions the teacher
     generates instead. Both need a prompt: the first ``prompt_tokens`` of every window (also left out of every
     batch's loss). Several teachers are combined per token by ``combine`` (``mean``, ``weights``,
-    ``confidence``). Every ``log_every_steps`` steps the token losses go to MLflow; per epoch ``generations``
+    ``confidence``); ``shard_teachers``: on Ray Train workers, teacher m lives on worker m % N only, scores every
+    worker's rows and sends each its log-probs (kdray/orchestrator/lm_placement.py), in ``teacher_dtype``.
+    Every ``log_every_steps`` steps the token losses go to MLflow; per epoch ``generations``
     samples of ``generation_tokens`` tokens go to ``generations/epoch_NNNN.txt``."""
 
     loss: Literal["ce", "forward_kl", "reverse_kl", "jsd", "total_variation", "skew_kl",
@@ -478,6 +480,8 @@ class LMSpec(_Strict):
     prompt_tokens: int = Field(0, ge=0)
     combine: Literal["mean", "weights", "confidence"] = "mean"
     weights: list[float] | None = None
+    shard_teachers: bool = False
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
     grad_clip: float | None = Field(1.0, gt=0)
     log_every_steps: int = Field(20, ge=1)
     generations: int = Field(3, ge=0)

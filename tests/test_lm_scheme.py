@@ -193,20 +193,26 @@ def test_two_teachers_combined_per_token_with_on_policy_batches(tmp_path):
 
 
 @pytest.mark.ray
-def test_two_ray_train_workers_train_the_one_process_student(tmp_path, ray_session):
-    """``ray.num_workers: 2``: each worker takes half of every global batch, DDP averages the gradients (equal
-    token counts per rank, so the mean is the one-process mean): the student equals the one-process one within
-    float summation order (1e-5)."""
+def test_two_ray_train_workers_with_sharded_teachers_train_the_one_process_student(tmp_path, ray_session):
+    """``ray.num_workers: 2`` with two teachers and ``lm.shard_teachers``: each worker takes half of every global
+    batch, teacher m lives on worker m only and sends each worker the log-probs of its rows, DDP averages the
+    gradients (equal token counts per rank): the test figures equal the one-process run's, whose teachers are
+    combined in one process, within float summation order (rel 1e-4)."""
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    teacher = {"model": "causal_lm", "args": TINY, "train": {"epochs": 1, **ADAM}}
     over = dict(baseline=False, lm__generations=0, data__options__max_windows=128, train__optimizer="sgd",
-                train__lr=0.5)
-    one = kdray.distill(lm_job(tmp_path / "one", **over), quiet=True, log=lambda *a: None)
-    two = kdray.distill(lm_job(tmp_path / "two", ray={"num_workers": 2}, **over), quiet=True, log=lambda *a: None)
-    a, b = ({s["name"]: s for s in r.stages}["forward_kl-seed0"] for r in (one, two))
-    assert b["test_perplexity"] == pytest.approx(a["test_perplexity"], rel=1e-4)
-    assert b["test_perplexity_under_teacher"] == pytest.approx(a["test_perplexity_under_teacher"], rel=1e-4)
+                train__lr=0.5, teachers=[teacher, {**teacher, "args": {**TINY, "width": 16}}],
+                lm__combine="confidence", lm__shard_teachers=True)
+    one, two = lm_job(tmp_path / "one", **over), lm_job(tmp_path / "two", ray={"num_workers": 2}, **over)
+    for cfg in (one, two):
+        del cfg["teacher"]
+    a, b = ({s["name"]: s for s in kdray.distill(cfg, quiet=True, log=lambda *a: None).stages}["forward_kl-seed0"]
+            for cfg in (one, two))
+    for key in ("test_perplexity", "test_perplexity_under_teacher", "teacher_test_perplexity"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert b["teachers_on_worker"] == 1 and "teachers_on_worker" not in a  # worker 0 held one of the two
 
 
 @pytest.mark.ray

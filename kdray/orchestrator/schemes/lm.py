@@ -9,8 +9,8 @@ student under DDP, each worker with every teacher), progress and MLflow are thos
 
 What a stage reports: ``val_top1`` / ``test_top1`` are next-token accuracy (what ``kdray sweep`` maximises),
 ``*_perplexity`` the perplexity on the true tokens and ``*_perplexity_under_teacher`` = exp(mean_t
-H(p_teacher, p_student)) under the first teacher (the baseline is scored against the teacher too, so the
-rows compare). In MLflow each stage's run has the token losses every ``lm.log_every_steps`` steps
+H(p_teacher, p_student)) under the teaching distribution (the teacher's; several teachers combined by
+``lm.combine``, as the student is taught); the baseline is scored against it too, so the rows compare. In MLflow each stage's run has the token losses every ``lm.log_every_steps`` steps
 (``step_lm_<loss>``), the held-out figures per epoch, ``lm.generations`` sampled continuations of held-out
 prompts per epoch (``generations/epoch_NNNN.txt``) and the job's run ``lm_perplexity.png``.
 """
@@ -23,8 +23,9 @@ import time
 import torch
 
 from kdray.algorithms.engine import seed_everything
-from kdray.algorithms.lm.generation import sample_completions
+from kdray.algorithms.lm.generation import causal_logits, sample_completions
 from kdray.algorithms.lm.loop import LMTrainLoop
+from kdray.algorithms.lm.multi_teacher import combine_teacher_logits
 from kdray.algorithms.lm.on_policy import OnPolicySource
 from kdray.algorithms.lm.step import LMLossSettings, held_out_figures
 from kdray.algorithms.lm.vocabulary import check_shared_vocabulary, lm_vocab_size
@@ -32,6 +33,7 @@ from kdray.config import ConfigError
 from kdray.models import create_model, list_models, model_family
 from kdray.orchestrator.build import build_optimizer, build_teacher_model
 from kdray.orchestrator.job import StageParts, complete_stage, stage_logging
+from kdray.orchestrator.lm_placement import ShardedLMTeachers
 from kdray.orchestrator.plan import Scheme, TeacherSource, from_stage, model_spec, register_scheme, stage
 
 KINDS = {"teacher": "lm_teacher", "scratch": "lm_scratch", "taught": "lm_distill"}
@@ -64,6 +66,20 @@ def chunked_figures(model, ids: torch.Tensor, mask: torch.Tensor, teacher=None) 
         raise ValueError("lm: the held-out split has no target tokens; lower lm.prompt_tokens or give "
                          "data.options a larger val_fraction / test_fraction")
     return {k: math.exp(v / tokens) if "perplexity" in k else v / tokens for k, v in sums.items()}
+
+
+class CombinedTeachers(torch.nn.Module):
+    """Several teachers as the one distribution the student is taught: per token, their log-probs combined by
+    ``rule`` (what :class:`~kdray.orchestrator.lm_placement.ShardedLMTeachers` gives across workers)."""
+
+    def __init__(self, teachers: list, rule: str, weights: list[float] | None):
+        super().__init__()
+        self.teachers, self.rule, self.weights = torch.nn.ModuleList(teachers), rule, weights
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logprobs = [causal_logits(t, input_ids).float().log_softmax(-1) for t in self.teachers]
+        return combine_teacher_logits(logprobs, self.rule, self.weights)[0]
 
 
 class LMStageLoop:
@@ -187,6 +203,9 @@ class LanguageModel(Scheme):
                              "lm.prompt_tokens >= 1 (the first tokens of every window)")
         if lm.seq_kd and len(specs) != 1:
             raise ValueError(f"lm.seq_kd generates with one teacher, got {len(specs)}")
+        if lm.seq_kd and lm.shard_teachers:
+            raise ValueError("lm.seq_kd generates with the teacher on every worker; lm.shard_teachers keeps it on "
+                             "one: set one of them false")
         if lm.combine == "weights" and (lm.weights is None or len(lm.weights) != len(specs)):
             raise ValueError(f"lm.weights needs one weight per teacher ({len(specs)}), got {lm.weights}")
 
@@ -253,6 +272,12 @@ class LanguageModel(Scheme):
                 raise ConfigError(f"teacher {source}: vocabulary {lm_vocab_size(teacher)} != the corpus's "
                                   f"{splits.num_classes}; teachers must share the student's tokenizer")
             teachers.append(teacher.to(ctx.device).eval())
+        if teachers and lm.teacher_dtype == "bfloat16" and not (lm.shard_teachers and ctx.world_size > 1):
+            teachers = [t.to(torch.bfloat16) for t in teachers]
+        if teachers and lm.shard_teachers and ctx.world_size > 1:  # one combined, sharded teacher module
+            teachers = [ShardedLMTeachers(teachers, ctx.rank, ctx.world_size, rule=lm.combine, weights=lm.weights,
+                                          teacher_dtype=torch.bfloat16 if lm.teacher_dtype == "bfloat16" else None,
+                                          student_vocab_size=splits.num_classes, seed=stage.seed)]
         taught = stage.kind == KINDS["taught"]
         settings = LMLossSettings(loss=lm.loss if taught else "ce", temperature=lm.temperature, beta=lm.beta,
                                   skew_alpha=lm.skew_alpha, top_k=lm.top_k, chunk_tokens=lm.chunk_tokens,
@@ -274,7 +299,8 @@ class LanguageModel(Scheme):
                                          ctx.rank, ctx.world_size, lm.prompt_tokens),
                            optim.epochs, settings, held_out=None, teachers=teachers, source=source, log_every_steps=lm.log_every_steps,
                            grad_clip=lm.grad_clip, on_step=on_step)
-        figures_teacher = teachers[0] if teachers else None
+        figures_teacher = (teachers[0] if len(teachers) == 1 else
+                           CombinedTeachers(teachers, lm.combine, lm.weights) if teachers else None)
 
         def report(row_epoch: int) -> None:  # the held-out report in chunks (bounded memory), then samples
             row = loop.rows[-1] if loop.rows else None
@@ -293,6 +319,8 @@ class LanguageModel(Scheme):
         parts = StageParts(spec, optim, model, model, trainable, None, None, None, None, val[:2].cpu(), optimizer,
                            scheduler, logger, callbacks)
         extra = {"lm_loss": settings.loss, "vocab_size": splits.num_classes}
+        if teachers and isinstance(teachers[0], ShardedLMTeachers):  # rank 0's row: the teachers it holds
+            extra["teachers_on_worker"] = len(teachers[0].local)
         if figures_teacher is not None:
             extra.update({f"teacher_test_{k}": v for k, v in chunked_figures(
                 figures_teacher, test, completion_mask(test, lm.prompt_tokens)).items() if k != "top1"})
