@@ -218,13 +218,13 @@ def test_two_ray_train_workers_with_sharded_teachers_train_the_one_process_stude
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_sweep_searches_the_lm_settings_and_the_student_size(tmp_path, ray_session):
-    """``kdray sweep`` over GKD's beta, the temperature, top-k and the student's width: the base trains the
-    teacher once; each trial's taught student is scored by its held-out next-token top-1."""
+    """``kdray sweep`` over GKD's beta and lambda, the temperature, top-k and the student's width: the base trains
+    the teacher once; each trial's taught student is scored by its held-out next-token top-1."""
     from kdray.orchestrator.checkpoints import LocalCheckpoints
 
     base = lm_job(tmp_path, epochs=1, baseline=False, lm__loss="jsd", lm__generations=0,
-                  data__options__max_windows=64)
-    space = {"lm.beta": {"float": [0.1, 0.9]}, "lm.temperature": {"choice": [1.0, 2.0]},
+                  data__options__max_windows=64, lm__prompt_tokens=8)
+    space = {"lm.beta": {"float": [0.1, 0.9]}, "lm.on_policy_lambda": {"float": [0.0, 0.5]}, "lm.temperature": {"choice": [1.0, 2.0]},
              "lm.top_k": {"choice": [4, 16]}, "student.args.width": {"choice": [8, 16]}}
     result = kdray.sweep(space, base, num_samples=2, asha=False, name="lm-sweep", output_dir=str(tmp_path / "out"),
                          verbose=0, log=lambda m: None)
