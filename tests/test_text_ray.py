@@ -61,6 +61,8 @@ def _assert_equal_runs(local, on_ray, uri, student_dir):
     assert len(hist_a) == len(hist_b) == TRAIN["epochs"]
     assert max(abs(a - b) for a, b in zip(hist_a + [test_a], hist_b + [test_b])) <= LOSS_BAND, (hist_a, hist_b)
     a, b = local.stages[-1], on_ray.stages[-1]
+    print(f"max weight difference {diff:.2e}, moved {moved:.2e}, losses {hist_a + [test_a]} vs {hist_b + [test_b]}, "
+          f"top-1 {a['test_top1']}/{a['val_top1']} vs {b['test_top1']}/{b['val_top1']}")
     assert abs(a["test_top1"] - b["test_top1"]) <= 1 / 40 + 1e-9 and abs(a["val_top1"] - b["val_top1"]) <= 1 / 40 + 1e-9
 
 
