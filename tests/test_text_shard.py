@@ -23,7 +23,8 @@ from kdray.algorithms.base import Batch  # noqa: E402
 from kdray.algorithms.distiller import Distiller, Teacher  # noqa: E402
 from kdray.algorithms.schemes.multi_teacher import TeacherEnsemble  # noqa: E402
 from kdray.models.text import text_model  # noqa: E402
-from kdray.orchestrator.placement import ShardedTeacherEnsemble, gather_inputs, sequence_length  # noqa: E402
+from kdray.orchestrator.placement import (LengthLayout, ShardedTeacherEnsemble, gather_inputs,  # noqa: E402
+                                          sequence_length)
 
 TOL = 1e-5
 VOCAB, CLASSES = 40, 3
@@ -163,3 +164,17 @@ def test_mapping_without_attention_mask_or_with_two_lengths_is_one_line():
         gather_inputs(inputs, [2, 2], 5, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"different sequence lengths \{'input_ids': 3, 'attention_mask': 4\}"):
         sequence_length({**inputs, "attention_mask": torch.ones(2, 4)})
+
+
+@pytest.mark.parametrize("length", [16, 1])
+def test_sequence_dims_are_learnt_by_shape_not_by_size(length):
+    """The first teacher's hidden size is 16: at length 16 every sequence-sized dim is also hidden-sized, and
+    only the probe at another length tells them apart; length 1 probes at 2 (padded, mask 0)."""
+    teacher = Teacher(_teachers()[0], POINTS)
+    ids = torch.randint(1, VOCAB, (2, length), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    layout = LengthLayout.learn(teacher, teacher(inputs), inputs, length)
+    dims = dict(zip([name for name, _, _ in layout.layout.entries], layout.seq_dims))
+    assert dims == {"logits": (), "hidden_states.1": (0,), "attentions.0": (1, 2), "queries.1": (0,),
+                    "embedding": ()}
+    assert dict((n, s) for n, s, _ in layout.at(7).entries)["attentions.0"] == (2, 7, 7)

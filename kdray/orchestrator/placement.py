@@ -220,12 +220,19 @@ def _batch_rows(inputs) -> int:
     return rows.pop()
 
 
+def _to_length(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """``tensor`` with dim 1 cut, or padded with :data:`INPUT_PAD`, to ``length``."""
+    if tensor.shape[1] >= length:
+        return tensor[:, :length]
+    return torch.cat([tensor, tensor.new_full((tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:]),
+                                              INPUT_PAD)], 1)
+
+
 def _gather_rows(tensor: torch.Tensor, sizes: list[int], length: int) -> torch.Tensor:
     """Every rank's rows of ``tensor`` in rank order; dim 1 first padded to ``length`` with :data:`INPUT_PAD`
     (``length`` 0: no sequence dim)."""
-    if length and tensor.dim() >= 2 and tensor.shape[1] < length:
-        tensor = torch.cat([tensor, tensor.new_full((tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:]),
-                                                    INPUT_PAD)], 1)
+    if length and tensor.dim() >= 2:
+        tensor = _to_length(tensor, length)
     padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
     gathered = [torch.empty_like(padded) for _ in sizes]
@@ -244,17 +251,6 @@ def gather_inputs(inputs, sizes: list[int], length: int, comm: torch.device):
                          "batch or set ensemble.shard: false")
     return {key: _gather_rows(t.to(comm), sizes, length) if isinstance(t, torch.Tensor) else t
             for key, t in inputs.items()}
-
-
-def _at_length(inputs, length: int):
-    """``inputs`` (a mapping) cut or padded along dim 1 to ``length``: only the output shapes matter."""
-    out = {}
-    for key, t in inputs.items():
-        if isinstance(t, torch.Tensor) and t.dim() >= 2:
-            t = t[:, :length] if t.shape[1] >= length else torch.cat(
-                [t, t.new_full((t.shape[0], length - t.shape[1], *t.shape[2:]), INPUT_PAD)], 1)
-        out[key] = t
-    return out
 
 
 class LengthLayout:
@@ -300,8 +296,14 @@ class LengthLayout:
         if isinstance(inputs, torch.Tensor) or not length:
             return cls(layout, [()] * len(layout.entries))
         other = length - 1 if length > 1 else 2
-        row = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        probe = OutputLayout.of(teacher(_at_length(row, other)), [name for name, _, _ in layout.entries[1:]])
+        param = next(teacher.parameters(), None)
+        row = {}  # one row at the other length (cut, or padded when the length is 1): only the shapes matter
+        for key, v in inputs.items():
+            if isinstance(v, torch.Tensor):
+                v = v[:1].to(param.device if param is not None else v.device)
+                v = _to_length(v, other) if v.dim() >= 2 else v
+            row[key] = v
+        probe = OutputLayout.of(teacher(row), [name for name, _, _ in layout.entries[1:]])
         seq_dims = []
         for (name, shape, _), (_, probed, _) in zip(layout.entries, probe.entries):
             dims = tuple(d for d, (a, b) in enumerate(zip(shape, probed)) if a != b)
