@@ -6,8 +6,8 @@ saved random directory, so both runs start from the same weights). Dropout is of
 training sentences in global batches of 16 split evenly over the 2 workers (8 + 8: DistributedSampler gives the
 in-process batches, and DDP's mean of the two means is the batch mean for per-sample losses: KD, BERT-PKD's [CLS]
 MSE). So the runs differ only by float rounding, which AdamW amplifies on parameters whose true gradient is 0
-(attention key biases: the softmax ignores a per-query shift) to about lr per step: the band on weights is 5e-3, on
-losses 1e-3, on accuracies one sentence.
+(attention key biases: the softmax ignores a per-query shift; measured up to 6.3e-4 after 60 steps): the band on
+weights is 5e-3, on losses (val per epoch, test; measured 4.8e-7) 2e-5, on accuracies one sentence.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from text_corpus import digit_corpus, text_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # two jobs each, one of them on Ray Train
 
-WEIGHT_BAND, LOSS_BAND = 5e-3, 1e-3
+WEIGHT_BAND, LOSS_BAND = 5e-3, 2e-5
 TRAIN = {"epochs": 3, "lr": 0.005, "batch_size": 16, "optimizer": "adamw"}
 
 
