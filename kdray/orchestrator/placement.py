@@ -5,7 +5,9 @@
   each step the ranks all-gather their input batches, each runs its teachers on the whole gathered batch,
   and one all-reduce hands every rank all M teachers' logits (and the feature maps that per-teacher
   feature terms asked for) for its own rows. Memory per rank is ~M/world teachers; traffic per step is
-  M x (global batch) x (classes + requested feature sizes) floats.
+  M x (global batch) x (classes + requested feature sizes) floats. Text batches (mappings of token ids and
+  masks, each rank padded to its own length) are padded to the longest rank's length to be gathered, and each
+  rank cuts its rows' outputs back to its own length (:class:`LengthLayout`).
 - Peer-parallel online distillation (:class:`PeerGrid`): K peers x D data-parallel replicas; the ranks of
   one cohort (one replica of each peer) read the same batch and all-gather their logits (and the features
   the peers' terms exchange) every step; each peer's D replicas all-reduce its gradients in their own
@@ -190,6 +192,129 @@ class PeerGrid:
                 term.set_process_group(self.peer_group)
 
 
+#: What a mapping's tensors are padded with when a rank's batch is brought to the longest rank's length: 0, as
+#: :func:`kdray.data.collate.collate_batch` pads every input key (BERT's ``[PAD]`` id, ``attention_mask`` 0), so
+#: the gathered rows are what one batch of them would be.
+INPUT_PAD = 0
+
+
+def sequence_length(inputs) -> int:
+    """The sequence length (dim 1) shared by a mapping's tensors of two or more dims; 0 for a tensor (images)
+    or a mapping without such tensors. Keys of different lengths are a one-line :class:`ValueError`."""
+    if isinstance(inputs, torch.Tensor):
+        return 0
+    lengths = {key: int(t.shape[1]) for key, t in inputs.items() if isinstance(t, torch.Tensor) and t.dim() >= 2}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"ensemble.shard: the input keys have different sequence lengths {lengths}; pad every key "
+                         f"of a batch to one length (kdray.data.collate.collate_batch does)")
+    return next(iter(lengths.values()), 0)
+
+
+def _batch_rows(inputs) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0])
+    rows = {int(t.shape[0]) for t in inputs.values() if isinstance(t, torch.Tensor)}
+    if len(rows) != 1:
+        raise ValueError(f"ensemble.shard: the input mapping's tensors disagree on the batch size {sorted(rows)} "
+                         f"(keys {', '.join(inputs)}); every key needs one row per sample")
+    return rows.pop()
+
+
+def _to_length(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """``tensor`` with dim 1 cut, or padded with :data:`INPUT_PAD`, to ``length``."""
+    if tensor.shape[1] >= length:
+        return tensor[:, :length]
+    return torch.cat([tensor, tensor.new_full((tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:]),
+                                              INPUT_PAD)], 1)
+
+
+def _gather_rows(tensor: torch.Tensor, sizes: list[int], length: int) -> torch.Tensor:
+    """Every rank's rows of ``tensor`` in rank order; dim 1 first padded to ``length`` with :data:`INPUT_PAD`
+    (``length`` 0: no sequence dim)."""
+    if length and tensor.dim() >= 2:
+        tensor = _to_length(tensor, length)
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+
+
+def gather_inputs(inputs, sizes: list[int], length: int, comm: torch.device):
+    """The global batch: every rank's inputs (a tensor, or each tensor of a mapping brought to the longest
+    rank's ``length``) concatenated in rank order on the ``comm`` device."""
+    if isinstance(inputs, torch.Tensor):
+        return _gather_rows(inputs.to(comm), sizes, 0)
+    if length and "attention_mask" not in inputs:
+        raise ValueError("ensemble.shard: true pads each worker's text batch to the longest worker's length, which "
+                         "changes a teacher's outputs unless the inputs carry an attention_mask; add one to the "
+                         "batch or set ensemble.shard: false")
+    return {key: _gather_rows(t.to(comm), sizes, length) if isinstance(t, torch.Tensor) else t
+            for key, t in inputs.items()}
+
+
+class LengthLayout:
+    """A teacher's :class:`OutputLayout` whose per-sample dims ``seq_dims[i]`` of entry ``i`` follow the input
+    sequence length (hidden states ``(L, H)``: dim 0; attention maps ``(heads, L, L)``: dims 1 and 2; a
+    masked-LM's logits ``(L, V)``: dim 0), so one description serves every step's length."""
+
+    def __init__(self, layout: OutputLayout, seq_dims: list[tuple[int, ...]]):
+        self.layout, self.seq_dims = layout, [tuple(d) for d in seq_dims]
+
+    def at(self, length: int) -> OutputLayout:
+        """The layout of this teacher's outputs for inputs of sequence ``length``."""
+        if not any(self.seq_dims):
+            return self.layout
+        return OutputLayout([(name, tuple(length if d in dims else n for d, n in enumerate(shape)), dtype)
+                             for (name, shape, dtype), dims in zip(self.layout.entries, self.seq_dims)])
+
+    def cut(self, out: ModelOutput, length: int) -> ModelOutput:
+        """``out`` (at a longer length) with every sequence dim cut back to ``length``."""
+        if not any(self.seq_dims):
+            return out
+        tensors = {"logits": out.logits, **out.features}
+        for (name, _shape, _dtype), dims in zip(self.layout.entries, self.seq_dims):
+            for d in dims:
+                tensors[name] = tensors[name].narrow(d + 1, 0, length)
+        logits = tensors.pop("logits")
+        return ModelOutput(logits, tensors)
+
+    def describe(self):
+        return self.layout.describe(), self.seq_dims
+
+    @classmethod
+    def from_description(cls, described) -> "LengthLayout":
+        rows, seq_dims = described
+        return cls(OutputLayout.from_description(rows), seq_dims)
+
+    @classmethod
+    def learn(cls, teacher: nn.Module, out: ModelOutput, inputs, length: int) -> "LengthLayout":
+        """``out``'s layout (``teacher``'s output on ``inputs`` of sequence ``length``); for a mapping, the
+        sequence dims are those that change when one row is run again at another length (a shape probe: a
+        hidden size that happens to equal the length cannot be mistaken for it)."""
+        layout = OutputLayout.of(out)
+        if isinstance(inputs, torch.Tensor) or not length:
+            return cls(layout, [()] * len(layout.entries))
+        other = length - 1 if length > 1 else 2
+        param = next(teacher.parameters(), None)
+        row = {}  # one row at the other length (cut, or padded when the length is 1): only the shapes matter
+        for key, v in inputs.items():
+            if isinstance(v, torch.Tensor):
+                v = v[:1].to(param.device if param is not None else v.device)
+                v = _to_length(v, other) if v.dim() >= 2 else v
+            row[key] = v
+        probe = OutputLayout.of(teacher(row), [name for name, _, _ in layout.entries[1:]])
+        seq_dims = []
+        for (name, shape, _), (_, probed, _) in zip(layout.entries, probe.entries):
+            dims = tuple(d for d, (a, b) in enumerate(zip(shape, probed)) if a != b)
+            if any((shape[d], probed[d]) != (length, other) for d in dims) or len(shape) != len(probed):
+                raise ValueError(f"ensemble.shard: teacher output {name!r} has shape {shape} at sequence length "
+                                 f"{length} but {probed} at {other}; sharded teachers need outputs whose dims are "
+                                 f"either fixed or the sequence length (use ensemble.shard: false)")
+            seq_dims.append(dims)
+        return cls(layout, seq_dims)
+
+
 class ShardedTeacherEnsemble(nn.Module):
     """A multi-teacher ensemble whose teachers are spread over the data-parallel ranks.
 
@@ -203,6 +328,14 @@ class ShardedTeacherEnsemble(nn.Module):
     all-gathered once, so a rank hosting no teacher still knows what to receive. Every call then
     all-gathers the inputs and exchanges all teachers' logits and requested features for the global
     batch in one all-reduce of a flat buffer (each teacher's slice is filled by the rank hosting it).
+
+    Inputs that are a mapping (text: ``input_ids``, ``attention_mask``, ...) have each rank's own padded
+    length. Each rank's tensors are padded to the longest rank's length with :data:`INPUT_PAD` (the collate
+    function's pad, mask 0), the teachers run on that global batch, and each rank cuts its rows' outputs back
+    to its own length along the dims that follow the sequence (hidden states, attention maps, Q/K/V; learnt
+    once, :meth:`LengthLayout.learn`). Trailing positions whose mask is 0 receive no attention in a masked
+    encoder, so the cut outputs are the unsharded ones up to float rounding (and pooled / [CLS] outputs have
+    no sequence dim to cut). Traffic per step grows with the longest rank's length, not each rank's own.
     """
 
     def __init__(self, teachers: list[nn.Module], rank: int, world_size: int, rule: str = "mean",
@@ -217,53 +350,54 @@ class ShardedTeacherEnsemble(nn.Module):
                                     for m in self.local_ids])  # the others are dropped here
         self.rule, self.weights = rule, weights
         self.generator = torch.Generator().manual_seed(seed)  # same on every rank: 'random' picks agree
-        self.layouts: list[OutputLayout] | None = None  # learned on the first call
+        self.layouts: list[LengthLayout] | None = None  # learned on the first call
 
     def train(self, mode: bool = True):
         return super().train(False)
 
-    def _learn_layouts(self, outs: dict[int, ModelOutput]) -> None:
-        """Each teacher's :class:`OutputLayout`, gathered once from the ranks hosting them."""
+    def _learn_layouts(self, outs: dict[int, ModelOutput], everything, length: int) -> None:
+        """Each teacher's :class:`LengthLayout`, learnt on its host and all-gathered once."""
+        hosted = dict(zip(self.local_ids, self.local))
+        own = {m: LengthLayout.learn(hosted[m], out, everything, length).describe() for m, out in outs.items()}
         gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, {m: OutputLayout.of(out).describe() for m, out in outs.items()})
+        dist.all_gather_object(gathered, own)
         described = {m: rows for part in gathered for m, rows in part.items()}
-        self.layouts = [OutputLayout.from_description(described[m]) for m in range(self.num_teachers)]
+        self.layouts = [LengthLayout.from_description(described[m]) for m in range(self.num_teachers)]
 
     @torch.no_grad()
-    def forward(self, inputs: torch.Tensor) -> ModelOutput:
-        if not isinstance(inputs, torch.Tensor):  # a mapping (text): variable lengths per rank, not gathered yet
-            raise ValueError("ensemble.shard: true gathers one input tensor per rank; inputs that are a mapping "
-                             "(text) need ensemble.shard: false (each worker hosts every teacher)")
-        comm = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
-                else inputs.device)
-        home = inputs.device
-        inputs = inputs.to(comm)
-        sizes = [torch.zeros(1, dtype=torch.long, device=comm) for _ in range(self.world_size)]
-        dist.all_gather(sizes, torch.tensor([inputs.shape[0]], device=comm))
-        sizes = [int(s) for s in sizes]
-        padded = torch.zeros((max(sizes), *inputs.shape[1:]), dtype=inputs.dtype, device=comm)
-        padded[: inputs.shape[0]] = inputs
-        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(gathered, padded)
-        everything = torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+    def forward(self, inputs) -> ModelOutput:
+        tensors = [inputs] if isinstance(inputs, torch.Tensor) else [
+            t for t in inputs.values() if isinstance(t, torch.Tensor)]
+        home = tensors[0].device
+        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else home
+        own = torch.tensor([_batch_rows(inputs), sequence_length(inputs)], device=comm)
+        shapes = [torch.zeros(2, dtype=torch.long, device=comm) for _ in range(self.world_size)]
+        dist.all_gather(shapes, own)
+        sizes, lengths = [int(s[0]) for s in shapes], [int(s[1]) for s in shapes]
+        length = max(lengths)
+        everything = gather_inputs(inputs, sizes, length, comm)
         outs = {}
         for m, teacher in zip(self.local_ids, self.local):
-            device = next(teacher.parameters(), everything).device
-            outs[m] = teacher(everything.to(device))
+            device = next(teacher.parameters(), tensors[0]).device
+            outs[m] = teacher(everything.to(device) if isinstance(everything, torch.Tensor)
+                              else {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                    for k, v in everything.items()})
         if self.layouts is None:
-            self._learn_layouts(outs)
+            self._learn_layouts(outs, everything, length)
+        layouts = [lay.at(length) for lay in self.layouts]
         # One (global batch, sum of widths) buffer: teacher m's packed outputs in its column block, filled by
         # the rank hosting it (zeros elsewhere), so one all-reduce hands every rank every teacher's outputs.
         dtype = torch.float32
-        for layout in self.layouts:
+        for layout in layouts:
             for _name, _shape, d in layout.entries:
                 dtype = torch.promote_types(dtype, d)
-        starts = [sum(lay.width for lay in self.layouts[:m]) for m in range(self.num_teachers + 1)]
-        flat = torch.zeros(everything.shape[0], starts[-1], dtype=dtype, device=comm)
+        starts = [sum(lay.width for lay in layouts[:m]) for m in range(self.num_teachers + 1)]
+        flat = torch.zeros(sum(sizes), starts[-1], dtype=dtype, device=comm)
         for m, out in outs.items():
-            flat[:, starts[m]: starts[m + 1]] = self.layouts[m].pack(out, dtype).to(comm)
+            flat[:, starts[m]: starts[m + 1]] = layouts[m].pack(out, dtype).to(comm)
         dist.all_reduce(flat)
         first = sum(sizes[: self.rank])
         mine = flat[first: first + sizes[self.rank]].to(home)
-        members = [lay.unpack(mine[:, starts[m]: starts[m + 1]]) for m, lay in enumerate(self.layouts)]
+        members = [self.layouts[m].cut(lay.unpack(mine[:, starts[m]: starts[m + 1]]), lengths[self.rank])
+                   for m, lay in enumerate(layouts)]
         return ensemble_output(members, self.rule, self.weights, self.generator)

@@ -293,7 +293,11 @@ def validate(space, base: Config, search: SearchSpec) -> dict:
         space.grid()
     max_epochs, max_t, grace = _schedule(space, base, search)
     student_example = get_scheme(base.scheme).model_inputs(base, "student", example)  # its modality, if several
-    return {"num_classes": splits.num_classes, "input_shape": tuple(student_example.shape[1:]),
+    input_shape = tuple(student_example.shape[1:]) if hasattr(student_example, "shape") else None  # text: a mapping
+    if input_shape is None and "latency_ms" in search.metrics:
+        raise ConfigError("search.objectives: latency_ms times the student on one input tensor, but this job's "
+                          "inputs are a mapping (text); drop latency_ms")
+    return {"num_classes": splits.num_classes, "input_shape": input_shape,
             "distributions": distributions, "max_epochs": max_epochs, "max_t": max_t, "grace": grace,
             "checked": len(configs)}
 

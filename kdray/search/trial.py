@@ -43,7 +43,7 @@ class TrialSetup:
     cpus_per_trial: float = 1.0
     latency_batch: int = 1
     num_classes: int = 10
-    input_shape: tuple = (1, 8, 8)
+    input_shape: tuple | None = (1, 8, 8)  # None: inputs are a mapping (text), no latency objective
     teacher_path: str | None = None
     teacher_bytes: bytes | None = field(default=None, repr=False)
 
