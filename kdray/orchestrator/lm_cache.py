@@ -1,0 +1,252 @@
+"""Writing the offline LM top-k cache with Ray Data: the teacher runs once over the token-id sequences in a pool
+of actors, students then train from the file without loading it (the format, its reader and its fingerprint:
+:mod:`kdray.data.lm_topk_cache`).
+
+How (:func:`write_lm_cache_with_ray`):
+
+* The sequences ``(N, L)`` become a Ray Dataset of Arrow blocks, one row per sequence: its row id
+  (``sequence``) and its ``input_ids``.
+* ``map_batches`` with :class:`LMTopKActor` (a callable class in a fixed-size actor pool,
+  ``ActorPoolStrategy(size=concurrency)``, as :mod:`kdray.orchestrator.teacher_cache` runs image teachers). Each
+  actor builds its teacher once from a builder spec (a known builder's name and its keyword knobs) and the
+  teacher's state dict, shipped through the object store as tensors: no pickled module crosses, as for image
+  teachers. Per batch it takes the top-k of the fp32 log-softmax of the logits at the cache's temperature
+  (:func:`kdray.algorithms.lm.topk.teacher_topk`) and returns one Arrow row per token: ``sequence``,
+  ``position``, k int32 ids, k float16 log-probs, the columns :func:`~kdray.data.lm_topk_cache.write_lm_topk_parquet`
+  writes.
+* ``write_parquet`` streams the actors' rows to part files in a staging folder beside the cache, so the object
+  store never holds the whole cache. The driver then reads the parts, checks that every (sequence, position)
+  came back exactly once, puts them in the original order and writes the one cache file with
+  ``write_lm_topk_parquet`` (atomically, the schema metadata and fingerprint included): the result is the
+  file the in-process writer makes, read by ``read_lm_topk_parquet`` unchanged. The staging folder is removed
+  whatever happens.
+
+The fingerprint (:func:`lm_state_fingerprint`) is :func:`~kdray.data.lm_topk_cache.lm_cache_fingerprint`
+computed from the teacher's state dict as given, without building the teacher on the driver: equal to the
+in-process fingerprint of a teacher whose ``state_dict()`` that is. Bad input (unknown builder, a state dict
+that does not fit the built teacher, token ids outside the vocabulary, k out of range, an existing cache)
+fails in one line before Ray starts.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+from kdray.algorithms.lm.generation import causal_logits
+from kdray.algorithms.lm.topk import teacher_topk
+from kdray.data.lm_topk_cache import bytes_per_token, lm_cache_fingerprint, write_lm_topk_parquet
+from kdray.orchestrator.lm_placement import vocab_size_of
+
+# Builders an LM teacher spec may name: "module:function" strings, imported when used (a config cannot name an
+# arbitrary callable, e.g. os:system).
+LM_BUILDERS = {"tiny_causal_lm": "kdray.models.causal_lm:tiny_causal_lm"}
+
+
+# --- the teacher, from a spec and a state dict -----------------------------------------------------------------
+def lm_builder(teacher_spec: dict):
+    """The builder function a spec ``{"builder": name, "args": {...}}`` names, or a one-line ValueError."""
+    if not isinstance(teacher_spec, dict) or "builder" not in teacher_spec:
+        raise ValueError(f"LM teacher spec must be a dict {{'builder': name, 'args': {{...}}}}, got {teacher_spec!r}")
+    name = teacher_spec["builder"]
+    if name not in LM_BUILDERS:
+        raise ValueError(f"LM teacher spec builder {name!r} is not known; allowed: {', '.join(sorted(LM_BUILDERS))}")
+    module, function = LM_BUILDERS[name].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def build_lm_teacher(teacher_spec: dict, state: dict | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Build the spec's teacher on ``device`` (``"meta"``: shapes only, no memory) and load ``state`` into it,
+    strictly: a missing, unexpected or differently shaped tensor is a one-line ValueError."""
+    build = lm_builder(teacher_spec)
+    with torch.device(device):
+        model = build(**dict(teacher_spec.get("args", {})))
+    if state is not None:
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"LM teacher state does not fit {teacher_spec['builder']} {teacher_spec.get('args', {})}: "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}; pass the teacher's state_dict()")
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(f"LM teacher state {key!r} has shape {tuple(value.shape)} but "
+                                 f"{teacher_spec['builder']} {teacher_spec.get('args', {})} expects "
+                                 f"{tuple(own[key].shape)}; is the spec the teacher's?")
+        if device != "meta":
+            model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
+
+
+class _StateDictOnly:
+    """What :func:`lm_cache_fingerprint` reads of a teacher (its ``state_dict()``), without building it."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def lm_state_fingerprint(teacher_state: dict, tokenizer, sequences, k: int, temperature: float) -> str:
+    """The cache fingerprint of a teacher given by its state dict (see the module doc); ``tokenizer``: a
+    tokenizer or an identity string, as for :func:`~kdray.data.lm_topk_cache.lm_cache_fingerprint`."""
+    return lm_cache_fingerprint(_StateDictOnly(teacher_state), tokenizer, torch.as_tensor(sequences), k, temperature)
+
+
+# --- one batch: token ids -> top-k rows ------------------------------------------------------------------------
+def topk_rows_table(sequence_ids, indices: torch.Tensor, logprobs: torch.Tensor):
+    """The cache rows of B sequences as a pyarrow table: ``sequence`` and ``position`` per token, then the
+    ``(B, L, k)`` top-k as k int32 ids and k float16 log-probs (the columns of ``write_lm_topk_parquet``)."""
+    import numpy as np
+    import pyarrow as pa
+
+    b, length, k = indices.shape
+    return pa.table({
+        "sequence": pa.array(np.repeat(np.asarray(sequence_ids, dtype=np.int64), length)),
+        "position": pa.array(np.tile(np.arange(length, dtype=np.int32), b)),
+        "indices": pa.FixedSizeListArray.from_arrays(pa.array(indices.to(torch.int32).reshape(-1).numpy()), k),
+        "logprobs": pa.FixedSizeListArray.from_arrays(
+            pa.array(logprobs.to(torch.float16).reshape(-1).numpy(), pa.float16()), k),
+    })
+
+
+def fixed_lists(column, shape: tuple) -> torch.Tensor:
+    """A column of fixed-size lists (a pyarrow array or chunked array) as a tensor of ``shape`` (a copy: Arrow's
+    buffers are read-only)."""
+    values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False, writable=True)
+    return torch.from_numpy(values.reshape(shape))
+
+
+class LMTopKActor:
+    """Ray Data callable class: one frozen LM teacher per actor; a pyarrow batch of sequences (``sequence``,
+    ``input_ids``) to its tokens' top-k rows (:func:`topk_rows_table`)."""
+
+    def __init__(self, teacher_spec: dict, state, k: int, temperature: float, vocab_size: int,
+                 threads: int = 1, use_gpu: bool = False):
+        import ray
+
+        torch.set_num_threads(max(1, threads))
+        state = ray.get(state) if isinstance(state, ray.ObjectRef) else state
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = build_lm_teacher(teacher_spec, state, self.device)
+        self.k, self.temperature, self.vocab_size = k, temperature, vocab_size
+
+    def __call__(self, batch):
+        rows = batch["sequence"].to_numpy()
+        ids = fixed_lists(batch["input_ids"], (len(rows), -1))
+        with torch.no_grad():
+            logits = causal_logits(self.model, ids.to(self.device))
+        if logits.shape[-1] != self.vocab_size:
+            raise RuntimeError(f"the teacher gave {logits.shape[-1]} logits per token, its vocab_size says "
+                               f"{self.vocab_size}")
+        topk = teacher_topk(logits.float(), self.k, self.temperature)
+        return topk_rows_table(rows, topk.indices.cpu(), topk.logprobs.cpu())
+
+
+# --- the cache -------------------------------------------------------------------------------------------------
+def _check_sequences(sequences, vocab_size: int) -> torch.Tensor:
+    ids = torch.as_tensor(sequences)
+    if ids.dim() != 2 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"LM cache sequences must be a non-empty 2-D integer tensor (N sequences, L tokens), "
+                         f"got {ids.dtype} of shape {tuple(ids.shape)}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"LM cache sequences hold token ids in [{low}, {high}] but the teacher's vocabulary is "
+                         f"[0, {vocab_size - 1}]; tokenize with the teacher's tokenizer")
+    return ids.long()
+
+
+def _sequence_blocks(ids: torch.Tensor, blocks: int) -> list:
+    """The sequences as ``blocks`` Arrow tables of rows ``sequence`` (row id), ``input_ids`` (L int64)."""
+    import numpy as np
+    import pyarrow as pa
+
+    array = ids.numpy()
+    tables = []
+    for rows in np.array_split(np.arange(len(array), dtype=np.int64), blocks):
+        if len(rows):
+            tables.append(pa.table({"sequence": pa.array(rows), "input_ids": pa.FixedSizeListArray.from_arrays(
+                pa.array(array[rows].reshape(-1)), array.shape[1])}))
+    return tables
+
+
+def _read_parts(staging: str, n: int, length: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The staged rows in (sequence, position) order as ``(N, L, k)`` ids and log-probs; every position exactly once."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(staging).sort_by([("sequence", "ascending"), ("position", "ascending")])
+    sequence, position = table["sequence"].to_numpy(), table["position"].to_numpy()
+    if (len(sequence) != n * length or not np.array_equal(sequence, np.repeat(np.arange(n), length))
+            or not np.array_equal(position, np.tile(np.arange(length), n))):
+        raise RuntimeError(f"the teacher pass returned {len(sequence)} token rows for {n} sequences x {length} "
+                           f"positions (each exactly once expected)")
+    return fixed_lists(table["indices"], (n, length, k)), fixed_lists(table["logprobs"], (n, length, k))
+
+
+def write_lm_cache_with_ray(teacher_spec: dict, teacher_state: dict, sequences, *, k: int, temperature: float,
+                            path: str, tokenizer, batch_size: int = 64, concurrency: int = 1,
+                            use_gpu: bool = False, threads_per_actor: int = 1, overwrite: bool = False,
+                            log=print) -> str:
+    """Write the LM top-k cache of ``sequences`` ``(N, L)`` under the teacher ``teacher_spec`` +
+    ``teacher_state`` to the Parquet file ``path`` with Ray Data (see the module doc); returns ``path``.
+
+    ``teacher_spec``: ``{"builder": one of LM_BUILDERS, "args": {its knobs}}``; ``teacher_state``: the
+    teacher's state dict (tensors only, e.g. read with ``torch.load(..., weights_only=True)``); ``tokenizer``:
+    the tokenizer or its identity string, for the fingerprint; ``concurrency``: teacher actors (one GPU each
+    with ``use_gpu``); ``batch_size``: sequences per teacher forward. Starts a local Ray if none is up."""
+    import ray
+
+    from kdray.orchestrator.runtime import ensure_ray
+
+    start = time.perf_counter()
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        raise ValueError(f"LM cache path {path} is a folder; give the cache's file name, e.g. {path}/topk.parquet")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
+    if batch_size < 1 or concurrency < 1:
+        raise ValueError(f"LM cache needs batch_size >= 1 and concurrency >= 1, got {batch_size} and {concurrency}")
+    vocab_size = vocab_size_of(build_lm_teacher(teacher_spec, teacher_state, device="meta"))
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"LM cache k must be in [1, vocabulary size {vocab_size}], got {k}")
+    if temperature <= 0:
+        raise ValueError(f"LM cache temperature must be > 0, got {temperature}")
+    ids = _check_sequences(sequences, vocab_size)
+    n, length = ids.shape
+    fingerprint = lm_state_fingerprint(teacher_state, tokenizer, ids, k, temperature)
+
+    ensure_ray()
+    n_batches = -(-n // batch_size)
+    size = max(1, min(concurrency, n_batches))
+    ds = ray.data.from_arrow(_sequence_blocks(ids, max(size, min(n_batches, 4 * size))))
+    ds = ds.map_batches(
+        LMTopKActor, batch_size=batch_size, batch_format="pyarrow",
+        fn_constructor_kwargs={"teacher_spec": {"builder": teacher_spec["builder"],
+                                                "args": dict(teacher_spec.get("args", {}))},
+                               "state": ray.put(teacher_state), "k": k, "temperature": float(temperature),
+                               "vocab_size": vocab_size, "threads": threads_per_actor, "use_gpu": use_gpu},
+        compute=ray.data.ActorPoolStrategy(size=size), num_cpus=threads_per_actor, num_gpus=1 if use_gpu else 0)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.parts-", dir=os.path.dirname(path))
+    try:
+        ds.write_parquet(staging)
+        indices, logprobs = _read_parts(staging, n, length, k)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_lm_topk_parquet(path, indices, logprobs, temperature=temperature, vocab_size=vocab_size,
+                          fingerprint=fingerprint)
+    seconds = time.perf_counter() - start
+    log(f"cached the top-{k} of {teacher_spec['builder']} at T={temperature} for {n} x {length} tokens with {size} "
+        f"actor(s) in {seconds:.1f}s ({n * length / seconds:.0f} tokens/s, {bytes_per_token(path):.1f} bytes/token): "
+        f"{path} (fingerprint {fingerprint[:12]})")
+    return path
+
+
+__all__ = ["LM_BUILDERS", "LMTopKActor", "build_lm_teacher", "fixed_lists", "lm_builder", "lm_state_fingerprint",
+           "topk_rows_table", "write_lm_cache_with_ray"]
