@@ -30,6 +30,7 @@ fails in one line before Ray starts.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import shutil
 import tempfile
@@ -63,9 +64,13 @@ def lm_builder(teacher_spec: dict):
 def build_lm_teacher(teacher_spec: dict, state: dict | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Build the spec's teacher on ``device`` (``"meta"``: shapes only, no memory) and load ``state`` into it,
     strictly: a missing, unexpected or differently shaped tensor is a one-line ValueError."""
-    build = lm_builder(teacher_spec)
+    build, args = lm_builder(teacher_spec), dict(teacher_spec.get("args", {}))
+    allowed = set(inspect.signature(build).parameters)
+    if set(args) - allowed:
+        raise ValueError(f"LM teacher spec builder {teacher_spec['builder']!r} has no knob(s) "
+                         f"{sorted(set(args) - allowed)}; allowed: {', '.join(sorted(allowed))}")
     with torch.device(device):
-        model = build(**dict(teacher_spec.get("args", {})))
+        model = build(**args)
     if state is not None:
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -77,7 +82,7 @@ def build_lm_teacher(teacher_spec: dict, state: dict | None = None, device: str 
                 raise ValueError(f"LM teacher state {key!r} has shape {tuple(value.shape)} but "
                                  f"{teacher_spec['builder']} {teacher_spec.get('args', {})} expects "
                                  f"{tuple(own[key].shape)}; is the spec the teacher's?")
-        if device != "meta":
+        if torch.device(device).type != "meta":
             model.load_state_dict(state)
     return model.eval().requires_grad_(False)
 
