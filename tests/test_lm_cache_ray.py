@@ -2,6 +2,8 @@
 log-probs, metadata and fingerprint, rows in the original order; a student trained from it equals live top-k
 training step for step; a cache made by other teacher weights is refused in one line; bad input fails in one
 line before Ray starts."""
+import os
+
 import pytest
 import torch
 from test_lm_topk_cache import K, N, V, batches, corpus, train
@@ -29,8 +31,8 @@ def in_process_cache(path, model, ids, k, temperature, batch):
                                  fingerprint=lm_cache_fingerprint(model, TOKENIZER, ids, k, temperature))
 
 
-def ray_cache(path, ids, k, temperature, batch_size, concurrency, state=None):
-    return write_lm_cache_with_ray(SPEC, state or teacher().state_dict(), ids, k=k, temperature=temperature,
+def ray_cache(path, ids, k, temperature, batch_size, concurrency):
+    return write_lm_cache_with_ray(SPEC, teacher().state_dict(), ids, k=k, temperature=temperature,
                                    path=str(path), tokenizer=TOKENIZER, batch_size=batch_size,
                                    concurrency=concurrency)
 
@@ -68,6 +70,7 @@ def test_ray_data_cache_equals_the_in_process_cache(ray_cache_path, tmp_path):
         live = teacher_topk(teacher()(ids), K, TEMPERATURE, value_dtype=torch.float16)
     assert torch.equal(got.indices, live.indices) and torch.equal(got.logprobs, live.logprobs)
     assert not torch.equal(got.indices[0], got.indices[1])  # rows differ, so a shuffled order would show
+    assert os.listdir(os.path.dirname(ray_cache_path)) == ["topk.parquet"]  # the staged parts are gone
 
 
 @pytest.mark.ray
@@ -103,6 +106,18 @@ def test_a_cache_of_other_teacher_weights_is_refused_in_one_line(ray_cache_path)
     with pytest.raises(ValueError, match="differ; rebuild the cache") as err:
         read_lm_topk_parquet(ray_cache_path, expected_fingerprint=stale)
     assert "\n" not in str(err.value) and stale[:12] in str(err.value)
+
+
+@pytest.mark.ray
+def test_more_actors_than_the_cluster_has_cpus_fails_in_one_line(ray_session, tmp_path):
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    ids = torch.randint(0, V, (cpus + 1, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=f"{cpus + 1} teacher actor\\(s\\) x 1 CPU > the cluster's {cpus} CPUs; "
+                                         "lower concurrency") as err:
+        write_lm_cache_with_ray(SPEC, teacher().state_dict(), ids, k=K, temperature=1.0,
+                                path=str(tmp_path / "topk.parquet"), tokenizer=TOKENIZER, batch_size=1,
+                                concurrency=cpus + 1)
+    assert "\n" not in str(err.value) and not os.listdir(tmp_path)
 
 
 def test_the_state_dict_fingerprint_is_the_in_process_fingerprint():

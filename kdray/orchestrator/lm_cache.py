@@ -229,6 +229,11 @@ def write_lm_cache_with_ray(teacher_spec: dict, teacher_state: dict, sequences, 
     ensure_ray()
     n_batches = -(-n // batch_size)
     size = max(1, min(concurrency, n_batches))
+    resource, each = ("GPU", 1) if use_gpu else ("CPU", threads_per_actor)
+    have = ray.cluster_resources().get(resource, 0)
+    if size * each > have:
+        raise ValueError(f"LM cache: {size} teacher actor(s) x {each} {resource} > the cluster's {have:g} {resource}s; "
+                         f"lower concurrency (or threads_per_actor)")
     ds = ray.data.from_arrow(_sequence_blocks(ids, max(size, min(n_batches, 4 * size))))
     ds = ds.map_batches(
         LMTopKActor, batch_size=batch_size, batch_format="pyarrow",
@@ -240,7 +245,7 @@ def write_lm_cache_with_ray(teacher_spec: dict, teacher_state: dict, sequences, 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.parts-", dir=os.path.dirname(path))
     try:
-        ds.write_parquet(staging)
+        ds.write_parquet(staging, ray_remote_args={"num_cpus": 0})  # writes never wait for the actors' CPUs
         indices, logprobs = _read_parts(staging, n, length, k)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
