@@ -127,6 +127,8 @@ def test_the_state_dict_fingerprint_is_the_in_process_fingerprint():
         model, TOKENIZER, ids, K, 1.0)
     assert lm_state_fingerprint(teacher(seed=2).state_dict(), TOKENIZER, ids, K, 1.0) != lm_cache_fingerprint(
         model, TOKENIZER, ids, K, 1.0)
+    assert lm_state_fingerprint(model.state_dict(), TOKENIZER, ids.numpy(), K, 1.0) == lm_cache_fingerprint(
+        model, TOKENIZER, ids, K, 1.0)  # numpy token ids are the same data
 
 
 @pytest.mark.parametrize("change, message", [
@@ -136,6 +138,7 @@ def test_the_state_dict_fingerprint_is_the_in_process_fingerprint():
     ({"state": "missing"}, r"missing \['lm_head.weight'\].*pass the teacher's state_dict"),
     ({"ids": "out of vocabulary"}, f"token ids in \\[0, {V}\\] but the teacher's vocabulary is \\[0, {V - 1}\\]"),
     ({"ids": "float"}, "must be a non-empty 2-D integer tensor"),
+    ({"ids": "long"}, "sequences have 40 tokens but the teacher takes at most 32; pack shorter sequences"),
     ({"k": V + 1}, f"k must be in \\[1, vocabulary size {V}\\], got {V + 1}"),
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"exists": True}, "already exists; pass overwrite=True"),
@@ -152,6 +155,8 @@ def test_bad_input_fails_in_one_line_before_ray_starts(change, message, tmp_path
         ids[0, 0] = V
     elif change.get("ids") == "float":
         ids = ids.float()
+    elif change.get("ids") == "long":
+        ids = torch.zeros(2, 40, dtype=torch.long)
     path = tmp_path / "topk.parquet"
     if change.get("exists"):
         path.write_bytes(b"an earlier cache")

@@ -217,13 +217,19 @@ def write_lm_cache_with_ray(teacher_spec: dict, teacher_state: dict, sequences, 
         raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
     if batch_size < 1 or concurrency < 1:
         raise ValueError(f"LM cache needs batch_size >= 1 and concurrency >= 1, got {batch_size} and {concurrency}")
-    vocab_size = vocab_size_of(build_lm_teacher(teacher_spec, teacher_state, device="meta"))
+    shapes_only = build_lm_teacher(teacher_spec, teacher_state, device="meta")
+    vocab_size = vocab_size_of(shapes_only)
     if not 1 <= k <= vocab_size:
         raise ValueError(f"LM cache k must be in [1, vocabulary size {vocab_size}], got {k}")
     if temperature <= 0:
         raise ValueError(f"LM cache temperature must be > 0, got {temperature}")
     ids = _check_sequences(sequences, vocab_size)
     n, length = ids.shape
+    longest = getattr(shapes_only, "max_length", None) or getattr(
+        getattr(shapes_only, "config", None), "max_position_embeddings", None)
+    if longest is not None and length > longest:
+        raise ValueError(f"LM cache sequences have {length} tokens but the teacher takes at most {longest}; pack "
+                         f"shorter sequences or give the spec a larger max_length")
     fingerprint = lm_state_fingerprint(teacher_state, tokenizer, ids, k, temperature)
 
     ensure_ray()
