@@ -133,7 +133,8 @@ def test_the_state_dict_fingerprint_is_the_in_process_fingerprint():
 
 @pytest.mark.parametrize("change, message", [
     ({"spec": {"builder": "gpt9", "args": KNOBS}}, "builder 'gpt9' is not known; allowed: tiny_causal_lm"),
-    ({"spec": {"builder": "tiny_causal_lm", "args": {**KNOBS, "widht": 8}}}, r"has no knob\(s\) \['widht'\]; allowed: "),
+    ({"spec": {"builder": "tiny_causal_lm", "args": {**KNOBS, "widht": 8}}},
+     r"has no knob\(s\) \['widht'\]; allowed: "),
     ({"state": "narrow"}, "has shape .* expects .*is the spec the teacher's"),
     ({"state": "missing"}, r"missing \['lm_head.weight'\].*pass the teacher's state_dict"),
     ({"ids": "out of vocabulary"}, f"token ids in \\[0, {V}\\] but the teacher's vocabulary is \\[0, {V - 1}\\]"),
