@@ -11,15 +11,12 @@ Tiny GPT-style teacher (:class:`kdray.models.causal_lm.TinyCausalLM`), random to
 Run: ``python bench/lm_cache.py [--sequences 64] [--length 128] [--vocab 4096] [--k 32] [--actors 1 2]``.
 
 Measured here (2 shared cores, load average 25-45 from other jobs: wall times are noisy, ratios indicative only),
-teacher 4x128, vocab 4096, k 32, length 128, 1 thread each:
+teacher 4x128, vocab 4096, k 32, length 128, 1 thread each::
 
-==========================  ==============  ==============  =================================
-writer                      64 seq (8k tok)  256 seq (33k)   tokens/s after start-up (8k/33k)
-==========================  ==============  ==============  =================================
-in-process                  1,607 tok/s      3,000 tok/s     -
-Ray Data, 1 actor           186 (0.12x)      587 (0.20x)     346 / 792
-Ray Data, 2 actors          235 (0.15x)      937 (0.31x)     581 / 2,620
-==========================  ==============  ==============  =================================
+    writer               64 seq (8k tokens)   256 seq (33k tokens)   tokens/s after start-up (8k / 33k)
+    in-process           1,607 tokens/s       3,000 tokens/s         -
+    Ray Data, 1 actor    186 (0.12x)          587 (0.20x)            346 / 792
+    Ray Data, 2 actors   235 (0.15x)          937 (0.31x)            581 / 2,620
 
 Start-up (a pass over one sequence per actor) 14-22 s and ``ray.init`` 36-42 s under that load. Ray Data's own
 stats for the 8k-token pass: the actors' teacher batches took 0.74 s of CPU time (~11k tokens per CPU-second),
