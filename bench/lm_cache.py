@@ -20,8 +20,8 @@ teacher 4x128, vocab 4096, k 32, length 128, 1 thread each::
 
 Start-up (a pass over one sequence per actor) 14-22 s and ``ray.init`` 36-42 s under that load. Ray Data's own
 stats for the 8k-token pass: the actors' teacher batches took 0.74 s of CPU time (~11k tokens per CPU-second),
-so the Ray writer's wall time here is actor start and scheduling on an oversubscribed machine; it pays on
-clusters where actors sit on other cores / GPUs, not on two shared cores. Bytes per token on disk (Ray's file
+so the Ray writer's wall time here is actor start and scheduling on an oversubscribed machine (whether it
+pays where actors get cores / GPUs of their own was not measured: no cluster here). Bytes per token (Ray's file
 is the in-process file): k = 8: 21.8-23.6, k = 32: 85.2-87.0, k = 64: 168.9-170.2 (raw payload 6k = 48, 192,
 384; fp16 full-vocabulary logits 8,192).
 """
