@@ -72,9 +72,9 @@ def main() -> None:
     import ray
 
     layers, width = map(int, args.teacher.split("x"))
-    knobs = {"vocab_size": args.vocab, "layers": layers, "width": width, "heads": 4, "max_length": args.length}
-    teacher = tiny_causal_lm(**knobs, seed=1).eval()
-    spec, state = {"builder": "tiny_causal_lm", "args": knobs}, teacher.state_dict()
+    knobs = {"layers": layers, "width": width, "heads": 4, "max_length": args.length}
+    teacher = tiny_causal_lm(args.vocab, **knobs, seed=1).eval()
+    spec, state = {"model": "causal_lm", "args": knobs}, teacher.state_dict()
     ids = torch.randint(0, args.vocab, (args.sequences, args.length), generator=torch.Generator().manual_seed(0))
     tokens = ids.numel()
     start = time.perf_counter()
@@ -83,8 +83,9 @@ def main() -> None:
     init_s = time.perf_counter() - start
 
     def ray_writer(rows, path, actors):
-        return write_lm_cache_with_ray(spec, state, rows, k=args.k, temperature=1.0, path=path, tokenizer="bench",
-                                       batch_size=args.batch, concurrency=actors, overwrite=True, log=lambda line: None)
+        return write_lm_cache_with_ray(spec, state, rows, vocab_size=args.vocab, k=args.k, temperature=1.0, path=path,
+                                       tokenizer="bench", batch_size=args.batch, concurrency=actors, overwrite=True,
+                                       log=lambda line: None)
 
     with tempfile.TemporaryDirectory() as tmp:
         ref = os.path.join(tmp, "ref.parquet")

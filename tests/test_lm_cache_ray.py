@@ -13,13 +13,13 @@ from kdray.data.lm_topk_cache import lm_cache_fingerprint, read_lm_topk_parquet,
 from kdray.models.causal_lm import tiny_causal_lm
 from kdray.orchestrator.lm_cache import lm_state_fingerprint, write_lm_cache_with_ray
 
-KNOBS = {"vocab_size": V, "layers": 2, "width": 32, "heads": 4, "max_length": 32}
-SPEC = {"builder": "tiny_causal_lm", "args": KNOBS}
+KNOBS = {"layers": 2, "width": 32, "heads": 4, "max_length": 32}
+SPEC = {"model": "causal_lm", "args": KNOBS}  # the registry's tiny causal LM, V tokens
 TOKENIZER = "test-tokenizer"
 
 
 def teacher(seed=1):
-    return tiny_causal_lm(**KNOBS, seed=seed).eval()
+    return tiny_causal_lm(V, **KNOBS, seed=seed).eval()
 
 
 def in_process_cache(path, model, ids, k, temperature, batch):
@@ -32,7 +32,7 @@ def in_process_cache(path, model, ids, k, temperature, batch):
 
 
 def ray_cache(path, ids, k, temperature, batch_size, concurrency):
-    return write_lm_cache_with_ray(SPEC, teacher().state_dict(), ids, k=k, temperature=temperature,
+    return write_lm_cache_with_ray(SPEC, teacher().state_dict(), ids, vocab_size=V, k=k, temperature=temperature,
                                    path=str(path), tokenizer=TOKENIZER, batch_size=batch_size,
                                    concurrency=concurrency)
 
@@ -114,7 +114,7 @@ def test_more_actors_than_the_cluster_has_cpus_fails_in_one_line(ray_session, tm
     ids = torch.randint(0, V, (cpus + 1, 4), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=f"{cpus + 1} teacher actor\\(s\\) x 1 CPU > the cluster's {cpus} CPUs; "
                                          "lower concurrency") as err:
-        write_lm_cache_with_ray(SPEC, teacher().state_dict(), ids, k=K, temperature=1.0,
+        write_lm_cache_with_ray(SPEC, teacher().state_dict(), ids, vocab_size=V, k=K, temperature=1.0,
                                 path=str(tmp_path / "topk.parquet"), tokenizer=TOKENIZER, batch_size=1,
                                 concurrency=cpus + 1)
     assert "\n" not in str(err.value) and not os.listdir(tmp_path)
@@ -132,9 +132,9 @@ def test_the_state_dict_fingerprint_is_the_in_process_fingerprint():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"spec": {"builder": "gpt9", "args": KNOBS}}, "builder 'gpt9' is not known; allowed: tiny_causal_lm"),
-    ({"spec": {"builder": "tiny_causal_lm", "args": {**KNOBS, "widht": 8}}},
-     r"has no knob\(s\) \['widht'\]; allowed: "),
+    ({"spec": {"model": "gpt9", "args": KNOBS}}, "model 'gpt9' is not a registered causal LM; allowed: causal_lm"),
+    ({"spec": {"model": "resnet20", "args": {}}}, "model 'resnet20' is not a registered causal LM"),
+    ({"spec": {"model": "causal_lm", "args": {**KNOBS, "widht": 8}}}, r"has no knob\(s\) \['widht'\]"),
     ({"state": "narrow"}, "has shape .* expects .*is the spec the teacher's"),
     ({"state": "missing"}, r"missing \['lm_head.weight'\].*pass the teacher's state_dict"),
     ({"ids": "out of vocabulary"}, f"token ids in \\[0, {V}\\] but the teacher's vocabulary is \\[0, {V - 1}\\]"),
@@ -148,7 +148,7 @@ def test_bad_input_fails_in_one_line_before_ray_starts(change, message, tmp_path
     ids, _ = corpus()
     state = teacher().state_dict()
     if change.get("state") == "narrow":
-        state = tiny_causal_lm(**{**KNOBS, "width": 16}).state_dict()
+        state = tiny_causal_lm(V, **{**KNOBS, "width": 16}).state_dict()
     elif change.get("state") == "missing":
         state = {key: value for key, value in state.items() if key != "lm_head.weight"}
     if change.get("ids") == "out of vocabulary":
@@ -162,7 +162,7 @@ def test_bad_input_fails_in_one_line_before_ray_starts(change, message, tmp_path
     if change.get("exists"):
         path.write_bytes(b"an earlier cache")
     with pytest.raises(ValueError, match=message) as err:
-        write_lm_cache_with_ray(change.get("spec", SPEC), state, ids, k=change.get("k", K),
+        write_lm_cache_with_ray(change.get("spec", SPEC), state, ids, vocab_size=V, k=change.get("k", K),
                                 temperature=change.get("temperature", 1.0), path=str(path), tokenizer=TOKENIZER)
     assert "\n" not in str(err.value)
     assert not change.get("exists") or path.read_bytes() == b"an earlier cache"

@@ -8,12 +8,12 @@ How (:func:`write_lm_cache_with_ray`):
   (``sequence``) and its ``input_ids``.
 * ``map_batches`` with :class:`LMTopKActor` (a callable class in a fixed-size actor pool,
   ``ActorPoolStrategy(size=concurrency)``, as :mod:`kdray.orchestrator.teacher_cache` runs image teachers). Each
-  actor builds its teacher once from a builder spec (a known builder's name and its keyword knobs) and the
-  teacher's state dict, shipped through the object store as tensors: no pickled module crosses, as for image
-  teachers. Per batch it takes the top-k of the fp32 log-softmax of the logits at the cache's temperature
-  (:func:`kdray.algorithms.lm.topk.teacher_topk`) and returns one Arrow row per token: ``sequence``,
-  ``position``, k int32 ids, k float16 log-probs, the columns :func:`~kdray.data.lm_topk_cache.write_lm_topk_parquet`
-  writes.
+  actor builds its teacher once from a spec (a registered causal LM's name and its knobs, built with
+  ``create_model`` as image teachers are) and the teacher's state dict, shipped through the object store as
+  tensors: no pickled module crosses. Per batch it takes the top-k of the fp32 log-softmax of the logits at the
+  cache's temperature (:func:`kdray.algorithms.lm.topk.teacher_topk`) and returns one Arrow row per token:
+  ``sequence``, ``position``, k int32 ids, k float16 log-probs, the columns of
+  :func:`~kdray.data.lm_topk_cache.write_lm_topk_parquet`.
 * ``write_parquet`` streams the actors' rows to part files in a staging folder beside the cache, so the object
   store never holds the whole cache. The driver then reads the parts, checks that every (sequence, position)
   came back exactly once, puts them in the original order and writes the one cache file with
@@ -23,14 +23,13 @@ How (:func:`write_lm_cache_with_ray`):
 
 The fingerprint (:func:`lm_state_fingerprint`) is :func:`~kdray.data.lm_topk_cache.lm_cache_fingerprint`
 computed from the teacher's state dict as given, without building the teacher on the driver: equal to the
-in-process fingerprint of a teacher whose ``state_dict()`` that is. Bad input (unknown builder, a state dict
-that does not fit the built teacher, token ids outside the vocabulary, k out of range, an existing cache)
-fails in one line before Ray starts.
+in-process fingerprint of a teacher whose ``state_dict()`` that is. Bad input (a model that is not a causal LM,
+another vocabulary, a state dict that does not fit the teacher, token ids outside the vocabulary, sequences
+longer than the teacher takes, k out of range, an existing cache) fails in one line before Ray starts (the
+driver builds the teacher on the meta device only: shapes, no memory).
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 import shutil
 import tempfile
@@ -42,46 +41,45 @@ import torch.nn as nn
 from kdray.algorithms.lm.generation import causal_logits
 from kdray.algorithms.lm.topk import teacher_topk
 from kdray.data.lm_topk_cache import bytes_per_token, lm_cache_fingerprint, write_lm_topk_parquet
-from kdray.orchestrator.lm_placement import vocab_size_of
-
-# Builders an LM teacher spec may name: "module:function" strings, imported when used (a config cannot name an
-# arbitrary callable, e.g. os:system).
-LM_BUILDERS = {"tiny_causal_lm": "kdray.models.causal_lm:tiny_causal_lm"}
-
+from kdray.algorithms.lm.vocabulary import lm_vocab_size
+from kdray.models import create_model, list_models, model_family
 
 # --- the teacher, from a spec and a state dict -----------------------------------------------------------------
-def lm_builder(teacher_spec: dict):
-    """The builder function a spec ``{"builder": name, "args": {...}}`` names, or a one-line ValueError."""
-    if not isinstance(teacher_spec, dict) or "builder" not in teacher_spec:
-        raise ValueError(f"LM teacher spec must be a dict {{'builder': name, 'args': {{...}}}}, got {teacher_spec!r}")
-    name = teacher_spec["builder"]
-    if name not in LM_BUILDERS:
-        raise ValueError(f"LM teacher spec builder {name!r} is not known; allowed: {', '.join(sorted(LM_BUILDERS))}")
-    module, function = LM_BUILDERS[name].split(":")
-    return getattr(importlib.import_module(module), function)
+def lm_models() -> list[str]:
+    """The registered causal LMs (model family ``lm``): the names an LM teacher spec may give."""
+    return [name for name in list_models() if model_family(name) == "lm"]
 
 
-def build_lm_teacher(teacher_spec: dict, state: dict | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the spec's teacher on ``device`` (``"meta"``: shapes only, no memory) and load ``state`` into it,
-    strictly: a missing, unexpected or differently shaped tensor is a one-line ValueError."""
-    build, args = lm_builder(teacher_spec), dict(teacher_spec.get("args", {}))
-    allowed = set(inspect.signature(build).parameters)
-    if set(args) - allowed:
-        raise ValueError(f"LM teacher spec builder {teacher_spec['builder']!r} has no knob(s) "
-                         f"{sorted(set(args) - allowed)}; allowed: {', '.join(sorted(allowed))}")
-    with torch.device(device):
-        model = build(**args)
+def build_lm_teacher(teacher_spec: dict, vocab_size: int, state: dict | None = None,
+                     device: str | torch.device = "cpu") -> nn.Module:
+    """The spec's teacher (``{"model": a registered causal LM, "args": {its knobs}}``, built as
+    ``create_model(model, vocab_size, **args)``, an LM's classes being its tokens) on ``device`` (``"meta"``:
+    shapes only, no memory), with ``state`` loaded strictly. A name that is not a causal LM, a bad knob, another
+    vocabulary or a missing, unexpected or differently shaped tensor is a one-line ValueError."""
+    if not isinstance(teacher_spec, dict) or "model" not in teacher_spec:
+        raise ValueError(f"LM teacher spec must be a dict {{'model': name, 'args': {{...}}}}, got {teacher_spec!r}")
+    name, args = teacher_spec["model"], dict(teacher_spec.get("args", {}))
+    if name not in lm_models():
+        raise ValueError(f"LM teacher spec model {name!r} is not a registered causal LM; allowed: "
+                         f"{', '.join(lm_models())}")
+    try:
+        with torch.device(device):
+            model = create_model(name, vocab_size, **args)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"LM teacher spec {name} {args}: {str(err).splitlines()[0]}") from None
+    if lm_vocab_size(model) != vocab_size:
+        raise ValueError(f"LM teacher {name} {args} has a vocabulary of {lm_vocab_size(model)} tokens, the cache's "
+                         f"token ids {vocab_size}; the teacher must share the tokenizer")
     if state is not None:
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"LM teacher state does not fit {teacher_spec['builder']} {teacher_spec.get('args', {})}: "
-                             f"missing {missing[:3]}, unexpected {unexpected[:3]}; pass the teacher's state_dict()")
+            raise ValueError(f"LM teacher state does not fit {name} {args}: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}; pass the teacher's state_dict()")
         for key, value in state.items():
             if tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(f"LM teacher state {key!r} has shape {tuple(value.shape)} but "
-                                 f"{teacher_spec['builder']} {teacher_spec.get('args', {})} expects "
-                                 f"{tuple(own[key].shape)}; is the spec the teacher's?")
+                raise ValueError(f"LM teacher state {key!r} has shape {tuple(value.shape)} but {name} {args} "
+                                 f"expects {tuple(own[key].shape)}; is the spec the teacher's?")
         if torch.device(device).type != "meta":
             model.load_state_dict(state)
     return model.eval().requires_grad_(False)
@@ -138,7 +136,7 @@ class LMTopKActor:
         torch.set_num_threads(max(1, threads))
         state = ray.get(state) if isinstance(state, ray.ObjectRef) else state
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = build_lm_teacher(teacher_spec, state, self.device)
+        self.model = build_lm_teacher(teacher_spec, vocab_size, state, self.device)
         self.k, self.temperature, self.vocab_size = k, temperature, vocab_size
 
     def __call__(self, batch):
@@ -194,14 +192,15 @@ def _read_parts(staging: str, n: int, length: int, k: int) -> tuple[torch.Tensor
     return fixed_lists(table["indices"], (n, length, k)), fixed_lists(table["logprobs"], (n, length, k))
 
 
-def write_lm_cache_with_ray(teacher_spec: dict, teacher_state: dict, sequences, *, k: int, temperature: float,
-                            path: str, tokenizer, batch_size: int = 64, concurrency: int = 1,
+def write_lm_cache_with_ray(teacher_spec: dict, teacher_state: dict, sequences, *, vocab_size: int, k: int,
+                            temperature: float, path: str, tokenizer, batch_size: int = 64, concurrency: int = 1,
                             use_gpu: bool = False, threads_per_actor: int = 1, overwrite: bool = False,
                             log=print) -> str:
     """Write the LM top-k cache of ``sequences`` ``(N, L)`` under the teacher ``teacher_spec`` +
     ``teacher_state`` to the Parquet file ``path`` with Ray Data (see the module doc); returns ``path``.
 
-    ``teacher_spec``: ``{"builder": one of LM_BUILDERS, "args": {its knobs}}``; ``teacher_state``: the
+    ``teacher_spec``: ``{"model": a registered causal LM (:func:`lm_models`), "args": {its knobs}}``, built
+    with ``vocab_size`` tokens (the tokenizer's, which the sequences' ids come from); ``teacher_state``: the
     teacher's state dict (tensors only, e.g. read with ``torch.load(..., weights_only=True)``); ``tokenizer``:
     the tokenizer or its identity string, for the fingerprint; ``concurrency``: teacher actors (one GPU each
     with ``use_gpu``); ``batch_size``: sequences per teacher forward. Starts a local Ray if none is up."""
@@ -217,8 +216,7 @@ def write_lm_cache_with_ray(teacher_spec: dict, teacher_state: dict, sequences, 
         raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
     if batch_size < 1 or concurrency < 1:
         raise ValueError(f"LM cache needs batch_size >= 1 and concurrency >= 1, got {batch_size} and {concurrency}")
-    shapes_only = build_lm_teacher(teacher_spec, teacher_state, device="meta")
-    vocab_size = vocab_size_of(shapes_only)
+    shapes_only = build_lm_teacher(teacher_spec, vocab_size, teacher_state, device="meta")
     if not 1 <= k <= vocab_size:
         raise ValueError(f"LM cache k must be in [1, vocabulary size {vocab_size}], got {k}")
     if temperature <= 0:
@@ -243,7 +241,7 @@ def write_lm_cache_with_ray(teacher_spec: dict, teacher_state: dict, sequences, 
     ds = ray.data.from_arrow(_sequence_blocks(ids, max(size, min(n_batches, 4 * size))))
     ds = ds.map_batches(
         LMTopKActor, batch_size=batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs={"teacher_spec": {"builder": teacher_spec["builder"],
+        fn_constructor_kwargs={"teacher_spec": {"model": teacher_spec["model"],
                                                 "args": dict(teacher_spec.get("args", {}))},
                                "state": ray.put(teacher_state), "k": k, "temperature": float(temperature),
                                "vocab_size": vocab_size, "threads": threads_per_actor, "use_gpu": use_gpu},
@@ -258,11 +256,11 @@ def write_lm_cache_with_ray(teacher_spec: dict, teacher_state: dict, sequences, 
     write_lm_topk_parquet(path, indices, logprobs, temperature=temperature, vocab_size=vocab_size,
                           fingerprint=fingerprint)
     seconds = time.perf_counter() - start
-    log(f"cached the top-{k} of {teacher_spec['builder']} at T={temperature} for {n} x {length} tokens with {size} "
+    log(f"cached the top-{k} of {teacher_spec['model']} at T={temperature} for {n} x {length} tokens with {size} "
         f"actor(s) in {seconds:.1f}s ({n * length / seconds:.0f} tokens/s, {bytes_per_token(path):.1f} bytes/token): "
         f"{path} (fingerprint {fingerprint[:12]})")
     return path
 
 
-__all__ = ["LM_BUILDERS", "LMTopKActor", "build_lm_teacher", "fixed_lists", "lm_builder", "lm_state_fingerprint",
+__all__ = ["LMTopKActor", "build_lm_teacher", "fixed_lists", "lm_models", "lm_state_fingerprint",
            "topk_rows_table", "write_lm_cache_with_ray"]
