@@ -167,3 +167,28 @@ def test_bad_input_fails_in_one_line_before_ray_starts(change, message, tmp_path
     assert "\n" not in str(err.value)
     assert not change.get("exists") or path.read_bytes() == b"an earlier cache"
     assert [p.name for p in tmp_path.iterdir()] == (["topk.parquet"] if change.get("exists") else [])
+
+
+def test_the_actor_of_a_transformers_teacher_emits_the_in_process_top_k():
+    """LMTopKActor called in this process (no Ray) on a batch of rows out of order: a 1-layer Llama from
+    hf_causal_lm, rebuilt from its state dict, gives teacher_topk's ids and float16 log-probs per token."""
+    import numpy as np
+    import pyarrow as pa
+
+    from kdray.models import create_model
+    from kdray.orchestrator.lm_cache import LMTopKActor, fixed_lists
+
+    spec = {"model": "hf_causal_lm", "args": {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2,
+                                              "intermediate": 64, "max_length": 16, "seed": 3}}
+    hf = create_model("hf_causal_lm", V, **spec["args"]).eval()
+    ids = torch.randint(0, V, (3, 10), generator=torch.Generator().manual_seed(6))
+    rows = np.array([7, 2, 5])
+    batch = pa.table({"sequence": pa.array(rows), "input_ids": pa.FixedSizeListArray.from_arrays(
+        pa.array(ids.numpy().reshape(-1)), ids.shape[1])})
+    out = LMTopKActor(spec, hf.state_dict(), 5, 2.0, V)(batch)
+    with torch.no_grad():
+        live = teacher_topk(hf(ids), 5, 2.0, value_dtype=torch.float16)
+    assert out["sequence"].to_pylist() == np.repeat(rows, 10).tolist()
+    assert out["position"].to_pylist() == list(range(10)) * 3
+    assert torch.equal(fixed_lists(out["indices"], (3, 10, 5)).long(), live.indices)
+    assert torch.equal(fixed_lists(out["logprobs"], (3, 10, 5)).float(), live.logprobs)
