@@ -1,12 +1,14 @@
 """LM top-k cache writing: tokens/s of the Ray Data writer
-(:func:`kdray.orchestrator.lm_cache.write_lm_cache_with_ray`, 1 and 2 actors) against the in-process writer (the teacher in this process, batch by batch, then
-``write_lm_topk_parquet``), and the cache's bytes per token for several k.
+(:func:`kdray.orchestrator.lm_cache.write_lm_cache_with_ray`, 1 and 2 actors) against the in-process writer
+(the teacher in this process, batch by batch, then ``write_lm_topk_parquet``), and the cache's bytes per token
+for several k.
 
 Each Ray call is timed whole: it builds its actor pool (each actor imports torch and builds the teacher), runs
 the teacher, stages the parts with ``write_parquet`` and writes the one file; ``ray.init`` is timed apart, and
 so is a call over one sequence per actor (its start-up), so that the table also gives tokens/s after start-up.
 Writers are timed round-robin (after one in-process warm-up call) so a shared machine's load hits all alike;
-the ratio column is the in-process writer's time over each writer's (above 1: faster). Every Ray cache is checked equal to the in-process one.
+the ratio column is the in-process writer's time over each writer's (above 1: faster). Every Ray cache is
+checked equal to the in-process one.
 Tiny GPT-style teacher (:class:`kdray.models.causal_lm.TinyCausalLM`), random tokens.
 Run: ``python bench/lm_cache.py [--sequences 64] [--length 128] [--vocab 4096] [--k 32] [--actors 1 2]``.
 
