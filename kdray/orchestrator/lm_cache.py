@@ -40,8 +40,8 @@ import torch.nn as nn
 
 from kdray.algorithms.lm.generation import causal_logits
 from kdray.algorithms.lm.topk import teacher_topk
-from kdray.data.lm_topk_cache import bytes_per_token, lm_cache_fingerprint, write_lm_topk_parquet
 from kdray.algorithms.lm.vocabulary import lm_vocab_size
+from kdray.data.lm_topk_cache import bytes_per_token, lm_cache_fingerprint, write_lm_topk_parquet
 from kdray.models import create_model, list_models, model_family
 
 # --- the teacher, from a spec and a state dict -----------------------------------------------------------------
