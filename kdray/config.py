@@ -464,6 +464,8 @@ class LMSpec(_Strict):
     batch's loss). Several teachers are combined per token by ``combine`` (``mean``, ``weights``,
     ``confidence``); ``shard_teachers``: on Ray Train workers, teacher m lives on worker m % N only, scores every
     worker's rows and sends each its log-probs (kdray/orchestrator/lm_placement.py), in ``teacher_dtype``.
+    ``topk_cache``: the Parquet file ``kdray cache`` wrote of the teacher's top-k on the training windows; the
+    students then train from it without the teacher in memory (held-out figures without the teacher's).
     Every ``log_every_steps`` steps the token losses go to MLflow; per epoch ``generations``
     samples of ``generation_tokens`` tokens go to ``generations/epoch_NNNN.txt``."""
 
@@ -481,6 +483,7 @@ class LMSpec(_Strict):
     combine: Literal["mean", "weights", "confidence"] = "mean"
     weights: list[float] | None = None
     shard_teachers: bool = False
+    topk_cache: str | None = None
     teacher_dtype: Literal["float32", "bfloat16"] = "float32"
     grad_clip: float | None = Field(1.0, gt=0)
     log_every_steps: int = Field(20, ge=1)

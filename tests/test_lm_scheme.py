@@ -216,6 +216,35 @@ def test_two_ray_train_workers_with_sharded_teachers_train_the_one_process_stude
 
 
 @pytest.mark.ray
+def test_kdray_cache_writes_the_teacher_top_k_and_students_train_from_it_without_the_teacher(tmp_path, ray_session):
+    """``kdray cache`` of an lm job (Ray Data) writes the teacher's top-8 on the training windows; a job with
+    ``lm.topk_cache`` then trains the student without building the teacher, close to live top-8 training (the
+    cache holds float16 log-probs: test perplexity within 1e-3), reports bytes per token, and a cache of
+    other teacher weights is refused in one line."""
+    from kdray.orchestrator.teacher_cache import write_cache
+
+    cache = str(tmp_path / "topk.parquet")
+    over = dict(baseline=False, lm__generations=0, lm__top_k=8, data__options__max_windows=96,
+                teacher={"model": "causal_lm", "args": TINY, "checkpoint": _teacher_checkpoint(tmp_path, 55)})
+    summary = write_cache(lm_job(tmp_path, lm__topk_cache=cache, **over), log=lambda *a: None)
+    assert summary["k"] == 8 and summary["sequences"] == 96 and summary["tokens"] == 96 * 32
+    assert 2 < summary["bytes_per_token"] < 8 * 6 * 1.1  # at most an int32 id + a float16 value per kept token
+    rows = [{s["name"]: s for s in kdray.distill(lm_job(tmp_path / name, **over, **extra), quiet=True,
+                                                 log=lambda *a: None).stages}["forward_kl-seed0"]
+            for name, extra in (("live", {}), ("cached", {"lm__topk_cache": cache}))]
+    live, cached = rows
+    assert cached["test_perplexity"] == pytest.approx(live["test_perplexity"], rel=1e-3)
+    assert "teacher_test_perplexity" in live and "teacher_test_perplexity" not in cached  # no teacher was built
+    other = lm_job(tmp_path / "stale", lm__topk_cache=cache, **over)
+    torch.save({k: v + 0.01 for k, v in torch.load(other["teacher"]["checkpoint"]).items()},
+               tmp_path / "other.pt")
+    other["teacher"]["checkpoint"] = str(tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="lm.topk_cache: .*fingerprint") as err:
+        kdray.distill(other, quiet=True, log=lambda *a: None)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_sweep_searches_the_lm_settings_and_the_student_size(tmp_path, ray_session):
     """``kdray sweep`` over GKD's beta and lambda, the temperature, top-k and the student's width: the base trains

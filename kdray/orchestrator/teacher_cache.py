@@ -133,6 +133,9 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
 
     start = time.perf_counter()
     cfg = load_config(config, overrides)
+    if cfg.scheme == "lm":
+        return write_lm_cache(cfg, output, topk=topk, actors=actors, batch_size=batch_size, overwrite=overwrite,
+                              log=log)
     spec = teacher_spec(cfg)
     output = output or spec.cache
     if output is None:
@@ -207,6 +210,46 @@ def write_cache(config, output: str | None = None, *, overrides: list[str] | Non
         f"({cfg.data.name}, {kind}) with {size} actor(s) in {time.perf_counter() - start:.1f}s: "
         f"{output} ({size_mb:.2f} MiB); train students with teacher.cache={output}")
     return manifest
+
+
+def write_lm_cache(cfg: Config, output: str | None = None, *, topk: int | None = None, actors: int | None = None,
+                   batch_size: int = 64, overwrite: bool = False, log=print) -> dict:
+    """``kdray cache`` of an ``lm`` job: its teacher's top-k (``--topk``, else ``lm.top_k``) at ``lm.temperature``
+    on every training window, with Ray Data (:func:`~kdray.orchestrator.lm_cache.write_lm_cache_with_ray`), to
+    ``--output`` (else ``lm.topk_cache``); students then train with ``lm.topk_cache`` set. Returns a summary."""
+    from kdray.data.lm_topk_cache import bytes_per_token, read_lm_topk_parquet
+    from kdray.orchestrator.build import build_splits
+    from kdray.orchestrator.lm_cache import write_lm_cache_with_ray
+    from kdray.orchestrator.tracking import tracking_uri_for
+
+    if cfg.teacher is None or cfg.teachers:
+        raise ConfigError("kdray cache of an lm job caches one teacher: give teacher: (with checkpoint or mlflow_uri)")
+    path = output or cfg.lm.topk_cache
+    if path is None:
+        raise ConfigError("kdray cache of an lm job needs --output FILE.parquet (or lm.topk_cache in the config)")
+    k = topk if topk is not None else cfg.lm.top_k
+    if k is None:
+        raise ConfigError("kdray cache of an lm job stores the teacher's top-k: pass --topk K (or set lm.top_k)")
+    state, _, source = teacher_state(cfg.teacher, tracking_uri_for(cfg))
+    splits = build_splits(cfg)
+    path = os.path.abspath(os.path.expanduser(path))
+    write_lm_cache_with_ray({"model": cfg.teacher.model, "args": dict(cfg.teacher.args)}, state,
+                            splits.train.windows, vocab_size=splits.num_classes, k=k,
+                            temperature=cfg.lm.temperature, path=path, tokenizer=lm_tokenizer_id(cfg),
+                            batch_size=batch_size, concurrency=actors or 1, overwrite=overwrite, log=log)
+    cache = read_lm_topk_parquet(path)
+    summary = {"path": path, "k": cache.k, "temperature": cache.temperature, "sequences": len(cache.indices),
+               "tokens": int(cache.indices.shape[0] * cache.indices.shape[1]), "bytes_per_token": bytes_per_token(path),
+               "fingerprint": cache.fingerprint, "teacher": source}
+    log(f"cached the top-{cache.k} of {cfg.teacher.model} on {summary['tokens']:,} tokens: {path} "
+        f"({summary['bytes_per_token']:.1f} bytes/token); train students with lm.topk_cache={path}")
+    return summary
+
+
+def lm_tokenizer_id(cfg: Config) -> str:
+    """What an LM cache's fingerprint records of the tokenizer: the data's tokenizer option (``chars``: the
+    corpus's own characters, which the token ids' fingerprint covers)."""
+    return f"lm_text:{cfg.data.options.get('tokenizer', 'chars')}"
 
 
 def preflight_cache(cfg: Config, splits, tracking_uri: str | None) -> None:

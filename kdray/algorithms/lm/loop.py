@@ -4,7 +4,8 @@
 Pure PyTorch like the image :class:`~kdray.algorithms.engine.TrainLoop`; the orchestrator supplies the batches,
 the callbacks (per-step losses and per-epoch rows to MLflow, checkpoints) and stores :meth:`state_dict`.
 ``batches(epoch)`` must return the same ``(input_ids, completion_mask)`` batches for the same epoch (seed it by
-epoch), so a run resumed from an epoch's end trains exactly as one that never stopped; the on-policy source's
+epoch; a third item, the batch's :class:`~kdray.algorithms.lm.topk.TeacherTopK` read from a cache, replaces the
+teachers), so a run resumed from an epoch's end trains exactly as one that never stopped; the on-policy source's
 generator is part of the state for the same reason.
 """
 from __future__ import annotations
@@ -47,9 +48,9 @@ class LMTrainLoop:
     def train_epoch(self) -> dict:
         self.student.train()
         totals, count = {}, 0
-        for input_ids, completion_mask in self.batches(self.epoch):
+        for input_ids, completion_mask, *cached in self.batches(self.epoch):
             losses, _ = lm_step_losses(self.student, input_ids, completion_mask, self.settings, self.teachers,
-                                       source=self.source)
+                                       cached_topk=cached[0] if cached else None, source=self.source)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"LM loss {'/'.join(losses)} is {loss.item()} at step {self.step}; "

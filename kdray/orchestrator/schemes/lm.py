@@ -17,6 +17,7 @@ prompts per epoch (``generations/epoch_NNNN.txt``) and the job's run ``lm_perple
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
@@ -28,6 +29,7 @@ from kdray.algorithms.lm.loop import LMTrainLoop
 from kdray.algorithms.lm.multi_teacher import combine_teacher_logits
 from kdray.algorithms.lm.on_policy import OnPolicySource
 from kdray.algorithms.lm.step import LMLossSettings, held_out_figures
+from kdray.algorithms.lm.topk import TeacherTopK
 from kdray.algorithms.lm.vocabulary import check_shared_vocabulary, lm_vocab_size
 from kdray.config import ConfigError
 from kdray.models import create_model, list_models, model_family
@@ -131,9 +133,11 @@ class LMStageLoop:
             self.scheduler.load_state_dict(state["scheduler"])
 
 
-def epoch_batches(windows: torch.Tensor, batch_size: int, seed: int, rank: int, world: int, prompt_tokens: int):
+def epoch_batches(windows: torch.Tensor, batch_size: int, seed: int, rank: int, world: int, prompt_tokens: int,
+                  cache=None):
     """``batches(epoch)`` for :class:`LMTrainLoop`: the windows shuffled by ``(seed, epoch)``, cut into global
-    batches of ``batch_size``, each rank taking its ``batch_size // world`` rows (the same batches resumed)."""
+    batches of ``batch_size``, each rank taking its ``batch_size // world`` rows (the same batches resumed);
+    with a top-k ``cache`` of the windows, each batch also carries its rows' teacher top-k."""
     per_rank = max(1, batch_size // world)
 
     def batches(epoch: int):
@@ -141,9 +145,34 @@ def epoch_batches(windows: torch.Tensor, batch_size: int, seed: int, rank: int, 
         for start in range(0, len(order) - per_rank * world + 1, per_rank * world):
             rows = order[start + rank * per_rank: start + (rank + 1) * per_rank]
             ids = windows[rows]
-            yield ids, completion_mask(ids, prompt_tokens)
+            if cache is None:
+                yield ids, completion_mask(ids, prompt_tokens)
+                continue
+            indices, logprobs = cache.rows(rows)  # positions [:, :-1] predict the next tokens
+            yield ids, completion_mask(ids, prompt_tokens), TeacherTopK(
+                indices[:, :-1].to(ids.device), logprobs[:, :-1].to(ids.device), cache.temperature, cache.vocab_size)
 
     return batches
+
+
+def read_topk_cache(cfg, splits, tracking_uri):
+    """The job's ``lm.topk_cache``, refused in one line when another teacher, tokenizer, corpus, k or
+    temperature made it (its fingerprint; the teacher's weights are read for it, not built)."""
+    from kdray.data.lm_topk_cache import read_lm_topk_parquet
+    from kdray.orchestrator.cache_store import teacher_state
+    from kdray.orchestrator.lm_cache import lm_state_fingerprint
+    from kdray.orchestrator.teacher_cache import lm_tokenizer_id
+
+    path = cfg.lm.topk_cache
+    if not os.path.isfile(path):
+        raise ConfigError(f"lm.topk_cache {path!r} is not a file; write it with `kdray cache <this config> --topk K`")
+    state, _, _ = teacher_state(cfg.teacher, tracking_uri)
+    k = read_lm_topk_parquet(path).k if cfg.lm.top_k is None else cfg.lm.top_k
+    expected = lm_state_fingerprint(state, lm_tokenizer_id(cfg), splits.train.windows, k, cfg.lm.temperature)
+    try:
+        return read_lm_topk_parquet(path, expected_fingerprint=expected)
+    except ValueError as err:
+        raise ConfigError(f"lm.topk_cache: {str(err).splitlines()[0]}") from None
 
 
 def generations_text(model, prompts: torch.Tensor, prompt_tokens: int, new_tokens: int, decode, seed: int,
@@ -203,6 +232,13 @@ class LanguageModel(Scheme):
                              "lm.prompt_tokens >= 1 (the first tokens of every window)")
         if lm.seq_kd and len(specs) != 1:
             raise ValueError(f"lm.seq_kd generates with one teacher, got {len(specs)}")
+        if lm.topk_cache is not None and (lm.on_policy_lambda > 0 or lm.seq_kd or len(specs) != 1
+                                          or lm.shard_teachers):
+            raise ValueError("lm.topk_cache holds one teacher's top-k on the corpus tokens: it cannot score "
+                             "on-policy or seq-KD samples, combine or shard teachers; drop those or the cache")
+        if lm.topk_cache is not None and cfg.teacher.train is not None:
+            raise ValueError("lm.topk_cache was written from a trained teacher: give teacher.checkpoint or "
+                             "teacher.mlflow_uri (the weights `kdray cache` read), not teacher.train")
         if lm.seq_kd and lm.shard_teachers:
             raise ValueError("lm.seq_kd generates with the teacher on every worker; lm.shard_teachers keeps it on "
                              "one: set one of them false")
@@ -265,8 +301,10 @@ class LanguageModel(Scheme):
         optim = spec.train if stage.kind == KINDS["teacher"] else cfg.train
         seed_everything(stage.seed)
         model = create_model(spec.model, splits.num_classes, **spec.args).to(ctx.device)
+        taught = stage.kind == KINDS["taught"]
+        cache = read_topk_cache(cfg, splits, ctx.tracking_uri) if lm.topk_cache is not None and taught else None
         teachers = []
-        for source in stage.teachers:
+        for source in () if lm.topk_cache is not None else stage.teachers:  # the cache stands in for the teacher
             teacher = build_teacher_model(cfg, source, splits.num_classes, job_state.weights, ctx.tracking_uri)
             if lm_vocab_size(teacher) != splits.num_classes:
                 raise ConfigError(f"teacher {source}: vocabulary {lm_vocab_size(teacher)} != the corpus's "
@@ -278,7 +316,6 @@ class LanguageModel(Scheme):
             teachers = [ShardedLMTeachers(teachers, ctx.rank, ctx.world_size, rule=lm.combine, weights=lm.weights,
                                           teacher_dtype=torch.bfloat16 if lm.teacher_dtype == "bfloat16" else None,
                                           student_vocab_size=splits.num_classes, seed=stage.seed)]
-        taught = stage.kind == KINDS["taught"]
         settings = LMLossSettings(loss=lm.loss if taught else "ce", temperature=lm.temperature, beta=lm.beta,
                                   skew_alpha=lm.skew_alpha, top_k=lm.top_k, chunk_tokens=lm.chunk_tokens,
                                   combine=lm.combine, weights=tuple(lm.weights) if lm.weights else None)
@@ -296,7 +333,8 @@ class LanguageModel(Scheme):
                 logger.buffer(step, {f"step_{name}": value for name, value in losses.items()})
         loop = LMTrainLoop(trainable, optimizer,
                            epoch_batches(windows_of(splits.train).to(device), optim.batch_size, stage.seed,
-                                         ctx.rank, ctx.world_size, lm.prompt_tokens),
+                                         ctx.rank, ctx.world_size, lm.prompt_tokens,
+                                         cache if taught else None),
                            optim.epochs, settings, held_out=None, teachers=teachers, source=source, log_every_steps=lm.log_every_steps,
                            grad_clip=lm.grad_clip, on_step=on_step)
         figures_teacher = (teachers[0] if len(teachers) == 1 else
