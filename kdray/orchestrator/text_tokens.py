@@ -68,7 +68,7 @@ def tokenize_on_ray(source: str | Path, output: str | Path, *, tokenizer: str, m
     A missing text or label column fails here, before Ray starts work, naming the columns the file has."""
     import pyarrow.parquet as pq
     import ray
-    from ray.data import DataContext
+    from ray.data import DataContext, TaskPoolStrategy
 
     source, output = Path(source), Path(output)
     fmt = text_format(source, fmt)
@@ -91,7 +91,8 @@ def tokenize_on_ray(source: str | Path, output: str | Path, *, tokenizer: str, m
     writer = None
     try:
         ds = _read(source, fmt, text_column, label_column).map_batches(
-            tokenize_batch, batch_format="pyarrow", batch_size=int(batch_rows), num_cpus=1, concurrency=size,
+            tokenize_batch, batch_format="pyarrow", batch_size=int(batch_rows), num_cpus=1,
+            compute=TaskPoolStrategy(size=size),
             fn_kwargs=dict(tokenizer=str(tokenizer), max_length=max_length, text_column=text_column,
                            label_column=label_column, fmt=fmt, source=str(source)))
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
