@@ -145,3 +145,26 @@ def test_a_job_tokenises_once_into_its_job_directory(ray_session, corpora, tmp_p
     assert_same_dataset(build_splits(cfg), on_ray)  # every later build (worker, task, check) reads the file
     assert written.stat().st_mtime_ns == before
     assert sorted(p.name for p in written.parent.iterdir()) == [written.name]  # no temporary file left
+
+
+@pytest.mark.ray
+def test_a_text_job_trains_on_ray_data_tokens(ray_session, corpora, tmp_path):
+    """Through kdray.distill: the preflight's build tokenises, the stage's build reads the same file."""
+    import kdray
+    from kdray.models import create_model
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher"
+    create_model("hf_text", 2, head="classification", teacher=TOKENIZER, layers=1, hidden=32, heads=4,
+                 intermediate=64).save_pretrained(teacher)
+    cfg = digits_job(tmp_path)
+    cfg["data"] = {"name": "text_files", "options": {"path": str(corpora["parquet"]), "tokenize_with": "ray",
+                                                     "max_length": MAX_LENGTH, **LABELLED}}
+    cfg["teacher"] = {"model": "hf_text", "args": {"path": str(teacher)}, "pretrained": True}
+    cfg["student"] = {"model": "hf_text", "args": {"teacher": str(teacher), "layers": 1, "hidden": 16, "heads": 2,
+                                                   "intermediate": 32}}
+    cfg["train"] = {"epochs": 1, "lr": 0.005, "batch_size": 16, "optimizer": "adamw"}
+    (stage,) = kdray.distill(cfg).stages
+    assert stage["kind"] == "distill" and 0.0 <= stage["test_top1"] <= 1.0
+    (written,) = (tmp_path / "runs" / "t" / "tokens").glob("*.parquet")
+    assert len(read_tokenized(written)[1]) == 200
