@@ -20,6 +20,14 @@ PIPELINE_TASKS = {"classification": "text-classification", "masked_lm": "fill-ma
                   "embedding": "feature-extraction"}
 
 
+def is_transformers_text(model) -> bool:
+    """Whether ``model`` is a transformers text model (kdray's ``hf_text``), which this flavour logs; other text
+    models (``text_bilstm``) are plain modules for ``mlflow.pytorch``."""
+    from kdray.models.text import TextModel
+
+    return isinstance(model, TextModel)
+
+
 def log_text_model(model, *, name: str, model_id: str, run_id: str, uri: str, requirements: list[str]) -> None:
     """Log ``model`` (a :class:`~kdray.models.text.TextModel`, on the CPU, without training hooks) and its
     tokenizer as the MLflow logged model ``model_id`` of run ``run_id`` in the store ``uri``."""

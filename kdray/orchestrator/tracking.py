@@ -436,6 +436,8 @@ class StageLogger:
         if model_family(spec["model"]) != "text":
             return False
         model = create_model(spec["model"], spec["num_classes"], **spec.get("args", {}))
+        if not hasattr(model, "save_pretrained"):  # a text model that is not a transformers one (text_bilstm)
+            return False
         model.load_state_dict(state)
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(os.path.join(folder, "hf_model"))
@@ -483,12 +485,13 @@ class StageLogger:
         import torch
         from mlflow.models import infer_signature
 
-        from kdray.models import create_model, model_family
+        from kdray.models import create_model
+        from kdray.orchestrator.text_model_logging import is_transformers_text, log_text_model
 
         model = create_model(spec["model"], spec["num_classes"], **spec.get("args", {}))
         model.load_state_dict(state)
         model.eval()
-        text = model_family(spec["model"]) == "text"
+        text = is_transformers_text(model)
         if not text:
             example = example[:2].detach().cpu()
             with torch.no_grad():
@@ -508,8 +511,6 @@ class StageLogger:
         logged = self.client.create_logged_model(run.info.experiment_id, name=name, source_run_id=self.run_id,
                                                  tags={"kdray.model": spec["model"]})
         if text:  # a transformers model and its tokenizer: mlflow.transformers.load_model gives a pipeline
-            from kdray.orchestrator.text_model_logging import log_text_model
-
             log_text_model(model, name=name, model_id=logged.model_id, run_id=self.run_id, uri=self.uri,
                            requirements=requirements)
             return logged.model_id
