@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader
 from kdray.algorithms.base import Batch, ModelOutput, create_method
 from kdray.algorithms.distiller import Distiller
 from kdray.data import build_datasets, collate_batch
-from kdray.data.text import pang_lee_sentences, load_tokenizer, tokenize
+from kdray.data.text import pang_lee_sentences, tokenize
+from kdray.hf_local import load_tokenizer
 from kdray.models import create_model
 
 

@@ -12,7 +12,8 @@ from kdray.data import build_datasets, collate_batch  # noqa: E402
 from kdray.data.text import (TextColumnError, lee_background_texts, mask_tokens, pang_lee_sentences,  # noqa: E402
                              read_table)
 from kdray.models import create_model  # noqa: E402
-from kdray.models.text import load_tokenizer, minilm_dir, vocab_mismatch  # noqa: E402
+from kdray.hf_local import load_tokenizer, minilm_dir  # noqa: E402
+from kdray.models.text import vocab_mismatch  # noqa: E402
 
 ROWS = [{"text": "a fine film", "label": "pos", "id": 1}, {"text": "dull and long", "label": "neg", "id": 2},
         {"text": "great acting", "label": "pos", "id": 3}, {"text": "a mess", "label": "neg", "id": 4}] * 3

@@ -10,7 +10,8 @@ pytest.importorskip("transformers")
 
 from kdray.models import create_model  # noqa: E402
 from kdray.models.features import FeatureTap  # noqa: E402
-from kdray.models.text import TextModelError, load_tokenizer, minilm_dir, text_model  # noqa: E402
+from kdray.hf_local import load_tokenizer, minilm_dir  # noqa: E402
+from kdray.models.text import TextModelError, text_model  # noqa: E402
 
 TINY = dict(teacher="all_minilm_l6_v2", layers=2, hidden=32, heads=4, intermediate=64)
 

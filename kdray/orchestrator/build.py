@@ -26,12 +26,15 @@ from kdray.models import create_model
 from kdray.orchestrator.cache_store import open_cache_for_run
 from kdray.orchestrator.placement import ShardedTeacherEnsemble, WorkerContext
 from kdray.orchestrator.plan import Stage, TeacherSource, methods_need_teacher, model_spec, stage_spec_path
+from kdray.orchestrator.text_tokens import tokenized_options
 from kdray.orchestrator.weights import load_weights, read_weights
 
 
 def build_splits(cfg: Config):
     """The job's dataset splits, as every worker, task and check builds them."""
-    return build_datasets(cfg.data.name, root=cfg.data.root, **cfg.data.builder_options())
+    options = tokenized_options(cfg.data.name, cfg.data.builder_options(), cfg.data.root, cfg.run_dir(),
+                                cfg.ray.address)  # tokenize_with: ray tokenises a text corpus once, on Ray Data
+    return build_datasets(cfg.data.name, root=cfg.data.root, **options)
 
 
 def example_batch(dataset, count: int = 2) -> torch.Tensor | dict[str, torch.Tensor]:

@@ -413,7 +413,7 @@ class StageLogger:
         pretrained = self._log_pretrained(model_state, model_spec)
         if splits is not None:
             self.client.log_inputs(self.run_id, dataset_inputs(dataset or "data", splits))  # repeats are no-ops
-        if example is not None and not pretrained:
+        if example is not None or pretrained:  # a text student: mlflow.transformers, needs no example
             self._log_model(model_state, model_spec, example)
         if history:
             from kdray.orchestrator.plots import accuracy_curve
@@ -434,12 +434,15 @@ class StageLogger:
     def _log_pretrained(self, state: dict, spec: dict) -> bool:
         """A model with ``save_pretrained`` (a transformers text model) is also logged as the directory it writes
         (``hf_model/``: weights, config, tokenizer), so ``from_pretrained`` on the downloaded artifact loads it
-        back, outside kdray; that directory is then its MLflow model. Whether one was logged."""
+        back, outside kdray (its MLflow logged model, in the ``transformers`` flavour, is :meth:`_log_model`'s).
+        Whether one was logged."""
         from kdray.models import create_model, model_family
 
         if model_family(spec["model"]) != "text":
             return False
         model = create_model(spec["model"], spec["num_classes"], **spec.get("args", {}))
+        if not hasattr(model, "save_pretrained"):  # a text model that is not a transformers one (text_bilstm)
+            return False
         model.load_state_dict(state)
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(os.path.join(folder, "hf_model"))
@@ -457,6 +460,8 @@ class StageLogger:
         per model and fails on models export cannot trace). Loading a pickle runs code from the store: load
         these only from a store you trust. kdray never loads them; it reads teachers from the weights-only
         ``model/state_dict.pt``. A model that cannot be logged leaves a warning and a tag, not a failed stage.
+        A transformers text student is logged with ``mlflow.transformers`` instead, with its tokenizer
+        (:mod:`kdray.orchestrator.text_model_logging`: no pickle, and ``load_model`` gives a pipeline).
         """
         from mlflow.entities import LoggedModelStatus
 
@@ -486,17 +491,20 @@ class StageLogger:
         from mlflow.models import infer_signature
 
         from kdray.models import create_model
+        from kdray.orchestrator.text_model_logging import is_transformers_text, log_text_model
 
         model = create_model(spec["model"], spec["num_classes"], **spec.get("args", {}))
         model.load_state_dict(state)
         model.eval()
-        example = example[:2].detach().cpu()
-        with torch.no_grad():
-            out = model(example)
-        signature = infer_signature(example.numpy(), out.numpy() if torch.is_tensor(out) else None)
+        text = is_transformers_text(model)
+        if not text:
+            example = example[:2].detach().cpu()
+            with torch.no_grad():
+                out = model(example)
+            signature = infer_signature(example.numpy(), out.numpy() if torch.is_tensor(out) else None)
         # Stated, not inferred: MLflow infers requirements by loading the model in a subprocess (seconds).
         requirements = []
-        for package in ("torch", "mlflow", "kdray"):
+        for package in ("torch", "mlflow", "kdray") + (("transformers", "tokenizers") if text else ()):
             try:
                 requirements.append(f"{package}=={version(package)}")
             except PackageNotFoundError:
@@ -507,6 +515,10 @@ class StageLogger:
         name = re.sub(r"[/:.%\"']", "-", run.info.run_name)
         logged = self.client.create_logged_model(run.info.experiment_id, name=name, source_run_id=self.run_id,
                                                  tags={"kdray.model": spec["model"]})
+        if text:  # a transformers model and its tokenizer: mlflow.transformers.load_model gives a pipeline
+            log_text_model(model, name=name, model_id=logged.model_id, run_id=self.run_id, uri=self.uri,
+                           requirements=requirements)
+            return logged.model_id
         # quiet: the pickle-format caution (said in the docstring above)
         with fluent_store(self.uri), quiet_logger("mlflow.pytorch", logging.ERROR):
             mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, run_id=self.run_id,
