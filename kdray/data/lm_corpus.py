@@ -96,7 +96,7 @@ def lm_text(root=None, seed=0, path: str | list[str] | None = None, tokenizer: s
         def decode(ids) -> str:
             return "".join(vocabulary[int(i)] for i in ids)
     else:
-        from kdray.data.text import load_tokenizer
+        from kdray.hf_local import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
         vocab = tok.get_vocab()
