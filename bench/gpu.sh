@@ -17,7 +17,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ "$TINY" = 1 ]; then
-  STEP=(--batch 8 --repeats 1 --teacher resnet8 --student resnet8); CACHE=(--samples 2000 --views 2)
+  STEP=(--batch 8 --repeats 1 --teacher resnet8 --student resnet8); CACHE=(--samples 2000 --views 2 "${STEP[@]}")
   EPOCH=(--images 128 --batch 32 --repeats 1 --teacher resnet8 --student resnet8); SMOKE=(--epochs 1 --images 16 --workers 0)
   COMPILE=(--no-compile)
 else

@@ -436,7 +436,7 @@ def test_ctrl_c_stops_a_block_search_as_killed_and_resume_trains_no_finished_blo
     base["train"]["epochs"] = 2
     (tmp / "nas.yaml").write_text(yaml.safe_dump({
         "name": "ctrl-c", "output_dir": str(tmp / "out"), "base": base,
-        "blocks": {"cuts": ["stage1", "stage2"], "widths": [2, 4, 8, 16], "depths": [1], "kernels": [3],
+        "blocks": {"cuts": ["stage1", "stage2"], "widths": [2, 16], "depths": [1], "kernels": [3],
                    "epochs": 8, "max_concurrent": 2, "budget": 3000}}))
     blocks_dir = tmp / "out" / "ctrl-c" / "blocks"
     env = {**cli_env(), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
@@ -460,9 +460,9 @@ def test_ctrl_c_stops_a_block_search_as_killed_and_resume_trains_no_finished_blo
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
     before = {f: os.path.getmtime(f) for f in glob.glob(str(blocks_dir / "*.json"))}
-    assert 1 <= len(before) < 8, before
+    assert 1 <= len(before) < 4, before  # 2 blocks x 2 widths: the Ctrl-C lands after the first, before the last
 
     assert main(["nas", "nas.yaml", "--resume"]) == 0
     after = {f: os.path.getmtime(f) for f in glob.glob(str(blocks_dir / "*.json"))}
-    assert len(after) == 8 and all(after[f] == t for f, t in before.items())  # finished blocks not retrained
+    assert len(after) == 4 and all(after[f] == t for f, t in before.items())  # finished blocks not retrained
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"

@@ -132,7 +132,7 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_session, mlflo
 
 @pytest.mark.slow
 def test_killed_driver_is_stale_then_resumes_into_the_same_run(tmp_path, mlflow_uri):
-    epochs = 30
+    epochs = 10  # the kill lands at the first checkpoint (after 2 of the teacher's 10 epochs): 18 still to go
     job = digits_job(tmp_path, mlflow_uri, name="driver-kill", teacher__train__epochs=epochs, train__epochs=epochs,
                      checkpoint__every_epochs=2)
     run_dir = tmp_path / "runs" / "driver-kill"

@@ -27,6 +27,19 @@ def test_pure_layers_load_no_orchestration_stack(package):
     assert _loaded_after(f"import {package}") == []
 
 
+def test_a_digits_model_and_its_data_path_load_no_torchvision():
+    """torchvision (with the torch._dynamo / onnx modules it pulls in) costs ~25% of torch's own import in every Ray
+    worker, trial and CLI subprocess: a digits job, which needs none of it, must not load it; a DeiT still can."""
+    code = ("import sys, torch\nfrom kdray.models import create_model\nfrom kdray.data import build_datasets\n"
+            "from kdray.data.device import device_refusal\n"
+            "splits = build_datasets('digits', train_fraction=0.2)\ncreate_model('digits_cnn', 10)\n"
+            "assert device_refusal(splits.train, torch.device('cpu')) is None\nprint('torchvision' in sys.modules)\n"
+            "create_model('deit_vit', 10)\nprint('torchvision' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]
+
+
 def test_public_names_still_load_on_first_use():
     code = ("import kdray, kdray.config, kdray.search\n"
             "from kdray import Config, ConfigError, load_config, sweep, distill\n"

@@ -145,8 +145,6 @@ def _parse_transform(transform, image_hw: tuple[int, int]):
 
 def _describe(dataset: Dataset):
     """``(kind, base, indices, n, image_shape, dtype_bytes)`` of a split the device can hold, else raise."""
-    from torchvision import datasets as D
-
     base, indices = split_base(dataset)
     n = len(dataset)
     if getattr(base, "target_transform", None) is not None:
@@ -154,6 +152,8 @@ def _describe(dataset: Dataset):
     if isinstance(base, TensorDataset):
         x = base.tensors[0]
         return "tensor", base, indices, n, tuple(x.shape[1:]), x.element_size()
+    from torchvision import datasets as D  # after the tensor case: a digits job's processes never import torchvision
+
     if isinstance(base, D.CIFAR10):  # CIFAR100 too
         h, w, c = base.data.shape[1:]
         return "cifar", base, indices, n, (c, h, w), 1

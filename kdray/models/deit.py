@@ -24,7 +24,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.vision_transformer import Encoder
 
 from kdray.models.registry import register_model
 
@@ -50,6 +49,8 @@ class DeiTViT(nn.Module):
         nn.init.trunc_normal_(self.class_token, std=0.02)  # DeiT's init of both tokens
         nn.init.trunc_normal_(self.dist_token, std=0.02)
         seq_length = (image_size // patch_size) ** 2 + 2
+        # imported here: torchvision (it pulls in torch._dynamo) costs every process that imports kdray.models
+        from torchvision.models.vision_transformer import Encoder
         self.encoder = Encoder(seq_length, depth, heads, hidden_dim, mlp_dim, dropout, 0.0)
         self.cls_embedding = nn.Identity()  # the class token's final representation (a feature point)
         self.dist_embedding = nn.Identity()  # the distillation token's
