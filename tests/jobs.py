@@ -26,6 +26,11 @@ def digits_job(tmp_path, mlflow_uri=None, **over) -> dict:
         "ray": {"num_workers": 0},
         "mlflow": {"tracking_uri": mlflow_uri, "enabled": mlflow_uri is not None},
     }
+    return with_overrides(cfg, **over)
+
+
+def with_overrides(cfg: dict, **over) -> dict:
+    """``cfg`` with each ``section__key=value`` set (nested sections created as needed), for the job helpers."""
     for key, value in over.items():
         node = cfg
         *path, last = key.split("__")

@@ -19,6 +19,7 @@ from kdray.algorithms.response.kd import KD
 from kdray.algorithms.schemes.cross_modal import (UNLABELLED, CrossModalDistiller, CrossModalLoop, ModalityTeacher,
                                                   labelled_cross_entropy, labelled_mask)
 from kdray.config import ConfigError
+from jobs import with_overrides
 from kdray.data import build_datasets
 from kdray.data.two_views import modalities, profiles, split_targets, view_splits
 from kdray.orchestrator.build import example_batch
@@ -61,13 +62,7 @@ def cross_modal_job(tmp_path, teacher, mlflow_uri=None, **over) -> dict:
            "train": {"epochs": 20, "lr": 0.05, "batch_size": 64}, "seeds": [0], "baseline": False,
            "ray": {"num_workers": 0},
            "mlflow": {"tracking_uri": mlflow_uri, "enabled": mlflow_uri is not None, "system_metrics": False}}
-    for key, value in over.items():
-        node = cfg
-        *path, last = key.split("__")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return cfg
+    return with_overrides(cfg, **over)
 
 
 # --- the two-view dataset ------------------------------------------------------------------------------------

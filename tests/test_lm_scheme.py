@@ -15,6 +15,7 @@ import kdray
 from kdray.config import Config, ConfigError
 from kdray.data import build_datasets
 from kdray.orchestrator.plan import plan_stages
+from jobs import with_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,13 +30,7 @@ def lm_job(tmp_path, epochs=2, teacher_epochs=2, **over) -> dict:
            "student": {"model": "causal_lm", "args": {**TINY, "width": 16}},
            "train": {"epochs": epochs, **ADAM}, "lm": {"loss": "forward_kl", "log_every_steps": 2},
            "seeds": [0], "baseline": True, "ray": {"num_workers": 0}, "mlflow": {"enabled": False}}
-    for key, value in over.items():
-        node = cfg
-        *path, last = key.split("__")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return cfg
+    return with_overrides(cfg, **over)
 
 
 def test_windows_pack_each_split_s_documents_and_decode_back(tmp_path):

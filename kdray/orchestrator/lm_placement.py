@@ -38,19 +38,11 @@ import torch.nn.functional as F
 
 from kdray.algorithms.lm.generation import causal_logits
 from kdray.algorithms.lm.multi_teacher import combine_teacher_logits
+from kdray.algorithms.lm.vocabulary import lm_vocab_size
 from kdray.orchestrator.placement import teacher_ranks
 from kdray.orchestrator.run_dir import write_atomic
 
 STUDENT_SHARDING = ("ddp", "fsdp")
-
-
-def vocab_size_of(model: nn.Module) -> int:
-    """A causal LM's vocabulary size: kdray's ``vocab_size`` attribute or a transformers model's config."""
-    size = getattr(model, "vocab_size", None) or getattr(getattr(model, "config", None), "vocab_size", None)
-    if size is None:
-        raise ValueError(f"{type(model).__name__} has no vocab_size (attribute or config.vocab_size): sharded LM "
-                         f"teachers need it to receive each teacher's log-probs")
-    return int(size)
 
 
 def _world(group) -> tuple[int, int]:
@@ -103,7 +95,7 @@ class ShardedLMTeachers(nn.Module):
     def _learn_vocab_sizes(self) -> None:
         """Each teacher's vocabulary size, all-gathered once, so a rank knows what it receives."""
         gathered: list = [None] * self.world_size
-        own = {m: vocab_size_of(t) for m, t in zip(self.local_ids, self.local)}
+        own = {m: lm_vocab_size(t) for m, t in zip(self.local_ids, self.local)}
         dist.all_gather_object(gathered, own, group=self.group)
         found = {m: v for part in gathered for m, v in part.items()}
         self.vocab_sizes = [found[m] for m in range(self.num_teachers)]

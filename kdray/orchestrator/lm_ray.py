@@ -23,10 +23,11 @@ import torch.nn as nn
 
 from kdray.algorithms.lm.generation import causal_logits
 from kdray.algorithms.lm.token_loss import next_token_mask, token_distill_loss
+from kdray.algorithms.lm.vocabulary import lm_vocab_size
 from kdray.orchestrator.interrupts import fit_as_interruptible
 from kdray.orchestrator.lm_placement import (STUDENT_SHARDING, ShardedLMTeachers, full_student_state,
                                              global_token_scale, load_student_checkpoint, save_student_checkpoint,
-                                             shard_student, vocab_size_of)
+                                             shard_student)
 from kdray.orchestrator.runtime import train_controller_env
 
 
@@ -62,7 +63,7 @@ def lm_train_worker(job: LMPlacementJob, rank: int, world: int, wrap_ddp: Callab
     of the first step, in rank order (for equivalence checks against one process)."""
     student = job.student()
     ensemble = ShardedLMTeachers([build() for build in job.teachers], rank, world, job.rule, job.weights,
-                                 job.teacher_dtype, student_vocab_size=vocab_size_of(student))
+                                 job.teacher_dtype, student_vocab_size=lm_vocab_size(student))
     if job.student_sharding == "fsdp":
         module = shard_student(student)
     else:
