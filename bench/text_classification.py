@@ -1,0 +1,197 @@
+"""Text-classification KD on a real corpus through ``kdray.distill``: a fine-tuned all-MiniLM-L6-v2 teacher
+taught a 2-layer student on gensim's polarity sentences, offline (``kd``, ``kd`` + ``tinybert``) and with two
+teachers (``multi_teacher``), against the same student trained from the labels alone.
+
+Why through the public API: the figures then measure kdray's real path (config validation, preflight, the
+teacher stage, the offline and multi-teacher runners, the training loop), not a hand-written loop.
+
+The jobs (in-process, ``ray.num_workers: 0``, MLflow off, everything under ``--workdir``):
+
+1. ``offline-kd``: the teacher stage fine-tunes the pretrained ``all_minilm_l6_v2`` (classification head) on the
+   training split; per seed, the student from scratch (CE on the labels: the baseline) and the student taught
+   by Hinton ``kd``. The trained teacher's weights are then written to ``teacher.pt`` (a plain state_dict, read
+   back with ``weights_only=True``) so the next jobs reuse it instead of fine-tuning it again.
+2. ``offline-kd-tinybert``: the same teacher (``teacher.checkpoint``), ``kd`` plus TinyBERT's hidden-state and
+   attention terms (its default layer map).
+3. ``multi-teacher``: ``teachers: [the MiniLM teacher, a 4-layer MiniLM (its layers 0-3) fine-tuned here]``,
+   combined by ``mean``, taught with ``kd``.
+
+The student is DistilBERT-style: ``hf_text`` with the teacher's embeddings and its layers ``--student-layers``
+copied (2 layers, hidden 384), and a new classification head; every student starts from the same copied
+weights, so the seeds differ in the head's initialisation and the batch order. The data split is one split
+(seed 0 of ``pang_lee_polarity``, 120 train / 20 val / 60 test sentences of 200) for every seed and job, so the
+comparison is paired: seed ``s`` of a KD student against seed ``s`` of the scratch student.
+
+Run: ``python bench/text_classification.py [--quick] [--workdir DIR]`` (one intra-op thread).
+
+Measured numbers are in the report printed at the end (and ``<workdir>/report.json``); the defaults' figures:
+(filled in below once measured).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import kdray
+from kdray.orchestrator.run_dir import RunDir, read_checkpoint
+
+TEACHER = {"model": "all_minilm_l6_v2", "args": {"head": "classification"}}
+SECOND_TEACHER_LAYERS = [0, 1, 2, 3]
+
+
+def settings(quick: bool) -> dict:
+    """Epochs, seeds and sizes of a default (bench) or ``--quick`` (test-sized) run."""
+    if quick:
+        return {"seeds": [0, 1], "teacher_epochs": 4, "student_epochs": 6, "max_length": 48, "feature": False}
+    return {"seeds": [0, 1, 2], "teacher_epochs": 6, "student_epochs": 10, "max_length": 64, "feature": True}
+
+
+def base_job(name: str, workdir: Path, s: dict, student_layers: list[int]) -> dict:
+    """The parts every job shares: data, student, optimiser, in-process placement, MLflow off."""
+    return {
+        "name": name,
+        "output_dir": str(workdir / "runs"),
+        "data": {"name": "pang_lee_polarity",
+                 "options": {"tokenizer": "all_minilm_l6_v2", "max_length": s["max_length"],
+                             "val_fraction": 0.1, "test_fraction": 0.3}},
+        "student": {"model": "hf_text", "args": {"teacher": "all_minilm_l6_v2", "init_from_teacher": student_layers,
+                                                 "head": "classification"}},
+        "train": {"epochs": s["student_epochs"], "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01,
+                  "batch_size": 16},
+        "seeds": list(s["seeds"]),
+        "checkpoint": {"every_epochs": 1000},  # one checkpoint per stage, at its end
+        "ray": {"num_workers": 0},
+        "mlflow": {"enabled": False},
+    }
+
+
+def teacher_train(s: dict) -> dict:
+    return {"epochs": s["teacher_epochs"], "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01, "batch_size": 16}
+
+
+def kd_method() -> dict:
+    return {"name": "kd", "alpha": 0.9, "temperature": 4.0}
+
+
+def jobs(workdir: Path, s: dict, student_layers: list[int]) -> list[tuple[str, dict]]:
+    """The bench's jobs in order; the later ones read ``<workdir>/teacher.pt`` that the first one leaves."""
+    teacher_file = str(workdir / "teacher.pt")
+    first = base_job("offline-kd", workdir, s, student_layers)
+    first.update(teacher={**TEACHER, "train": teacher_train(s)}, methods=[kd_method()], baseline=True)
+    out = [("offline-kd", first)]
+    if s["feature"]:
+        feat = base_job("offline-kd-tinybert", workdir, s, student_layers)
+        feat.update(teacher={**TEACHER, "checkpoint": teacher_file}, baseline=False,
+                    methods=[kd_method(), {"name": "tinybert"}])
+        out.append(("offline-kd-tinybert", feat))
+    multi = base_job("multi-teacher", workdir, s, student_layers)
+    second = {"model": "hf_text", "args": {"teacher": "all_minilm_l6_v2", "init_from_teacher": SECOND_TEACHER_LAYERS,
+                                           "head": "classification"}, "train": teacher_train(s)}
+    multi.update(scheme="multi_teacher", teachers=[{**TEACHER, "checkpoint": teacher_file}, second],
+                 ensemble={"combine": "mean"}, methods=[kd_method()], baseline=False)
+    out.append(("multi-teacher", multi))
+    return out
+
+
+def save_teacher(cfg: dict, path: Path) -> None:
+    """The teacher stage's weights of a finished job, as a plain state_dict file (atomic: write, then rename)."""
+    job_dir = RunDir(str(Path(cfg["output_dir"]) / cfg["name"]), cfg["name"])
+    state = read_checkpoint(job_dir.checkpoint_file()).state.weights["teacher"]
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values), "values": values}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per student (``scratch``, ``kd``, ...): test top-1 mean / min / max, the gain over scratch in percentage
+    points (mean of the paired per-seed differences) and whether every seed beats its scratch seed."""
+    by = {}
+    for row in rows:
+        if row["kind"] in ("scratch", "distill"):
+            label = "scratch" if row["kind"] == "scratch" else row["label"]
+            by.setdefault(label, {})[row["seed"]] = row["test_top1"]
+    scratch = by.get("scratch", {})
+    out = {}
+    for label, accs in by.items():
+        seeds = sorted(accs)
+        entry = spread([accs[k] for k in seeds])
+        if label != "scratch" and scratch:
+            diffs = [100 * (accs[k] - scratch[k]) for k in seeds if k in scratch]
+            entry["gain_pp"] = statistics.mean(diffs)
+            entry["gain_pp_per_seed"] = diffs
+            entry["every_seed_beats_scratch"] = all(d > 0 for d in diffs)
+        out[label] = entry
+    teachers = [r for r in rows if r["kind"] == "teacher"]
+    out["teachers"] = {f"{r['job']}:{r['name']}": r["test_top1"] for r in teachers}
+    return out
+
+
+def run(workdir: Path, quick: bool = False, student_layers: list[int] | None = None, log=print) -> dict:
+    """Run the jobs and return their summary (see :func:`summarise`) with the rows and timings."""
+    torch.set_num_threads(1)
+    s = settings(quick)
+    student_layers = student_layers or [0, 3]
+    rows, seconds = [], {}
+    for name, cfg in jobs(workdir, s, student_layers):
+        start = time.perf_counter()
+        result = kdray.distill(cfg, quiet=True, log=lambda *_: None)
+        seconds[name] = time.perf_counter() - start
+        label = "multi_teacher_kd" if cfg.get("scheme") == "multi_teacher" else "+".join(
+            m["name"] for m in cfg["methods"])
+        for row in result.stages:
+            rows.append({"job": name, "name": row["name"], "kind": row["kind"], "seed": row["seed"],
+                         "test_top1": row["test_top1"], "params": row.get("params"), "label": label})
+        if name == "offline-kd":
+            save_teacher(cfg, workdir / "teacher.pt")
+        log(f"{name}: {seconds[name]:.0f} s; " + ", ".join(f"{r['name']} {r['test_top1']:.3f}"
+                                                          for r in rows if r["job"] == name))
+    summary = summarise(rows)
+    return {"settings": {**s, "student_layers": student_layers}, "summary": summary, "rows": rows,
+            "seconds": seconds, "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                            "cpu": platform.processor() or platform.machine(),
+                                            "threads": torch.get_num_threads()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a test-sized run (2 seeds, fewer epochs)")
+    parser.add_argument("--workdir", help="where the jobs write (default: a new temporary directory)")
+    parser.add_argument("--student-layers", type=int, nargs="+", default=[0, 3],
+                        help="the teacher layers copied into the student (default 0 3)")
+    args = parser.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kdray-textcls-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"kdray {getattr(kdray, '__version__', '?')}, {os.cpu_count()} CPUs, workdir {workdir}")
+    report = run(workdir, args.quick, args.student_layers)
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    print("| student | test top-1 mean (min - max) | gain vs scratch (pp) | every seed beats scratch |")
+    print("|---|---|---|---|")
+    for label, e in report["summary"].items():
+        if label == "teachers":
+            continue
+        gain = f"{e['gain_pp']:+.2f} ({', '.join(f'{d:+.1f}' for d in e['gain_pp_per_seed'])})" if "gain_pp" in e \
+            else "-"
+        beats = {True: "yes", False: "no"}.get(e.get("every_seed_beats_scratch"), "-")
+        print(f"| {label} | {100 * e['mean']:.2f} ({100 * e['min']:.2f} - {100 * e['max']:.2f}) | {gain} | {beats} |")
+    for name, acc in report["summary"]["teachers"].items():
+        print(f"teacher {name}: test top-1 {100 * acc:.2f}")
+    print("seconds per job:", {k: round(v) for k, v in report["seconds"].items()})
+
+
+if __name__ == "__main__":
+    main()
