@@ -50,8 +50,8 @@ SECOND_TEACHER_LAYERS = [0, 1, 2, 3]
 def settings(quick: bool) -> dict:
     """Epochs, seeds and sizes of a default (bench) or ``--quick`` (test-sized) run."""
     if quick:
-        return {"seeds": [0, 1], "teacher_epochs": 4, "student_epochs": 6, "max_length": 48, "feature": False}
-    return {"seeds": [0, 1, 2], "teacher_epochs": 6, "student_epochs": 10, "max_length": 64, "feature": True}
+        return {"seeds": [0, 1], "teacher_epochs": 6, "student_epochs": 5, "max_length": 48, "feature": False}
+    return {"seeds": [0, 1, 2], "teacher_epochs": 8, "student_epochs": 8, "max_length": 64, "feature": True}
 
 
 def base_job(name: str, workdir: Path, s: dict, student_layers: list[int]) -> dict:
@@ -61,10 +61,11 @@ def base_job(name: str, workdir: Path, s: dict, student_layers: list[int]) -> di
         "output_dir": str(workdir / "runs"),
         "data": {"name": "pang_lee_polarity",
                  "options": {"tokenizer": "all_minilm_l6_v2", "max_length": s["max_length"],
-                             "val_fraction": 0.1, "test_fraction": 0.3}},
+                             "val_fraction": 0.1, "test_fraction": 0.3},
+                 "loader_workers": 0},  # tokenised in memory: worker processes would only add start-up
         "student": {"model": "hf_text", "args": {"teacher": "all_minilm_l6_v2", "init_from_teacher": student_layers,
                                                  "head": "classification"}},
-        "train": {"epochs": s["student_epochs"], "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01,
+        "train": {"epochs": s["student_epochs"], "optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.01,
                   "batch_size": 16},
         "seeds": list(s["seeds"]),
         "checkpoint": {"every_epochs": 1000},  # one checkpoint per stage, at its end
@@ -81,13 +82,19 @@ def kd_method() -> dict:
     return {"name": "kd", "alpha": 0.9, "temperature": 4.0}
 
 
-def jobs(workdir: Path, s: dict, student_layers: list[int]) -> list[tuple[str, dict]]:
-    """The bench's jobs in order; the later ones read ``<workdir>/teacher.pt`` that the first one leaves."""
+JOBS = ("offline-kd", "offline-kd-tinybert", "multi-teacher")
+
+
+def jobs(workdir: Path, s: dict, student_layers: list[int], only: tuple[str, ...] = JOBS) -> list[tuple[str, dict]]:
+    """The bench's jobs in order; the later ones read ``<workdir>/teacher.pt`` that ``offline-kd`` leaves. Without
+    ``offline-kd`` (``only``), ``multi-teacher`` fine-tunes its MiniLM teacher itself and gets its own baseline."""
     teacher_file = str(workdir / "teacher.pt")
+    reuse = "offline-kd" in only
+    minilm = {**TEACHER, "checkpoint": teacher_file} if reuse else {**TEACHER, "train": teacher_train(s)}
     first = base_job("offline-kd", workdir, s, student_layers)
     first.update(teacher={**TEACHER, "train": teacher_train(s)}, methods=[kd_method()], baseline=True)
-    out = [("offline-kd", first)]
-    if s["feature"]:
+    out = [("offline-kd", first)] if reuse else []
+    if s["feature"] and reuse and "offline-kd-tinybert" in only:
         feat = base_job("offline-kd-tinybert", workdir, s, student_layers)
         feat.update(teacher={**TEACHER, "checkpoint": teacher_file}, baseline=False,
                     methods=[kd_method(), {"name": "tinybert"}])
@@ -95,9 +102,10 @@ def jobs(workdir: Path, s: dict, student_layers: list[int]) -> list[tuple[str, d
     multi = base_job("multi-teacher", workdir, s, student_layers)
     second = {"model": "hf_text", "args": {"teacher": "all_minilm_l6_v2", "init_from_teacher": SECOND_TEACHER_LAYERS,
                                            "head": "classification"}, "train": teacher_train(s)}
-    multi.update(scheme="multi_teacher", teachers=[{**TEACHER, "checkpoint": teacher_file}, second],
-                 ensemble={"combine": "mean"}, methods=[kd_method()], baseline=False)
-    out.append(("multi-teacher", multi))
+    multi.update(scheme="multi_teacher", teachers=[minilm, second], ensemble={"combine": "mean"},
+                 methods=[kd_method()], baseline=not reuse)
+    if "multi-teacher" in only:
+        out.append(("multi-teacher", multi))
     return out
 
 
@@ -138,13 +146,16 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def run(workdir: Path, quick: bool = False, student_layers: list[int] | None = None, log=print) -> dict:
+def run(workdir: Path, quick: bool = False, student_layers: list[int] | None = None,
+        seeds: list[int] | None = None, only: tuple[str, ...] = JOBS, log=print) -> dict:
     """Run the jobs and return their summary (see :func:`summarise`) with the rows and timings."""
     torch.set_num_threads(1)
     s = settings(quick)
+    if seeds:
+        s["seeds"] = list(seeds)
     student_layers = student_layers or [0, 3]
     rows, seconds = [], {}
-    for name, cfg in jobs(workdir, s, student_layers):
+    for name, cfg in jobs(workdir, s, student_layers, tuple(only)):
         start = time.perf_counter()
         result = kdray.distill(cfg, quiet=True, log=lambda *_: None)
         seconds[name] = time.perf_counter() - start
@@ -170,6 +181,8 @@ def main() -> None:
     parser.add_argument("--workdir", help="where the jobs write (default: a new temporary directory)")
     parser.add_argument("--student-layers", type=int, nargs="+", default=[0, 3],
                         help="the teacher layers copied into the student (default 0 3)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="student seeds (default 0 1 2; --quick 0 1)")
+    parser.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS), help="run only these jobs")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kdray-textcls-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +190,7 @@ def main() -> None:
 
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"kdray {getattr(kdray, '__version__', '?')}, {os.cpu_count()} CPUs, workdir {workdir}")
-    report = run(workdir, args.quick, args.student_layers)
+    report = run(workdir, args.quick, args.student_layers, args.seeds, tuple(args.jobs))
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     print("| student | test top-1 mean (min - max) | gain vs scratch (pp) | every seed beats scratch |")
     print("|---|---|---|---|")
