@@ -45,8 +45,14 @@ teacher. The 6-layer teacher learns (65-68%); a plain-PyTorch loop with the same
 left the one-class solution after 4 epochs (71.7% at epoch 4, 45% at epoch 5: 60 test sentences and 120
 training ones make single-run figures noisy). Possible causes, not yet checked: ``classification`` heads read BERT's pooler over
 ``[CLS]``, which a mean-pooling sentence model never trained, and 40 optimiser steps at lr 2e-4 with a cosine
-decay do not move a truncated 2-layer stack off the prior. The defaults (8 / 8 epochs, 3 seeds, + TinyBERT)
-were not measured: on this loaded box one quick job took 14-15 minutes.
+decay do not move a truncated 2-layer stack off the prior.
+
+The student lr is now 5e-4 and ``--quick`` trains students 8 epochs: a plain-PyTorch loop with the same student,
+data and teacher (the 65% one of seed 0, its ``teacher.pt``), lr 5e-4 cosine over 10 epochs, seed 0, reached
+73.3% from the labels (CE) and 58.3% with Hinton KD (alpha 0.9, T 4): the student from the labels beats this
+teacher, so its soft targets cannot help it. A KD gain here needs a teacher well above ~73% on these 60 test
+sentences (more teacher epochs / another lr, or a larger labelled corpus) - not found before the deadline.
+The defaults (8 / 8 epochs, 3 seeds, + TinyBERT) were not measured.
 """
 from __future__ import annotations
 
@@ -71,7 +77,7 @@ SECOND_TEACHER_LAYERS = [0, 1, 2, 3]
 def settings(quick: bool) -> dict:
     """Epochs, seeds and sizes of a default (bench) or ``--quick`` (test-sized) run."""
     if quick:
-        return {"seeds": [0, 1], "teacher_epochs": 6, "student_epochs": 5, "max_length": 48, "feature": False}
+        return {"seeds": [0, 1], "teacher_epochs": 6, "student_epochs": 8, "max_length": 48, "feature": False}
     return {"seeds": [0, 1, 2], "teacher_epochs": 8, "student_epochs": 8, "max_length": 64, "feature": True}
 
 
@@ -86,7 +92,7 @@ def base_job(name: str, workdir: Path, s: dict, student_layers: list[int]) -> di
                  "loader_workers": 0},  # tokenised in memory: worker processes would only add start-up
         "student": {"model": "hf_text", "args": {"teacher": "all_minilm_l6_v2", "init_from_teacher": student_layers,
                                                  "head": "classification"}},
-        "train": {"epochs": s["student_epochs"], "optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.01,
+        "train": {"epochs": s["student_epochs"], "optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.01,
                   "batch_size": 16},
         "seeds": list(s["seeds"]),
         "checkpoint": {"every_epochs": 1000},  # one checkpoint per stage, at its end
