@@ -58,6 +58,11 @@ lr 2e-4 with a cosine decay do not move a truncated 2-layer stack off the prior.
 | ``kd`` offline | 63.33 / 63.33 (mean 63.33) | +10.0 / +8.3 (mean +9.17), every seed |
 | ``multi_teacher`` ``kd`` (mean of both) | 71.67 / 60.00 (mean 65.83) | +18.3 / +5.0 (mean +11.67), every seed |
 
+**The gain does not hold across seeds**: the same ``--quick`` with ``--seeds 2 3`` (teacher stage seed 2:
+68.33%, 478 s) gave scratch 56.67 / 80.00%, ``kd`` 66.67 / 61.67% (+10.0 / -18.3 pp, mean -4.17), and
+``multi_teacher`` ``kd`` 50.00% on seed 2 (-6.7 pp). With 120 training and 60 test sentences a seed moves the
+label-only student by 23 pp, more than any teacher effect: this corpus is too small to show a KD gain reliably.
+
 Earlier, a plain-PyTorch loop with the same student,
 data and teacher (the 65% one of seed 0, its ``teacher.pt``), lr 5e-4 cosine over 10 epochs, seed 0, reached
 73.3% from the labels (CE) and 58.3% with Hinton KD (alpha 0.9, T 4) after 10 epochs: at that length the

@@ -1,12 +1,8 @@
-"""Text-classification KD on a real corpus (bench/text_classification.py --quick, through kdray.distill): the
-all-MiniLM-L6-v2 teacher fine-tuned by kdray's teacher stage on gensim's polarity sentences (120 train / 60 test)
-teaches a 2-layer DistilBERT-style student (the teacher's embeddings and layers 0, 3) with Hinton ``kd``, offline
-and with a second teacher in ``multi_teacher``; the same student from the labels alone is the baseline. Seeds are
-paired (one split, the same copied weights; the seed changes the head's init and the batch order).
+"""bench/text_classification.py: its paired-gain summary on known rows, and its jobs as valid kdray configs.
 
-Measured 2026-12-04 (--quick, shared 2-core CPU, ~4-5 min per job): teacher 65.0%; scratch 53.3 / 55.0%
-(seeds 0, 1); kd 63.3 / 63.3% (+10.0, +8.3 pp); multi_teacher kd 71.7 / 60.0% (+18.3, +5.0 pp; that run trained
-its own copy of the seed-0 teacher). MARGIN_PP sits below every paired gain measured; see the bench docstring.
+No slow test of the KD gain: measured with kdray (--quick, students lr 5e-4, 8 epochs), kd beat the label-only
+student on seeds 0, 1 (+10.0, +8.3 pp) but not on seeds 2, 3 (+10.0, -18.3 pp; scratch 56.7 / 80.0%), and
+multi_teacher lost on seed 2 (-6.7 pp): on 60 test sentences no margin holds on every seed (bench docstring).
 """
 import importlib.util
 import os
@@ -67,18 +63,3 @@ def test_bench_jobs_are_valid_configs_sharing_one_teacher(tmp_path):
     assert list(alone) == ["multi-teacher"] and cfg.teachers[0].train.epochs == 6 and cfg.baseline
     assert cfg.seeds == [0, 1] and "tinybert" not in {m.name for m in cfg.methods}
 
-
-MARGIN_PP = 3.0  # mean paired gain over scratch, percentage points (measured: kd +9.2, multi_teacher +11.7)
-
-
-@pytest.mark.slow  # two kdray jobs with a MiniLM teacher stage: ~8 min on a shared 2-core CPU
-def test_kd_beats_the_label_only_student_offline_and_with_two_teachers(tmp_path):
-    bench = load_bench()
-    report = bench.run(tmp_path, quick=True, only=("offline-kd", "multi-teacher"))
-    summary = report["summary"]
-    assert report["settings"]["seeds"] == [0, 1]
-    assert summary["teachers"]["offline-kd:teacher"] > summary["scratch"]["mean"], summary
-    for label in ("kd", "multi_teacher_kd"):
-        entry = summary[label]
-        assert entry["gain_pp"] >= MARGIN_PP and entry["every_seed_beats_scratch"], (label, summary)
-    assert (tmp_path / "teacher.pt").is_file() and not list(tmp_path.glob("*.tmp"))  # written atomically, here
