@@ -60,7 +60,7 @@ lr 2e-4 with a cosine decay do not move a truncated 2-layer stack off the prior.
 
 **The gain does not hold across seeds**: the same ``--quick`` with ``--seeds 2 3`` (teacher stage seed 2:
 68.33%, 478 s) gave scratch 56.67 / 80.00%, ``kd`` 66.67 / 61.67% (+10.0 / -18.3 pp, mean -4.17), and
-``multi_teacher`` ``kd`` 50.00% on seed 2 (-6.7 pp). With 120 training and 60 test sentences a seed moves the
+``multi_teacher`` ``kd`` 50.00 / 60.00% (-6.7 / -20.0 pp; 606 s). With 120 training and 60 test sentences a seed moves the
 label-only student by 23 pp, more than any teacher effect: this corpus is too small to show a KD gain reliably.
 
 Earlier, a plain-PyTorch loop with the same student,

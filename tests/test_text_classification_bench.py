@@ -2,7 +2,7 @@
 
 No slow test of the KD gain: measured with kdray (--quick, students lr 5e-4, 8 epochs), kd beat the label-only
 student on seeds 0, 1 (+10.0, +8.3 pp) but not on seeds 2, 3 (+10.0, -18.3 pp; scratch 56.7 / 80.0%), and
-multi_teacher lost on seed 2 (-6.7 pp): on 60 test sentences no margin holds on every seed (bench docstring).
+multi_teacher lost on seeds 2, 3 (-6.7, -20.0 pp): on 60 test sentences no margin holds on every seed (bench docstring).
 """
 import importlib.util
 import os
