@@ -49,11 +49,6 @@ def completion_mask(ids: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
     return mask
 
 
-def windows_of(split) -> torch.Tensor:
-    """The ``(n, seq_len)`` token windows of an ``lm_text`` split."""
-    return split.windows
-
-
 def chunked_figures(model, ids: torch.Tensor, mask: torch.Tensor, teacher=None) -> dict[str, float]:
     """:func:`held_out_figures` over ``ids`` in chunks of windows, combined as one pass would: perplexities
     as exp of the token-weighted mean log, top-1 token-weighted."""
@@ -277,9 +272,6 @@ class LanguageModel(Scheme):
             raise ValueError(f"lm.prompt_tokens {cfg.lm.prompt_tokens} leaves no target in windows of "
                              f"{splits.input_shape[0]} tokens (data.options.seq_len)")
 
-    def model_inputs(self, cfg, path, inputs):
-        return inputs
-
     def preflight(self, cfg, splits, example, student, teachers, orders):
         """Teachers share the student's tokenizer: the same vocabulary (the corpus's size; the same token ids
         where both models know their tokenizer)."""
@@ -325,14 +317,14 @@ class LanguageModel(Scheme):
         optimizer, scheduler = build_optimizer((p for p in trainable.parameters() if p.requires_grad), optim)
         logger, callbacks = stage_logging(cfg, stage, ctx, job_state, optim.epochs)
         device = ctx.device
-        val = windows_of(splits.val).to(device)
-        test = windows_of(splits.test).to(device)
+        val = splits.val.windows.to(device)
+        test = splits.test.windows.to(device)
         on_step = None
         if logger is not None:
             def on_step(step, losses):
                 logger.buffer(step, {f"step_{name}": value for name, value in losses.items()})
         loop = LMTrainLoop(trainable, optimizer,
-                           epoch_batches(windows_of(splits.train).to(device), optim.batch_size, stage.seed,
+                           epoch_batches(splits.train.windows.to(device), optim.batch_size, stage.seed,
                                          ctx.rank, ctx.world_size, lm.prompt_tokens,
                                          cache if taught else None),
                            optim.epochs, settings, held_out=None, teachers=teachers, source=source, log_every_steps=lm.log_every_steps,
