@@ -91,7 +91,8 @@ def test_bad_lm_configs_fail_in_one_line_before_training(tmp_path, over, pattern
 
 
 def test_a_teacher_of_another_vocabulary_is_refused_naming_both(tmp_path):
-    cfg = lm_job(tmp_path, teacher={"model": "causal_lm", "args": TINY, "checkpoint": _teacher_checkpoint(tmp_path, 40)})
+    checkpoint = _teacher_checkpoint(tmp_path, 40)
+    cfg = lm_job(tmp_path, teacher={"model": "causal_lm", "args": TINY, "checkpoint": checkpoint})
     with pytest.raises(ConfigError, match=r"teacher.checkpoint .*embed.weight.* \(40, 32\) .* \(55, 32\)") as err:
         kdray.distill(cfg, quiet=True, log=lambda *a: None)
     assert "\n" not in str(err.value)
@@ -248,7 +249,8 @@ def test_a_sweep_searches_the_lm_settings_and_the_student_size(tmp_path, ray_ses
 
     base = lm_job(tmp_path, epochs=1, baseline=False, lm__loss="jsd", lm__generations=0,
                   data__options__max_windows=64, lm__prompt_tokens=8)
-    space = {"lm.beta": {"float": [0.1, 0.9]}, "lm.on_policy_lambda": {"float": [0.0, 0.5]}, "lm.temperature": {"choice": [1.0, 2.0]},
+    space = {"lm.beta": {"float": [0.1, 0.9]}, "lm.on_policy_lambda": {"float": [0.0, 0.5]},
+             "lm.temperature": {"choice": [1.0, 2.0]},
              "lm.top_k": {"choice": [4, 16]}, "student.args.width": {"choice": [8, 16]}}
     result = kdray.sweep(space, base, num_samples=2, asha=False, name="lm-sweep", output_dir=str(tmp_path / "out"),
                          verbose=0, log=lambda m: None)

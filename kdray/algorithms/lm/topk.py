@@ -36,12 +36,16 @@ from kdray.algorithms.lm.token_loss import check_token_shapes, masked_token_mean
 @dataclass
 class TeacherTopK:
     """A teacher's top-k per position: ``indices`` (B, L, k) int64 and ``logprobs`` (B, L, k) fp32, the log
-    of the full-vocabulary softmax at ``temperature``; ``vocab_size`` is the teacher's V."""
+    of the full-vocabulary softmax at ``temperature``; ``vocab_size`` is the teacher's V. ``rest_logprobs``
+    (B, L, 1): the log of the mass outside the top-k, exact, when it was taken from the full logits; without it
+    the rest bucket is ``1 - sum(top-k)``, which loses every digit in fp32 when the top-k holds nearly all the
+    mass (a rest of 1e-8 reads as 0), what a reverse KL charges the student for."""
 
     indices: torch.Tensor
     logprobs: torch.Tensor
     temperature: float
     vocab_size: int
+    rest_logprobs: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -49,17 +53,22 @@ class TeacherTopK:
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
-                 value_dtype: torch.dtype | None = None) -> TeacherTopK:
+                 value_dtype: torch.dtype | None = None, exact_rest: bool = False) -> TeacherTopK:
     """The teacher's top-k log-probabilities at ``temperature``; ``value_dtype=torch.float16`` rounds them as
-    the Parquet cache stores them (so live and cached training see the same numbers)."""
+    the Parquet cache stores them (so live and cached training see the same numbers); ``exact_rest`` keeps the
+    exact log-mass outside the top-k (``rest_logprobs``) instead of leaving it to ``1 - sum(top-k)``."""
     vocab_size = teacher_logits.shape[-1]
     if not 1 <= k <= vocab_size:
         raise ValueError(f"top-k k must be in [1, vocabulary size {vocab_size}], got {k}")
     with torch.no_grad():
-        logprobs, indices = tempered_log_probs(teacher_logits, temperature).topk(k, dim=-1)
+        log_p = tempered_log_probs(teacher_logits, temperature)
+        logprobs, indices = log_p.topk(k, dim=-1)
+        rest = (log_p.scatter(-1, indices, float("-inf")).logsumexp(-1, keepdim=True)
+                if exact_rest and k < vocab_size else None)
         if value_dtype is not None:
             logprobs = logprobs.to(value_dtype).float()
-    return TeacherTopK(indices=indices, logprobs=logprobs, temperature=float(temperature), vocab_size=vocab_size)
+    return TeacherTopK(indices=indices, logprobs=logprobs, temperature=float(temperature), vocab_size=vocab_size,
+                       rest_logprobs=rest)
 
 
 def _log_rest(logprobs: torch.Tensor) -> torch.Tensor:
@@ -69,8 +78,9 @@ def _log_rest(logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def topk_buckets(student_logits: torch.Tensor, indices: torch.Tensor, teacher_logprobs: torch.Tensor,
-                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher and student log-probs over the k top-k buckets plus the rest bucket (none when k = V)."""
+                 temperature: float, teacher_rest: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probs over the k top-k buckets plus the rest bucket (none when k = V); the
+    teacher's rest is ``teacher_rest`` when known exactly, else ``1 - sum(top-k)``."""
     log_s = tempered_log_probs(student_logits, temperature)
     student_top = log_s.gather(-1, indices)
     teacher_top = teacher_logprobs.to(log_s.dtype)
@@ -78,7 +88,8 @@ def topk_buckets(student_logits: torch.Tensor, indices: torch.Tensor, teacher_lo
         return teacher_top - teacher_top.logsumexp(-1, keepdim=True), student_top
     outside = log_s.scatter(-1, indices, float("-inf"))
     student_rest = outside.logsumexp(-1, keepdim=True)
-    teacher = torch.cat([teacher_top, _log_rest(teacher_top)], dim=-1)
+    rest = _log_rest(teacher_top) if teacher_rest is None else teacher_rest.to(log_s.dtype)
+    teacher = torch.cat([teacher_top, rest], dim=-1)
     teacher = teacher - teacher.logsumexp(-1, keepdim=True)
     return teacher, torch.cat([student_top, student_rest], dim=-1)
 
@@ -100,7 +111,7 @@ def topk_distill_loss(student_logits: torch.Tensor, topk: TeacherTopK, mask: tor
     """``T^2 * mean over kept positions of D`` over the k + 1 buckets (``T`` is the top-k's temperature)."""
     check_token_shapes(student_logits, tuple(topk.indices.shape), mask, where="top-k loss")
     T = _check(student_logits, topk, temperature, student_logits.shape[-1])
-    log_t, log_s = topk_buckets(student_logits, topk.indices, topk.logprobs, T)
+    log_t, log_s = topk_buckets(student_logits, topk.indices, topk.logprobs, T, topk.rest_logprobs)
     per_token = get_divergence(divergence)(log_t, log_s, **divergence_kwargs)
     return masked_token_mean(per_token, mask) * T**2
 
@@ -116,8 +127,9 @@ def chunked_topk_distill_loss(student: torch.Tensor, topk: TeacherTopK, mask: to
     T = _check(student, topk, temperature, vocab_size)
     fn = get_divergence(divergence)
 
-    def per_token(student_chunk, indices, logprobs):
+    def per_token(student_chunk, indices, logprobs, *rest):
         logits = student_chunk if student_head is None else student_head(student_chunk)
-        return fn(*topk_buckets(logits, indices, logprobs, T), **divergence_kwargs)
+        return fn(*topk_buckets(logits, indices, logprobs, T, rest[0] if rest else None), **divergence_kwargs)
 
-    return chunked_masked_mean(per_token, (student, topk.indices, topk.logprobs), mask, chunk_size) * T**2
+    tensors = (student, topk.indices, topk.logprobs) + (() if topk.rest_logprobs is None else (topk.rest_logprobs,))
+    return chunked_masked_mean(per_token, tensors, mask, chunk_size) * T**2

@@ -10,7 +10,8 @@ student under DDP, each worker with every teacher), progress and MLflow are thos
 What a stage reports: ``val_top1`` / ``test_top1`` are next-token accuracy (what ``kdray sweep`` maximises),
 ``*_perplexity`` the perplexity on the true tokens and ``*_perplexity_under_teacher`` = exp(mean_t
 H(p_teacher, p_student)) under the teaching distribution (the teacher's; several teachers combined by
-``lm.combine``, as the student is taught); the baseline is scored against it too, so the rows compare. In MLflow each stage's run has the token losses every ``lm.log_every_steps`` steps
+``lm.combine``, as the student is taught); the baseline is scored against it too, so the rows compare. In
+MLflow each stage's run has the token losses every ``lm.log_every_steps`` steps
 (``step_lm_<loss>``), the held-out figures per epoch, ``lm.generations`` sampled continuations of held-out
 prompts per epoch (``generations/epoch_NNNN.txt``) and the job's run ``lm_perplexity.png``.
 """
@@ -327,7 +328,8 @@ class LanguageModel(Scheme):
                            epoch_batches(splits.train.windows.to(device), optim.batch_size, stage.seed,
                                          ctx.rank, ctx.world_size, lm.prompt_tokens,
                                          cache if taught else None),
-                           optim.epochs, settings, held_out=None, teachers=teachers, source=source, log_every_steps=lm.log_every_steps,
+                           optim.epochs, settings, held_out=None, teachers=teachers, source=source,
+                           log_every_steps=lm.log_every_steps,
                            grad_clip=lm.grad_clip, on_step=on_step)
         figures_teacher = (teachers[0] if len(teachers) == 1 else
                            CombinedTeachers(teachers, lm.combine, lm.weights) if teachers else None)
