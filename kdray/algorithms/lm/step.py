@@ -133,22 +133,36 @@ def lm_step_losses(student: nn.Module, input_ids: torch.Tensor, completion_mask:
 
 @torch.no_grad()
 def held_out_figures(model: nn.Module, input_ids: torch.Tensor, completion_mask: torch.Tensor,
-                     teacher: nn.Module | None = None) -> dict[str, float]:
+                     teacher: nn.Module | None = None, chunk_rows: int = 64) -> dict[str, float]:
     """A stage's held-out report over the kept target tokens: ``perplexity`` (exp of the mean next-token
     cross-entropy on the true tokens), ``top1`` (next-token accuracy) and, with a teacher,
-    ``perplexity_under_teacher`` = exp(mean_t H(p_teacher, p_model)) (its floor is the teacher's entropy)."""
+    ``perplexity_under_teacher`` = exp(mean_t H(p_teacher, p_model)) (its floor is the teacher's entropy).
+    Rows go through the models ``chunk_rows`` at a time (sums over tokens, so the figures are one pass's):
+    a held-out split's full ``(N, L, V)`` logits would not fit for a large vocabulary."""
+    if chunk_rows < 1:
+        raise ValueError(f"held-out figures: chunk_rows must be >= 1, got {chunk_rows}")
     was_training = model.training
     model.eval()
+    sums = {"perplexity": 0.0, "top1": 0.0, "perplexity_under_teacher": 0.0}
+    tokens = 0
     try:
-        logits = causal_logits(model, input_ids)[:, :-1].float()
+        for start in range(0, len(input_ids), chunk_rows):
+            ids, kept = input_ids[start:start + chunk_rows], completion_mask[start:start + chunk_rows]
+            logits = causal_logits(model, ids)[:, :-1].float()
+            targets, keep = ids[:, 1:], next_token_mask(kept).bool()
+            per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+            sums["perplexity"] += per_token[keep].sum().item()
+            sums["top1"] += (logits.argmax(-1)[keep] == targets[keep]).sum().item()
+            if teacher is not None:
+                p_teacher = causal_logits(teacher, ids)[:, :-1].float().softmax(-1)
+                cross = -(p_teacher * logits.log_softmax(-1)).sum(-1)
+                sums["perplexity_under_teacher"] += cross[keep].sum().item()
+            tokens += int(keep.sum())
     finally:
         model.train(was_training)
-    targets, mask = input_ids[:, 1:], next_token_mask(completion_mask)
-    keep = mask.bool()
-    figures = {"perplexity": math.exp(masked_cross_entropy(logits, targets, mask).item()),
-               "top1": (logits.argmax(-1)[keep] == targets[keep]).float().mean().item()}
+    if tokens == 0:
+        raise ValueError("held-out figures: no target tokens (every position is prompt or padding)")
+    figures = {"perplexity": math.exp(sums["perplexity"] / tokens), "top1": sums["top1"] / tokens}
     if teacher is not None:
-        p_teacher = causal_logits(teacher, input_ids)[:, :-1].float().softmax(-1)
-        cross = -(p_teacher * logits.log_softmax(-1)).sum(-1)
-        figures["perplexity_under_teacher"] = math.exp(masked_token_mean(cross, mask).item())
+        figures["perplexity_under_teacher"] = math.exp(sums["perplexity_under_teacher"] / tokens)
     return figures
