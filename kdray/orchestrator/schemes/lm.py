@@ -40,7 +40,6 @@ from kdray.orchestrator.lm_placement import ShardedLMTeachers
 from kdray.orchestrator.plan import Scheme, TeacherSource, from_stage, model_spec, register_scheme, stage
 
 KINDS = {"teacher": "lm_teacher", "scratch": "lm_scratch", "taught": "lm_distill"}
-HELD_OUT_CHUNK = 64  # windows per forward of the held-out report (bounded memory for large vocabularies)
 
 
 def completion_mask(ids: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
@@ -48,22 +47,6 @@ def completion_mask(ids: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[:, :prompt_tokens] = False
     return mask
-
-
-def chunked_figures(model, ids: torch.Tensor, mask: torch.Tensor, teacher=None) -> dict[str, float]:
-    """:func:`held_out_figures` over ``ids`` in chunks of windows, combined as one pass would: perplexities
-    as exp of the token-weighted mean log, top-1 token-weighted."""
-    sums, tokens = {}, 0
-    for start in range(0, len(ids), HELD_OUT_CHUNK):
-        part_ids, part_mask = ids[start:start + HELD_OUT_CHUNK], mask[start:start + HELD_OUT_CHUNK]
-        n = int(part_mask[:, 1:].sum())
-        for key, value in held_out_figures(model, part_ids, part_mask, teacher).items():
-            sums[key] = sums.get(key, 0.0) + n * (math.log(value) if "perplexity" in key else value)
-        tokens += n
-    if tokens == 0:
-        raise ValueError("lm: the held-out split has no target tokens; lower lm.prompt_tokens or give "
-                         "data.options a larger val_fraction / test_fraction")
-    return {k: math.exp(v / tokens) if "perplexity" in k else v / tokens for k, v in sums.items()}
 
 
 class CombinedTeachers(torch.nn.Module):
@@ -115,7 +98,7 @@ class LMStageLoop:
 
     def evaluate_test(self, _loader=None) -> dict[str, float]:
         ids, mask = self.test
-        return chunked_figures(self.eval_model, ids, mask, self.teacher)
+        return held_out_figures(self.eval_model, ids, mask, self.teacher)
 
     def state_dict(self) -> dict:
         state = self.loop.state_dict()
@@ -298,10 +281,8 @@ class LanguageModel(Scheme):
         cache = read_topk_cache(cfg, splits, ctx.tracking_uri) if lm.topk_cache is not None and taught else None
         teachers = []
         for source in () if lm.topk_cache is not None else stage.teachers:  # the cache stands in for the teacher
+            # built with the corpus's vocabulary (weights that do not fit fail to load), checked in preflight
             teacher = build_teacher_model(cfg, source, splits.num_classes, job_state.weights, ctx.tracking_uri)
-            if lm_vocab_size(teacher) != splits.num_classes:
-                raise ConfigError(f"teacher {source}: vocabulary {lm_vocab_size(teacher)} != the corpus's "
-                                  f"{splits.num_classes}; teachers must share the student's tokenizer")
             teachers.append(teacher.to(ctx.device).eval())
         if teachers and lm.teacher_dtype == "bfloat16" and not (lm.shard_teachers and ctx.world_size > 1):
             teachers = [t.to(torch.bfloat16) for t in teachers]
@@ -337,7 +318,7 @@ class LanguageModel(Scheme):
         def report(row_epoch: int) -> None:  # the held-out report in chunks (bounded memory), then samples
             row = loop.rows[-1] if loop.rows else None
             if row is not None:
-                row.update({f"val_{k}": v for k, v in chunked_figures(
+                row.update({f"val_{k}": v for k, v in held_out_figures(
                     model, val, completion_mask(val, lm.prompt_tokens), figures_teacher).items()})
             if logger is not None and lm.generations and splits.decode is not None:
                 prompt = max(lm.prompt_tokens, min(8, val.shape[1] // 2))  # samples fit the corpus's windows
@@ -354,6 +335,6 @@ class LanguageModel(Scheme):
         if teachers and isinstance(teachers[0], ShardedLMTeachers):  # rank 0's row: the teachers it holds
             extra["teachers_on_worker"] = len(teachers[0].local)
         if figures_teacher is not None:
-            extra.update({f"teacher_test_{k}": v for k, v in chunked_figures(
+            extra.update({f"teacher_test_{k}": v for k, v in held_out_figures(
                 figures_teacher, test, completion_mask(test, lm.prompt_tokens)).items() if k != "top1"})
         return complete_stage(cfg, stage, splits, ctx, job_state, parts, stage_loop, resume_loop, extra)
