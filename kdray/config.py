@@ -27,7 +27,7 @@ def __getattr__(name: str):
 
 
 # Datasets tokenised with a tokenizer directory (kdray/data/text.py): the teacher's, by default.
-TEXT_DATASETS = ("text_files", "pang_lee_polarity", "lee_background")
+TEXT_DATASETS = ("text_files", "pang_lee_polarity", "lee_background", "rotten_tomatoes")
 
 
 class ConfigError(ValueError):

@@ -63,6 +63,10 @@ class DatasetSplits:
     graph: Any = None
     # Token ids back to text, for a language-model corpus (kdray.data.lm_corpus): its classes are the vocabulary.
     decode: Callable[[Any], str] | None = None
+    # The training split followed by unlabelled rows (target -100), for a dataset with a transfer set
+    # (``data.options.labelled`` of text classification): the stages a teacher teaches train on it (Hinton et
+    # al.'s transfer set; Tang et al. 2019), while the teachers and the label-only students train on ``train``.
+    transfer_train: Dataset | None = None
 
     def __post_init__(self):
         self.classes = [str(c) for c in self.classes] or [str(i) for i in range(self.num_classes)]
@@ -92,6 +96,7 @@ def _ensure_builtin():
     importlib.import_module(f"{__package__}.two_views")
     importlib.import_module(f"{__package__}.lm_corpus")
     importlib.import_module(f"{__package__}.text")  # transformers only when a text dataset is built
+    importlib.import_module(f"{__package__}.movie_reviews")
 
 
 def build_datasets(name: str, *, root: str | None = None, seed: int = 0, **options) -> DatasetSplits:

@@ -288,9 +288,14 @@ class TextSplit(Dataset):
 def text_splits(texts: list[str], labels: list[str] | None, *, tokenizer: str | None, task: str, seed: int,
                 max_length: int = 128, val_fraction: float = 0.1, test_fraction: float = 0.1,
                 mlm_probability: float = 0.15, source: str = "",
-                encodings: list[dict[str, torch.Tensor]] | None = None) -> DatasetSplits:
+                encodings: list[dict[str, torch.Tensor]] | None = None,
+                labelled: int | None = None) -> DatasetSplits:
     """Train / val / test splits of ``texts`` tokenised with the tokenizer in directory ``tokenizer``
-    (``encodings``: already tokenised with it, by the Ray Data path; the splits and fingerprint are the same)."""
+    (``encodings``: already tokenised with it, by the Ray Data path; the splits and fingerprint are the same).
+
+    ``labelled`` (classification): only that many training rows keep their labels and form ``train``; the rest
+    of the training split loses its labels (target -100) and is the transfer set a teacher labels for the
+    students it teaches (``DatasetSplits.transfer_train``): the low-label regime where distillation pays."""
     if task not in TASKS:
         raise ValueError(f"unknown text task {task!r}; allowed: {', '.join(TASKS)}")
     if tokenizer is None:
@@ -322,13 +327,34 @@ def text_splits(texts: list[str], labels: list[str] | None, *, tokenizer: str | 
             targets.append(labels_i)
     else:
         targets = [IGNORE_INDEX] * len(texts)
+    train_idx, val_idx, test_idx = split_indices(len(texts), (val_fraction, test_fraction), seed)
+    transfer_idx = transfer_rows(train_idx, labelled, task)
+    if transfer_idx:
+        train_idx = train_idx[:labelled]
+        for j in transfer_idx:  # the transfer rows are in no other split: their labels are simply not used
+            targets[j] = IGNORE_INDEX
     dataset = TokenizedText(encodings, targets, list(texts))
-    train, val, test = (TextSplit(dataset, idx) for idx in split_indices(len(dataset), (val_fraction, test_fraction),
-                                                                          seed))
-    digest = hashlib.sha256(json.dumps([source, str(tok_dir), task, max_length, mlm_probability, len(texts),
-                                        hashlib.sha256("\n".join(texts).encode()).hexdigest()]).encode())
+    train, val, test = (TextSplit(dataset, idx) for idx in (train_idx, val_idx, test_idx))
+    identity = [source, str(tok_dir), task, max_length, mlm_probability, len(texts),
+                hashlib.sha256("\n".join(texts).encode()).hexdigest()]
+    digest = hashlib.sha256(json.dumps(identity + ([labelled] if transfer_idx else [])).encode())
     longest = max((len(e["input_ids"]) for e in encodings), default=0)
-    return DatasetSplits(train, val, test, len(classes), (longest,), f"text:{digest.hexdigest()[:16]}", classes)
+    return DatasetSplits(train, val, test, len(classes), (longest,), f"text:{digest.hexdigest()[:16]}", classes,
+                         transfer_train=TextSplit(dataset, train_idx + transfer_idx) if transfer_idx else None)
+
+
+def transfer_rows(train_idx: list[int], labelled: int | None, task: str) -> list[int]:
+    """The training rows past the first ``labelled`` (the split is already shuffled): the unlabelled transfer
+    set; none when ``labelled`` is unset."""
+    if labelled is None:
+        return []
+    if task != "classification":
+        raise ValueError(f"data.options.labelled keeps some labels of a classification task; task {task!r} "
+                         f"has none: drop labelled")
+    if not 0 < int(labelled) < len(train_idx):
+        raise ValueError(f"data.options.labelled is {labelled} but the training split has {len(train_idx)} rows; "
+                         f"give 1 to {len(train_idx) - 1} (the rest become the unlabelled transfer set)")
+    return train_idx[int(labelled):]
 
 
 def used_label_column(task: str, label_column: str | None) -> str | None:
@@ -349,10 +375,10 @@ def text_files(root=None, seed=0, path: str | None = None, text_column: str = "t
                label_column: str | None = "label", format: str | None = None, tokenizer: str | None = None,
                task: str = "classification", max_length: int = 128, val_fraction: float = 0.1,
                test_fraction: float = 0.1, mlm_probability: float = 0.15, tokenize_with: str = "process",
-               tokenize_concurrency: int | None = None, tokenized: str | None = None):
+               tokenize_concurrency: int | None = None, tokenized: str | None = None, labelled: int | None = None):
     """``tokenize_with: ray`` is the orchestrator's to act on (it tokenises the file with Ray Data and calls this
     builder with ``tokenized``, the Parquet file it wrote); ``tokenize_concurrency``: Ray Data tasks at once
-    (default: the cluster's CPUs, at most 4)."""
+    (default: the cluster's CPUs, at most 4); ``labelled``: see :func:`text_splits`."""
     if tokenize_with not in TOKENIZE_WITH:
         raise ValueError(f"data.options.tokenize_with is {tokenize_with!r}; allowed: {', '.join(TOKENIZE_WITH)}")
     full = text_source(path, root)
@@ -374,7 +400,7 @@ def text_files(root=None, seed=0, path: str | None = None, text_column: str = "t
         texts, labels = read_table(full, text_column, label_column, format)
     return text_splits(texts, labels, tokenizer=tokenizer, task=task, seed=seed, max_length=max_length,
                        val_fraction=val_fraction, test_fraction=test_fraction, mlm_probability=mlm_probability,
-                       source=str(full), encodings=encodings)
+                       source=str(full), encodings=encodings, labelled=labelled)
 
 
 def gensim_corpus(name: str) -> Path:
