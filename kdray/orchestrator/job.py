@@ -9,7 +9,7 @@ so several seeds cost one start-up. Stage kinds a scheme trains itself (the onli
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch.nn as nn
@@ -22,14 +22,21 @@ from kdray.orchestrator.build import (build_distiller, build_optimizer, build_sp
                                       example_batch, wants_class_pairs, worker_cpus)
 from kdray.orchestrator.callbacks import Checkpointer, Progress, WithStage
 from kdray.orchestrator.placement import WorkerContext, make_loaders
-from kdray.orchestrator.plan import Stage, get_scheme, model_spec, plan_stages
+from kdray.orchestrator.plan import Stage, get_scheme, matched_steps, model_spec, plan_stages
 from kdray.orchestrator.run_dir import Checkpoint, JobState
 
 
 def run_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: JobState,
               resume_loop: dict | None) -> dict:
-    """Run one stage the way its scheme runs it (most: :func:`train_stage`; online: the peer cohort)."""
+    """Run one stage the way its scheme runs it (most: :func:`train_stage`; online: the peer cohort). With a
+    transfer set, a taught stage trains on the labelled rows plus the unlabelled ones, and the label-only
+    student takes as many optimizer steps on the labelled rows alone (:func:`matched_steps`)."""
     scheme = get_scheme(cfg.scheme)
+    if splits.transfer_train is not None:
+        if stage.teachers:
+            splits = replace(splits, train=splits.transfer_train)
+        elif stage.kind == "scratch":
+            cfg = matched_steps(cfg, len(splits.transfer_train), len(splits.train))
     if stage.kind in scheme.own_stage_kinds:
         return scheme.run_stage(cfg, stage, splits, ctx, job_state, resume_loop)
     return train_stage(cfg, stage, splits, ctx, job_state, resume_loop)

@@ -14,6 +14,7 @@ point group ``kdray.schemes``) are imported by name on the registry's first use,
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Literal
@@ -374,3 +375,18 @@ def needs_live_teacher(cfg: "Config", use: str) -> None:
 def no_teacher(cfg: "Config") -> None:
     if cfg.teacher is not None or cfg.teachers:
         raise ValueError(f"scheme {cfg.scheme!r} trains without a pre-trained teacher; remove teacher/teachers")
+
+
+def matched_steps(cfg, paired: int, labelled: int):
+    """``cfg`` with ``train.epochs`` (and checkpoint interval, step milestones) scaled so that a student on
+    ``labelled`` samples takes as many optimizer steps as the taught one on ``paired`` samples: the baseline is
+    not cut short by its smaller epochs (``ceil(n / batch_size)`` steps an epoch each): cross-modal's labelled-only
+    student, and the label-only student of a dataset with a transfer set."""
+    batch = cfg.train.batch_size
+    ratio = math.ceil(paired / batch) / math.ceil(labelled / batch)
+    if ratio <= 1:
+        return cfg
+    train = cfg.train.model_copy(update={"epochs": int(round(cfg.train.epochs * ratio)),
+                                         "milestones": [int(round(m * ratio)) for m in cfg.train.milestones]})
+    every = cfg.checkpoint.model_copy(update={"every_epochs": int(round(cfg.checkpoint.every_epochs * ratio))})
+    return cfg.model_copy(update={"train": train, "checkpoint": every})

@@ -20,7 +20,6 @@ come from the per-sample loader (a mapping of modalities is not a device-pipelin
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -39,8 +38,8 @@ from kdray.models import create_model
 from kdray.orchestrator.build import build_optimizer, build_teacher, build_terms, example_batch, worker_cpus
 from kdray.orchestrator.job import StageParts, complete_stage, stage_logging, train_stage
 from kdray.orchestrator.placement import make_loaders
-from kdray.orchestrator.plan import (SeedStage, Scheme, needs_live_teacher, needs_methods, register_scheme,
-                                     taught_students, teacher_sources)
+from kdray.orchestrator.plan import (SeedStage, Scheme, matched_steps, needs_live_teacher, needs_methods,
+                                     register_scheme, taught_students, teacher_sources)
 
 
 def check_modalities(cfg, inputs) -> None:
@@ -130,20 +129,6 @@ class CrossModal(Scheme):
         loop = CrossModalLoop(labelled=labelled, **parts.loop_kwargs(splits, ctx))
         return complete_stage(cfg, stage, splits, ctx, job_state, parts, loop, resume_loop,
                               {"labelled_samples": int(labelled.sum()), "paired_samples": len(splits.train)})
-
-
-def matched_steps(cfg, paired: int, labelled: int):
-    """``cfg`` with ``train.epochs`` (and checkpoint interval, step milestones) scaled so that a student on
-    ``labelled`` samples takes as many optimizer steps as the taught one on ``paired`` samples: the baseline is
-    not cut short by its ~10x smaller epochs (``ceil(n / batch_size)`` steps an epoch each)."""
-    batch = cfg.train.batch_size
-    ratio = math.ceil(paired / batch) / math.ceil(labelled / batch)
-    if ratio <= 1:
-        return cfg
-    train = cfg.train.model_copy(update={"epochs": int(round(cfg.train.epochs * ratio)),
-                                         "milestones": [int(round(m * ratio)) for m in cfg.train.milestones]})
-    every = cfg.checkpoint.model_copy(update={"every_epochs": int(round(cfg.checkpoint.every_epochs * ratio))})
-    return cfg.model_copy(update={"train": train, "checkpoint": every})
 
 
 def prepare_paired_stage(cfg, stage, splits, ctx, job_state) -> StageParts:
