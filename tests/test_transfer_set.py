@@ -62,3 +62,13 @@ def test_taught_stages_train_on_the_transfer_set_and_the_baseline_on_matched_ste
     seen.clear()
     job.run_stage(cfg, stage("scratch", "scratch", 0, "student", "text_bilstm"), plain, None, None, None)
     assert seen["scratch"][0].train.epochs == 2
+
+
+def test_a_teacher_cache_is_refused_with_a_transfer_set(tmp_path):
+    splits = build_datasets("rotten_tomatoes", seed=0, tokenizer="all_minilm_l6_v2", limit=400, labelled=40)
+    cfg = load_config({"data": {"name": "rotten_tomatoes", "options": {"limit": 400, "labelled": 40}},
+                       "teacher": {"model": "all_minilm_l6_v2", "cache": str(tmp_path)},
+                       "student": {"model": "text_bilstm"}, "methods": [{"name": "kd"}]})
+    taught = stage("kd", "distill", 0, "student", "text_bilstm", ("spec:teacher",))
+    with pytest.raises(ValueError, match="holds outputs of the labelled rows only.*use a teacher checkpoint"):
+        job.run_stage(cfg, taught, splits, None, None, None)
