@@ -34,9 +34,10 @@ def run_stage(cfg: Config, stage: Stage, splits, ctx: WorkerContext, job_state: 
     scheme = get_scheme(cfg.scheme)
     if splits.transfer_train is not None:
         if stage.teachers:
-            cached = [t for t in ([cfg.teacher] if cfg.teacher else []) + list(cfg.teachers or []) if t.cache]
+            cached = [(path, spec) for path, spec in cfg.teacher_paths() if spec.cache]
             if cached:
-                raise ValueError(f"teacher.cache {cached[0].cache} holds outputs of the labelled rows only, but "
+                path, spec = cached[0]
+                raise ValueError(f"{path}.cache {spec.cache} holds outputs of the labelled rows only, but "
                                  f"data.options.labelled adds unlabelled transfer rows: use a teacher checkpoint")
             splits = replace(splits, train=splits.transfer_train)
         elif stage.kind == "scratch":
