@@ -53,7 +53,7 @@ def in_process(path, teacher, ids, k, temperature, batch):
         parts = [teacher_topk(teacher(ids[i:i + batch]), k, temperature) for i in range(0, len(ids), batch)]
     return write_lm_topk_parquet(path, torch.cat([p.indices for p in parts]), torch.cat([p.logprobs for p in parts]),
                                  temperature=temperature, vocab_size=teacher.vocab_size,
-                                 fingerprint=lm_cache_fingerprint(teacher, "bench", ids, k, temperature))
+                                 fingerprint=lm_cache_fingerprint(teacher.state_dict(), "bench", ids, k, temperature))
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ def test_training_from_the_cache_equals_live_top_k_step_for_step(tmp_path):
             topk = teacher_topk(teacher(ids[rows]), K, temperature=1.0, value_dtype=torch.float16)
         return TeacherTopK(topk.indices[:, :-1], topk.logprobs[:, :-1], topk.temperature, topk.vocab_size)
 
-    fingerprint = lm_cache_fingerprint(teacher, "test-tokenizer", ids, K, 1.0)
+    fingerprint = lm_cache_fingerprint(teacher.state_dict(), "test-tokenizer", ids, K, 1.0)
     with torch.no_grad():   # the teacher runs once, over the same rows
         parts = [teacher_topk(teacher(ids[rows]), K) for rows in batches(epochs=1)]
     path = write_lm_topk_parquet(str(tmp_path / "topk.parquet"), torch.cat([p.indices for p in parts]),
@@ -97,10 +97,11 @@ def test_bytes_per_token_stays_below_the_raw_payload(tmp_path):
 
 def test_fingerprint_changes_with_teacher_tokenizer_data_k_and_temperature(tmp_path):
     ids, _ = corpus()
-    t1 = tiny_causal_lm(V, layers=1, width=16, heads=2, max_length=16, seed=1)
-    t2 = tiny_causal_lm(V, layers=1, width=16, heads=2, max_length=16, seed=2)
+    t1 = tiny_causal_lm(V, layers=1, width=16, heads=2, max_length=16, seed=1).state_dict()
+    t2 = tiny_causal_lm(V, layers=1, width=16, heads=2, max_length=16, seed=2).state_dict()
     base = lm_cache_fingerprint(t1, "tok", ids, K, 1.0)
     assert base == lm_cache_fingerprint(t1, "tok", ids.clone(), K, 1.0)
+    assert base == lm_cache_fingerprint(t1, "tok", ids.numpy(), K, 1.0)  # numpy token ids are the same data
     others = [lm_cache_fingerprint(t2, "tok", ids, K, 1.0), lm_cache_fingerprint(t1, "tok2", ids, K, 1.0),
               lm_cache_fingerprint(t1, "tok", ids.flip(0), K, 1.0), lm_cache_fingerprint(t1, "tok", ids, K + 1, 1.0),
               lm_cache_fingerprint(t1, "tok", ids, K, 2.0)]

@@ -19,7 +19,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from kdray.data.parquet_io import write_parquet_atomically
 
@@ -37,17 +36,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def lm_cache_fingerprint(teacher: nn.Module, tokenizer, token_ids: torch.Tensor, k: int,
-                         temperature: float) -> str:
-    """sha256 over the teacher's parameters and buffers (names, dtypes, shapes, bytes), the tokenizer, the
-    token ids, k and the temperature: any change makes another cache."""
+def lm_cache_fingerprint(teacher_state: dict, tokenizer, token_ids, k: int, temperature: float) -> str:
+    """sha256 over the teacher's state dict (``teacher.state_dict()``: parameter and buffer names, dtypes,
+    shapes, bytes), the tokenizer, the token ids (a tensor or an array), k and the temperature: any change makes
+    another cache. It takes the state dict, not the module, so a driver can fingerprint a teacher it never builds."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(teacher.state_dict().items()):
+    for name, tensor in sorted(teacher_state.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     digest.update(tokenizer_fingerprint(tokenizer).encode())
-    ids = token_ids.detach().cpu().long().contiguous()
+    ids = torch.as_tensor(token_ids).detach().cpu().long().contiguous()
     digest.update(f"{tuple(ids.shape)}".encode() + ids.numpy().tobytes())
     digest.update(f"k={k};T={float(temperature)!r}".encode())
     return digest.hexdigest()

@@ -21,9 +21,9 @@ How (:func:`write_lm_cache_with_ray`):
   file the in-process writer makes, read by ``read_lm_topk_parquet`` unchanged. The staging folder is removed
   whatever happens.
 
-The fingerprint (:func:`lm_state_fingerprint`) is :func:`~kdray.data.lm_topk_cache.lm_cache_fingerprint`
-computed from the teacher's state dict as given, without building the teacher on the driver: equal to the
-in-process fingerprint of a teacher whose ``state_dict()`` that is. Bad input (a model that is not a causal LM,
+The fingerprint is :func:`~kdray.data.lm_topk_cache.lm_cache_fingerprint` of the teacher's state dict as
+given, without building the teacher on the driver: the in-process writer's fingerprint of a teacher whose
+``state_dict()`` that is. Bad input (a model that is not a causal LM,
 another vocabulary, a state dict that does not fit the teacher, token ids outside the vocabulary, sequences
 longer than the teacher takes, k out of range, an existing cache) fails in one line before Ray starts (the
 driver builds the teacher on the meta device only: shapes, no memory).
@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,7 @@ from kdray.algorithms.lm.topk import teacher_topk
 from kdray.algorithms.lm.vocabulary import lm_vocab_size
 from kdray.data.lm_topk_cache import bytes_per_token, lm_cache_fingerprint, write_lm_topk_parquet
 from kdray.models import create_model, list_models, model_family
+from kdray.orchestrator.weights import load_weights
 
 # --- the teacher, from a spec and a state dict -----------------------------------------------------------------
 def lm_models() -> list[str]:
@@ -70,35 +72,11 @@ def build_lm_teacher(teacher_spec: dict, vocab_size: int, state: dict | None = N
     if lm_vocab_size(model) != vocab_size:
         raise ValueError(f"LM teacher {name} {args} has a vocabulary of {lm_vocab_size(model)} tokens, the cache's "
                          f"token ids {vocab_size}; the teacher must share the tokenizer")
-    if state is not None:
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"LM teacher state does not fit {name} {args}: missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}; pass the teacher's state_dict()")
-        for key, value in state.items():
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(f"LM teacher state {key!r} has shape {tuple(value.shape)} but {name} {args} "
-                                 f"expects {tuple(own[key].shape)}; is the spec the teacher's?")
-        if torch.device(device).type != "meta":
-            model.load_state_dict(state)
+    if state is not None:  # the checks every teacher's weights get; on the meta device loading copies nothing
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+            load_weights(model, state, f"LM teacher state for {name} {args}", vocab_size)
     return model.eval().requires_grad_(False)
-
-
-class _StateDictOnly:
-    """What :func:`lm_cache_fingerprint` reads of a teacher (its ``state_dict()``), without building it."""
-
-    def __init__(self, state: dict):
-        self._state = state
-
-    def state_dict(self) -> dict:
-        return self._state
-
-
-def lm_state_fingerprint(teacher_state: dict, tokenizer, sequences, k: int, temperature: float) -> str:
-    """The cache fingerprint of a teacher given by its state dict (see the module doc); ``tokenizer``: a
-    tokenizer or an identity string, as for :func:`~kdray.data.lm_topk_cache.lm_cache_fingerprint`."""
-    return lm_cache_fingerprint(_StateDictOnly(teacher_state), tokenizer, torch.as_tensor(sequences), k, temperature)
 
 
 # --- one batch: token ids -> top-k rows ------------------------------------------------------------------------
@@ -228,7 +206,7 @@ def write_lm_cache_with_ray(teacher_spec: dict, teacher_state: dict, sequences, 
     if longest is not None and length > longest:
         raise ValueError(f"LM cache sequences have {length} tokens but the teacher takes at most {longest}; pack "
                          f"shorter sequences or give the spec a larger max_length")
-    fingerprint = lm_state_fingerprint(teacher_state, tokenizer, ids, k, temperature)
+    fingerprint = lm_cache_fingerprint(teacher_state, tokenizer, ids, k, temperature)
 
     ensure_ray()
     n_batches = -(-n // batch_size)
@@ -262,5 +240,5 @@ def write_lm_cache_with_ray(teacher_spec: dict, teacher_state: dict, sequences, 
     return path
 
 
-__all__ = ["LMTopKActor", "build_lm_teacher", "fixed_lists", "lm_models", "lm_state_fingerprint",
+__all__ = ["LMTopKActor", "build_lm_teacher", "fixed_lists", "lm_models",
            "topk_rows_table", "write_lm_cache_with_ray"]

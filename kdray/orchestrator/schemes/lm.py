@@ -33,9 +33,10 @@ from kdray.algorithms.lm.step import LMLossSettings, held_out_figures
 from kdray.algorithms.lm.topk import TeacherTopK
 from kdray.algorithms.lm.vocabulary import check_shared_vocabulary, lm_vocab_size
 from kdray.config import ConfigError
-from kdray.models import create_model, list_models, model_family
+from kdray.models import create_model
 from kdray.orchestrator.build import build_optimizer, build_teacher_model
 from kdray.orchestrator.job import StageParts, complete_stage, stage_logging
+from kdray.orchestrator.lm_cache import lm_models
 from kdray.orchestrator.lm_placement import ShardedLMTeachers
 from kdray.orchestrator.plan import Scheme, TeacherSource, from_stage, model_spec, register_scheme, stage
 
@@ -137,9 +138,8 @@ def epoch_batches(windows: torch.Tensor, batch_size: int, seed: int, rank: int, 
 def read_topk_cache(cfg, splits, tracking_uri):
     """The job's ``lm.topk_cache``, refused in one line when another teacher, tokenizer, corpus, k or
     temperature made it (its fingerprint; the teacher's weights are read for it, not built)."""
-    from kdray.data.lm_topk_cache import read_lm_topk_parquet
+    from kdray.data.lm_topk_cache import lm_cache_fingerprint, read_lm_topk_parquet
     from kdray.orchestrator.cache_store import teacher_state
-    from kdray.orchestrator.lm_cache import lm_state_fingerprint
     from kdray.orchestrator.teacher_cache import lm_tokenizer_id
 
     path = cfg.lm.topk_cache
@@ -147,7 +147,7 @@ def read_topk_cache(cfg, splits, tracking_uri):
         raise ConfigError(f"lm.topk_cache {path!r} is not a file; write it with `kdray cache <this config> --topk K`")
     state, _, _ = teacher_state(cfg.teacher, tracking_uri)
     k = read_lm_topk_parquet(path).k if cfg.lm.top_k is None else cfg.lm.top_k
-    expected = lm_state_fingerprint(state, lm_tokenizer_id(cfg), splits.train.windows, k, cfg.lm.temperature)
+    expected = lm_cache_fingerprint(state, lm_tokenizer_id(cfg), splits.train.windows, k, cfg.lm.temperature)
     try:
         return read_lm_topk_parquet(path, expected_fingerprint=expected)
     except ValueError as err:
@@ -247,10 +247,10 @@ class LanguageModel(Scheme):
         if getattr(splits.train, "windows", None) is None:
             raise ValueError(f"scheme 'lm' trains on token windows (data: {{name: lm_text}}); {cfg.data.name!r} "
                              f"is not an LM corpus")
-        lm_models = [name for name in list_models() if model_family(name) == "lm"]
+        causal_lms = lm_models()
         for path, spec in [("student", cfg.student), *cfg.teacher_paths()]:
-            if spec.model not in lm_models:
-                raise ValueError(f"scheme 'lm' trains causal language models ({', '.join(lm_models)}); "
+            if spec.model not in causal_lms:
+                raise ValueError(f"scheme 'lm' trains causal language models ({', '.join(causal_lms)}); "
                                  f"{path} {spec.model!r} is not one")
         if cfg.lm.prompt_tokens >= splits.input_shape[0] - 1:
             raise ValueError(f"lm.prompt_tokens {cfg.lm.prompt_tokens} leaves no target in windows of "
