@@ -5,8 +5,8 @@ import torch
 
 from kdray.algorithms.lm.token_loss import next_token_mask
 from kdray.algorithms.lm.topk import TeacherTopK, teacher_topk, topk_distill_loss
-from kdray.data.lm_topk_cache import (bytes_per_token, lm_cache_fingerprint, read_lm_topk_parquet,
-                                      write_lm_topk_parquet)
+from kdray.data.lm_topk_cache import (bytes_per_token, lm_cache_fingerprint, read_lm_topk_metadata,
+                                      read_lm_topk_parquet, write_lm_topk_parquet)
 from kdray.models.causal_lm import tiny_causal_lm
 
 V, L, N, B, K = 40, 12, 4, 2, 8
@@ -110,3 +110,11 @@ def test_fingerprint_changes_with_teacher_tokenizer_data_k_and_temperature(tmp_p
                                  torch.zeros(1, 2, 3), temperature=1.0, vocab_size=V, fingerprint=base)
     with pytest.raises(ValueError, match=f"made with fingerprint {base[:12]}, expected {others[0][:12]}"):
         read_lm_topk_parquet(path, expected_fingerprint=others[0])
+    assert read_lm_topk_metadata(path) == {"k": 3, "temperature": 1.0, "vocab_size": V, "length": 2,
+                                           "sequences": 1, "fingerprint": base}  # from the schema, no rows read
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "plain.parquet")
+    with pytest.raises(ValueError, match="is not a kdray LM top-k cache"):
+        read_lm_topk_metadata(str(tmp_path / "plain.parquet"))

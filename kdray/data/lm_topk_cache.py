@@ -97,21 +97,31 @@ def write_lm_topk_parquet(path: str, indices: torch.Tensor, logprobs: torch.Tens
     return write_parquet_atomically(table, path, SCHEMA_KEY, meta)
 
 
+def read_lm_topk_metadata(path: str) -> dict:
+    """The cache's identity (``k``, ``temperature``, ``vocab_size``, ``length``, ``sequences``, ``fingerprint``)
+    from the Parquet schema alone: what a reader needs to know before it reads the rows (e.g. the k the
+    expected fingerprint is computed with)."""
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(path).metadata or {}).get(SCHEMA_KEY)
+    if raw is None:
+        raise ValueError(f"{path} is not a kdray LM top-k cache (no {SCHEMA_KEY.decode()} schema metadata)")
+    return json.loads(raw)
+
+
 def read_lm_topk_parquet(path: str, expected_fingerprint: str | None = None) -> LMTopKCache:
     """Read a cache written by :func:`write_lm_topk_parquet`; a fingerprint other than ``expected_fingerprint``
-    fails in one line (the teacher, tokenizer, data, k or temperature changed since the cache was made)."""
+    fails in one line (the teacher, tokenizer, data, k or temperature changed since the cache was made) before
+    the rows are read."""
     import numpy as np
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(SCHEMA_KEY)
-    if raw is None:
-        raise ValueError(f"{path} is not a kdray LM top-k cache (no {SCHEMA_KEY.decode()} schema metadata)")
-    meta = json.loads(raw)
+    meta = read_lm_topk_metadata(path)
     if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
         raise ValueError(f"{path} was made with fingerprint {meta['fingerprint'][:12]}, expected "
                          f"{expected_fingerprint[:12]}: the teacher, tokenizer, token ids, k or temperature "
                          f"differ; rebuild the cache")
+    table = pq.read_table(path)
     n, length, k = meta["sequences"], meta["length"], meta["k"]
     order = np.lexsort((table["position"].to_numpy(), table["sequence"].to_numpy()))
     ids = table["indices"].combine_chunks().flatten().to_numpy().reshape(-1, k)[order]

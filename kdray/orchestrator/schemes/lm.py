@@ -138,7 +138,7 @@ def epoch_batches(windows: torch.Tensor, batch_size: int, seed: int, rank: int, 
 def read_topk_cache(cfg, splits, tracking_uri):
     """The job's ``lm.topk_cache``, refused in one line when another teacher, tokenizer, corpus, k or
     temperature made it (its fingerprint; the teacher's weights are read for it, not built)."""
-    from kdray.data.lm_topk_cache import lm_cache_fingerprint, read_lm_topk_parquet
+    from kdray.data.lm_topk_cache import lm_cache_fingerprint, read_lm_topk_metadata, read_lm_topk_parquet
     from kdray.orchestrator.cache_store import teacher_state
     from kdray.orchestrator.teacher_cache import lm_tokenizer_id
 
@@ -146,7 +146,7 @@ def read_topk_cache(cfg, splits, tracking_uri):
     if not os.path.isfile(path):
         raise ConfigError(f"lm.topk_cache {path!r} is not a file; write it with `kdray cache <this config> --topk K`")
     state, _, _ = teacher_state(cfg.teacher, tracking_uri)
-    k = read_lm_topk_parquet(path).k if cfg.lm.top_k is None else cfg.lm.top_k
+    k = read_lm_topk_metadata(path)["k"] if cfg.lm.top_k is None else cfg.lm.top_k
     expected = lm_cache_fingerprint(state, lm_tokenizer_id(cfg), splits.train.windows, k, cfg.lm.temperature)
     try:
         return read_lm_topk_parquet(path, expected_fingerprint=expected)
